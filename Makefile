@@ -1,0 +1,59 @@
+# testbed: end-to-end test bed for VIRTIO Shared Memory Regions over vhost-user in QEMU.
+#
+#   make e2e      set up what is missing, run every scenario on both architectures
+#   make test     set up, run the fast tests, then the end-to-end scenarios
+#   make nightly  the scenarios as an avocado job (arch x accel matrix, HTML + xunit)
+#   make bench    the benchmark (results/bench.json, table, chart)
+#   make soak     long hot-plug and map/unmap cycles with fd/RSS accounting
+#   make lint     ruff + mypy
+#
+# Point it at your own QEMU: make e2e TESTBED_QEMU_X86_64=~/qemu/build/qemu-system-x86_64
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Scenario workers: 2 on this 2-core class of machine; override with WORKERS=N.
+WORKERS ?= 2
+RESULTS ?= results
+PYTEST_ARGS ?=
+
+export TESTBED_RESULTS := $(abspath $(RESULTS))
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test fast e2e nightly bench soak lint clean distclean help
+
+help:
+	@sed -n '3,12p' Makefile
+
+setup:
+	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
+
+fast: setup
+	$(BIN)/pytest tests -n $(WORKERS) -q $(PYTEST_ARGS)
+
+test: setup
+	$(BIN)/pytest tests -n $(WORKERS) -q $(PYTEST_ARGS)
+	$(BIN)/pytest scenarios -n $(WORKERS) $(PYTEST_ARGS)
+
+e2e: setup
+	$(BIN)/pytest scenarios -n $(WORKERS) $(PYTEST_ARGS)
+
+nightly: setup
+	$(BIN)/python scripts/nightly.py --results $(RESULTS)/nightly
+
+bench: setup
+	$(BIN)/testbed bench --output $(RESULTS)
+
+soak: setup
+	$(BIN)/pytest scenarios/soak -p no:randomly -v $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check testbed tests scenarios scripts
+	$(BIN)/ruff format --check testbed tests scenarios scripts
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(RESULTS) .pytest_cache .mypy_cache .ruff_cache
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,227 @@
+"""pytest plugin for the end-to-end scenarios: options, the arch matrix, artifacts, the table.
+
+Loaded by scenarios/conftest.py. What it adds:
+
+- ``--arch x86_64,aarch64`` and ``--accel auto|kvm|tcg``: the matrix. Every test that takes
+  the ``arch`` fixture runs once per architecture; a test id ends in ``[x86_64]``.
+- ``artifacts``: a directory per test under ``results/artifacts/<test id>/``, kept when the
+  test fails (or is an expected failure, whose artifacts document a QEMU bug) and removed
+  when it passes, unless ``--keep-artifacts``. Its path is printed with the failure.
+- ``run_dir``: a private 0700 scratch directory (sockets, keys) removed after the test.
+- A pass/fail table by scenario x architecture at the end of the run, and JUnit XML under
+  results/ with the QEMU version and image hash recorded as properties.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed import paths
+
+ARCHES = ("x86_64", "aarch64")
+_ARTIFACTS_KEY = pytest.StashKey[Path]()
+_TABLE_KEY = pytest.StashKey["ResultTable"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("testbed", "testbed end-to-end scenarios")
+    group.addoption(
+        "--arch",
+        default=os.environ.get("TESTBED_ARCH", ",".join(ARCHES)),
+        help="comma-separated guest architectures (default: x86_64,aarch64; env TESTBED_ARCH)",
+    )
+    group.addoption(
+        "--accel",
+        default=os.environ.get("TESTBED_ACCEL", "auto"),
+        choices=("auto", "kvm", "tcg"),
+        help="accelerator (default: auto = KVM only where it really works; env TESTBED_ACCEL)",
+    )
+    group.addoption(
+        "--keep-artifacts",
+        action="store_true",
+        default=bool(os.environ.get("TESTBED_KEEP_ARTIFACTS")),
+        help="keep every test's artifacts, not only those of failures",
+    )
+
+
+def selected_arches(config: pytest.Config) -> list[str]:
+    value = str(config.getoption("--arch"))
+    arches = [a.strip() for a in value.split(",") if a.strip()]
+    unknown = [a for a in arches if a not in ARCHES]
+    if unknown or not arches:
+        raise pytest.UsageError(
+            f"--arch {value!r}: unknown architecture {unknown}; choose from {', '.join(ARCHES)}"
+        )
+    return arches
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_TABLE_KEY] = ResultTable()
+    results = paths.results_dir()
+    if not config.option.xmlpath and not hasattr(config, "workerinput"):
+        results.mkdir(parents=True, exist_ok=True)
+        config.option.xmlpath = str(results / "junit.xml")
+    config.addinivalue_line("markers", "arches(*names): run only on these architectures")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "arch" not in metafunc.fixturenames:
+        return
+    arches = selected_arches(metafunc.config)
+    marker = metafunc.definition.get_closest_marker("arches")
+    if marker is not None:
+        arches = [a for a in arches if a in marker.args]
+    metafunc.parametrize("arch", arches)
+
+
+@pytest.fixture
+def accel(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--accel"))
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A private 0700 scratch dir (sockets, keys), always removed after the test."""
+    path = paths.make_private_dir("run")
+    try:
+        yield path
+    finally:
+        paths.remove_tree(path)
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """results/artifacts/<test id>/: kept on failure, removed on success."""
+    base = paths.results_dir() / "artifacts"
+    path = base / paths.sanitize(request.node.name)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    request.node.stash[_ARTIFACTS_KEY] = path
+    yield path
+    # The decision to keep happens in pytest_runtest_makereport (it sees the outcome).
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    path = item.stash.get(_ARTIFACTS_KEY, None)
+    if path is None:
+        return report
+    interesting = report.failed or hasattr(report, "wasxfail")
+    if interesting and path.exists():
+        report.sections.append(("testbed artifacts", f"kept in {path}"))
+        item.stash[_KEEP_KEY] = True
+    if report.when == "teardown":
+        keep = item.stash.get(_KEEP_KEY, False) or item.config.getoption("--keep-artifacts")
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
+        elif report.passed and path.exists():
+            # Teardown ran after the failure was reported: say it once more at the end.
+            report.user_properties.append(("artifacts", str(path)))
+    return report
+
+
+_KEEP_KEY = pytest.StashKey[bool]()
+
+
+# --- the pass/fail table by scenario x architecture -------------------------------------
+
+_ARCH_IN_ID = re.compile(r"\[(.*?)\]$")
+
+
+@dataclass
+class ResultTable:
+    """Outcome per (scenario, arch); scenario = test id without its arch parameter."""
+
+    cells: dict[tuple[str, str], str] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def record(self, report: pytest.TestReport) -> None:
+        scenario, arch = split_arch(report.nodeid)
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            if hasattr(report, "wasxfail"):
+                outcome = "XFAIL" if report.skipped else "XPASS"
+            elif report.skipped:
+                outcome = "SKIP"
+            else:
+                outcome = "PASS" if report.passed else "FAIL"
+            self.cells[(scenario, arch)] = outcome
+        elif report.when == "teardown" and report.failed:
+            self.cells[(scenario, arch)] = "ERROR"
+        for title, content in report.sections:
+            if title == "testbed artifacts" and (report.failed or hasattr(report, "wasxfail")):
+                self.artifacts[report.nodeid] = content.removeprefix("kept in ")
+
+    def render(self) -> list[str]:
+        if not self.cells:
+            return []
+        arches = sorted({a for _, a in self.cells}, key=_arch_order)
+        scenarios = sorted({s for s, _ in self.cells})
+        width = max(len(s) for s in scenarios)
+        lines = [f"{'scenario':<{width}}  " + "  ".join(f"{a:<8}" for a in arches)]
+        lines.append("-" * len(lines[0]))
+        for s in scenarios:
+            row = "  ".join(f"{self.cells.get((s, a), ''):<8}" for a in arches)
+            lines.append(f"{s:<{width}}  {row}")
+        return lines
+
+
+def _arch_order(arch: str) -> tuple[int, str]:
+    return (ARCHES.index(arch) if arch in ARCHES else len(ARCHES), arch)
+
+
+def split_arch(nodeid: str) -> tuple[str, str]:
+    """'scenarios/x.py::test_a[x86_64-two]' -> ('x.py::test_a[two]', 'x86_64')."""
+    name = nodeid.removeprefix("scenarios/")
+    m = _ARCH_IN_ID.search(name)
+    if not m:
+        return name, "-"
+    params = m.group(1).split("-")
+    arch = next((p for p in params if p in ARCHES), "-")
+    rest = [p for p in params if p != arch]
+    base = name[: m.start()]
+    return (f"{base}[{'-'.join(rest)}]" if rest else base), arch
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    table = _table(report)
+    if table is not None:
+        table.record(report)
+
+
+_CONFIG: list[pytest.Config] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG[:] = [session.config]
+
+
+def _table(report: Any) -> ResultTable | None:
+    return _CONFIG[0].stash.get(_TABLE_KEY, None) if _CONFIG else None
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    table = config.stash.get(_TABLE_KEY, None)
+    if table is None or hasattr(config, "workerinput"):
+        return
+    lines = table.render()
+    if not lines:
+        return
+    terminalreporter.section("testbed: scenario x architecture")
+    for line in lines:
+        terminalreporter.write_line(line)
+    if table.artifacts:
+        terminalreporter.write_line("")
+        terminalreporter.write_line("artifacts of failures and expected failures:")
+        for nodeid, path in sorted(table.artifacts.items()):
+            terminalreporter.write_line(f"  {nodeid}: {path}")
