@@ -13,6 +13,7 @@ what to do about it. Leaves keep the evidence (bytes, exit status, last console 
     ├── StateError               an object was used in the wrong state
     ├── QemuExited               QEMU exited (or was killed) when it should have been running
     ├── ConsoleFailure           the guest console showed a failure pattern (panic, ...)
+    ├── QmpCommandFailed         QEMU refused a QMP command (keeps class and description)
     ├── WaitTimeout              a condition did not come true before its deadline
     └── GuestCommandFailed       a command in the guest exited non-zero when success was required
 """
@@ -101,6 +102,17 @@ class QemuExited(TestbedError):
 
 class ConsoleFailure(TestbedError):
     """The guest console printed a failure pattern (kernel panic, ...)."""
+
+
+class QmpCommandFailed(TestbedError):
+    """QEMU answered a QMP command with an error (``error_class``, ``desc``)."""
+
+    def __init__(self, command: str, arguments: object, error_class: str, desc: str) -> None:
+        self.command = command
+        self.arguments = arguments
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"QMP {command} {arguments!r} failed: {error_class}: {desc}")
 
 
 class WaitTimeout(TestbedError):

@@ -1,0 +1,257 @@
+"""The QEMU command line as a pure function of a MachineConfig (no I/O, unit-tested).
+
+Everything a run needs is in the config: paths of sockets and logs are chosen by the caller
+(Machine / GuestVM) so that the same function also writes the pasteable reproduce script.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed.errors import ConfigError
+from testbed.machine.profiles import ArchProfile, profile_for
+
+MIB = 1024 * 1024
+
+# The vhost-user test device needs a virtio-id from QEMU's own name table; ids outside it
+# abort QEMU 11.1.3 with an assertion. 26 (virtio-fs) is known good.
+DEFAULT_VIRTIO_ID = 26
+
+
+@dataclass(frozen=True)
+class VhostUserDeviceSpec:
+    """One vhost-user-test-device-pci and the chardev connecting it to its back-end."""
+
+    id: str
+    """Used for the chardev (`<id>`) and the device (`<id>-dev`)."""
+    socket: Path
+    """The back-end listens here; QEMU connects as client."""
+    virtio_id: int = DEFAULT_VIRTIO_ID
+    num_vqs: int = 1
+    bus: str | None = None
+    """None: the root bus (up to 3 shared-memory regions fit there on QEMU 11.1.3)."""
+    addr: int | None = None
+    """PCI slot; None: the next free one (root bus) or 0 (behind a root port)."""
+
+    @property
+    def device_id(self) -> str:
+        return f"{self.id}-dev"
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything that decides a QEMU command line."""
+
+    arch: str
+    qemu: Path
+    accel: str
+    """'tcg' or 'kvm' (the decision is testbed.host.accel's job, not ours)."""
+    kernel: Path
+    initrd: Path | None
+    qmp_socket: Path
+    console_log: Path
+    ssh_port: int
+    kernel_cmdline: str = ""
+    """The image's base command line."""
+    extra_kernel_args: tuple[str, ...] = ()
+    memory_mib: int = 512
+    smp: int = 1
+    cpu: str | None = None
+    """Overrides the profile's CPU model for the accelerator."""
+    phys_bits: int | None = None
+    """x86 only: e.g. 44 so that a 1 TiB region's window fits (TCG's default has 40)."""
+    vhost_user_devices: tuple[VhostUserDeviceSpec, ...] = ()
+    root_ports: int = 0
+    """Empty pcie-root-ports for hot-plug, ids rp0, rp1, ..."""
+    root_port_pref64: int = 64 * MIB
+    """Prefetchable window reserved per root port: BAR 4 of a hot-plugged device must fit."""
+    rng: bool = True
+    """virtio-rng: without it dropbear waits ~1 s for entropy under TCG."""
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def profile(self) -> ArchProfile:
+        return profile_for(self.arch)
+
+
+def root_port_id(index: int) -> str:
+    return f"rp{index}"
+
+
+def kernel_command_line(config: MachineConfig) -> str:
+    """The image's command line plus our console and any extras, in that order."""
+    profile = config.profile
+    words = shlex.split(config.kernel_cmdline) if config.kernel_cmdline else []
+    if not any(w.startswith("console=") for w in words):
+        words.append(f"console={profile.console}")
+    if config.root_ports and config.arch == "aarch64":
+        # virt has no firmware to size hot-plug windows: pciehp takes them from here.
+        words.append(f"pci=hpmmioprefsize={config.root_port_pref64 // MIB}M")
+    words.extend(config.extra_kernel_args)
+    return " ".join(words)
+
+
+def cpu_model(config: MachineConfig) -> str:
+    profile = config.profile
+    cpu = config.cpu or (profile.kvm_cpu if config.accel == "kvm" else profile.tcg_cpu)
+    if config.phys_bits is not None:
+        cpu = f"{cpu},phys-bits={config.phys_bits}"
+    return cpu
+
+
+def validate(config: MachineConfig) -> None:
+    """Reject configurations QEMU would refuse (or abort on) with a message saying why."""
+    profile = config.profile
+    if config.accel not in ("tcg", "kvm"):
+        raise ConfigError(f"accelerator {config.accel!r}: use 'tcg' or 'kvm'")
+    if config.memory_mib < 128:
+        raise ConfigError(f"memory {config.memory_mib} MiB is too small: use at least 128")
+    if config.smp < 1:
+        raise ConfigError(f"smp {config.smp}: use at least 1")
+    if not 0 < config.ssh_port < 65536:
+        raise ConfigError(f"ssh port {config.ssh_port} is not a TCP port")
+    if config.phys_bits is not None:
+        if config.arch != "x86_64":
+            raise ConfigError("phys_bits is an x86 CPU property: leave it unset for aarch64")
+        if not 32 <= config.phys_bits <= 52:
+            raise ConfigError(f"phys_bits {config.phys_bits}: use 32..52")
+    if config.root_ports < 0 or config.root_ports > 8:
+        raise ConfigError(f"{config.root_ports} root ports: use 0..8")
+    if config.root_port_pref64 % MIB:
+        raise ConfigError("root_port_pref64 must be a multiple of 1 MiB")
+    ids = [d.id for d in config.vhost_user_devices]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"vhost-user device ids must be unique, got {ids}")
+    buses = {root_port_id(i) for i in range(config.root_ports)} | {profile.root_bus}
+    for dev in config.vhost_user_devices:
+        if dev.bus is not None and dev.bus not in buses:
+            raise ConfigError(
+                f"device {dev.id}: bus {dev.bus!r} does not exist; use one of {sorted(buses)}"
+            )
+        if dev.virtio_id <= 0:
+            raise ConfigError(f"device {dev.id}: virtio-id must be a positive virtio device id")
+
+
+def _root_slots(config: MachineConfig) -> dict[str, int]:
+    """Assign a root-bus slot to every vhost-user device that needs one."""
+    profile = config.profile
+    used = {profile.net_slot, profile.rng_slot}
+    used |= {profile.first_root_port_slot + i for i in range(config.root_ports)}
+    used |= {
+        d.addr
+        for d in config.vhost_user_devices
+        if d.addr is not None and d.bus in (None, profile.root_bus)
+    }
+    slots: dict[str, int] = {}
+    candidate = profile.first_device_slot
+    for dev in config.vhost_user_devices:
+        if dev.bus not in (None, profile.root_bus):
+            continue
+        if dev.addr is not None:
+            slots[dev.id] = dev.addr
+            continue
+        while candidate in used:
+            candidate += 1
+        if candidate > profile.max_device_slot:
+            raise ConfigError(
+                f"no free slot on {profile.root_bus} for device {dev.id}: "
+                "put some devices behind root ports"
+            )
+        slots[dev.id] = candidate
+        used.add(candidate)
+    return slots
+
+
+def build_command(config: MachineConfig, *, paused: bool = False) -> list[str]:
+    """The argv of QEMU for `config`. `paused` adds -S (Machine connects QMP, then cont)."""
+    validate(config)
+    profile = config.profile
+    root = profile.root_bus
+    argv = [
+        str(config.qemu),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        # A guest that panics or reboots ends QEMU instead of looping: waits fail at once.
+        "-no-reboot",
+        "-msg",
+        "timestamp=on",
+        "-accel",
+        config.accel,
+        "-machine",
+        f"{profile.machine},memory-backend=mem",
+        "-cpu",
+        cpu_model(config),
+        "-smp",
+        str(config.smp),
+        "-m",
+        f"{config.memory_mib}M",
+        # vhost-user back-ends map guest RAM: it must be a shareable fd.
+        "-object",
+        f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on",
+        "-kernel",
+        str(config.kernel),
+    ]
+    if config.initrd is not None:
+        argv += ["-initrd", str(config.initrd)]
+    argv += ["-append", kernel_command_line(config)]
+    argv += [
+        "-chardev",
+        f"file,id=console,path={config.console_log}",
+        "-serial",
+        "chardev:console",
+        "-qmp",
+        f"unix:{config.qmp_socket},server=on,wait=off",
+        "-netdev",
+        f"user,id=net0,hostfwd=tcp:127.0.0.1:{config.ssh_port}-:22",
+        # romfile= : no option ROM to load; we boot the kernel directly, never from the NIC.
+        "-device",
+        f"virtio-net-pci,netdev=net0,bus={root},addr={profile.net_slot:#x},romfile=",
+    ]
+    if config.rng:
+        argv += ["-device", f"virtio-rng-pci,bus={root},addr={profile.rng_slot:#x}"]
+    for i in range(config.root_ports):
+        argv += [
+            "-device",
+            f"pcie-root-port,id={root_port_id(i)},bus={root},"
+            f"addr={profile.first_root_port_slot + i:#x},chassis={i + 1},"
+            f"pref64-reserve={config.root_port_pref64 // MIB}M",
+        ]
+    slots = _root_slots(config)
+    for dev in config.vhost_user_devices:
+        if dev.id in slots:
+            bus, addr = root, slots[dev.id]
+        else:
+            bus, addr = dev.bus or root, dev.addr or 0
+        argv += [
+            "-chardev",
+            f"socket,id={dev.id},path={dev.socket}",
+            "-device",
+            f"vhost-user-test-device-pci,id={dev.device_id},chardev={dev.id},"
+            f"virtio-id={dev.virtio_id},num_vqs={dev.num_vqs},bus={bus},addr={addr:#x}",
+        ]
+    argv += list(config.extra_args)
+    if paused:
+        argv.append("-S")
+    return argv
+
+
+def format_command(argv: Sequence[str]) -> str:
+    """Shell-quoted, one option and its value per line: pasteable into a shell."""
+    if not argv:
+        return ""
+    lines = [shlex.quote(argv[0])]
+    i = 1
+    while i < len(argv):
+        word = argv[i]
+        if word.startswith("-") and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            lines.append(f"{shlex.quote(word)} {shlex.quote(argv[i + 1])}")
+            i += 2
+        else:
+            lines.append(shlex.quote(word))
+            i += 1
+    return " \\\n    ".join(lines) + "\n"

@@ -1,0 +1,511 @@
+"""The QEMU process driver: start paused, QMP, console, events, shutdown, teardown.
+
+One Machine owns one QEMU process and everything attached to it (the QMP connection and
+its event-loop thread, the log files, the QMP socket). `close()` is idempotent and kills
+whatever is left, so a Machine used as a context manager never outlives its block.
+
+Logs, all in `logdir`: qemu-cmdline.txt (pasteable), qemu-stderr.log, console.log,
+qmp.log (JSON lines: every command, response and event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import enum
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.message import Message
+
+from testbed.errors import (
+    ConsoleFailure,
+    QemuExited,
+    QmpCommandFailed,
+    StateError,
+    TestbedError,
+    WaitTimeout,
+)
+from testbed.machine.cmdline import MachineConfig, build_command, format_command
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_FAILURE_PATTERNS: tuple[str, ...] = (
+    "Kernel panic",
+    "end Kernel panic",
+    "Oops:",
+    "BUG: ",
+    "testbed-init: FATAL",
+)
+"""Console text that means the guest is lost: waits fail at once instead of timing out."""
+
+HOSTFWD_CLASH = "Could not set up host forwarding rule"
+PORT_ATTEMPTS = 4
+POLL_INTERVAL = 0.02
+TAIL_LINES = 20
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (QEMU's hostfwd needs a number).
+
+    Another process can take it before QEMU binds it; Machine.start retries on that clash.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: QEMU gets SIGKILL when the thread that started it dies.
+
+    Covers our abrupt death (SIGKILL, crash) where no `finally` runs. The signal follows the
+    *thread*, so start Machines from a long-lived thread (the main thread in practice).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def tail(text: str, lines: int = TAIL_LINES) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _data_matches(data: Any, match: Mapping[str, Any]) -> bool:
+    """True when every key of `match` is in `data` with an equal (or recursively matching) value."""
+    if not isinstance(data, Mapping):
+        return False
+    for key, want in match.items():
+        if key not in data:
+            return False
+        have = data[key]
+        if isinstance(want, Mapping):
+            if not _data_matches(have, want):
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+class _RecordingClient(QMPClient):
+    """A QMPClient that hands every event to a callback as it arrives."""
+
+    def __init__(self, name: str, on_event: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__(name)
+        self._on_event = on_event
+
+    async def _event_dispatch(self, msg: Message) -> None:
+        # Not passed on to qemu.qmp's listeners: its default listener would queue every
+        # event forever, as nobody reads it; Machine keeps its own list.
+        self._on_event(dict(msg))
+
+
+class MachineState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class Machine:
+    """One QEMU process with QMP, console log and events. Use as a context manager."""
+
+    def __init__(
+        self,
+        config: MachineConfig,
+        logdir: Path,
+        *,
+        qmp_timeout: float = 10.0,
+        port_factory: Callable[[], int] = free_tcp_port,
+    ) -> None:
+        self.config = config
+        self.logdir = Path(logdir)
+        self.qmp_timeout = qmp_timeout
+        self._port_factory = port_factory
+        self.state = MachineState.NEW
+        self.cmdline_path = self.logdir / "qemu-cmdline.txt"
+        self.stderr_path = self.logdir / "qemu-stderr.log"
+        self.qmp_log_path = self.logdir / "qmp.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr_file: Any = None
+        self._qmp_log: Any = None
+        self._log_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._client: _RecordingClient | None = None
+        self._events: list[dict[str, Any]] = []
+        self._consumed: set[int] = set()
+        self._events_cond = threading.Condition()
+        self._console_buf = ""
+        self._console_read = 0  # bytes of console.log consumed into _console_buf
+        self._console_cursor = 0  # chars of _console_buf already matched by wait_console
+        self.returncode: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def ssh_port(self) -> int:
+        return self.config.ssh_port
+
+    @property
+    def console_path(self) -> Path:
+        return self.config.console_log
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start QEMU paused (-S), connect QMP, then `cont`.
+
+        A hostfwd port taken by someone else between our probe and QEMU's bind is retried
+        with a fresh port (the config's ssh_port changes accordingly).
+        """
+        if self.state is not MachineState.NEW:
+            raise StateError(self.state, MachineState.NEW, "Machine.start")
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._qmp_log = self.qmp_log_path.open("a", buffering=1)
+        deadline = time.monotonic() + timeout
+        try:
+            for attempt in range(PORT_ATTEMPTS):
+                self._launch()
+                try:
+                    self._connect_qmp(deadline)
+                    break
+                except QemuExited as exc:
+                    if HOSTFWD_CLASH in exc.stderr_tail and attempt + 1 < PORT_ATTEMPTS:
+                        log.info("ssh port %d taken; retrying", self.config.ssh_port)
+                        self._reap()
+                        self.config = dataclasses.replace(
+                            self.config, ssh_port=self._port_factory()
+                        )
+                        continue
+                    raise
+            self.state = MachineState.RUNNING
+            self.qmp("cont")
+        except BaseException:
+            self.close()
+            raise
+
+    def _launch(self) -> None:
+        argv = build_command(self.config, paused=True)
+        self.cmdline_path.write_text(format_command(argv))
+        with contextlib.suppress(FileNotFoundError):
+            self.config.qmp_socket.unlink()
+        if self._stderr_file is None:
+            self._stderr_file = self.stderr_path.open("ab")
+        log.debug("starting %s", " ".join(argv))
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._stderr_file,
+            stderr=self._stderr_file,
+            # Own process group: a Ctrl-C on the terminal reaches us, not QEMU; we tear
+            # it down in order (and killpg reaches anything it forks).
+            process_group=0,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
+
+    def _connect_qmp(self, deadline: float) -> None:
+        """Poll until QEMU's QMP socket accepts us, failing at once if QEMU exits."""
+        self._ensure_loop()
+        last_error: Exception | None = None
+        while True:
+            self._check_alive("while starting")
+            if self.config.qmp_socket.exists():
+                client = _RecordingClient("testbed", self._record_event)
+                try:
+                    self._run(client.connect(str(self.config.qmp_socket)), timeout=2.0)
+                    self._client = client
+                    return
+                except Exception as exc:  # refused / reset while QEMU is still coming up
+                    last_error = exc
+                    with contextlib.suppress(Exception):
+                        self._run(client.disconnect(), timeout=2.0)
+            if time.monotonic() > deadline:
+                self._check_alive("while starting")
+                raise WaitTimeout(
+                    f"QMP socket {self.config.qmp_socket} did not answer before the deadline "
+                    f"(last error: {last_error}); see {self.stderr_path}"
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def _ensure_loop(self) -> None:
+        if self._loop is not None:
+            return
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="testbed-qmp", daemon=True)
+        thread.start()
+        self._loop, self._loop_thread = loop, thread
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def _check_alive(self, doing: str) -> None:
+        """Raise QemuExited (with the evidence) if QEMU is gone."""
+        if self._proc is None:
+            raise StateError(self.state, MachineState.RUNNING, "Machine")
+        code = self._proc.poll()
+        if code is None:
+            return
+        self.returncode = code
+        self._pump_console()
+        raise QemuExited(
+            f"QEMU exited {doing} (logs in {self.logdir})",
+            returncode=code,
+            stderr_tail=tail(_read_text(self.stderr_path)),
+            console_tail=tail(self._console_buf),
+        )
+
+    # -- QMP -------------------------------------------------------------------------------
+
+    def _log_qmp(self, direction: str, message: Any) -> None:
+        if self._qmp_log is None:
+            return
+        line = json.dumps({"t": round(time.time(), 6), "dir": direction, "msg": message})
+        with self._log_lock:
+            self._qmp_log.write(line + "\n")
+
+    def _record_event(self, event: dict[str, Any]) -> None:
+        # Runs on the QMP thread.
+        self._log_qmp("event", event)
+        with self._events_cond:
+            self._events.append(event)
+            self._events_cond.notify_all()
+
+    def qmp(
+        self,
+        cmd: str,
+        arguments: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Execute a QMP command; arguments from `arguments` and/or keywords.
+
+        Keywords cannot spell dashed names: pass those in `arguments`.
+        Raises QmpCommandFailed when QEMU refuses, QemuExited when QEMU is gone.
+        """
+        if self.state is not MachineState.RUNNING or self._client is None:
+            raise StateError(self.state, MachineState.RUNNING, f"QMP {cmd}")
+        args = {**(arguments or {}), **kwargs}
+        self._log_qmp("->", {"execute": cmd, "arguments": args})
+        try:
+            result = self._run(self._client.execute(cmd, args or None), timeout or self.qmp_timeout)
+        except ExecuteError as exc:
+            self._log_qmp("<-", {"error": {"class": exc.error_class, "desc": str(exc)}})
+            raise QmpCommandFailed(cmd, args, exc.error_class, str(exc)) from exc
+        except TimeoutError as exc:
+            self._check_alive(f"during QMP {cmd}")
+            raise WaitTimeout(
+                f"QMP {cmd} got no answer in {timeout or self.qmp_timeout} s"
+            ) from exc
+        except Exception as exc:
+            self._wait_exit(2.0)
+            self._check_alive(f"during QMP {cmd}")
+            raise TestbedError(f"QMP {cmd} failed: {exc!r}") from exc
+        self._log_qmp("<-", {"return": result})
+        return result
+
+    def hmp(self, text: str, timeout: float | None = None) -> str:
+        """A human monitor command (`info mtree`, ...) through QMP; returns its output."""
+        out = self.qmp("human-monitor-command", {"command-line": text}, timeout=timeout)
+        return str(out)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Every QMP event received so far, oldest first (a copy)."""
+        with self._events_cond:
+            return list(self._events)
+
+    def wait_event(
+        self, name: str, timeout: float, match: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The first not yet consumed event `name` whose data contains `match`.
+
+        Events are collected from start, so one that arrived before this call counts.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._events_cond:
+                for i, event in enumerate(self._events):
+                    if i in self._consumed or event.get("event") != name:
+                        continue
+                    if match and not _data_matches(event.get("data", {}), match):
+                        continue
+                    self._consumed.add(i)
+                    return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    seen = sorted({str(e.get("event")) for e in self._events})
+                    raise WaitTimeout(
+                        f"no QMP event {name} matching {dict(match or {})} within "
+                        f"{timeout} s (events seen: {', '.join(seen) or 'none'})"
+                    )
+                self._events_cond.wait(min(remaining, 0.1))
+            if self._proc is not None and self._proc.poll() is not None:
+                self._check_alive(f"while waiting for event {name}")
+
+    # -- console ---------------------------------------------------------------------------
+
+    def _pump_console(self) -> None:
+        try:
+            with self.config.console_log.open("rb") as fh:
+                fh.seek(self._console_read)
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self._console_read += len(data)
+            self._console_buf += data.decode(errors="replace")
+
+    def console_text(self) -> str:
+        """Everything the guest printed so far."""
+        self._pump_console()
+        return self._console_buf
+
+    def wait_console(
+        self,
+        pattern: str | re.Pattern[str],
+        timeout: float,
+        failure_patterns: Sequence[str] = DEFAULT_FAILURE_PATTERNS,
+    ) -> re.Match[str]:
+        """Wait for `pattern` (regex) in console output after the previous match.
+
+        Fails at once with ConsoleFailure when a failure pattern shows up, and with
+        QemuExited when QEMU exits; WaitTimeout at the deadline.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            self._pump_console()
+            text = self._console_buf
+            found = regex.search(text, self._console_cursor)
+            for failure in failure_patterns:
+                at = text.find(failure, self._console_cursor)
+                if at >= 0 and (found is None or at < found.start()):
+                    raise ConsoleFailure(
+                        f"guest console shows {failure!r} while waiting for "
+                        f"{regex.pattern!r}; see {self.console_path}:\n"
+                        + tail(text[self._console_cursor :])
+                    )
+            if found is not None:
+                self._console_cursor = found.end()
+                return found
+            if self._proc is not None and self._proc.poll() is not None:
+                self._check_alive(f"while waiting for {regex.pattern!r} on the console")
+            if time.monotonic() > deadline:
+                raise WaitTimeout(
+                    f"{regex.pattern!r} did not appear on the console within {timeout} s; "
+                    f"last lines ({self.console_path}):\n" + tail(text[self._console_cursor :])
+                )
+            time.sleep(POLL_INTERVAL)
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def _wait_exit(self, timeout: float) -> int | None:
+        if self._proc is None:
+            return None
+        try:
+            self.returncode = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.returncode
+
+    def shutdown(self, timeout: float = 10.0) -> int:
+        """QMP quit, then wait for QEMU to exit; QemuExited if the status is not 0."""
+        if self.state is not MachineState.RUNNING:
+            raise StateError(self.state, MachineState.RUNNING, "Machine.shutdown")
+        with contextlib.suppress(TestbedError):
+            # QEMU may drop the connection before its answer arrives: the exit status is
+            # the verdict.
+            self.qmp("quit", timeout=timeout)
+        code = self._wait_exit(timeout)
+        if code is None:
+            raise WaitTimeout(f"QEMU did not exit within {timeout} s after quit")
+        self._disconnect()
+        if code != 0:
+            raise QemuExited(
+                "QEMU exited badly on quit",
+                returncode=code,
+                stderr_tail=tail(_read_text(self.stderr_path)),
+            )
+        return code
+
+    def _disconnect(self) -> None:
+        if self._client is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._run(self._client.disconnect(), timeout=2.0)
+        self._client = None
+
+    def _reap(self) -> None:
+        """Kill the process group of QEMU if it is still there and collect its status."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        self.returncode = proc.wait()
+
+    def close(self) -> None:
+        """Idempotent: disconnect QMP, kill -9 what is left, reap, remove the QMP socket."""
+        if self.state is MachineState.CLOSED:
+            return
+        self.state = MachineState.CLOSED
+        self._disconnect()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(5.0)
+            if not self._loop.is_running():
+                self._loop.close()
+            self._loop = None
+        self._reap()
+        for fh in (self._stderr_file, self._qmp_log):
+            if fh is not None:
+                fh.close()
+        self._stderr_file = self._qmp_log = None
+        with contextlib.suppress(FileNotFoundError):
+            self.config.qmp_socket.unlink()

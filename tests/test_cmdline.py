@@ -1,0 +1,266 @@
+"""The QEMU command line builder (pure) and the Machine driver against real QEMU (no guest)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import ConfigError, QemuExited, QmpCommandFailed, WaitTimeout
+from testbed.machine import (
+    Machine,
+    MachineConfig,
+    VhostUserDeviceSpec,
+    build_command,
+    format_command,
+    free_tcp_port,
+)
+from testbed.machine.cmdline import kernel_command_line
+from testbed.paths import make_private_dir, remove_tree
+
+
+def config(arch: str = "x86_64", **kw: object) -> MachineConfig:
+    base = MachineConfig(
+        arch=arch,
+        qemu=Path(f"/q/qemu-system-{arch}"),
+        accel="tcg",
+        kernel=Path("/k/vmlinux"),
+        initrd=Path("/k/initrd.gz"),
+        qmp_socket=Path("/run/x/qmp.sock"),
+        console_log=Path("/logs/console.log"),
+        ssh_port=40022,
+        kernel_cmdline="quiet rdinit=/init",
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def option_values(argv: list[str], option: str) -> list[str]:
+    return [argv[i + 1] for i, word in enumerate(argv[:-1]) if word == option]
+
+
+def test_x86_base_command() -> None:
+    argv = build_command(config())
+    assert argv[0] == "/q/qemu-system-x86_64"
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in argv
+    assert "-S" not in argv
+    assert option_values(argv, "-display") == ["none"]
+    assert option_values(argv, "-accel") == ["tcg"]
+    assert option_values(argv, "-machine") == ["q35,memory-backend=mem"]
+    assert option_values(argv, "-object") == ["memory-backend-memfd,id=mem,size=512M,share=on"]
+    assert option_values(argv, "-m") == ["512M"]
+    assert option_values(argv, "-cpu") == ["max"]
+    assert option_values(argv, "-kernel") == ["/k/vmlinux"]
+    assert option_values(argv, "-initrd") == ["/k/initrd.gz"]
+    assert option_values(argv, "-append") == ["quiet rdinit=/init console=ttyS0"]
+    assert option_values(argv, "-qmp") == ["unix:/run/x/qmp.sock,server=on,wait=off"]
+    assert option_values(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22"]
+    devices = option_values(argv, "-device")
+    assert "virtio-net-pci,netdev=net0,bus=pcie.0,addr=0x2,romfile=" in devices
+    assert "virtio-rng-pci,bus=pcie.0,addr=0x3" in devices
+    assert "file,id=console,path=/logs/console.log" in option_values(argv, "-chardev")
+    assert option_values(argv, "-serial") == ["chardev:console"]
+
+
+def test_paused_adds_dash_s_last() -> None:
+    argv = build_command(config(extra_args=("-d", "guest_errors")), paused=True)
+    assert argv[-3:] == ["-d", "guest_errors", "-S"]
+
+
+def test_aarch64_profile_and_kvm_cpu() -> None:
+    argv = build_command(config("aarch64"))
+    assert option_values(argv, "-machine") == ["virt,memory-backend=mem"]
+    assert option_values(argv, "-cpu") == ["max,pauth-impdef=on"]
+    assert option_values(argv, "-append")[0].endswith("console=ttyAMA0")
+    assert option_values(build_command(config("aarch64", accel="kvm")), "-cpu") == ["host"]
+    assert option_values(build_command(config(accel="kvm")), "-cpu") == ["host"]
+
+
+def test_cpu_override_and_phys_bits() -> None:
+    argv = build_command(config(cpu="qemu64", phys_bits=44))
+    assert option_values(argv, "-cpu") == ["qemu64,phys-bits=44"]
+    with pytest.raises(ConfigError, match="phys_bits"):
+        build_command(config("aarch64", phys_bits=44))
+
+
+def test_kernel_command_line_keeps_image_console_and_appends_extras() -> None:
+    cfg = config(kernel_cmdline="console=hvc0 quiet", extra_kernel_args=("iomem=relaxed",))
+    assert kernel_command_line(cfg) == "console=hvc0 quiet iomem=relaxed"
+    # aarch64 has no firmware sizing hot-plug windows: pciehp takes the size from here.
+    cfg = config("aarch64", root_ports=1, root_port_pref64=128 * 1024 * 1024)
+    assert "pci=hpmmioprefsize=128M" in kernel_command_line(cfg).split()
+    assert "hpmmioprefsize" not in kernel_command_line(config(root_ports=1))
+
+
+def test_root_ports_and_vhost_user_devices() -> None:
+    devs = (
+        VhostUserDeviceSpec("vu0", Path("/run/x/vu0.sock")),
+        VhostUserDeviceSpec("vu1", Path("/run/x/vu1.sock"), bus="rp1"),
+        VhostUserDeviceSpec("vu2", Path("/run/x/vu2.sock"), num_vqs=2, virtio_id=4),
+    )
+    argv = build_command(config(root_ports=2, vhost_user_devices=devs))
+    devices = option_values(argv, "-device")
+    assert "pcie-root-port,id=rp0,bus=pcie.0,addr=0x8,chassis=1,pref64-reserve=64M" in devices
+    assert "pcie-root-port,id=rp1,bus=pcie.0,addr=0x9,chassis=2,pref64-reserve=64M" in devices
+    assert (
+        "vhost-user-test-device-pci,id=vu0-dev,chardev=vu0,virtio-id=26,num_vqs=1,"
+        "bus=pcie.0,addr=0x10" in devices
+    )
+    assert (
+        "vhost-user-test-device-pci,id=vu1-dev,chardev=vu1,virtio-id=26,num_vqs=1,"
+        "bus=rp1,addr=0x0" in devices
+    )
+    assert (
+        "vhost-user-test-device-pci,id=vu2-dev,chardev=vu2,virtio-id=4,num_vqs=2,"
+        "bus=pcie.0,addr=0x11" in devices
+    )
+    chardevs = option_values(argv, "-chardev")
+    assert "socket,id=vu1,path=/run/x/vu1.sock" in chardevs
+
+
+def test_explicit_slot_is_skipped_by_automatic_assignment() -> None:
+    devs = (
+        VhostUserDeviceSpec("a", Path("/s/a"), addr=0x10),
+        VhostUserDeviceSpec("b", Path("/s/b")),
+    )
+    devices = option_values(build_command(config(vhost_user_devices=devs)), "-device")
+    assert any(
+        d.startswith("vhost-user-test-device-pci,id=b-dev") and "addr=0x11" in d for d in devices
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"arch": "riscv64"}, "unknown architecture"),
+        ({"accel": "hvf"}, "accelerator"),
+        ({"memory_mib": 64}, "too small"),
+        ({"ssh_port": 0}, "TCP port"),
+        ({"root_ports": 9}, "root ports"),
+        ({"vhost_user_devices": (VhostUserDeviceSpec("x", Path("/s"), bus="rp3"),)}, "bus"),
+        (
+            {
+                "vhost_user_devices": (
+                    VhostUserDeviceSpec("x", Path("/s")),
+                    VhostUserDeviceSpec("x", Path("/t")),
+                )
+            },
+            "unique",
+        ),
+    ],
+)
+def test_invalid_configs_are_refused(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_command(config(**changes))
+
+
+def test_format_command_is_pasteable() -> None:
+    argv = build_command(config(kernel_cmdline="quiet a='b c'"), paused=True)
+    text = format_command(argv)
+    assert text.count("\n") > 10
+    assert shlex.split(text.replace("\\\n", " ")) == argv
+
+
+# -- real QEMU, no guest --------------------------------------------------------------------
+
+AARCH64_QEMU = Path.home() / ".cache/testbed/qemu/bin/qemu-system-aarch64"
+
+
+@pytest.fixture
+def rundir() -> Iterator[Path]:
+    path = make_private_dir("test-machine")
+    yield path
+    remove_tree(path)
+
+
+def spin_config(rundir: Path, **kw: object) -> MachineConfig:
+    """aarch64 virt boots a raw image at the kernel address: one `b .` spins forever."""
+    if not AARCH64_QEMU.exists():
+        pytest.skip(f"no provisioned QEMU at {AARCH64_QEMU}: run `testbed qemu provision`")
+    image = rundir / "spin.bin"
+    image.write_bytes(bytes.fromhex("00000014"))  # AArch64 `b .`
+    base = MachineConfig(
+        arch="aarch64",
+        qemu=AARCH64_QEMU,
+        accel="tcg",
+        kernel=image,
+        initrd=None,
+        qmp_socket=rundir / "qmp.sock",
+        console_log=rundir / "console.log",
+        ssh_port=free_tcp_port(),
+        memory_mib=128,
+        rng=False,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.qemu
+def test_machine_qmp_events_and_clean_shutdown(rundir: Path) -> None:
+    with Machine(spin_config(rundir, root_ports=1), rundir) as machine:
+        machine.start()
+        pid = machine.pid
+        assert pid is not None
+        assert machine.qmp("query-status")["status"] == "running"
+        assert 'pcie-root-port, id "rp0"' in machine.hmp("info qtree")
+        machine.qmp("stop")
+        assert machine.wait_event("STOP", timeout=5)["event"] == "STOP"
+        with pytest.raises(WaitTimeout, match="STOP"):
+            machine.wait_event("STOP", timeout=0.2)  # the one STOP was consumed
+        with pytest.raises(QmpCommandFailed, match="DeviceNotFound"):
+            machine.qmp("device_del", id="no-such-device")
+        assert machine.shutdown(timeout=10) == 0
+    assert not pid_alive(pid)
+    assert not (rundir / "qmp.sock").exists()
+    cmdline = (rundir / "qemu-cmdline.txt").read_text()
+    assert shlex.split(cmdline.replace("\\\n", " "))[-1] == "-S"
+    qmp_log = (rundir / "qmp.log").read_text()
+    assert '"execute": "cont"' in qmp_log and '"event": "STOP"' in qmp_log
+
+
+@pytest.mark.qemu
+def test_machine_close_kills_and_is_idempotent(rundir: Path) -> None:
+    machine = Machine(spin_config(rundir), rundir)
+    machine.start()
+    pid = machine.pid
+    assert pid is not None
+    machine.close()
+    machine.close()
+    assert not pid_alive(pid)
+    assert machine.returncode == -9
+
+
+@pytest.mark.qemu
+def test_machine_reports_qemu_exit_with_stderr(rundir: Path) -> None:
+    missing = rundir / "no-such.sock"
+    cfg = spin_config(rundir, vhost_user_devices=(VhostUserDeviceSpec("vu0", missing),))
+    with Machine(cfg, rundir) as machine, pytest.raises(QemuExited) as info:
+        machine.start()
+    assert info.value.returncode == 1
+    assert str(missing) in info.value.stderr_tail
+
+
+@pytest.mark.qemu
+def test_machine_retries_taken_ssh_port(rundir: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        with Machine(spin_config(rundir, ssh_port=taken), rundir) as machine:
+            machine.start()
+            assert machine.ssh_port != taken
+            assert (
+                "Could not set up host forwarding rule" in (rundir / "qemu-stderr.log").read_text()
+            )
