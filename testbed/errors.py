@@ -9,6 +9,7 @@ what to do about it. Leaves keep the evidence (bytes, exit status, last console 
     ├── ProvisionError           provisioning QEMU or building a guest image failed
     │   └── AssetHashMismatch    a cached or downloaded file does not match its hash
     ├── ProtocolError            a vhost-user message is malformed (see vhost_user.protocol)
+    ├── ParseError               guest output (config space, sysfs, lspci) cannot be parsed
     ├── PeerClosed               the vhost-user peer closed the connection
     ├── StateError               an object was used in the wrong state
     ├── QemuExited               QEMU exited (or was killed) when it should have been running
@@ -57,6 +58,10 @@ class ProtocolError(TestbedError):
         shown = self.data[:64].hex()
         more = "..." if len(self.data) > 64 else ""
         return f"{base} (got {len(self.data)} bytes: {shown}{more})"
+
+
+class ParseError(TestbedError):
+    """Guest output (PCI config space, sysfs resource, lspci) is not in the expected form."""
 
 
 class PeerClosed(TestbedError):

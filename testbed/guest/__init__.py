@@ -1,0 +1,1 @@
+"""The guest side: SSH session, PCI config space and lspci parsers, inspection over SSH."""

@@ -1,0 +1,310 @@
+"""SSH into the guest (paramiko) with the host key pinned, commands, files, an interactive pty.
+
+The guest's host key is generated when the image is built, so the client knows it in
+advance: RejectPolicy plus that one key, no trust on first use, no known_hosts file.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import select
+import shlex
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import paramiko
+
+from testbed.errors import ConfigError, GuestCommandFailed, StateError, WaitTimeout
+
+log = logging.getLogger(__name__)
+
+RETRY_INTERVAL = 0.1
+CHUNK = 65536
+
+# Errors of a guest that is not listening yet: QEMU's user-net accepts the TCP connection
+# and resets it until dropbear listens, which paramiko reports in several ways.
+_NOT_YET = (
+    paramiko.SSHException,
+    EOFError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    stdout: bytes
+    stderr: bytes
+    returncode: int
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+    def check(self, command: str) -> CommandResult:
+        if self.returncode != 0:
+            raise GuestCommandFailed(command, self.returncode, self.stdout, self.stderr)
+        return self
+
+
+def parse_host_key_line(line: str) -> paramiko.PKey:
+    """A public key from "[host] type base64 [comment]" (authorized_keys/known_hosts style)."""
+    words = line.split()
+    for i, word in enumerate(words[:-1]):
+        if word.startswith(("ssh-", "ecdsa-", "sk-")):
+            try:
+                blob = base64.b64decode(words[i + 1], validate=True)
+                return paramiko.PKey.from_type_string(word, blob)
+            except Exception as exc:
+                raise ConfigError(
+                    f"host key line {line!r} does not hold a valid {word} key: {exc}; "
+                    "rebuild the guest image (`testbed images build`)"
+                ) from exc
+    raise ConfigError(f"host key line {line!r} has no 'ssh-<type> <base64>' key in it")
+
+
+def known_host_name(host: str, port: int) -> str:
+    """The name OpenSSH and paramiko look a host key up by."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def _load_client_key(path: Path) -> paramiko.PKey:
+    try:
+        return paramiko.Ed25519Key.from_private_key_file(str(path))
+    except (OSError, paramiko.SSHException) as exc:
+        raise ConfigError(
+            f"cannot load the client key {path}: {exc}; rebuild the guest image"
+        ) from exc
+
+
+class SSHSession:
+    """One authenticated SSH connection to the guest. Use as a context manager."""
+
+    def __init__(self, client: paramiko.SSHClient, host: str, port: int) -> None:
+        self._client: paramiko.SSHClient | None = client
+        self.host = host
+        self.port = port
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int,
+        client_key: Path,
+        host_key_line: str,
+        deadline: float,
+        *,
+        user: str = "root",
+        check_alive: Callable[[], None] | None = None,
+    ) -> SSHSession:
+        """Connect, retrying every RETRY_INTERVAL s until `deadline` (time.monotonic()).
+
+        `check_alive` is called before every attempt (e.g. to raise QemuExited at once
+        instead of retrying against a dead VM).
+        """
+        logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
+        pkey = _load_client_key(client_key)
+        host_key = parse_host_key_line(host_key_line)
+        last: BaseException | None = None
+        attempts = 0
+        while True:
+            if check_alive is not None:
+                check_alive()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WaitTimeout(
+                    f"no SSH session with {host}:{port} after {attempts} attempts "
+                    f"(last error: {last!r}); look at the guest console log"
+                )
+            client = paramiko.SSHClient()
+            client.get_host_keys().add(known_host_name(host, port), host_key.get_name(), host_key)
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            attempts += 1
+            try:
+                client.connect(
+                    host,
+                    port=port,
+                    username=user,
+                    pkey=pkey,
+                    look_for_keys=False,
+                    allow_agent=False,
+                    timeout=min(remaining, 5.0),
+                    banner_timeout=min(remaining, 5.0),
+                    auth_timeout=min(remaining, 5.0),
+                )
+                log.debug("ssh %s:%d up after %d attempts", host, port, attempts)
+                return cls(client, host, port)
+            except paramiko.BadHostKeyException as exc:
+                client.close()
+                raise ConfigError(
+                    f"the guest at {host}:{port} offered a host key that is not the image's: "
+                    "is another VM on that port? rebuild the image if it persists"
+                ) from exc
+            except paramiko.AuthenticationException as exc:
+                client.close()
+                raise ConfigError(
+                    f"the guest at {host}:{port} refused the client key {client_key}: "
+                    "rebuild the guest image"
+                ) from exc
+            except _NOT_YET as exc:
+                client.close()
+                last = exc
+            time.sleep(RETRY_INTERVAL)
+
+    def __enter__(self) -> SSHSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        if self._client is None:
+            raise StateError("closed", "connected", "SSHSession")
+        transport = self._client.get_transport()
+        if transport is None or not transport.is_active():
+            raise StateError("disconnected", "connected", "SSHSession")
+        return transport
+
+    def run(
+        self,
+        command: str | Sequence[str],
+        *,
+        check: bool = False,
+        timeout: float = 60.0,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
+        """Run `command` (a shell string, or argv quoted for the guest shell)."""
+        text = command if isinstance(command, str) else shlex.join(command)
+        deadline = time.monotonic() + timeout
+        chan = self.transport.open_session()
+        try:
+            chan.exec_command(text)
+            if stdin is not None:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = bytearray(), bytearray()
+            while True:
+                progressed = False
+                while chan.recv_ready():
+                    out += chan.recv(CHUNK)
+                    progressed = True
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(CHUNK)
+                    progressed = True
+                if (
+                    chan.exit_status_ready()
+                    and (chan.eof_received or chan.closed)
+                    and not chan.recv_ready()
+                    and not chan.recv_stderr_ready()
+                ):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(f"guest command {text!r} still running after {timeout} s")
+                if not progressed:
+                    # Wakes on stdout data or close; stderr data is picked up on the
+                    # next short round.
+                    select.select([chan], [], [], min(remaining, 0.05))
+            result = CommandResult(bytes(out), bytes(err), chan.recv_exit_status())
+        finally:
+            chan.close()
+        if check:
+            result.check(text)
+        return result
+
+    def put_file(self, local: Path, remote: str, mode: int | None = None) -> None:
+        assert self._client is not None
+        with self._client.open_sftp() as sftp:
+            sftp.put(str(local), remote)
+            if mode is not None:
+                sftp.chmod(remote, mode)
+
+    def get_file(self, remote: str, local: Path) -> None:
+        assert self._client is not None
+        with self._client.open_sftp() as sftp:
+            sftp.get(remote, str(local))
+
+    def interactive(self, command: str | None = None) -> int:
+        """A pty session wired to our terminal (raw mode) until the guest side closes.
+
+        Returns the exit status of the shell (or `command`).
+        """
+        chan = self.transport.open_session()
+        size = shutil.get_terminal_size()
+        chan.get_pty(term=os.environ.get("TERM", "vt100"), width=size.columns, height=size.lines)
+        if command is None:
+            chan.invoke_shell()
+        else:
+            chan.exec_command(command)
+        fd = sys.stdin.fileno()
+        out = sys.stdout.buffer
+        is_tty = os.isatty(fd)
+        old_winch = None
+        saved = None
+        if is_tty:
+            import termios
+            import tty
+
+            saved = termios.tcgetattr(fd)
+            tty.setraw(fd)
+
+            def on_winch(signum: int, frame: FrameType | None) -> None:
+                new = shutil.get_terminal_size()
+                with contextlib.suppress(Exception):
+                    chan.resize_pty(width=new.columns, height=new.lines)
+
+            old_winch = signal.signal(signal.SIGWINCH, on_winch)
+        try:
+            stdin_open = True
+            while True:
+                readers: list[Any] = [chan, fd] if stdin_open else [chan]
+                ready, _, _ = select.select(readers, [], [], 0.5)
+                if chan in ready or chan.recv_ready():
+                    data = chan.recv(CHUNK)
+                    if not data:
+                        break
+                    out.write(data)
+                    out.flush()
+                if chan.recv_stderr_ready():
+                    out.write(chan.recv_stderr(CHUNK))
+                    out.flush()
+                if stdin_open and fd in ready:
+                    data = os.read(fd, CHUNK)
+                    if data:
+                        chan.sendall(data)
+                    else:
+                        stdin_open = False
+                        chan.shutdown_write()
+                if chan.closed or (chan.exit_status_ready() and not chan.recv_ready()):
+                    break
+            return chan.recv_exit_status()
+        except OSError as exc:
+            raise StateError("disconnected", "connected", f"SSH shell ({exc})") from exc
+        finally:
+            if saved is not None:
+                import termios
+
+                termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            if old_winch is not None:
+                signal.signal(signal.SIGWINCH, old_winch)
+            chan.close()
