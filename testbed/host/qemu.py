@@ -646,6 +646,7 @@ def _swap_in(build: Path, root: Path) -> None:
     if root.exists() or root.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=".qemu-old-", dir=root.parent))
         os.rename(root, old / "qemu")
+    build.chmod(0o755)  # mkdtemp made it 0700; the tree holds only public packages
     os.rename(build, root)
     if old is not None:
         remove_tree(old)

@@ -137,7 +137,9 @@ class Stamp:
         try:
             data = json.loads(text)
             if data.get("format") != STAMP_FORMAT:
-                raise ValueError(f"stamp format {data.get('format')!r}, need {STAMP_FORMAT}")
+                raise ValueError(
+                    f"not a testbed QEMU stamp: format {data.get('format')!r}, need {STAMP_FORMAT}"
+                )
             return cls(
                 created=str(data["created"]),
                 host_arch=str(data["host_arch"]),
