@@ -134,7 +134,12 @@ def collect(
                     f"qemu {arch}",
                     FAIL,
                     str(exc).split(". ")[0],
-                    "run `testbed qemu provision` (or `make setup`), or pass "
+                    (
+                        f"point --qemu-{arch} / ${qemu_mod.env_var(arch)} at a QEMU >= 11.1 "
+                        "with vhost-user, or drop it to use the provisioned one"
+                    )
+                    if explicit.get(arch) or os.environ.get(qemu_mod.env_var(arch))
+                    else "run `testbed qemu provision` (or `make setup`), or pass "
                     f"--qemu-{arch} / ${qemu_mod.env_var(arch)} with a QEMU >= 11.1 build",
                 )
             )
@@ -244,7 +249,11 @@ def _shmem_probe_check(
 def _image_check(load_image: Any, arch: str, out: dict[str, Any]) -> Check:
     if load_image is None:
         out[arch] = {"present": None}
-        return Check(f"image {arch}", WARN, "image module not available in this checkout")
+        return Check(
+            f"image {arch}",
+            WARN,
+            "testbed.images.load_image is not available yet; images are built on first use",
+        )
     try:
         image = load_image(arch)
     except TestbedError as exc:
