@@ -8,29 +8,16 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 say() { printf 'setup: %s\n' "$*"; }
 
-# 1. Debian packages (installed only when missing; needs root, otherwise says what to run).
-missing=()
-while read -r pkg _; do
-    [[ -z "$pkg" || "$pkg" == \#* ]] && continue
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
-        missing+=("$pkg")
-    fi
-done < scripts/debian-packages.txt
+# 1. Python's venv module (Debian splits it out); everything else is installed by testbed.
 if ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
-    missing+=("python3-venv")
-fi
-if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
-        say "missing Debian packages: ${missing[*]}"
-        say "run as root: apt-get update && apt-get install -y ${missing[*]}"
+        say "$PYTHON cannot create a venv; run as root: apt-get install -y python3-venv"
         exit 1
     fi
-    say "installing Debian packages: ${missing[*]}"
+    say "installing Debian package python3-venv"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-else
-    say "Debian packages present"
+    apt-get install -y -q --no-install-recommends python3-venv >/dev/null
 fi
 
 # 2. The venv, reinstalled only when pyproject.toml changed.
@@ -48,11 +35,12 @@ else
     say "venv up to date"
 fi
 
-# 3. QEMU: skipped when the user gave both their own binaries.
+# 3. Debian packages and QEMU: skipped when the user gave both their own binaries.
 if [[ -n "${TESTBED_QEMU_X86_64:-}" && -n "${TESTBED_QEMU_AARCH64:-}" ]]; then
     say "using your QEMU: $TESTBED_QEMU_X86_64, $TESTBED_QEMU_AARCH64"
 else
-    "$VENV/bin/testbed" qemu provision
+    # Installs the missing Debian packages (scripts/debian-packages.txt) first, as root.
+    "$VENV/bin/testbed" qemu provision --install-missing
 fi
 
 # 4. Guest images (cached by content hash).
