@@ -1,0 +1,1 @@
+"""The vhost-user back-end: wire format, connection, shared-memory layout, trace, device."""

@@ -1,0 +1,117 @@
+"""A wire trace: every vhost-user message, both directions, as one JSON line each.
+
+Entries go to a file (optional, line-buffered so a crash keeps what came before) and to an
+in-memory list that tests assert on. Thread-safe: the serving thread and a caller driving
+SHMEM_MAP both record.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from testbed.errors import ProtocolError
+from testbed.vhost_user.protocol import Header, decode_payload, request_name
+
+FROM_QEMU = "qemu->backend"
+TO_QEMU = "backend->qemu"
+# On the back-end channel the back-end is the one asking.
+CHANNEL_TO_QEMU = "backend-channel:backend->qemu"
+CHANNEL_FROM_QEMU = "backend-channel:qemu->backend"
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    time: float
+    direction: str
+    request: int
+    name: str
+    flags: int
+    size: int
+    payload: dict[str, Any] | None
+    fds: int
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "time": round(self.time, 6),
+            "direction": self.direction,
+            "request": self.request,
+            "name": self.name,
+            "flags": self.flags,
+            "size": self.size,
+            "payload": self.payload,
+            "fds": self.fds,
+        }
+        if self.error:
+            data["error"] = self.error
+        return data
+
+
+class Trace:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._entries: list[TraceEntry] = []
+        self._file: IO[str] | None = (
+            open(path, "w", buffering=1, encoding="utf-8") if path else None  # noqa: SIM115
+        )
+
+    def record(self, direction: str, header: Header, body: bytes, nfds: int) -> TraceEntry:
+        backend_channel = direction.startswith("backend-channel")
+        error = None
+        try:
+            payload = decode_payload(
+                header.request, body, reply=header.is_reply, backend_channel=backend_channel
+            )
+            payload_json = None if payload is None else payload.to_json()
+        except ProtocolError as exc:
+            # The trace shows what was sent even when it is malformed (fault injection).
+            payload_json = {"raw": body.hex()}
+            error = str(exc)
+        entry = TraceEntry(
+            time=time.time(),
+            direction=direction,
+            request=header.request,
+            name=request_name(header.request, backend_channel),
+            flags=header.flags,
+            size=header.size,
+            payload=payload_json,
+            fds=nfds,
+            error=error,
+        )
+        with self._lock:
+            self._entries.append(entry)
+            if self._file is not None:
+                self._file.write(json.dumps(entry.to_json()) + "\n")
+        return entry
+
+    def entries(self) -> list[TraceEntry]:
+        with self._lock:
+            return list(self._entries)
+
+    def names(self, direction: str = FROM_QEMU) -> list[str]:
+        """Request names in arrival order for one direction (default: what QEMU sent)."""
+        return [e.name for e in self.entries() if e.direction == direction]
+
+    def close(self) -> None:
+        with self._lock:
+            f, self._file = self._file, None
+        if f is not None:
+            f.close()
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
