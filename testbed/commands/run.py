@@ -1,14 +1,105 @@
-"""`testbed run`: placeholder until its issue lands."""
+"""`testbed exec` and `testbed shell`: boot a guest, run one command (or a shell), tear down."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Any
+
+from testbed.commands.common import (
+    add_accel_option,
+    add_arch_option,
+    add_qemu_options,
+    explicit_qemu,
+)
+from testbed.errors import ConfigError
+
+
+def _add_vm_options(parser: argparse.ArgumentParser) -> None:
+    add_arch_option(parser)
+    add_accel_option(parser)
+    add_qemu_options(parser)
+    parser.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="SHMID=SIZE",
+        help="a shared memory region served by our vhost-user back-end (repeatable; "
+        "e.g. --region 0=4M --region 1=4M); without it no vhost-user device is added",
+    )
+    parser.add_argument(
+        "--keep-artifacts",
+        type=Path,
+        metavar="DIR",
+        help="keep the command line, console, QMP log, QEMU stderr, vhost-user trace and "
+        "reproduce.sh in DIR (else they are kept under results/failed/ only on failure)",
+    )
+    parser.add_argument(
+        "--boot-timeout", type=float, default=90.0, metavar="S", help="seconds to SSH"
+    )
 
 
 def register(sub: Any) -> None:
-    del sub  # filled in by the issue that owns this command
+    exec_parser = sub.add_parser(
+        "exec",
+        help="boot a guest, run a command in it over SSH, exit with its status",
+        description="Boot a guest (with a vhost-user device when --region is given), run "
+        "COMMAND over SSH, pass its stdout/stderr through as bytes and exit with its status.",
+    )
+    _add_vm_options(exec_parser)
+    exec_parser.add_argument("--timeout", type=float, default=600.0, help="command timeout (s)")
+    exec_parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND...")
+    exec_parser.set_defaults(func=run_exec)
+
+    shell_parser = sub.add_parser(
+        "shell",
+        help="boot a guest and open an interactive shell in it",
+        description="Boot a guest and open an interactive SSH shell; everything is torn "
+        "down when the shell exits.",
+    )
+    _add_vm_options(shell_parser)
+    shell_parser.set_defaults(func=run_shell)
 
 
-def _unused(args: argparse.Namespace) -> int:
-    return 0
+def _regions(specs: list[str]) -> Any:
+    if not specs:
+        return None
+    from testbed.vhost_user.shmem import ShmemLayout
+
+    return ShmemLayout.parse(specs)
+
+
+def _vm(args: argparse.Namespace) -> Any:
+    from testbed.vm import GuestVM
+
+    return GuestVM(
+        args.arch,
+        regions=_regions(args.region),
+        accel=args.accel,
+        qemu=explicit_qemu(args, args.arch),
+        artifacts_dir=args.keep_artifacts,
+        boot_timeout=args.boot_timeout,
+    )
+
+
+def run_exec(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise ConfigError("no command given: use `testbed exec [options] -- COMMAND...`")
+    # One word is taken as a shell command line (`-- 'ls | wc -l'`); several as argv.
+    command: str | list[str] = argv[0] if len(argv) == 1 else argv
+    with _vm(args) as vm:
+        result = vm.run(command, timeout=args.timeout)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.buffer.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.buffer.flush()
+    return result.returncode
+
+
+def run_shell(args: argparse.Namespace) -> int:
+    with _vm(args) as vm:
+        return int(vm.ssh.interactive())

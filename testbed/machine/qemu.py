@@ -282,8 +282,11 @@ class Machine:
             future.cancel()
             raise
 
+    def check_alive(self, doing: str = "unexpectedly") -> None:
+        """Raise QemuExited (with exit status, stderr and console tails) if QEMU is gone."""
+        self._check_alive(doing)
+
     def _check_alive(self, doing: str) -> None:
-        """Raise QemuExited (with the evidence) if QEMU is gone."""
         if self._proc is None:
             raise StateError(self.state, MachineState.RUNNING, "Machine")
         code = self._proc.poll()

@@ -1,0 +1,312 @@
+"""GuestVM: a booted guest with (optionally) our vhost-user back-end, reachable over SSH.
+
+Composition only: QEMU resolution and accelerator choice (testbed.host), the guest image
+(testbed.images), the back-end (testbed.vhost_user), the QEMU driver (testbed.machine)
+and SSH (testbed.guest). Every part is torn down in reverse order on exit, also when
+start-up fails half-way, on Ctrl-C, and on SIGTERM (the CLI turns it into an exception).
+
+Artifacts (qemu-cmdline.txt, console.log, qmp.log, qemu-stderr.log, the vhost-user trace,
+dmesg on failure, reproduce.sh) go to `artifacts_dir` when given and stay there. Without
+one they live in the private run dir and are copied under results/ only when the run
+fails, so that a failure never loses its evidence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from testbed.errors import ConfigError
+from testbed.guest.inspect import GuestPciView, inspect_pci
+from testbed.guest.ssh import CommandResult, SSHSession
+from testbed.machine.cmdline import MachineConfig, VhostUserDeviceSpec, build_command
+from testbed.machine.qemu import Machine, free_tcp_port
+from testbed.paths import make_private_dir, remove_tree, results_dir, sanitize
+
+log = logging.getLogger(__name__)
+
+BACKEND_SOCKET = "vu0.sock"
+TRACE_NAME = "vhost-user-trace.jsonl"
+# QEMU 11.1.3 fits at most 3 shared-memory capabilities in a root-bus device's config
+# space; a 4th aborts QEMU (pci_add_capability assertion). Refuse it up front unless the
+# caller asks for exactly that (allow_overfull=True) to reproduce the abort.
+MAX_ROOT_BUS_REGIONS = 3
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _dq(word: str) -> str:
+    """Double-quote for sh, so that ${RUN} placeholders still expand."""
+    escaped = "".join("\\" + c if c in '\\$`"' else c for c in word)
+    return f'"{escaped}"'
+
+
+def reproduce_script(
+    qemu_argv: Sequence[str], run_dir: Path, regions: Mapping[int, int] | None
+) -> str:
+    """A sh script that reruns a VM by hand: back-end (if any) then QEMU, for gdb.
+
+    Paths under the run dir become ${RUN}, a fresh 0700 dir, so the script works after
+    the original run dir is gone.
+    """
+    prefix = str(run_dir)
+
+    def arg(word: str) -> str:
+        return _dq(word).replace(prefix, "${RUN}")
+
+    lines = [
+        "#!/bin/sh",
+        "# Rerun this test bed VM by hand. For gdb: GDB='gdb --args' sh reproduce.sh",
+        "set -eu",
+        "RUN=$(mktemp -d /tmp/testbed-repro-XXXXXX)",
+        'chmod 700 "$RUN"',
+        'cleanup() { [ -n "${BACKEND:-}" ] && kill "$BACKEND" 2>/dev/null; rm -rf "$RUN"; }',
+        "trap cleanup EXIT INT TERM",
+    ]
+    if regions:
+        region_args = " ".join(
+            f"--region {shmid}={size}" for shmid, size in sorted(regions.items())
+        )
+        lines += [
+            f'testbed backend --socket "$RUN/{BACKEND_SOCKET}" {region_args} &',
+            "BACKEND=$!",
+            f'while [ ! -S "$RUN/{BACKEND_SOCKET}" ]; do sleep 0.1; done',
+        ]
+    lines.append('echo "console: $RUN/console.log  QMP: $RUN/qmp.sock" >&2')
+    body = " \\\n    ".join(arg(w) for w in qemu_argv)
+    lines.append("${GDB:-} " + body)
+    return "\n".join(lines) + "\n"
+
+
+class GuestVM:
+    """A booted guest; use as a context manager. `.ssh`, `.machine`, `.backend`, `.image`."""
+
+    def __init__(
+        self,
+        arch: str,
+        *,
+        regions: Any = None,
+        accel: str = "auto",
+        qemu: str | None = None,
+        artifacts_dir: Path | None = None,
+        faults: Any = None,
+        memory_mib: int = 512,
+        cpu: str | None = None,
+        phys_bits: int | None = None,
+        root_ports: int = 0,
+        extra_kernel_args: Sequence[str] = (),
+        extra_qemu_args: Sequence[str] = (),
+        boot_timeout: float = 90.0,
+        allow_overfull: bool = False,
+    ) -> None:
+        self.arch = arch
+        # A ShmemLayout (its .regions) or a plain {shmid: size}; {} = device without regions.
+        self.regions: dict[int, int] | None = (
+            None if regions is None else dict(getattr(regions, "regions", regions))
+        )
+        if self.regions and len(self.regions) > MAX_ROOT_BUS_REGIONS and not allow_overfull:
+            raise ConfigError(
+                f"{len(self.regions)} regions: QEMU 11.1.3 fits at most "
+                f"{MAX_ROOT_BUS_REGIONS} in a root-bus device (one more aborts QEMU); "
+                "pass allow_overfull=True to reproduce that abort on purpose"
+            )
+        self._regions_arg = regions
+        self.accel_requested = accel
+        self.qemu_explicit = qemu
+        self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else None
+        self.faults = faults
+        self.memory_mib = memory_mib
+        self.cpu = cpu
+        self.phys_bits = phys_bits
+        self.root_ports = root_ports
+        self.extra_kernel_args = tuple(extra_kernel_args)
+        self.extra_qemu_args = tuple(extra_qemu_args)
+        self.boot_timeout = boot_timeout
+
+        self.run_dir: Path | None = None
+        self.logdir: Path | None = None
+        self.machine: Machine | None = None
+        self.backend: Any = None
+        self._ssh: SSHSession | None = None
+        self.image: Any = None
+        self.qemu_binary: Any = None
+        self.accel: Any = None
+        self.timings: dict[str, float] = {}
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> GuestVM:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(failed=exc is not None)
+
+    @property
+    def ssh(self) -> SSHSession:
+        if self._ssh is None:
+            raise ConfigError("GuestVM is not started: use it as a context manager")
+        return self._ssh
+
+    def _step(self, name: str, started: float) -> float:
+        now = time.monotonic()
+        self.timings[name] = round(now - started, 3)
+        return now
+
+    def start(self) -> GuestVM:
+        from testbed.host.accel import choose_accel
+        from testbed.host.qemu import resolve_qemu
+        from testbed.images import ensure_image
+
+        t0 = t = time.monotonic()
+        try:
+            self.qemu_binary = resolve_qemu(self.arch, self.qemu_explicit)
+            t = self._step("resolve_qemu", t)
+            self.accel = choose_accel(self.accel_requested, self.arch, self.qemu_binary.path)
+            log.info("accelerator %s: %s", self.accel.name, self.accel.reason)
+            t = self._step("choose_accel", t)
+            # Build progress to stderr: `testbed exec` keeps stdout for the guest's bytes.
+            self.image = ensure_image(self.arch, log=_to_stderr)
+            t = self._step("ensure_image", t)
+
+            self.run_dir = make_private_dir(f"vm-{sanitize(self.arch)}")
+            if self.artifacts_dir is not None:
+                self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+                self.logdir = self.artifacts_dir
+            else:
+                self.logdir = self.run_dir / "logs"
+                self.logdir.mkdir()
+
+            devices: tuple[VhostUserDeviceSpec, ...] = ()
+            if self.regions is not None:
+                self._start_backend()
+                devices = (VhostUserDeviceSpec("vu0", self.run_dir / BACKEND_SOCKET),)
+            t = self._step("backend", t)
+
+            config = MachineConfig(
+                arch=self.arch,
+                qemu=self.qemu_binary.path,
+                accel=self.accel.name,
+                kernel=Path(self.image.kernel),
+                initrd=Path(self.image.initrd) if self.image.initrd else None,
+                qmp_socket=self.run_dir / "qmp.sock",
+                console_log=self.logdir / "console.log",
+                ssh_port=free_tcp_port(),
+                kernel_cmdline=self.image.cmdline,
+                extra_kernel_args=self.extra_kernel_args,
+                memory_mib=self.memory_mib,
+                cpu=self.cpu,
+                phys_bits=self.phys_bits,
+                vhost_user_devices=devices,
+                root_ports=self.root_ports,
+                extra_args=self.extra_qemu_args,
+            )
+            self._write_reproduce(config)
+            self.machine = Machine(config, self.logdir)
+            self.machine.start()
+            t = self._step("qemu_start", t)
+            self.machine.wait_console(re.escape(self.image.ready_line), self.boot_timeout)
+            t = self._step("ready_line", t)
+            remaining = max(self.boot_timeout - (time.monotonic() - t0), 5.0)
+            self._ssh = SSHSession.connect(
+                "127.0.0.1",
+                self.machine.ssh_port,
+                Path(self.image.client_key),
+                self.image.host_key_line,
+                time.monotonic() + remaining,
+                check_alive=self.machine.check_alive,
+            )
+            self._step("ssh", t)
+            self.timings["total"] = round(time.monotonic() - t0, 3)
+            log.info("guest %s up: %s", self.arch, self.timings)
+        except BaseException:
+            self.close(failed=True)
+            raise
+        return self
+
+    def _start_backend(self) -> None:
+        from testbed.vhost_user.backend import Backend
+        from testbed.vhost_user.shmem import ShmemLayout
+
+        assert self.run_dir is not None and self.logdir is not None
+        layout = self._regions_arg
+        if not isinstance(layout, ShmemLayout):
+            layout = ShmemLayout(dict(self.regions or {}))
+        self.backend = Backend(
+            self.run_dir / BACKEND_SOCKET,
+            layout,
+            trace_path=self.logdir / TRACE_NAME,
+            faults=self.faults,
+        )
+        self.backend.start()
+
+    def _write_reproduce(self, config: MachineConfig) -> None:
+        assert self.logdir is not None and self.run_dir is not None
+        argv = build_command(config)
+        # The console file follows the run dir too, so a rerun never clobbers these logs.
+        argv = [
+            w.replace(str(self.logdir / "console.log"), str(self.run_dir / "console.log"))
+            for w in argv
+        ]
+        script = self.logdir / "reproduce.sh"
+        script.write_text(reproduce_script(argv, self.run_dir, self.regions))
+        script.chmod(0o755)
+
+    def close(self, failed: bool = False) -> None:
+        """Idempotent teardown, in reverse order; keeps the evidence when `failed`."""
+        if self._closed:
+            return
+        self._closed = True
+        if failed and self._ssh is not None and self.logdir is not None:
+            with contextlib.suppress(Exception):
+                dmesg = self._ssh.run("dmesg", timeout=10)
+                (self.logdir / "guest-dmesg.txt").write_bytes(dmesg.stdout)
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        if self.machine is not None:
+            try:
+                if not failed:
+                    self.machine.shutdown(timeout=10)
+            except Exception as exc:
+                log.warning("QEMU shutdown: %s", exc)
+                failed = True
+            finally:
+                self.machine.close()
+        if self.backend is not None:
+            self.backend.close()
+        if failed and self.artifacts_dir is None and self.logdir is not None:
+            kept = (
+                results_dir() / "failed" / f"{sanitize(self.arch)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            )
+            with contextlib.suppress(OSError):
+                shutil.copytree(self.logdir, kept, dirs_exist_ok=True)
+                log.warning("artifacts of the failed run kept in %s", kept)
+        if self.run_dir is not None:
+            remove_tree(self.run_dir)
+
+    # -- conveniences ----------------------------------------------------------------------
+
+    def run(
+        self, command: str | Sequence[str], *, check: bool = False, timeout: float = 60.0
+    ) -> CommandResult:
+        return self.ssh.run(command, check=check, timeout=timeout)
+
+    def inspect_pci(self) -> GuestPciView:
+        return inspect_pci(self.ssh)
