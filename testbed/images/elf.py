@@ -1,0 +1,127 @@
+"""The few ELF facts the image builder needs, read from bytes (pure, no I/O).
+
+- `needed_libraries`: DT_NEEDED sonames of a dynamically linked binary or library, so the
+  image carries exactly the shared libraries its programs load;
+- `interpreter`: PT_INTERP (the dynamic loader's path);
+- `modinfo`: a kernel module's .modinfo key=value strings (name, depends, ...).
+
+Only 64-bit ELF is handled (both guest architectures are 64-bit); either byte order.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from testbed.errors import ProvisionError
+
+_PT_INTERP = 3
+_PT_DYNAMIC = 2
+_DT_NEEDED = 1
+_DT_STRTAB = 5
+_PT_LOAD = 1
+
+
+@dataclass(frozen=True)
+class _Elf:
+    data: bytes
+    endian: str  # "<" or ">"
+
+    def unpack(self, fmt: str, offset: int) -> tuple[int, ...]:
+        return struct.unpack_from(self.endian + fmt, self.data, offset)
+
+
+def _open(data: bytes, what: str) -> _Elf:
+    if data[:4] != b"\x7fELF":
+        raise ProvisionError(f"{what} is not an ELF file")
+    if data[4] != 2:
+        raise ProvisionError(f"{what} is not a 64-bit ELF file (class {data[4]})")
+    endian = "<" if data[5] == 1 else ">"
+    return _Elf(data, endian)
+
+
+def _segments(elf: _Elf) -> list[tuple[int, int, int, int, int]]:
+    """(type, offset, vaddr, filesz, memsz) of each program header."""
+    (phoff,) = elf.unpack("Q", 0x20)
+    phentsize, phnum = elf.unpack("HH", 0x36)
+    out = []
+    for i in range(phnum):
+        base = phoff + i * phentsize
+        p_type, _flags, p_offset, p_vaddr, _paddr, p_filesz, p_memsz = elf.unpack("IIQQQQQ", base)
+        out.append((p_type, p_offset, p_vaddr, p_filesz, p_memsz))
+    return out
+
+
+def interpreter(data: bytes, what: str = "binary") -> str | None:
+    """The PT_INTERP path, or None for a static binary or a library."""
+    elf = _open(data, what)
+    for p_type, offset, _vaddr, filesz, _memsz in _segments(elf):
+        if p_type == _PT_INTERP:
+            return data[offset : offset + filesz].rstrip(b"\0").decode()
+    return None
+
+
+def needed_libraries(data: bytes, what: str = "binary") -> list[str]:
+    """DT_NEEDED sonames in file order; [] for a static binary."""
+    elf = _open(data, what)
+    segments = _segments(elf)
+    dynamic = [s for s in segments if s[0] == _PT_DYNAMIC]
+    if not dynamic:
+        return []
+    _t, dyn_off, _v, dyn_size, _m = dynamic[0]
+    entries = []
+    for pos in range(dyn_off, dyn_off + dyn_size, 16):
+        tag, value = elf.unpack("qQ", pos)
+        if tag == 0:
+            break
+        entries.append((tag, value))
+    strtab_vaddr = next((v for t, v in entries if t == _DT_STRTAB), None)
+    if strtab_vaddr is None:
+        raise ProvisionError(f"{what}: dynamic section without DT_STRTAB")
+    # DT_STRTAB is a virtual address: map it back to a file offset through PT_LOAD
+    strtab_off = None
+    for p_type, offset, vaddr, filesz, _memsz in segments:
+        if p_type == _PT_LOAD and vaddr <= strtab_vaddr < vaddr + filesz:
+            strtab_off = strtab_vaddr - vaddr + offset
+            break
+    if strtab_off is None:
+        raise ProvisionError(f"{what}: DT_STRTAB is outside every loaded segment")
+    names = []
+    for tag, value in entries:
+        if tag == _DT_NEEDED:
+            end = data.index(b"\0", strtab_off + value)
+            names.append(data[strtab_off + value : end].decode())
+    return names
+
+
+def section(data: bytes, name: str, what: str = "ELF file") -> bytes | None:
+    """The bytes of the named section, or None."""
+    elf = _open(data, what)
+    (shoff,) = elf.unpack("Q", 0x28)
+    shentsize, shnum, shstrndx = elf.unpack("HHH", 0x3A)
+    headers = []
+    for i in range(shnum):
+        sh_name, _type, _flags, _addr, sh_offset, sh_size = elf.unpack(
+            "IIQQQQ", shoff + i * shentsize
+        )
+        headers.append((sh_name, sh_offset, sh_size))
+    _n, str_off, _s = headers[shstrndx]
+    wanted = name.encode()
+    for sh_name, sh_offset, sh_size in headers:
+        end = data.index(b"\0", str_off + sh_name)
+        if data[str_off + sh_name : end] == wanted:
+            return data[sh_offset : sh_offset + sh_size]
+    return None
+
+
+def modinfo(data: bytes, what: str = "kernel module") -> dict[str, str]:
+    """A module's .modinfo as a dict (the last value wins for repeated keys like alias)."""
+    raw = section(data, ".modinfo", what)
+    if raw is None:
+        raise ProvisionError(f"{what} has no .modinfo section: not a kernel module?")
+    info: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        if b"=" in item:
+            key, value = item.split(b"=", 1)
+            info[key.decode()] = value.decode(errors="replace")
+    return info

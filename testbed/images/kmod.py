@@ -1,0 +1,68 @@
+"""Kernel module selection and load order from each module's .modinfo `depends=` (pure).
+
+Debian's modules package carries no modules.dep (depmod runs at install time), so the
+order is computed here: a module comes after everything it depends on. Built-in modules
+(listed in modules.builtin) need no loading and are dropped from the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from testbed.errors import ProvisionError
+
+
+def module_name(path_or_name: str) -> str:
+    """'kernel/drivers/char/hw_random/virtio-rng.ko.xz' -> 'virtio_rng' (kernel's spelling)."""
+    base = path_or_name.rsplit("/", 1)[-1]
+    for suffix in (".xz", ".zst", ".gz"):
+        base = base.removesuffix(suffix)
+    return base.removesuffix(".ko").replace("-", "_")
+
+
+def parse_builtin(text: str) -> set[str]:
+    """modules.builtin (one path per line) -> the set of built-in module names."""
+    return {module_name(line.strip()) for line in text.splitlines() if line.strip()}
+
+
+def parse_depends(value: str) -> list[str]:
+    """A .modinfo depends= value ('a,b-c' or '') -> ['a', 'b_c']."""
+    return [module_name(x) for x in value.split(",") if x.strip()]
+
+
+def load_order(
+    wanted: Sequence[str],
+    depends: Mapping[str, Sequence[str]],
+    builtin: Iterable[str] = (),
+) -> list[str]:
+    """Modules to insmod, dependencies first, for `wanted` and everything they need.
+
+    `depends` maps each available (loadable) module to its depends= list. A wanted or needed
+    module that is neither available nor built in is an error naming who needed it.
+    """
+    builtins = {module_name(b) for b in builtin}
+    order: list[str] = []
+    done: set[str] = set()
+    active: list[str] = []
+
+    def visit(name: str, needed_by: str) -> None:
+        if name in done or name in builtins:
+            return
+        if name in active:
+            cycle = " -> ".join([*active[active.index(name) :], name])
+            raise ProvisionError(f"kernel module dependency cycle: {cycle}")
+        if name not in depends:
+            raise ProvisionError(
+                f"kernel module {name!r} (needed by {needed_by}) is neither in the kernel's "
+                "modules package nor built in; fix the recipe's module list"
+            )
+        active.append(name)
+        for dep in depends[name]:
+            visit(module_name(dep), name)
+        active.pop()
+        done.add(name)
+        order.append(name)
+
+    for name in wanted:
+        visit(module_name(name), "the recipe")
+    return order

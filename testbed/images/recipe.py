@@ -1,0 +1,183 @@
+"""Guest image recipes: images/<arch>.json plus the shared images/init (loading is I/O,
+validation is pure and names the field that is wrong)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed import paths
+from testbed.errors import ConfigError
+
+SUPPORTED_ARCHES = ("x86_64", "aarch64")
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+_READY_RE = re.compile(r"^[A-Z0-9][A-Z0-9_-]{7,}$")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What goes into one architecture's guest image.
+
+    kernel_package: the metapackage to start from (linux-image-amd64);
+    kernel_follow: name prefixes of its Depends to follow to the real kernel and modules
+      packages (Debian sid splits them into linux-binary-* and linux-modules-*);
+    packages: userland packages to fetch; files: paths inside them to put into the image
+      (same path; shared libraries they load are added automatically from DT_NEEDED);
+    library_dirs: where DT_NEEDED sonames are looked up; symlinks: extra links (path->target);
+    modules: kernel modules to load at boot (their dependencies are added);
+    cmdline: the kernel command line; ready_line: what /init prints once sshd listens.
+    """
+
+    arch: str
+    suite: str
+    kernel_package: str
+    kernel_follow: tuple[str, ...]
+    packages: tuple[str, ...]
+    files: tuple[str, ...]
+    library_dirs: tuple[str, ...]
+    symlinks: tuple[tuple[str, str], ...]
+    modules: tuple[str, ...]
+    cmdline: str
+    ready_line: str
+
+    def canonical(self) -> str:
+        """A stable text form for hashing."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _str(data: Mapping[str, Any], key: str, where: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _str_list(
+    data: Mapping[str, Any], key: str, where: str, allow_empty: bool = False
+) -> tuple[str, ...]:
+    value = data.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where}: '{key}' must be a list of non-empty strings, got {value!r}")
+    if not value and not allow_empty:
+        raise ConfigError(f"{where}: '{key}' must not be empty")
+    if len(set(value)) != len(value):
+        dups = sorted({v for v in value if value.count(v) > 1})
+        raise ConfigError(f"{where}: '{key}' lists {', '.join(dups)} more than once")
+    return tuple(value)
+
+
+def _rel_path(value: str, where: str) -> str:
+    if value.startswith("/") or ".." in value.split("/") or not value:
+        raise ConfigError(f"{where}: {value!r} must be a relative path inside the image")
+    return value
+
+
+def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
+    """Validate a recipe's JSON data. `where` names the file in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the recipe must be a JSON object")
+    known = {
+        "arch",
+        "suite",
+        "kernel",
+        "packages",
+        "files",
+        "library_dirs",
+        "symlinks",
+        "modules",
+        "cmdline",
+        "ready_line",
+        "comment",
+    }
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    arch = _str(data, "arch", where)
+    if arch != expected_arch:
+        raise ConfigError(f"{where}: 'arch' is {arch!r} but the file is for {expected_arch!r}")
+    kernel = data.get("kernel")
+    if not isinstance(kernel, dict):
+        raise ConfigError(f"{where}: 'kernel' must be an object with 'package' and 'follow'")
+    packages = _str_list(data, "packages", where)
+    kernel_package = _str(kernel, "package", f"{where} kernel")
+    for name in (*packages, kernel_package):
+        if not _PACKAGE_RE.match(name):
+            raise ConfigError(f"{where}: {name!r} is not a valid Debian package name")
+    symlinks = data.get("symlinks", {})
+    if not isinstance(symlinks, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in symlinks.items()
+    ):
+        raise ConfigError(f"{where}: 'symlinks' must map image paths to link targets")
+    cmdline = _str(data, "cmdline", where)
+    if "console=" not in cmdline:
+        raise ConfigError(f"{where}: 'cmdline' needs a console= so the ready line reaches QEMU")
+    ready = _str(data, "ready_line", where)
+    if not _READY_RE.match(ready):
+        raise ConfigError(
+            f"{where}: 'ready_line' {ready!r} must be one unmistakable token "
+            "(upper case, digits, '-', '_', at least 8 characters)"
+        )
+    return Recipe(
+        arch=arch,
+        suite=_str(data, "suite", where),
+        kernel_package=kernel_package,
+        kernel_follow=_str_list(kernel, "follow", f"{where} kernel"),
+        packages=packages,
+        files=tuple(_rel_path(f, where) for f in _str_list(data, "files", where)),
+        library_dirs=tuple(_rel_path(d, where) for d in _str_list(data, "library_dirs", where)),
+        symlinks=tuple(sorted((_rel_path(k, where), v) for k, v in symlinks.items())),
+        modules=_str_list(data, "modules", where, allow_empty=True),
+        cmdline=cmdline,
+        ready_line=ready,
+    )
+
+
+def check_init(init: bytes, recipe: Recipe, where: str) -> None:
+    """The /init must be a script that prints the recipe's ready line."""
+    if not init.startswith(b"#!"):
+        raise ConfigError(f"{where}: /init must start with '#!' (a busybox sh script)")
+    if recipe.ready_line.encode() not in init:
+        raise ConfigError(f"{where}: /init never prints the ready line {recipe.ready_line!r}")
+
+
+def recipe_path(arch: str, recipes_dir: Path | None = None) -> Path:
+    if arch not in SUPPORTED_ARCHES:
+        raise ConfigError(
+            f"unknown architecture {arch!r}; use one of {', '.join(SUPPORTED_ARCHES)}"
+        )
+    return (recipes_dir or paths.RECIPES_DIR) / f"{arch}.json"
+
+
+def load_recipe(arch: str, recipes_dir: Path | None = None) -> tuple[Recipe, bytes]:
+    """The recipe for `arch` and the /init script bytes, both validated."""
+    path = recipe_path(arch, recipes_dir)
+    init_path = path.parent / "init"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no image recipe {path}; restore it from the source tree") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
+    recipe = parse_recipe(data, str(path), arch)
+    try:
+        init = init_path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no guest /init script at {init_path}") from exc
+    check_init(init, recipe, str(init_path))
+    return recipe, init
+
+
+def sha256_hex(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        raw = part.encode() if isinstance(part, str) else part
+        h.update(len(raw).to_bytes(8, "little") + raw)
+    return h.hexdigest()
