@@ -17,18 +17,23 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from testbed import paths
 
+if TYPE_CHECKING:
+    from testbed.vm import GuestVM
+
 ARCHES = ("x86_64", "aarch64")
 _ARTIFACTS_KEY = pytest.StashKey[Path]()
 _TABLE_KEY = pytest.StashKey["ResultTable"]()
+_KEEP_KEY = pytest.StashKey[bool]()
+_FAILED_KEY = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -88,6 +93,39 @@ def accel(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def boot(
+    request: pytest.FixtureRequest, arch: str, accel: str, artifacts: Path
+) -> Iterator[Callable[..., GuestVM]]:
+    """``boot(**GuestVM options) -> GuestVM``: a started guest, torn down after the test.
+
+    Artifacts go to the test's artifacts dir (one sub-dir per VM when a test boots several).
+    A KVM that this host cannot run (kvm_pvm, foreign arch, no /dev/kvm) skips the test with
+    the reason: a missing host capability, not a missing feature.
+    """
+    from testbed.errors import HostCapabilityError
+    from testbed.vm import GuestVM
+
+    vms: list[GuestVM] = []
+
+    def _boot(**options: Any) -> GuestVM:
+        logdir = artifacts if not vms else artifacts / f"vm{len(vms)}"
+        vm = GuestVM(arch, accel=accel, artifacts_dir=logdir, **options)
+        vms.append(vm)
+        try:
+            vm.start()
+        except HostCapabilityError as exc:
+            if accel == "kvm":
+                pytest.skip(f"host capability missing: {exc}")
+            raise
+        return vm
+
+    yield _boot
+    failed = request.node.stash.get(_FAILED_KEY, False)
+    for vm in reversed(vms):
+        vm.close(failed=failed)
+
+
+@pytest.fixture
 def run_dir() -> Iterator[Path]:
     """A private 0700 scratch dir (sockets, keys), always removed after the test."""
     path = paths.make_private_dir("run")
@@ -114,6 +152,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
+    if report.failed:
+        item.stash[_FAILED_KEY] = True
     path = item.stash.get(_ARTIFACTS_KEY, None)
     if path is None:
         return report
@@ -130,8 +170,6 @@ def pytest_runtest_makereport(
             report.user_properties.append(("artifacts", str(path)))
     return report
 
-
-_KEEP_KEY = pytest.StashKey[bool]()
 
 
 # --- the pass/fail table by scenario x architecture -------------------------------------
@@ -241,3 +279,31 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ran = sum(len(stats.get(k, [])) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
     if ran == 0 and stats.get("skipped"):
         session.exitstatus = int(code)
+
+
+# --- known QEMU bugs --------------------------------------------------------------------
+
+
+class KnownQemuCrash(Exception):
+    """QEMU crashed exactly as a known bug does. Scenarios that reproduce a known bug are
+    ``xfail(strict=True, raises=KnownQemuCrash)``: any other failure stays a failure, and a
+    fixed QEMU turns the scenario into an XPASS, which strict mode reports as a failure."""
+
+
+def known_qemu_crash(
+    reason: str,
+) -> pytest.MarkDecorator:
+    """The marker for a scenario that reproduces a known QEMU crash (quoted in ``reason``)."""
+    return pytest.mark.xfail(strict=True, raises=KnownQemuCrash, reason=reason)
+
+
+def raise_if_known_crash(exc: BaseException, signature: str) -> None:
+    """Turn a QemuExited whose QEMU died by a signal with ``signature`` in its output into
+    KnownQemuCrash; leave anything else alone."""
+    from testbed.errors import QemuExited
+
+    if not isinstance(exc, QemuExited):
+        return
+    crashed = exc.returncode is not None and exc.returncode < 0
+    if crashed and signature in f"{exc.stderr_tail}\n{exc}":
+        raise KnownQemuCrash(f"{signature} ({exc.returncode})") from exc

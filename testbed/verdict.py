@@ -1,0 +1,129 @@
+"""What the guest should see for a region layout, and where it differs (pure, no I/O).
+
+The rule QEMU 11.1 follows (platform facts, and hw/virtio/vhost-user-base.c): one BAR 4,
+64-bit prefetchable memory, whose size is the total of the regions; regions packed back to
+back in ascending shmid order; one virtio vendor capability of cfg_type 8 per region naming
+BAR 4, the region's offset and length and its shmid. No regions: no BAR 4 and no cfg_type 8
+capability. The scenarios compare that against two independent readings of the guest: our
+own parse of config space + sysfs, and `lspci -vv` (pciutils >= 3.15).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from testbed.guest.inspect import GuestPciDevice, GuestPciView
+from testbed.guest.lspci import LspciDevice
+from testbed.guest.pci import VIRTIO_VENDOR, VirtioShmCap
+
+SHM_BAR = 4
+# Lines of dmesg that explain why the kernel left a BAR without an address.
+_BAR_DMESG = re.compile(
+    r"(BAR 4|bridge window|no space for|failed to assign|can't assign|64bit mmio)",
+    re.IGNORECASE,
+)
+
+
+def expected_caps(layout: Mapping[int, int]) -> list[VirtioShmCap]:
+    """The cfg_type 8 capabilities QEMU 11.1 builds for {shmid: size}, sorted by shmid."""
+    caps: list[VirtioShmCap] = []
+    offset = 0
+    for shmid in sorted(layout):
+        size = layout[shmid]
+        caps.append(VirtioShmCap(shmid=shmid, bar=SHM_BAR, offset=offset, length=size))
+        offset += size
+    return caps
+
+
+@dataclass(frozen=True)
+class LayoutVerdict:
+    """The differences between a served layout and one guest device; empty = exact match."""
+
+    bdf: str
+    mismatches: tuple[str, ...]
+    bar4_unassigned: bool = False
+    dmesg_lines: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def explain(self) -> str:
+        lines = [f"guest device {self.bdf} does not show the served layout:"]
+        lines += [f"  - {m}" for m in self.mismatches]
+        if self.dmesg_lines:
+            lines.append("  guest dmesg:")
+            lines += [f"    {d}" for d in self.dmesg_lines]
+        return "\n".join(lines)
+
+
+def _fmt(caps: list[VirtioShmCap]) -> str:
+    if not caps:
+        return "none"
+    return ", ".join(
+        f"shmid {c.shmid}: BAR {c.bar} +{c.offset:#x} len {c.length:#x}" for c in caps
+    )
+
+
+def compare_layout(
+    layout: Mapping[int, int],
+    device: GuestPciDevice,
+    lspci: LspciDevice | None = None,
+    dmesg: str = "",
+) -> LayoutVerdict:
+    """Compare one guest device with the layout its back-end served."""
+    want = expected_caps(layout)
+    total = sum(layout.values())
+    mismatches: list[str] = []
+
+    have = device.function.virtio_shm_caps
+    if have != want:
+        mismatches.append(f"config space capabilities: want [{_fmt(want)}], have [{_fmt(have)}]")
+
+    bar = device.resources.bar(SHM_BAR)
+    unassigned = False
+    if not layout:
+        if bar is not None:
+            mismatches.append(f"BAR 4 exists (size {bar.size:#x}) though no region was served")
+    elif bar is None:
+        mismatches.append(f"BAR 4 missing: want a 64-bit prefetchable BAR of {total:#x} bytes")
+    else:
+        if bar.size != total:
+            mismatches.append(f"BAR 4 size {bar.size:#x}, want the regions' total {total:#x}")
+        if not (bar.is_memory and bar.is_64bit and bar.prefetchable):
+            mismatches.append(f"BAR 4 flags {bar.flags:#x}: want 64-bit prefetchable memory")
+        if not bar.assigned:
+            unassigned = True
+            mismatches.append("BAR 4 not assigned by the guest (no address in its window)")
+
+    if lspci is not None:
+        lspci_caps = sorted(lspci.virtio_shm_caps, key=lambda c: c.shmid)
+        if lspci_caps != want:
+            mismatches.append(f"lspci capabilities: want [{_fmt(want)}], have [{_fmt(lspci_caps)}]")
+        region = lspci.regions.get(SHM_BAR)
+        if layout and (region is None or region.size != total):
+            got = "none" if region is None else f"{region.size}"
+            mismatches.append(f"lspci Region 4 size {got}, want {total:#x}")
+        if not layout and region is not None:
+            mismatches.append("lspci shows a Region 4 though no region was served")
+
+    dmesg_lines: tuple[str, ...] = ()
+    if unassigned:
+        dmesg_lines = tuple(
+            line.strip()
+            for line in dmesg.splitlines()
+            if device.bdf.split(":", 1)[-1] in line and _BAR_DMESG.search(line)
+        ) or tuple(line.strip() for line in dmesg.splitlines() if _BAR_DMESG.search(line))[-8:]
+    return LayoutVerdict(device.bdf, tuple(mismatches), unassigned, dmesg_lines)
+
+
+def find_test_devices(view: GuestPciView, virtio_id: int) -> list[GuestPciDevice]:
+    """The guest's vhost-user test devices (modern virtio-pci id 0x1040 + virtio-id)."""
+    return sorted(view.find(VIRTIO_VENDOR, 0x1040 + virtio_id), key=lambda d: d.bdf)
+
+
+def lspci_for(view: GuestPciView, device: GuestPciDevice) -> LspciDevice | None:
+    """lspci's reading of the same device, or None when the image has no lspci."""
+    return view.lspci.get(device.bdf) if view.lspci is not None else None
