@@ -75,16 +75,3 @@ def test_one_tib_region_fits_with_room(boot: Callable[..., GuestVM], arch: str) 
         # QEMU merges a second -machine option into the first.
         vm = boot(regions=layout, extra_qemu_args=("-machine", "highmem-mmio-size=2T"))
     check_guest_sees(vm, layout)
-
-
-def test_no_shmem_feature(boot: Callable[..., GuestVM]) -> None:
-    """A back-end without F_SHMEM: QEMU never asks (no request 44), the guest sees no region."""
-    from testbed.vhost_user.faults import Faults
-    from testbed.vhost_user.protocol import Request
-
-    vm = boot(regions={0: 4 * M}, faults=Faults(no_shmem=True))
-    check_guest_sees(vm, {})
-    assert vm.backend is not None
-    seen = vm.backend.requests_seen
-    assert Request.GET_PROTOCOL_FEATURES in seen, "the handshake did not happen"
-    assert Request.GET_SHMEM_CONFIG not in seen, f"QEMU asked for the config anyway: {seen}"

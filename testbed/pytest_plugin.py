@@ -284,26 +284,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 # --- known QEMU bugs --------------------------------------------------------------------
 
 
-class KnownQemuCrash(Exception):
-    """QEMU crashed exactly as a known bug does. Scenarios that reproduce a known bug are
-    ``xfail(strict=True, raises=KnownQemuCrash)``: any other failure stays a failure, and a
+class KnownQemuBug(Exception):
+    """QEMU misbehaved exactly as a known bug does (a crash with a given message, or
+    accepting what it should refuse). Scenarios that reproduce a known bug are
+    ``xfail(strict=True, raises=KnownQemuBug)``: any other failure stays a failure, and a
     fixed QEMU turns the scenario into an XPASS, which strict mode reports as a failure."""
 
 
-def known_qemu_crash(
-    reason: str,
-) -> pytest.MarkDecorator:
-    """The marker for a scenario that reproduces a known QEMU crash (quoted in ``reason``)."""
-    return pytest.mark.xfail(strict=True, raises=KnownQemuCrash, reason=reason)
+def known_qemu_bug(reason: str) -> pytest.MarkDecorator:
+    """The marker for a scenario that reproduces a known QEMU bug (quoted in ``reason``)."""
+    return pytest.mark.xfail(strict=True, raises=KnownQemuBug, reason=reason)
 
 
 def raise_if_known_crash(exc: BaseException, signature: str) -> None:
     """Turn a QemuExited whose QEMU died by a signal with ``signature`` in its output into
-    KnownQemuCrash; leave anything else alone."""
+    KnownQemuBug; leave anything else alone."""
     from testbed.errors import QemuExited
 
     if not isinstance(exc, QemuExited):
         return
     crashed = exc.returncode is not None and exc.returncode < 0
     if crashed and signature in f"{exc.stderr_tail}\n{exc}":
-        raise KnownQemuCrash(f"{signature} ({exc.returncode})") from exc
+        raise KnownQemuBug(f"{signature} ({exc.returncode})") from exc

@@ -144,6 +144,7 @@ class Backend:
         self._on_message = on_message
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self._finished = threading.Event()
         self._channel_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._listener: Listener | None = None
@@ -178,8 +179,8 @@ class Backend:
         self._stop.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self._thread is not None and not self._finished.wait(timeout=10):
+            log.error("back-end thread did not stop within 10 s; closing under it")
         with self._cond:
             if self._session is not None:
                 self._end_session(DisconnectKind.LOCAL)
@@ -189,6 +190,17 @@ class Backend:
         self._wake_r.close()
         self._wake_w.close()
         self.trace.close()
+
+    def serve_forever(self) -> None:
+        """Block until the serving thread ends (connect mode: QEMU went away), re-raising
+        its failure. Interruptible by Ctrl-C; the caller's close() then tears down."""
+        if self._thread is None:
+            raise StateError("new", "started", "Backend.serve_forever")
+        # Not Thread.join(): a signal interrupting join() can leave the thread looking
+        # finished to the join() in close(), which then tears sockets down under it.
+        self._finished.wait()
+        if self._failure is not None:
+            raise TestbedError(f"back-end thread failed: {self._failure}") from self._failure
 
     def __enter__(self) -> Backend:
         return self.start()
@@ -202,6 +214,11 @@ class Backend:
         self.close()
 
     # --- observable state -----------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """The serving thread is alive (False before start() and after close())."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def connected(self) -> bool:
@@ -360,6 +377,7 @@ class Backend:
             with self._cond:
                 if self._session is not None:
                     self._end_session(DisconnectKind.LOCAL)
+            self._finished.set()
 
     def _serve(self) -> None:
         with selectors.DefaultSelector() as sel:

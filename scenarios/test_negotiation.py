@@ -1,0 +1,61 @@
+"""Feature negotiation: QEMU asks for the shared-memory configuration only when the
+back-end offers VHOST_USER_PROTOCOL_F_SHMEM at the bit QEMU 11.1 knows (22); a slow
+answer is waited for, not mistaken for a refusal."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from test_coldplug import check_guest_sees
+
+from testbed.vhost_user.faults import Faults
+from testbed.vhost_user.protocol import F_SHMEM, Request
+from testbed.vm import GuestVM
+
+M = 1 << 20
+
+WITHOUT_SHMEM = {
+    "not-offered": Faults(no_shmem=True),
+    # Early postings of the series used 20, other implementations 21: QEMU 11.1 uses 22.
+    "offered-at-bit-20": Faults(shmem_bit=20),
+    "offered-at-bit-21": Faults(shmem_bit=21),
+}
+
+
+@pytest.mark.parametrize("name", list(WITHOUT_SHMEM))
+def test_without_shmem_qemu_never_asks(boot: Callable[..., GuestVM], name: str) -> None:
+    vm = boot(regions={0: 4 * M}, faults=WITHOUT_SHMEM[name])
+    check_guest_sees(vm, {})
+    assert vm.backend is not None
+    seen = vm.backend.requests_seen
+    assert Request.GET_PROTOCOL_FEATURES in seen, f"the handshake did not happen: {seen}"
+    assert Request.GET_SHMEM_CONFIG not in seen, f"QEMU asked for the config anyway: {seen}"
+
+
+def test_handshake_order(boot: Callable[..., GuestVM]) -> None:
+    """The realize sequence QEMU 11.1.3 sends, in order, ending with GET_SHMEM_CONFIG."""
+    vm = boot(regions={0: 4 * M})
+    assert vm.backend is not None
+    seen = [r for r in vm.backend.requests_seen]
+    expected_prefix = [
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.SET_PROTOCOL_FEATURES,
+        Request.GET_QUEUE_NUM,
+    ]
+    assert seen[: len(expected_prefix)] == expected_prefix, f"handshake began {seen[:6]}"
+    assert Request.SET_BACKEND_REQ_FD in seen and Request.SET_OWNER in seen, seen
+    assert seen.count(Request.GET_SHMEM_CONFIG) == 1, f"GET_SHMEM_CONFIG not once: {seen}"
+    assert seen.index(Request.SET_BACKEND_REQ_FD) < seen.index(Request.GET_SHMEM_CONFIG)
+    assert F_SHMEM == 22
+
+
+def test_slow_reply_is_waited_for(boot: Callable[..., GuestVM]) -> None:
+    """A GET_SHMEM_CONFIG answer delayed by 2 s: QEMU blocks for it and then uses it."""
+    layout = {1: 8 * M}
+    vm = boot(
+        regions=layout,
+        faults=Faults(delay_request=Request.GET_SHMEM_CONFIG, delay_seconds=2.0),
+    )
+    check_guest_sees(vm, layout)
