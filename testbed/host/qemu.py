@@ -388,16 +388,30 @@ def query_qmp(path: Path, commands: Sequence[str], timeout: float) -> list[Any]:
 async def _qmp_session(sock: Path, commands: Sequence[str], timeout: float) -> list[Any]:
     from qemu.qmp import QMPClient
 
-    client = QMPClient("testbed-probe")
-    try:
-        async with asyncio.timeout(timeout):
-            await client.connect(str(sock))
-            replies = [await client.execute(name) for name in commands]
-            with contextlib.suppress(Exception):  # QEMU may hang up before answering quit
+    async with asyncio.timeout(timeout):
+        # QEMU creates the socket file (bind) a moment before it listens, and its monitor
+        # may hang up a connection made while it is still coming up: retry with a fresh
+        # client until the deadline (the caller's timeout bounds it).
+        while True:
+            client = QMPClient("testbed-probe")
+            try:
+                await client.connect(str(sock))
+            except Exception:
+                await client.disconnect()
+                await asyncio.sleep(0.02)
+                continue
+            try:
+                replies = [await client.execute(name) for name in commands]
+            except BaseException:
+                await client.disconnect()
+                raise
+            # After quit QEMU hangs up, and qemu.qmp's disconnect() re-raises the EOF its
+            # reader saw: expected here, so it must not turn a good probe into a failure.
+            with contextlib.suppress(Exception):
                 await client.execute("quit")
+            with contextlib.suppress(Exception):
+                await client.disconnect()
             return replies
-    finally:
-        await client.disconnect()
 
 
 def _reap(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
