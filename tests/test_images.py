@@ -260,6 +260,25 @@ def test_recipe_errors_name_the_field() -> None:
         recipe.parse_recipe(data, "x.json", "x86_64")
 
 
+def test_recipe_kernel_suite() -> None:
+    data = _recipe_data()
+    kernel = data["kernel"]
+    assert isinstance(kernel, dict)
+    # the shipped recipes take the kernel from an older, faster-booting suite
+    assert recipe.parse_recipe(data, "x.json", "x86_64").kernel_suite == kernel["suite"]
+    assert recipe.parse_recipe(data, "x.json", "x86_64").suite == "sid"
+    del kernel["suite"]
+    rec = recipe.parse_recipe(data, "x.json", "x86_64")
+    assert rec.kernel_suite == rec.suite  # defaults to the userland's suite
+    kernel["suite"] = ""
+    with pytest.raises(ConfigError, match="'suite' must be a non-empty string"):
+        recipe.parse_recipe(data, "x.json", "x86_64")
+    kernel["suite"] = "trixie"
+    kernel["flavour"] = "cloud"
+    with pytest.raises(ConfigError, match="unknown keys flavour in 'kernel'"):
+        recipe.parse_recipe(data, "x.json", "x86_64")
+
+
 def test_recipe_files_on_disk(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no image recipe"):
         recipe.load_recipe("x86_64", tmp_path)

@@ -356,21 +356,31 @@ def base_entries(recipe: Recipe, init: bytes, image_keys: ImageKeys) -> list[Cpi
     return entries
 
 
-def resolve_packages(apt: AptState, recipe: Recipe) -> dict[str, PackageInfo]:
-    """Exact versions: the kernel metapackage followed to the real packages, plus userland."""
-    infos = dict(apt.show([recipe.kernel_package, *recipe.packages]))
+def resolve_packages(
+    userland: AptState, kernel_apt: AptState, recipe: Recipe
+) -> tuple[dict[str, PackageInfo], dict[str, PackageInfo]]:
+    """Exact versions: (kernel packages, userland packages). The kernel metapackage is
+    followed to the real kernel and modules packages in the kernel's own suite."""
+    user = userland.show(list(recipe.packages))
+    kern = dict(kernel_apt.show([recipe.kernel_package]))
     todo = [recipe.kernel_package]
     while todo:
         name = todo.pop()
         follow = [
             dep
-            for dep in depends_names(infos[name].depends)
-            if dep.startswith(recipe.kernel_follow) and dep not in infos
+            for dep in depends_names(kern[name].depends)
+            if dep.startswith(recipe.kernel_follow) and dep not in kern
         ]
         if follow:
-            infos.update(apt.show(follow))
+            kern.update(kernel_apt.show(follow))
             todo.extend(follow)
-    return infos
+    clash = sorted(set(kern) & set(user))
+    if clash:
+        raise ConfigError(
+            f"{', '.join(clash)} would come from both the kernel's suite and the userland's; "
+            "take it out of the recipe's 'packages' or of 'kernel.follow'"
+        )
+    return kern, user
 
 
 def unpack(debs: list[Path], root: Path) -> list[Path]:
@@ -459,12 +469,19 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
     image_keys = ImageKeys.from_master(key_seed(root))
     rkey = recipe_key(recipe, init, image_keys)
 
-    apt = AptState(root / "apt" / arch, arch, recipe.suite)
-    if refresh or not apt.has_lists():
-        say(f"{arch}: apt-get update ({recipe.suite}, {apt.deb_arch}, {apt.mirror})")
-        apt.update()
-    infos = resolve_packages(apt, recipe)
-    versions = {name: info.version for name, info in infos.items()}
+    # one private apt state per suite: the kernel may come from another suite
+    states = {
+        suite: AptState(root / "apt" / arch / suite, arch, suite)
+        for suite in dict.fromkeys((recipe.suite, recipe.kernel_suite))
+    }
+    for apt in states.values():
+        if refresh or not apt.has_lists():
+            say(f"{arch}: apt-get update ({apt.suite}, {apt.deb_arch}, {apt.mirror})")
+            apt.update()
+    kernel_infos, user_infos = resolve_packages(
+        states[recipe.suite], states[recipe.kernel_suite], recipe
+    )
+    versions = {name: info.version for name, info in {**kernel_infos, **user_infos}.items()}
     chash = content_hash(rkey, versions)
     final = root / f"{arch}-{chash}"
     manifest = _read_manifest(final)
@@ -475,14 +492,14 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
             os.utime(final)  # newest for load_image
             return image
 
-    kernel_names = [
-        n for n in infos if n == recipe.kernel_package or n.startswith(recipe.kernel_follow)
-    ]
-    user_names = list(recipe.packages)
-    debs = apt.download([infos[n] for n in kernel_names + user_names], root / "debs", say)
-    say(f"{arch}: unpacking {len(debs)} packages")
-    dirs = unpack(debs, root / "unpacked")
-    kernel_dirs, user_dirs = dirs[: len(kernel_names)], dirs[len(kernel_names) :]
+    debs_dir = root / "debs"
+    kernel_debs = states[recipe.kernel_suite].download(list(kernel_infos.values()), debs_dir, say)
+    user_debs = states[recipe.suite].download(
+        [user_infos[n] for n in recipe.packages], debs_dir, say
+    )
+    say(f"{arch}: unpacking {len(kernel_debs) + len(user_debs)} packages")
+    kernel_dirs = unpack(kernel_debs, root / "unpacked")
+    user_dirs = unpack(user_debs, root / "unpacked")
 
     ktree = find_kernel(kernel_dirs)
     say(f"{arch}: kernel {ktree.version}")
@@ -506,6 +523,7 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
         "recipe_key": rkey,
         "builder_version": BUILDER_VERSION,
         "kernel_version": ktree.version,
+        "kernel_suite": recipe.kernel_suite,
         "cmdline": recipe.cmdline,
         "ready_line": recipe.ready_line,
         "failed_mark": FAILED_MARK,

@@ -23,6 +23,9 @@ _READY_RE = re.compile(r"^[A-Z0-9][A-Z0-9_-]{7,}$")
 class Recipe:
     """What goes into one architecture's guest image.
 
+    suite: the Debian suite of the userland packages;
+    kernel_suite: the suite the kernel comes from (the kernel does not care about the
+      userland, and an older kernel can boot much faster under TCG: see images/*.json);
     kernel_package: the metapackage to start from (linux-image-amd64);
     kernel_follow: name prefixes of its Depends to follow to the real kernel and modules
       packages (Debian sid splits them into linux-binary-* and linux-modules-*);
@@ -35,6 +38,7 @@ class Recipe:
 
     arch: str
     suite: str
+    kernel_suite: str
     kernel_package: str
     kernel_follow: tuple[str, ...]
     packages: tuple[str, ...]
@@ -105,7 +109,16 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         raise ConfigError(f"{where}: 'arch' is {arch!r} but the file is for {expected_arch!r}")
     kernel = data.get("kernel")
     if not isinstance(kernel, dict):
-        raise ConfigError(f"{where}: 'kernel' must be an object with 'package' and 'follow'")
+        raise ConfigError(
+            f"{where}: 'kernel' must be an object with 'package', 'follow' and optionally 'suite'"
+        )
+    unknown_kernel = sorted(set(kernel) - {"package", "follow", "suite"})
+    if unknown_kernel:
+        raise ConfigError(
+            f"{where}: unknown keys {', '.join(unknown_kernel)} in 'kernel' "
+            "(known: follow, package, suite)"
+        )
+    suite = _str(data, "suite", where)
     packages = _str_list(data, "packages", where)
     kernel_package = _str(kernel, "package", f"{where} kernel")
     for name in (*packages, kernel_package):
@@ -127,7 +140,8 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         )
     return Recipe(
         arch=arch,
-        suite=_str(data, "suite", where),
+        suite=suite,
+        kernel_suite=_str(kernel, "suite", f"{where} kernel") if "suite" in kernel else suite,
         kernel_package=kernel_package,
         kernel_follow=_str_list(kernel, "follow", f"{where} kernel"),
         packages=packages,
