@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import json
 import lzma
 import os
+import platform
 import shutil
 import stat
 import struct
@@ -16,7 +18,7 @@ import pytest
 
 from testbed import paths
 from testbed.errors import ConfigError, HostCapabilityError, ProvisionError
-from testbed.images import apt, cpio, elf, kernel, keys, kmod, recipe
+from testbed.images import apt, cpio, elf, kernel, keys, kmod, recipe, stublib
 
 # ---- cpio ---------------------------------------------------------------------------------
 
@@ -148,6 +150,45 @@ def test_needed_libraries_of_a_real_binary() -> None:
         pytest.skip("host ls is not a 64-bit ELF")
     assert "libc.so.6" in elf.needed_libraries(binary, "ls")
     assert (elf.interpreter(binary) or "").startswith("/lib")
+
+
+def test_imported_symbols_of_a_real_binary() -> None:
+    binary = Path(shutil.which("ls") or "/bin/ls").resolve().read_bytes()
+    if binary[4] != 2:
+        pytest.skip("host ls is not a 64-bit ELF")
+    imports = elf.imported_symbols(binary, "libc.so.6", "ls")
+    assert any(v.startswith("GLIBC_2.") for v in imports)
+    assert any("malloc" in names for names in imports.values())
+    with pytest.raises(ProvisionError, match=r"no versioned symbols of libnothere\.so\.1"):
+        elf.imported_symbols(binary, "libnothere.so.1", "ls")
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_stub_library_layout(arch: str) -> None:
+    lib = stublib.stub_library(arch, "libdemo.so.3", {"DEMO_1": ["demo_new", "demo_free"]})
+    assert lib[:4] == b"\x7fELF" and lib[16] == 3  # ET_DYN
+    assert struct.unpack_from("<H", lib, 18)[0] == {"x86_64": 62, "aarch64": 183}[arch]
+    assert elf.needed_libraries(lib) == []  # has a dynamic section, needs nothing
+    assert b"demo_new\0" in lib and b"DEMO_1\0" in lib and b"libdemo.so.3\0" in lib
+    assert lib == stublib.stub_library(arch, "libdemo.so.3", {"DEMO_1": ["demo_free", "demo_new"]})
+    with pytest.raises(ProvisionError, match="demo_old not imported"):
+        stublib.stub_library(arch, "libdemo.so.3", {"DEMO_1": ["demo_new"]}, ["demo_old"])
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="loads an x86_64 stub in-process")
+def test_stub_library_loads_and_answers(tmp_path: Path) -> None:
+    # the host's own ld.so loads it: symbols, versions and hash table are what glibc wants
+    path = tmp_path / "libdemo.so.3"
+    path.write_bytes(
+        stublib.stub_library(
+            "x86_64", "libdemo.so.3", {"DEMO_1": ["demo_new", "demo_load"]}, ["demo_new"]
+        )
+    )
+    lib = ctypes.CDLL(str(path))
+    lib.demo_new.restype = ctypes.c_void_p
+    lib.demo_load.restype = ctypes.c_int
+    assert lib.demo_new() not in (None, 0)
+    assert lib.demo_load() == 0
 
 
 # ---- kernels --------------------------------------------------------------------------------
@@ -367,3 +408,8 @@ def test_rebuild_from_cached_debs_is_byte_identical(
         ).public_line()
         == second.host_key_line
     )
+    # lspci's libkmod is the generated stub, so libcrypto (its dependency) stays out
+    libdir = "usr/lib/x86_64-linux-gnu"
+    stub = entries[f"{libdir}/libkmod.so.2"].data
+    assert len(stub) < 4096 and b"LIBKMOD_5\0" in stub
+    assert f"{libdir}/libcrypto.so.3" not in entries

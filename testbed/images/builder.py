@@ -33,12 +33,12 @@ from pathlib import Path, PurePosixPath
 
 from testbed import paths
 from testbed.errors import ConfigError, ProvisionError
-from testbed.images import elf, kernel, keys, kmod
+from testbed.images import elf, kernel, keys, kmod, stublib
 from testbed.images.apt import AptState, PackageInfo, depends_names, extract_deb
 from testbed.images.cpio import CpioEntry, gzip_reproducible, write_cpio
 from testbed.images.recipe import Recipe, load_recipe, sha256_hex
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 """Bump when the builder's output changes for the same inputs (it is part of the hash)."""
 
 FAILED_MARK = "TESTBED-GUEST-FAILED"
@@ -176,9 +176,18 @@ def _normalise_link(link_rel: str, target: str) -> str:
 class ImageContents:
     """The initramfs entries, with ELF shared-library closure and symlink following."""
 
-    def __init__(self, tree: PackageTree, library_dirs: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        tree: PackageTree,
+        library_dirs: tuple[str, ...],
+        arch: str = "",
+        stubs: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.tree = tree
         self.library_dirs = library_dirs
+        self.arch = arch
+        self.stubs = dict(stubs or {})
+        self.stub_users: dict[str, list[tuple[str, bytes]]] = {}
         self.entries: dict[str, CpioEntry] = {}
 
     def add(self, entry: CpioEntry) -> None:
@@ -221,6 +230,9 @@ class ImageContents:
         if interp:
             self.add_from_tree(interp.lstrip("/"), rel)
         for soname in elf.needed_libraries(data, rel):
+            if soname in self.stubs:
+                self.stub_users.setdefault(soname, []).append((rel, data))
+                continue
             for libdir in self.library_dirs:
                 candidate = f"{libdir}/{soname}"
                 if self.tree.locate(candidate) is not None:
@@ -231,6 +243,22 @@ class ImageContents:
                     f"{rel} needs {soname}, which none of the recipe's packages provide in "
                     f"{', '.join(self.library_dirs)}; add the library's package to 'packages'"
                 )
+
+    def add_stubs(self) -> None:
+        """Generate each stub library from what its users import (call after all files)."""
+        for soname, non_null in sorted(self.stubs.items()):
+            users = self.stub_users.get(soname)
+            if not users:
+                raise ProvisionError(
+                    f"stub library {soname}: no file in the image needs it; "
+                    "drop it from the recipe's 'stub_libraries'"
+                )
+            symbols: dict[str, set[str]] = {}
+            for rel, data in users:
+                for version, names in elf.imported_symbols(data, soname, rel).items():
+                    symbols.setdefault(version, set()).update(names)
+            lib = stublib.stub_library(self.arch, soname, symbols, non_null)
+            self.add(CpioEntry.file(f"{self.library_dirs[0]}/{soname}", lib))
 
 
 # ---- kernel and modules -----------------------------------------------------------------
@@ -503,11 +531,14 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
 
     ktree = find_kernel(kernel_dirs)
     say(f"{arch}: kernel {ktree.version}")
-    contents = ImageContents(PackageTree(user_dirs), recipe.library_dirs)
+    contents = ImageContents(
+        PackageTree(user_dirs), recipe.library_dirs, arch, dict(recipe.stub_libraries)
+    )
     for entry in base_entries(recipe, init, image_keys):
         contents.add(entry)
     for rel in recipe.files:
         contents.add_from_tree(rel)
+    contents.add_stubs()
     mod_entries, order = module_entries(ktree, recipe.modules)
     for entry in mod_entries:
         contents.add(entry)

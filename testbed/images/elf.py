@@ -125,3 +125,83 @@ def modinfo(data: bytes, what: str = "kernel module") -> dict[str, str]:
             key, value = item.split(b"=", 1)
             info[key.decode()] = value.decode(errors="replace")
     return info
+
+
+_DT_SYMTAB = 6
+_DT_VERSYM = 0x6FFFFFF0
+_DT_VERNEED = 0x6FFFFFFE
+_DT_VERNEEDNUM = 0x6FFFFFFF
+_SHN_UNDEF = 0
+
+
+def _dynamic(elf: _Elf, what: str) -> dict[int, int]:
+    """The dynamic section: tag -> value (the first one of each tag)."""
+    segments = _segments(elf)
+    dynamic = [s for s in segments if s[0] == _PT_DYNAMIC]
+    if not dynamic:
+        raise ProvisionError(f"{what} has no dynamic section")
+    _t, dyn_off, _v, dyn_size, _m = dynamic[0]
+    entries = []
+    for pos in range(dyn_off, dyn_off + dyn_size, 16):
+        tag, value = elf.unpack("qQ", pos)
+        if tag == 0:
+            break
+        entries.append((tag, value))
+    first: dict[int, int] = {}
+    for tag, value in entries:
+        first.setdefault(tag, value)
+    return first
+
+
+def _file_offset(elf: _Elf, vaddr: int, what: str) -> int:
+    for p_type, offset, start, filesz, _memsz in _segments(elf):
+        if p_type == _PT_LOAD and start <= vaddr < start + filesz:
+            return vaddr - start + offset
+    raise ProvisionError(f"{what}: address {vaddr:#x} is outside every loaded segment")
+
+
+def _cstr(data: bytes, offset: int) -> str:
+    return data[offset : data.index(b"\0", offset)].decode()
+
+
+def imported_symbols(data: bytes, soname: str, what: str = "binary") -> dict[str, list[str]]:
+    """The symbols `data` imports from `soname`: version name -> sorted symbol names.
+
+    Found through symbol versioning (DT_VERNEED names the library for each version, DT_VERSYM
+    gives each undefined symbol's version). A binary that needs `soname` without versioned
+    symbols from it gets ProvisionError: then its imports cannot be told apart.
+    """
+    elf = _open(data, what)
+    dyn = _dynamic(elf, what)
+    if _DT_VERNEED not in dyn or _DT_VERSYM not in dyn or _DT_SYMTAB not in dyn:
+        raise ProvisionError(f"{what} has no symbol versions: cannot tell what it uses of {soname}")
+    strtab = _file_offset(elf, dyn[_DT_STRTAB], what)
+    # the version indices that belong to soname
+    indices: dict[int, str] = {}
+    pos = _file_offset(elf, dyn[_DT_VERNEED], what)
+    for _ in range(dyn.get(_DT_VERNEEDNUM, 0)):
+        _ver, cnt, file_name, aux, nxt = elf.unpack("HHIII", pos)
+        if _cstr(data, strtab + file_name) == soname:
+            apos = pos + aux
+            for _ in range(cnt):
+                _hash, _flags, other, name, anext = elf.unpack("IHHII", apos)
+                indices[other] = _cstr(data, strtab + name)
+                apos += anext
+        if not nxt:
+            break
+        pos += nxt
+    if not indices:
+        raise ProvisionError(f"{what} uses no versioned symbols of {soname}")
+    # DT_SYMTAB has no size entry; symbols end where the string table starts (ld's layout)
+    symtab = _file_offset(elf, dyn[_DT_SYMTAB], what)
+    versym = _file_offset(elf, dyn[_DT_VERSYM], what)
+    count = (strtab - symtab) // 24 if strtab > symtab else 0
+    if count <= 0:
+        raise ProvisionError(f"{what}: cannot size the dynamic symbol table")
+    found: dict[str, list[str]] = {}
+    for i in range(1, count):
+        st_name, _info, _other, shndx = elf.unpack("IBBH", symtab + 24 * i)
+        (ver,) = elf.unpack("H", versym + 2 * i)
+        if shndx == _SHN_UNDEF and (ver & 0x7FFF) in indices:
+            found.setdefault(indices[ver & 0x7FFF], []).append(_cstr(data, strtab + st_name))
+    return {v: sorted(names) for v, names in sorted(found.items())}

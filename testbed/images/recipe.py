@@ -32,6 +32,8 @@ class Recipe:
     packages: userland packages to fetch; files: paths inside them to put into the image
       (same path; shared libraries they load are added automatically from DT_NEEDED);
     library_dirs: where DT_NEEDED sonames are looked up; symlinks: extra links (path->target);
+    stub_libraries: sonames to replace with a generated do-nothing library (see
+      testbed.images.stublib), each with the functions that must return non-NULL;
     modules: kernel modules to load at boot (their dependencies are added);
     cmdline: the kernel command line; ready_line: what /init prints once sshd listens.
     """
@@ -45,6 +47,7 @@ class Recipe:
     files: tuple[str, ...]
     library_dirs: tuple[str, ...]
     symlinks: tuple[tuple[str, str], ...]
+    stub_libraries: tuple[tuple[str, tuple[str, ...]], ...]
     modules: tuple[str, ...]
     cmdline: str
     ready_line: str
@@ -94,6 +97,7 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         "files",
         "library_dirs",
         "symlinks",
+        "stub_libraries",
         "modules",
         "cmdline",
         "ready_line",
@@ -129,6 +133,16 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         isinstance(k, str) and isinstance(v, str) and v for k, v in symlinks.items()
     ):
         raise ConfigError(f"{where}: 'symlinks' must map image paths to link targets")
+    stubs = data.get("stub_libraries", {})
+    if not isinstance(stubs, dict) or not all(
+        isinstance(k, str) and k.startswith("lib") and ".so" in k and "/" not in k for k in stubs
+    ):
+        raise ConfigError(
+            f"{where}: 'stub_libraries' must map sonames (libfoo.so.N) to lists of functions"
+        )
+    stub_libraries = tuple(
+        sorted((k, _str_list(stubs, k, f"{where} stub_libraries", True)) for k in stubs)
+    )
     cmdline = _str(data, "cmdline", where)
     if "console=" not in cmdline:
         raise ConfigError(f"{where}: 'cmdline' needs a console= so the ready line reaches QEMU")
@@ -148,6 +162,7 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         files=tuple(_rel_path(f, where) for f in _str_list(data, "files", where)),
         library_dirs=tuple(_rel_path(d, where) for d in _str_list(data, "library_dirs", where)),
         symlinks=tuple(sorted((_rel_path(k, where), v) for k, v in symlinks.items())),
+        stub_libraries=stub_libraries,
         modules=_str_list(data, "modules", where, allow_empty=True),
         cmdline=cmdline,
         ready_line=ready,
