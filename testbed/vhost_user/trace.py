@@ -37,6 +37,17 @@ class TraceEntry:
     fds: int
     error: str | None = None
 
+    def one_line(self) -> str:
+        """A human log line: time, direction, request, flags, size, fds, payload."""
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.time))
+        millis = int(self.time * 1000) % 1000
+        payload = "" if self.payload is None else " " + json.dumps(self.payload)
+        error = f" ERROR: {self.error}" if self.error else ""
+        return (
+            f"{stamp}.{millis:03d} {self.direction} {self.name}({self.request}) "
+            f"flags=0x{self.flags:x} size={self.size} fds={self.fds}{payload}{error}"
+        )
+
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "time": round(self.time, 6),
