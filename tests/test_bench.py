@@ -5,6 +5,7 @@ No timing is asserted anywhere: the benchmark reports, it never fails CI.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def observation(**changes: float) -> BootObservation:
 def test_boot_phases_are_consecutive_and_add_up() -> None:
     phases = boot_phases(observation())
     assert [p.name for p in phases] == list(PHASE_NAMES)
-    for before, after in zip(phases, phases[1:], strict=False):
+    for before, after in itertools.pairwise(phases):
         assert after.start == pytest.approx(before.start + before.duration)
     by_name = {p.name: p for p in phases}
     # kernel starts at 2.7 - 2.4 = 0.3 on the host clock; QEMU was up at 0.3 as well
