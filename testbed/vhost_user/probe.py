@@ -333,11 +333,25 @@ class GuestlessQemu:
                 self.qtest = QtestClient(self._accept(listeners["qtest"], "qtest", deadline))
             qmp_sock = self._accept(listeners["QMP"], "QMP", deadline)
             self._qmp = QEMUMonitorProtocol(qmp_sock)
-            self._qmp.connect()
+            try:
+                self._qmp.connect()
+            except Exception as exc:  # qemu.qmp's ConnectError: QEMU hung up (died)
+                raise self._died("negotiating QMP", deadline) from exc
             self._qmp.settimeout(10.0)
         finally:
             for listener in listeners.values():
                 listener.close()
+
+    def _died(self, what: str, deadline: float) -> TestbedError:
+        """The error for QEMU hanging up on us: its exit status and stderr, if it exited."""
+        assert self._proc is not None
+        try:
+            self._proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return WaitTimeout(f"QEMU closed its socket while {what} but kept running")
+        return QemuExited(
+            f"QEMU exited while {what}", self._proc.returncode, self.stderr_text()[-3000:]
+        )
 
     def _accept(self, listener: socket.socket, what: str, deadline: float) -> socket.socket:
         """Accept QEMU's connection, checking in short slices that QEMU is still alive."""
