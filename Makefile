@@ -16,6 +16,8 @@ BIN    := $(VENV)/bin
 WORKERS ?= 2
 RESULTS ?= results
 PYTEST_ARGS ?=
+# e.g. BENCH_ARGS='--quick --runs 3'
+BENCH_ARGS ?=
 
 export TESTBED_RESULTS := $(abspath $(RESULTS))
 export PYTHONDONTWRITEBYTECODE := 1
@@ -42,7 +44,7 @@ nightly: setup
 	$(BIN)/python scripts/nightly.py --results $(RESULTS)/nightly
 
 bench: setup
-	$(BIN)/testbed bench --output $(RESULTS)
+	$(BIN)/testbed bench --output $(RESULTS) $(BENCH_ARGS)
 
 soak: setup
 	$(BIN)/pytest scenarios/soak -p no:randomly -v $(PYTEST_ARGS)

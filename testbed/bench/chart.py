@@ -37,7 +37,7 @@ def draw_phases(phases: Mapping[str, Sequence[Phase]], path: Path, title: str) -
 
     colour = dict(zip(PHASE_NAMES, COLOURS, strict=True))
     arches = list(phases)
-    fig, ax = plt.subplots(figsize=(12, 1.6 + 1.3 * len(arches)), dpi=110)
+    fig, ax = plt.subplots(figsize=(12, 1.4 + 1.1 * len(arches)), dpi=110)
     try:
         for row, arch in enumerate(arches):
             for phase in phases[arch]:
@@ -66,7 +66,7 @@ def draw_phases(phases: Mapping[str, Sequence[Phase]], path: Path, title: str) -
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
         ax.legend(
-            loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=5, fontsize=8, frameon=False
+            loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5, fontsize=8, frameon=False
         )
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,13 @@ TARGETS = (
 
 Say = Callable[[str], None]
 
+PHASE_NOTE = (
+    "phases: 'firmware' runs from QMP cont to the kernel's printk time 0, so it also holds "
+    "the kernel's own start-up before its clock runs (aarch64 virt has no firmware with "
+    "-kernel); guest-clock points are tied to the host by a /dev/kmsg marker written by the "
+    "first SSH command, accurate to about its round trip"
+)
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -167,6 +174,8 @@ def _coldplug(opts: BenchOptions, col: Collector, inputs: dict) -> None:
             typical = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
             try:
                 col.report.phases[arch] = boot_phases(typical.observation)
+                if PHASE_NOTE not in col.report.notes:
+                    col.report.notes.append(PHASE_NOTE)
             except TestbedError as exc:
                 col.report.skip(f"phases.{arch}", f"not measured: {exc}")
 
