@@ -14,6 +14,7 @@ fails, so that a failure never loses its evidence.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import shutil
@@ -104,6 +105,7 @@ class GuestVM:
         cpu: str | None = None,
         phys_bits: int | None = None,
         root_ports: int = 0,
+        root_port_pref64: int | None = None,
         extra_kernel_args: Sequence[str] = (),
         extra_qemu_args: Sequence[str] = (),
         boot_timeout: float = 90.0,
@@ -129,6 +131,9 @@ class GuestVM:
         self.cpu = cpu
         self.phys_bits = phys_bits
         self.root_ports = root_ports
+        # None: MachineConfig's default. The window holds BAR 2 as well as BAR 4, and
+        # firmware aligns it only to 2 MiB: a 64M layout needs a 128M reserve.
+        self.root_port_pref64 = root_port_pref64
         self.extra_kernel_args = tuple(extra_kernel_args)
         self.extra_qemu_args = tuple(extra_qemu_args)
         self.boot_timeout = boot_timeout
@@ -217,6 +222,8 @@ class GuestVM:
                 root_ports=self.root_ports,
                 extra_args=self.extra_qemu_args,
             )
+            if self.root_port_pref64 is not None:
+                config = dataclasses.replace(config, root_port_pref64=self.root_port_pref64)
             self._write_reproduce(config)
             self.machine = Machine(config, self.logdir)
             self.machine.start()

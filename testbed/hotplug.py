@@ -1,0 +1,337 @@
+"""Hot-plug and hot-unplug of vhost-user test devices into a running GuestVM, over QMP.
+
+Per device: a Backend listening on its own socket in the VM's 0700 run dir, then
+chardev-add (socket client) -> device_add into a free root port -> poll the guest's
+/sys/bus/pci/devices until the new function shows up. Unplug walks it back: device_del ->
+DEVICE_DELETED -> poll until the guest no longer lists it -> chardev-remove -> the back-end
+sees the connection end. `Hotplug` is a context manager; close() unplugs (best effort) and
+closes every back-end it started, so nothing outlives the block, also on exceptions.
+
+Timing facts this has to allow (platform facts): q35 uses ACPI hot-plug, the guest sees a
+device ~0.15 s after device_add and DEVICE_DELETED follows device_del in ~15 ms; aarch64
+virt uses native pciehp, whose 5 s attention-button delay puts DEVICE_DELETED ~6 s after
+device_del -- by design, so the unplug deadline is generous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from testbed.errors import (
+    ConfigError,
+    ParseError,
+    QemuExited,
+    StateError,
+    TestbedError,
+    WaitTimeout,
+)
+from testbed.guest.pci import VIRTIO_VENDOR
+from testbed.machine.cmdline import DEFAULT_VIRTIO_ID, root_port_id
+from testbed.vhost_user.backend import Backend, DisconnectKind
+from testbed.vhost_user.faults import Faults
+from testbed.vhost_user.shmem import ShmemLayout
+
+if TYPE_CHECKING:
+    from testbed.vm import GuestVM
+
+log = logging.getLogger(__name__)
+
+DEVICE_TYPE = "vhost-user-test-device-pci"
+# One shared-memory capability fits behind a root port on QEMU 11.1.3 (the PCIe capability
+# takes the room); a second aborts QEMU in pci_add_capability.
+MAX_ROOT_PORT_REGIONS = 1
+GUEST_POLL_INTERVAL = 0.1
+SEE_TIMEOUT = 30.0
+# aarch64 pciehp: ~6 s by design, under TCG and with another VM on the same 2 cores.
+UNPLUG_TIMEOUT = 45.0
+DISCONNECT_TIMEOUT = 15.0
+
+# One line per function: bdf vendor device driver ("-" when unbound).
+LIST_SCRIPT = (
+    "for d in /sys/bus/pci/devices/*; do "
+    'if [ -e $d/driver ]; then drv=$(basename $(readlink $d/driver)); else drv=-; fi; '
+    'echo "${d##*/} $(cat $d/vendor) $(cat $d/device) $drv"; done'
+)
+
+
+# -- pure parts ----------------------------------------------------------------------------
+
+
+def chardev_add_arguments(chardev_id: str, socket_path: Path) -> dict[str, Any]:
+    """chardev-add arguments: a UNIX socket client (our back-end listens)."""
+    return {
+        "id": chardev_id,
+        "backend": {
+            "type": "socket",
+            "data": {
+                "addr": {"type": "unix", "data": {"path": str(socket_path)}},
+                "server": False,
+            },
+        },
+    }
+
+
+def device_add_arguments(
+    device_id: str, chardev_id: str, bus: str, virtio_id: int = DEFAULT_VIRTIO_ID
+) -> dict[str, Any]:
+    """device_add arguments for one test device behind the root port ``bus``."""
+    return {
+        "driver": DEVICE_TYPE,
+        "id": device_id,
+        "chardev": chardev_id,
+        "virtio-id": virtio_id,
+        "bus": bus,
+        "addr": "0x0",
+    }
+
+
+@dataclass(frozen=True)
+class ListedFunction:
+    bdf: str
+    vendor: int
+    device: int
+    driver: str | None
+
+
+def parse_pci_listing(text: str) -> dict[str, ListedFunction]:
+    """LIST_SCRIPT's output -> {bdf: ListedFunction}. Pure."""
+    found: dict[str, ListedFunction] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if len(words) != 4:
+            raise ParseError(f"PCI listing line {line!r}: want 'bdf vendor device driver'")
+        try:
+            vendor, device = int(words[1], 16), int(words[2], 16)
+        except ValueError as exc:
+            raise ParseError(f"PCI listing line {line!r}: ids are not hex") from exc
+        driver = None if words[3] == "-" else words[3]
+        found[words[0]] = ListedFunction(words[0], vendor, device, driver)
+    return found
+
+
+def matching_functions(
+    listing: Mapping[str, ListedFunction], virtio_id: int
+) -> dict[str, ListedFunction]:
+    """The functions of a listing that are vhost-user test devices of ``virtio_id``."""
+    want = (VIRTIO_VENDOR, 0x1040 + virtio_id)
+    return {bdf: f for bdf, f in listing.items() if (f.vendor, f.device) == want}
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+
+@dataclass
+class PluggedDevice:
+    """One hot-plugged device and its back-end; ``bdf`` is where the guest sees it."""
+
+    name: str
+    port: str
+    layout: ShmemLayout
+    backend: Backend
+    bdf: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def device_id(self) -> str:
+        return f"{self.name}-dev"
+
+    @property
+    def chardev_id(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class UnplugResult:
+    disconnect: DisconnectKind
+    deleted_after: float
+    """Seconds from device_del to DEVICE_DELETED."""
+    gone_after: float
+    """Seconds from device_del until the guest no longer listed the function."""
+
+
+class Hotplug:
+    """Plugs test devices into ``vm``'s empty root ports (GuestVM(root_ports=N)).
+
+    Use as a context manager; ``close()`` is idempotent.
+    """
+
+    def __init__(self, vm: GuestVM, *, virtio_id: int = DEFAULT_VIRTIO_ID) -> None:
+        if vm.machine is None or vm.run_dir is None:
+            raise StateError("not started", "started", "Hotplug needs a running GuestVM")
+        if vm.root_ports < 1:
+            raise ConfigError("hot-plug needs empty root ports: boot GuestVM(root_ports=N)")
+        self.vm = vm
+        self.machine = vm.machine
+        self.run_dir: Path = vm.run_dir
+        self.logdir: Path = vm.logdir or vm.run_dir
+        self.virtio_id = virtio_id
+        self.plugged: dict[str, PluggedDevice] = {}
+        self._backends: list[Backend] = []
+        self._count = 0
+        self._closed = False
+
+    def __enter__(self) -> Hotplug:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- guest view ------------------------------------------------------------------------
+
+    def guest_test_devices(self) -> dict[str, ListedFunction]:
+        """The test devices the guest lists right now, by BDF."""
+        out = self.vm.run(LIST_SCRIPT, check=True, timeout=20)
+        return matching_functions(parse_pci_listing(out.text), self.virtio_id)
+
+    def _poll_guest(
+        self, done: Callable[[dict[str, ListedFunction]], bool], timeout: float, what: str
+    ) -> dict[str, ListedFunction]:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.machine.check_alive(f"while waiting for {what}")
+            current = self.guest_test_devices()
+            if done(current):
+                return current
+            if time.monotonic() > deadline:
+                raise WaitTimeout(
+                    f"{what} did not happen within {timeout:.0f} s (guest lists test devices "
+                    f"{sorted(current) or 'none'}); see the guest's dmesg in the artifacts"
+                )
+            time.sleep(GUEST_POLL_INTERVAL)  # poll interval of a deadline-bound wait
+
+    def free_port(self) -> str:
+        used = {d.port for d in self.plugged.values()}
+        for i in range(self.vm.root_ports):
+            if root_port_id(i) not in used:
+                return root_port_id(i)
+        raise ConfigError(
+            f"all {self.vm.root_ports} root ports are taken: unplug one or boot more"
+        )
+
+    # -- plug / unplug ---------------------------------------------------------------------
+
+    def plug(
+        self,
+        layout: ShmemLayout | Mapping[int, int],
+        *,
+        faults: Faults | None = None,
+        port: str | None = None,
+        see_timeout: float = SEE_TIMEOUT,
+        allow_overfull: bool = False,
+    ) -> PluggedDevice:
+        """Start a back-end serving ``layout`` and hot-plug a device for it.
+
+        Returns once the guest lists the new function. A refused device_add raises
+        QmpCommandFailed (chardev and back-end cleaned up); QEMU dying raises QemuExited.
+        """
+        if self._closed:
+            raise StateError("closed", "open", "Hotplug.plug")
+        if not isinstance(layout, ShmemLayout):
+            layout = ShmemLayout(dict(layout))
+        if len(layout.regions) > MAX_ROOT_PORT_REGIONS and not allow_overfull:
+            raise ConfigError(
+                f"{len(layout.regions)} regions: QEMU 11.1.3 fits {MAX_ROOT_PORT_REGIONS} "
+                "behind a root port (one more aborts it); pass allow_overfull=True to "
+                "reproduce that on purpose"
+            )
+        bus = port or self.free_port()
+        self._count += 1
+        name = f"hp{self._count}"
+        backend = Backend(
+            self.run_dir / f"{name}.sock",
+            layout,
+            trace_path=self.logdir / f"{name}-vhost-user-trace.jsonl",
+            faults=faults,
+        )
+        self._backends.append(backend)
+        backend.start()
+        before = self.guest_test_devices()
+        t0 = time.monotonic()
+        self.machine.qmp("chardev-add", chardev_add_arguments(name, backend.socket_path))
+        try:
+            self.machine.qmp(
+                "device_add", device_add_arguments(f"{name}-dev", name, bus, self.virtio_id)
+            )
+        except QemuExited:
+            backend.close()
+            raise
+        except TestbedError:
+            with contextlib.suppress(TestbedError):
+                self.machine.qmp("chardev-remove", id=name)
+            backend.close()
+            raise
+        added = time.monotonic()
+        # Sysfs lists a hot-added function before the kernel has assigned its BARs; the
+        # driver bind (virtio-pci) comes after that, so it is the sign the add finished.
+        seen = self._poll_guest(
+            lambda now: any(f.driver for b, f in now.items() if b not in before),
+            see_timeout,
+            f"the guest adding {name} on {bus} (function listed, driver bound)",
+        )
+        (bdf,) = set(seen) - set(before)
+        device = PluggedDevice(name, bus, layout, backend, bdf)
+        device.timings = {
+            "device_add": round(added - t0, 3),
+            "guest_sees": round(time.monotonic() - added, 3),
+        }
+        self.plugged[name] = device
+        log.info("plugged %s (%s) on %s as %s: %s", name, layout.describe(), bus, bdf,
+                 device.timings)  # fmt: skip
+        return device
+
+    def unplug(
+        self,
+        device: PluggedDevice,
+        *,
+        timeout: float = UNPLUG_TIMEOUT,
+        disconnect_timeout: float = DISCONNECT_TIMEOUT,
+    ) -> UnplugResult:
+        """device_del -> DEVICE_DELETED -> gone in the guest -> chardev-remove -> the
+        back-end sees the disconnect (and is closed). Returns how and how fast."""
+        if self.plugged.get(device.name) is not device:
+            raise StateError("not plugged", "plugged", f"Hotplug.unplug({device.name})")
+        t0 = time.monotonic()
+        self.machine.qmp("device_del", id=device.device_id)
+        self.machine.wait_event("DEVICE_DELETED", timeout, match={"device": device.device_id})
+        deleted = time.monotonic() - t0
+        self._poll_guest(
+            lambda now: device.bdf not in now, timeout, f"{device.bdf} leaving the guest"
+        )
+        gone = time.monotonic() - t0
+        del self.plugged[device.name]
+        self.machine.qmp("chardev-remove", id=device.chardev_id)
+        kind = device.backend.wait_disconnected(disconnect_timeout)
+        device.backend.close()
+        result = UnplugResult(kind, round(deleted, 3), round(gone, 3))
+        device.timings.update(device_deleted=result.deleted_after, guest_gone=result.gone_after)
+        log.info("unplugged %s: %s", device.name, result)
+        return result
+
+    def close(self) -> None:
+        """Unplug what is still plugged (best effort: QEMU may be gone), close back-ends."""
+        if self._closed:
+            return
+        self._closed = True
+        for device in list(self.plugged.values()):
+            try:
+                self.machine.check_alive("before unplugging during cleanup")
+                self.unplug(device)
+            except Exception as exc:  # QEMU dead or the guest stuck: teardown goes on
+                log.warning("unplugging %s during cleanup: %s", device.name, exc)
+        self.plugged.clear()
+        for backend in self._backends:
+            backend.close()
