@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from testbed.errors import ConfigError
 from testbed.vhost_user.faults import Faults
+from testbed.vhost_user.probe import attach_options, guestless_command, parse_mtree_shmem
 from testbed.vhost_user.protocol import Request, ShMemConfig
 from testbed.vhost_user.shmem import PAGE_SIZE, Memfd, ShmemLayout, parse_region, parse_size
 
@@ -143,3 +145,38 @@ def test_faults_validation() -> None:
         Faults(delay_seconds=-1)
     with pytest.raises(ConfigError, match="without delay_seconds"):
         Faults(delay_request=Request.GET_SHMEM_CONFIG)
+
+
+def test_parse_mtree_shmem() -> None:
+    text = (
+        "address-space: memory\n"
+        "  0000000000000000-ffffffffffffffff (prio 0, i/o): system\n"
+        "      00000000c0000000-00000000c03fffff (prio 1, i/o): vhost-device-pci-shmembar\n"
+        "        00000000c0000000-00000000c01fffff (prio 0, i/o): virtio-shmem-0\n"
+        "        00000000c0200000-00000000c03fffff (prio 0, i/o): virtio-shmem-1\r\n"
+        "          00000000c0200000-00000000c02fffff (prio 0, ram): virtio-shmem-1-0\n"
+        "      00000000c0000000-00000000c03fffff (prio 1, i/o): vhost-device-pci-shmembar\n"
+    )
+    assert parse_mtree_shmem(text) == {
+        "vhost-device-pci-shmembar": (0xC0000000, 4 * M),
+        "virtio-shmem-0": (0xC0000000, 2 * M),
+        "virtio-shmem-1": (0xC0200000, 2 * M),
+        "virtio-shmem-1-0": (0xC0200000, 1 * M),
+    }
+
+
+def test_guestless_command_and_attach_options(tmp_path: Path) -> None:
+    argv = guestless_command(
+        Path("/q"), "aarch64", tmp_path / "vu.sock", tmp_path / "qmp.sock", qtest_path=None
+    )
+    assert argv[:2] == ["/q", "-nodefaults"]
+    assert "-S" in argv and argv[argv.index("-accel") + 1] == "tcg"
+    assert "virt,memory-backend=mem" in argv
+    assert any("share=on" in a and "memory-backend-memfd" in a for a in argv)
+    device = argv[argv.index("-device") + 1]
+    assert device.startswith("vhost-user-test-device-pci,chardev=vu0,virtio-id=26,bus=pcie.0")
+    assert f"socket,id=vu0,path={tmp_path / 'vu.sock'}" in argv
+    q35 = attach_options("x86_64", Path("/s"))
+    assert "q35,memory-backend=mem" in q35
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        attach_options("riscv64", Path("/s"))

@@ -97,7 +97,7 @@ def guestless_command(
 
 
 _MTREE_LINE = re.compile(
-    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, [\w-]+\): "
+    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, [\w/-]+\): "
     r"(vhost-device-pci-shmembar|virtio-shmem-\d+(?:-\d+)?)\s*$"
 )
 

@@ -1,0 +1,290 @@
+"""Our back-end against real QEMU 11.1.3, no guest: QEMU's own view via QMP (query-pci,
+info mtree), and the data path driven through qtest (we play the guest's PCI core)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.errors import QemuExited, StateError, TestbedError
+from testbed.host.qemu import resolve_qemu
+from testbed.paths import make_private_dir, remove_tree
+from testbed.vhost_user.backend import Backend, DisconnectKind
+from testbed.vhost_user.faults import Faults
+from testbed.vhost_user.probe import (
+    GuestlessQemu,
+    PciFunctionDriver,
+    parse_mtree_shmem,
+    pci_bar,
+    probe_shmem_support,
+)
+from testbed.vhost_user.protocol import Request
+from testbed.vhost_user.shmem import Memfd, ShmemLayout
+from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, TO_QEMU
+
+pytestmark = pytest.mark.qemu
+
+M = 1 << 20
+G = 1 << 30
+TIMEOUT = 20.0
+
+# The realize handshake QEMU 11.1.3 sends (platform facts, confirmed on the wire).
+REALIZE = [
+    "GET_FEATURES",
+    "GET_PROTOCOL_FEATURES",
+    "SET_PROTOCOL_FEATURES",
+    "GET_QUEUE_NUM",
+    "SET_BACKEND_REQ_FD",
+    "SET_OWNER",
+    "GET_FEATURES",
+    "SET_VRING_CALL",
+    "SET_VRING_ERR",
+    "GET_SHMEM_CONFIG",
+]
+
+
+def _qemu(arch: str) -> Path:
+    try:
+        return resolve_qemu(arch).path
+    except TestbedError as exc:
+        pytest.skip(f"no QEMU 11.1 for {arch}: {exc}")
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    path = make_private_dir("test-vu")
+    yield path
+    remove_tree(path)
+
+
+def _bar4_place(total: int) -> int:
+    # Aligned to its size; above 4 GiB for the big ones (the pci container takes any address).
+    return 0xC0000000 if total <= 256 * M else 0x40_0000_0000
+
+
+LAYOUTS = {
+    "none": {},
+    "one": {0: 4 * M},
+    "two": {0: 2 * M, 1: 2 * M},
+    "sparse-3-200": {3: 8 * M, 200: 8 * M},
+    "4GiB": {5: 4 * G},
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_appears_in_qemu_x86(name: str, sockdir: Path) -> None:
+    layout = ShmemLayout(LAYOUTS[name])
+    trace_path = sockdir / "trace.jsonl"
+    with (
+        Backend(sockdir / "vu.sock", layout, trace_path=trace_path) as backend,
+        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock", qtest=True) as qemu,
+    ):
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        assert backend.trace.names()[: len(REALIZE)] == REALIZE
+        bar4 = pci_bar(qemu.pci_device(), 4)
+        if not layout:
+            assert bar4 is None
+            assert "virtio-shmem" not in qemu.hmp("info mtree")
+            return
+        assert bar4 is not None
+        assert bar4["size"] == layout.total
+        assert bar4["prefetch"] and bar4["mem_type_64"]
+        # Place BAR 4 as a guest would, then read the regions' offsets from QEMU's tree.
+        assert qemu.qtest is not None
+        pci = PciFunctionDriver(qemu.qtest, "x86_64")
+        base = _bar4_place(layout.total)
+        pci.assign_bar(4, base)
+        pci.enable_memory()
+        tree = parse_mtree_shmem(qemu.hmp("info mtree"))
+        assert tree["vhost-device-pci-shmembar"] == (base, layout.total)
+        shown = {k for k in tree if k.startswith("virtio-shmem-")}
+        assert shown == {f"virtio-shmem-{shmid}" for shmid in layout.regions}
+        for shmid, offset in layout.offsets().items():
+            assert tree[f"virtio-shmem-{shmid}"] == (base + offset, layout.regions[shmid])
+    assert trace_path.read_text().count("\n") == len(backend.trace.entries())
+
+
+def test_layout_aarch64_virt(sockdir: Path) -> None:
+    layout = ShmemLayout({3: 8 * M, 200: 8 * M})
+    with (
+        Backend(sockdir / "vu.sock", layout) as backend,
+        GuestlessQemu(_qemu("aarch64"), "aarch64", sockdir / "vu.sock") as qemu,
+    ):
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        assert backend.trace.names()[: len(REALIZE)] == REALIZE
+        bar4 = pci_bar(qemu.pci_device(), 4)
+        assert bar4 is not None and bar4["size"] == 16 * M
+
+
+def test_no_shmem_feature_means_no_request_44_and_no_bar(sockdir: Path) -> None:
+    with (
+        Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M}), faults=Faults(no_shmem=True)) as b,
+        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu,
+    ):
+        b.wait_for_request(Request.SET_VRING_ERR, TIMEOUT)
+        # QMP answering means realize is over: GET_SHMEM_CONFIG would have come before.
+        assert pci_bar(qemu.pci_device(), 4) is None
+        assert Request.GET_SHMEM_CONFIG not in b.requests_seen
+        acked = b.session.protocol_features if b.session else 0
+        assert not acked & (1 << 22)
+
+
+@pytest.mark.parametrize("bit", [20, 21])
+def test_shmem_at_a_wrong_bit_is_ignored(bit: int, sockdir: Path) -> None:
+    faults = Faults(shmem_bit=bit)
+    with (
+        Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M}), faults=faults) as b,
+        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu,
+    ):
+        b.wait_for_request(Request.SET_VRING_ERR, TIMEOUT)
+        assert pci_bar(qemu.pci_device(), 4) is None
+        assert Request.GET_SHMEM_CONFIG not in b.requests_seen
+
+
+@pytest.mark.parametrize(
+    ("nregions", "expected"),
+    [(0, None), (1, 2 * M), (3, 4 * M)],
+)
+def test_nregions_disagreeing_with_sizes(
+    nregions: int, expected: int | None, sockdir: Path
+) -> None:
+    """QEMU walks shmids 0..255 keeping non-zero sizes until it has ``nregions`` of them."""
+    faults = Faults(shmem_nregions=nregions)
+    with (
+        Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M}), faults=faults) as b,
+        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu,
+    ):
+        b.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        bar4 = pci_bar(qemu.pci_device(), 4)
+        assert (bar4 and bar4["size"]) == expected
+
+
+def test_size_not_a_page_multiple_is_refused(sockdir: Path) -> None:
+    faults = Faults(shmem_raw_sizes={0: 4097})
+    with Backend(sockdir / "vu.sock", ShmemLayout(), faults=faults) as backend:
+        qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
+        with pytest.raises(QemuExited) as info:
+            qemu.start()
+        assert info.value.returncode == 1
+        assert "multiple of the host page size" in info.value.stderr_tail
+        assert backend.wait_disconnected(TIMEOUT) is DisconnectKind.CLEAN
+
+
+def test_total_not_a_power_of_two_aborts_qemu(sockdir: Path) -> None:
+    """Known QEMU 11.1.3 bug: an assertion instead of an error."""
+    faults = Faults(shmem_raw_sizes={0: 4 * M, 1: 16 * M})
+    with Backend(sockdir / "vu.sock", ShmemLayout(), faults=faults):
+        qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
+        with pytest.raises(QemuExited) as info:
+            qemu.start()
+        assert info.value.returncode == -6
+        assert "is_power_of_2(size)" in info.value.stderr_tail
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [Faults(shmem_reply_flags=0xD), Faults(disconnect_at=Request.GET_SHMEM_CONFIG)],
+    ids=["wrong-reply-flags", "disconnect-at-44"],
+)
+def test_failed_shmem_config_aborts_qemu(faults: Faults, sockdir: Path) -> None:
+    """QEMU 11.1.3 reports the bad reply, then aborts in vub_get_features instead of
+    failing realize cleanly."""
+    with Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M}), faults=faults):
+        qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
+        with pytest.raises(QemuExited) as info:
+            qemu.start()
+        assert info.value.returncode == -6
+        assert "Failed to read msg header" in info.value.stderr_tail
+
+
+def test_truncated_shmem_config_is_accepted(sockdir: Path) -> None:
+    """QEMU 11.1.3 takes a 100-byte GET_SHMEM_CONFIG reply (of 2056) without complaint."""
+    faults = Faults(shmem_truncate=100)
+    with (
+        Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M}), faults=faults) as b,
+        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu,
+    ):
+        b.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        reply = [e for e in b.trace.entries() if e.direction == TO_QEMU][-1]
+        assert (reply.name, reply.size) == ("GET_SHMEM_CONFIG", 100)
+        bar4 = pci_bar(qemu.pci_device(), 4)
+        assert bar4 is not None and bar4["size"] == 4 * M
+
+
+def test_reconnect_gets_a_fresh_session(sockdir: Path) -> None:
+    with Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M})) as backend:
+        for round_ in (1, 2):
+            with GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu:
+                backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT, count=round_)
+                session = backend.session
+                assert session is not None and session.number == round_
+                assert session.requests[0] is Request.GET_FEATURES
+                assert qemu.quit() == 0
+            assert backend.wait_disconnected(TIMEOUT, count=round_) is DisconnectKind.CLEAN
+        assert (sockdir / "vu.sock").exists()
+    assert not (sockdir / "vu.sock").exists()
+
+
+def test_map_unmap_data_path_x86(sockdir: Path) -> None:
+    """DRIVER_OK without a guest (qtest writes the virtio common config), then MAP/UNMAP,
+    reading and writing BAR 4 through QEMU's memory API."""
+    layout = ShmemLayout({0: 2 * M, 1: 2 * M})
+    with (
+        Backend(sockdir / "vu.sock", layout) as backend,
+        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock", qtest=True) as qemu,
+        Memfd(1 * M) as mem,
+    ):
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        with pytest.raises(StateError, match="DRIVER_OK"):
+            backend.map(1, 0, M, mem.fileno())  # QEMU would segfault: we refuse
+        assert qemu.qtest is not None
+        pci = PciFunctionDriver(qemu.qtest, "x86_64")
+        pci.start_device()
+        backend.wait_driver_ok(TIMEOUT)
+        seen = backend.trace.names()
+        assert seen.index("SET_FEATURES") < seen.index("SET_MEM_TABLE")
+        assert "SET_VRING_ENABLE" in seen
+        region1 = pci.bars[4] + layout.offsets()[1]
+
+        mem.write(0, b"hello from the back-end")
+        tables = seen.count("SET_MEM_TABLE")
+        assert backend.map(1, 0, M, mem.fileno(), 0, writable=True) == 0
+        # QEMU re-sends the memory table with the mapped fd in it.
+        backend.wait_for_request(Request.SET_MEM_TABLE, TIMEOUT, count=tables + 1)
+        assert qemu.qtest.read(region1, 23) == b"hello from the back-end"
+        qemu.qtest.write(region1 + 0x1000, b"guest wrote this")
+        assert mem.read(0x1000, 16) == b"guest wrote this"
+        tree = parse_mtree_shmem(qemu.hmp("info mtree"))
+        assert tree["virtio-shmem-1-0"] == (region1, M)
+
+        # QEMU refuses bad requests with a non-zero u64 and keeps serving.
+        assert backend.map(7, 0, M, mem.fileno()) != 0  # unknown shmid
+        assert backend.map(1, 0, M, mem.fileno()) != 0  # overlaps the first map
+        assert backend.map(0, M, 2 * M, mem.fileno()) != 0  # past the end of region 0
+
+        assert backend.unmap(1, 0, M) == 0
+        assert qemu.qtest.read(region1, 23) == bytes(23)
+        assert "virtio-shmem-1-0" not in parse_mtree_shmem(qemu.hmp("info mtree"))
+        replies = [e for e in backend.trace.entries() if e.direction == CHANNEL_FROM_QEMU]
+        assert [e.payload for e in replies] == [
+            {"value": 0},
+            {"value": 1},
+            {"value": 1},
+            {"value": 1},
+            {"value": 0},
+        ]
+        assert qemu.returncode is None
+
+
+def test_probe_reports_support(sockdir: Path) -> None:
+    result = probe_shmem_support(_qemu("x86_64"), "x86_64", TIMEOUT)
+    assert result.supported, result.detail
+    assert result.requests_seen[: len(REALIZE)] == REALIZE
+
+
+def test_probe_reports_a_qemu_that_cannot_start() -> None:
+    result = probe_shmem_support("/bin/false", "x86_64", 5)
+    assert not result.supported
+    assert "exit status 1" in result.detail
