@@ -193,8 +193,10 @@ class QtestClient:
 
 
 # PCI config space access, per machine: q35 by the 0xcf8/0xcfc ports; virt by its ECAM
-# window (the low one: 0x3f000000, always present on virt).
-_VIRT_ECAM = 0x3F000000
+# window: the high one (256 GiB + 256 MiB) when highmem is on -- the default --, else the
+# low one. The driver picks the window where our device's vendor id reads back.
+_VIRT_ECAMS = (0x40_1000_0000, 0x3F000000)
+_VIRTIO_VENDOR = 0x1AF4
 # Where we place the BARs. q35: inside the 32-bit PCI hole; virt: inside its 32-bit
 # PCI MMIO window (0x10000000-0x3efeffff). 64-bit BARs get their high half 0.
 _BAR_PLACES = {"x86_64": (0xE0000000, 0xC0000000), "aarch64": (0x3E000000, 0x20000000)}
@@ -211,10 +213,24 @@ class PciFunctionDriver:
     slot: int = DEVICE_SLOT
     bars: dict[int, int] = field(default_factory=dict)
 
+    ecam: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch == "aarch64" and self.ecam is None:
+            for base in _VIRT_ECAMS:
+                self.ecam = base
+                if self.read32(0) & 0xFFFF == _VIRTIO_VENDOR:
+                    return
+            raise TestbedError(
+                f"no virtio device at 00:{self.slot:02x}.0 in any virt ECAM window "
+                f"({', '.join(hex(b) for b in _VIRT_ECAMS)})"
+            )
+
     def _cfg_addr(self, reg: int) -> int:
         if self.arch == "x86_64":
             return 0x80000000 | (self.slot << 11) | (reg & ~3)
-        return _VIRT_ECAM | (self.slot << 15) | (reg & ~3)
+        assert self.ecam is not None
+        return self.ecam + ((self.slot << 15) | (reg & ~3))
 
     def read32(self, reg: int) -> int:
         if self.arch == "x86_64":
