@@ -290,3 +290,18 @@ def test_probe_reports_a_qemu_that_cannot_start() -> None:
     result = probe_shmem_support("/bin/false", "x86_64", 5)
     assert not result.supported
     assert "exit status 1" in result.detail
+
+
+def test_connect_mode_qemu_listens(sockdir: Path) -> None:
+    """chardev server=on: QEMU waits in realize for us to connect."""
+    layout = ShmemLayout({0: 4 * M})
+    path = sockdir / "qemu-vu.sock"
+    with (
+        Backend(path, layout, connect=True, connect_timeout=TIMEOUT) as backend,
+        GuestlessQemu(_qemu("x86_64"), "x86_64", path, server=True) as qemu,
+    ):
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        bar4 = pci_bar(qemu.pci_device(), 4)
+        assert bar4 is not None and bar4["size"] == layout.total
+        assert qemu.quit() == 0
+        assert backend.wait_disconnected(TIMEOUT) is DisconnectKind.CLEAN

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testbed.errors import PeerClosed, ProtocolError
-from testbed.vhost_user.connection import Connection, OwnedFd
+from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, WaitTimeout
+from testbed.paths import make_private_dir, remove_tree
+from testbed.vhost_user.backend import Backend, DisconnectKind
+from testbed.vhost_user.connection import Connection, Message, OwnedFd, connect
 from testbed.vhost_user.protocol import (
     F_SHMEM,
     FLAG_NEED_REPLY,
@@ -34,6 +38,7 @@ from testbed.vhost_user.protocol import (
     decode_payload,
     request_name,
 )
+from testbed.vhost_user.shmem import ShmemLayout
 from testbed.vhost_user.trace import FROM_QEMU, Trace
 
 u32 = st.integers(0, 2**32 - 1)
@@ -389,3 +394,81 @@ def test_header_size_must_match() -> None:
     with left, right, pytest.raises(ProtocolError, match="header says 8"):
         left.send(Header.make(Request.SET_FEATURES, 8), b"")
     assert HEADER_SIZE == 12
+
+
+# --- the back-end's state machine against a scripted front-end (our code only) ----------
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    path = make_private_dir("test-proto")
+    yield path
+    remove_tree(path)
+
+
+def _ask(conn: Connection, request: Request, body: bytes = b"", **flags: bool) -> Message:
+    conn.send(Header.make(request, len(body), **flags), body)
+    return conn.recv()
+
+
+def test_backend_handshake_reply_ack_and_error_disconnect(private_dir: Path) -> None:
+    path = private_dir / "vu.sock"
+    before = _open_fds()
+    with Backend(path, ShmemLayout({1: 4096 * 4})) as backend:
+        with connect(path, 5.0) as fe:
+            reply = _ask(fe, Request.GET_PROTOCOL_FEATURES)
+            offered = U64.unpack(reply.body).value
+            assert reply.header.is_reply_for(Request.GET_PROTOCOL_FEATURES)
+            assert offered & ProtocolFeature.SHMEM and offered & ProtocolFeature.REPLY_ACK
+            body = U64(int(ProtocolFeature.REPLY_ACK | ProtocolFeature.SHMEM)).pack()
+            fe.send(Header.make(Request.SET_PROTOCOL_FEATURES, 8), body)
+            # NEED_REPLY on a request without a reply of its own: a u64 ack, 0 = success.
+            ack = _ask(fe, Request.SET_OWNER, need_reply=True)
+            assert ack.header.is_reply_for(Request.SET_OWNER)
+            assert U64.unpack(ack.body) == U64(0)
+            # An unsupported request fails its ack instead of killing the connection.
+            nack = _ask(fe, Request.SET_LOG_BASE, b"\0" * 16, need_reply=True)
+            assert U64.unpack(nack.body).value != 0
+            shm = _ask(fe, Request.GET_SHMEM_CONFIG)
+            assert shm.header.flags == 0x5
+            assert ShMemConfig.unpack(shm.body).regions == {1: 16384}
+            # Vring fds are kept (and a replaced one closed).
+            for _ in range(2):
+                r, w = os.pipe()
+                body = VringFile(0, False).pack()
+                fe.send(Header.make(Request.SET_VRING_CALL, 8), body, [w])
+                os.close(w)
+                os.close(r)
+            backend.wait_for_request(Request.SET_VRING_CALL, 5.0, count=2)
+            session = backend.session
+            assert session is not None and list(session.vring_fds) == [("SET_VRING_CALL", 0)]
+            # A malformed message drops the connection as an error.
+            fe.sock.sendall(struct.pack("<III", Request.SET_FEATURES, 0x1, 3) + b"abc")
+            assert backend.wait_disconnected(5.0) is DisconnectKind.ERROR
+        # A fresh connection on the same path gets a fresh session.
+        with connect(path, 5.0) as fe2:
+            assert U64.unpack(_ask(fe2, Request.GET_FEATURES).body).value >> 32 & 1
+            backend.wait_connected(5.0, count=2)
+            assert backend.session is not None and backend.session.protocol_features == 0
+        assert backend.wait_disconnected(5.0, count=2) is DisconnectKind.CLEAN
+    assert not path.exists()
+    assert _open_fds() == before
+
+
+def test_backend_refuses_map_without_a_session(private_dir: Path) -> None:
+    with Backend(private_dir / "vu.sock", ShmemLayout()) as backend:
+        with pytest.raises(StateError, match="disconnected"):
+            backend.unmap(0, 0, 4096)
+        backend.close()
+        backend.close()  # idempotent
+    with (
+        Backend(private_dir / "other.sock", ShmemLayout()) as idle,
+        pytest.raises(WaitTimeout, match="GET_FEATURES x1 did not happen"),
+    ):
+        idle.wait_for_request(Request.GET_FEATURES, 0.05)
+
+
+def test_listener_requires_private_dir(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    with pytest.raises(ConfigError, match="0700"):
+        Backend(tmp_path / "vu.sock", ShmemLayout()).start()

@@ -60,15 +60,20 @@ def attach_options(
     chardev_id: str = "vu0",
     memory: str = "512M",
     slot: int | None = None,
+    server: bool = False,
 ) -> list[str]:
     """QEMU options attaching vhost-user-test-device-pci to a back-end listening on
-    ``socket_path``, with the shareable (memfd) guest RAM vhost-user needs. Pure."""
+    ``socket_path`` (``server``: QEMU listens and the back-end connects), with the
+    shareable (memfd) guest RAM vhost-user needs. Pure."""
     addr = f",addr={slot:#x}.0" if slot is not None else ""
+    # wait=on (the default): QEMU blocks until the back-end connects; with wait=off the
+    # device realizes unconnected and fails ("Failed to set msg fds").
+    listen = ",server=on" if server else ""
     return [
         "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
         "-machine", f"{machine_type(arch)},memory-backend=mem",
         "-m", memory,
-        "-chardev", f"socket,id={chardev_id},path={socket_path}",
+        "-chardev", f"socket,id={chardev_id},path={socket_path}{listen}",
         "-device",
         f"vhost-user-test-device-pci,chardev={chardev_id},virtio-id={VIRTIO_ID},"
         f"bus=pcie.0{addr}",
@@ -83,6 +88,7 @@ def guestless_command(
     *,
     qtest_path: Path | None = None,
     memory: str = "256M",
+    server: bool = False,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The command line of a guest-less QEMU: QMP (and qtest) connect to our listeners."""
@@ -91,7 +97,7 @@ def guestless_command(
         argv += ["-accel", "qtest", "-qtest", f"unix:{qtest_path}", "-qtest-log", "/dev/null"]
     else:
         argv += ["-accel", "tcg", "-S"]
-    argv += attach_options(arch, socket_path, memory=memory, slot=DEVICE_SLOT)
+    argv += attach_options(arch, socket_path, memory=memory, slot=DEVICE_SLOT, server=server)
     argv += ["-qmp", f"unix:{qmp_path}", *extra]
     return argv
 
@@ -292,6 +298,7 @@ class GuestlessQemu:
         *,
         qtest: bool = False,
         memory: str = "256M",
+        server: bool = False,
         extra: Sequence[str] = (),
         start_timeout: float = 20.0,
     ) -> None:
@@ -300,6 +307,7 @@ class GuestlessQemu:
         self.socket_path = Path(socket_path)
         self.use_qtest = qtest
         self.memory = memory
+        self.server = server
         self.extra = tuple(extra)
         self.start_timeout = start_timeout
         self.dir: Path | None = None
@@ -332,7 +340,8 @@ class GuestlessQemu:
         try:
             self.argv = guestless_command(
                 self.qemu, self.arch, self.socket_path, qmp_path,
-                qtest_path=qtest_path, memory=self.memory, extra=self.extra,
+                qtest_path=qtest_path, memory=self.memory, server=self.server,
+                extra=self.extra,
             )  # fmt: skip
             self._stderr = (self.dir / "stderr.log").open("wb")
             log.debug("starting %s", " ".join(self.argv))
