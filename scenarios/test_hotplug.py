@@ -41,13 +41,16 @@ def check_guest_sees(vm: GuestVM, device: PluggedDevice) -> None:
     assert verdict.ok, verdict.explain()
 
 
-def test_three_cycles(boot: Callable[..., GuestVM]) -> None:
+def test_three_cycles(
+    boot: Callable[..., GuestVM], record_property: Callable[[str, object], None]
+) -> None:
     vm = boot(root_ports=1, root_port_pref64=PREF64_FOR_64M)
     with Hotplug(vm) as hp:
         for layout in CYCLES:
             device = hp.plug(layout)
             check_guest_sees(vm, device)
             result = hp.unplug(device)
+            record_property(f"timings-{device.layout.describe()}", device.timings)
             assert result.disconnect is DisconnectKind.CLEAN, result
             assert hp.guest_test_devices() == {}
             assert device.backend.requests_seen, "the back-end never heard from QEMU"
