@@ -165,10 +165,16 @@ class Backend:
             raise StateError("closed", "new", "back-end")
         if self._thread is not None:
             return self
-        if not self.connect_mode:
-            self._listener = Listener(self.socket_path)
-        self._thread = threading.Thread(target=self._run, name="vhost-user-backend", daemon=True)
-        self._thread.start()
+        try:
+            if not self.connect_mode:
+                self._listener = Listener(self.socket_path)
+            thread = threading.Thread(target=self._run, name="vhost-user-backend", daemon=True)
+            thread.start()
+            self._thread = thread
+        except BaseException:
+            # `with Backend(...)` does not call __exit__ when __enter__ raises.
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
