@@ -3,7 +3,12 @@ info mtree), and the data path driven through qtest (we play the guest's PCI cor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -305,3 +310,40 @@ def test_connect_mode_qemu_listens(sockdir: Path) -> None:
         assert bar4 is not None and bar4["size"] == layout.total
         assert qemu.quit() == 0
         assert backend.wait_disconnected(TIMEOUT) is DisconnectKind.CLEAN
+
+
+def _poll(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        time.sleep(0.02)
+
+
+def test_backend_command_serves_qemu_and_stops_cleanly(sockdir: Path) -> None:
+    path = sockdir / "cli.sock"
+    trace = sockdir / "trace.jsonl"
+    argv = [sys.executable, "-m", "testbed", "backend", "--socket", str(path)]
+    argv += ["--region", "0=2M", "--region", "1=2M", "--trace", str(trace)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _poll(path.exists, TIMEOUT, "the back-end's socket")
+        with GuestlessQemu(_qemu("x86_64"), "x86_64", path) as qemu:
+            _poll(lambda: '"GET_SHMEM_CONFIG"' in trace.read_text(), TIMEOUT, "request 44")
+            bar4 = pci_bar(qemu.pci_device(), 4)
+            assert bar4 is not None and bar4["size"] == 4 * M
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143
+    assert not path.exists()
+    assert f"socket,id=vu0,path={path}" in out.decode()
+    assert "qemu-system-aarch64" in out.decode()
+    log = err.decode()
+    assert "qemu->backend GET_SHMEM_CONFIG(44)" in log
+    assert '"sizes": {"0": 2097152, "1": 2097152}' in log
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [e["name"] for e in lines if e["direction"] == "qemu->backend"][:10] == REALIZE
