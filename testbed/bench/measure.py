@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.bench.report import RUN_INIT, BootObservation, dmesg_time, parse_dmesg
-from testbed.errors import ProvisionError, QemuExited, WaitTimeout
+from testbed.errors import ProvisionError, QemuExited, StateError, WaitTimeout
 from testbed.machine.cmdline import DEFAULT_VIRTIO_ID, MachineConfig, build_command
 from testbed.machine.qemu import free_tcp_port
 from testbed.paths import PROJECT_ROOT, cache_dir, make_private_dir, remove_tree
@@ -207,6 +207,69 @@ def measure_coldplug(arch: str, accel: str) -> ColdplugRun:
         teardown=done - checked,
     )
     return ColdplugRun(done - started, observation, verdict)
+
+
+# -- hot-plug and the data path (testbed.hotplug, testbed.guest.datapath) -------------------
+
+HOTPLUG_LAYOUT: Mapping[int, int] = {0: 4 * MIB}
+# scenarios/test_datapath.py's set-up: a 64 KiB memfd mapped at 1 MiB into region 1.
+DATAPATH_LAYOUT: Mapping[int, int] = {0: 2 * MIB, 1: 2 * MIB}
+DATAPATH_SHMID = 1
+DATAPATH_OFFSET = 1 * MIB
+DATAPATH_LENGTH = 64 * 1024
+DATAPATH_PROBE = 64
+DRIVER_OK_TIMEOUT = 20.0
+
+
+def measure_hotplug_cycles(arch: str, accel: str, cycles: int) -> list[float]:
+    """`cycles` plug/unplug cycles in one boot: chardev-add, device_add, the guest binds
+    it, device_del, DEVICE_DELETED, the guest no longer lists it, back-end disconnected."""
+    from testbed.hotplug import Hotplug
+
+    seconds = []
+    with GuestVM(arch, accel=accel, root_ports=1) as vm, Hotplug(vm) as hp:
+        for _ in range(cycles):
+            started = time.monotonic()
+            device = hp.plug(dict(HOTPLUG_LAYOUT))
+            hp.unplug(device)
+            seconds.append(time.monotonic() - started)
+    return seconds
+
+
+def measure_map_unmap(arch: str, accel: str, rounds: int) -> list[float]:
+    """`rounds` SHMEM_MAP -> the guest reads the pattern through BAR 4 -> SHMEM_UNMAP ->
+    the guest reads the range empty, on one booted guest at DRIVER_OK."""
+    from testbed.guest.datapath import GuestDevice, looks_unmapped
+    from testbed.vhost_user.shmem import Memfd
+
+    seconds = []
+    with GuestVM(arch, regions=dict(DATAPATH_LAYOUT), accel=accel) as vm:
+        (device,) = find_test_devices(vm.inspect_pci(), DEFAULT_VIRTIO_ID)
+        guest = GuestDevice(vm.ssh, device.bdf)
+        guest.start()
+        vm.backend.wait_driver_ok(DRIVER_OK_TIMEOUT)
+        with Memfd(DATAPATH_LENGTH) as memfd:
+            pattern = os.urandom(DATAPATH_LENGTH)
+            memfd.write(0, pattern)
+            for _ in range(rounds):
+                started = time.monotonic()
+                mapped = vm.backend.map(
+                    DATAPATH_SHMID, DATAPATH_OFFSET, DATAPATH_LENGTH, memfd.fileno()
+                )
+                seen = guest.read(DATAPATH_SHMID, DATAPATH_OFFSET, DATAPATH_PROBE)
+                unmapped = vm.backend.unmap(DATAPATH_SHMID, DATAPATH_OFFSET, DATAPATH_LENGTH)
+                gone = guest.read(DATAPATH_SHMID, DATAPATH_OFFSET, DATAPATH_PROBE)
+                seconds.append(time.monotonic() - started)
+                matches = seen == pattern[:DATAPATH_PROBE]
+                if mapped or unmapped or not matches:
+                    raise StateError(
+                        f"map {mapped}, unmap {unmapped}, pattern seen {matches}",
+                        "map 0, unmap 0, pattern seen",
+                        "map/unmap round trip (run scenarios/test_datapath.py for details)",
+                    )
+                if not looks_unmapped(gone):
+                    raise StateError("mapped after UNMAP", "unmapped", "map/unmap round trip")
+    return seconds
 
 
 # -- the whole suite, set-up steps -----------------------------------------------------------
