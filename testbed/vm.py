@@ -13,16 +13,18 @@ fails, so that a failure never loses its evidence.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
+import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 from testbed.errors import ConfigError
@@ -87,6 +89,53 @@ def reproduce_script(
     body = " \\\n    ".join(arg(w) for w in qemu_argv)
     lines.append("${GDB:-} " + body)
     return "\n".join(lines) + "\n"
+
+
+class _CutShort(BaseException):
+    """Raised by _SignalsDeferred into a graceful teardown step (BaseException, so that no
+    `except Exception` on the way swallows it)."""
+
+
+class _SignalsDeferred:
+    """While tearing down, SIGINT/SIGTERM are recorded instead of raised at a random point.
+
+    A signal raised between two teardown steps would skip every step after it. Recorded, it
+    only interrupts a step marked ``interruptible`` (the graceful ones, which may wait on
+    the guest) and is delivered again through the previous handler on exit, so a second
+    Ctrl-C still ends the program with 130 (143 for SIGTERM), after a complete teardown.
+    Python runs signal handlers in the main thread only: elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.interruptible = False
+        self._saved: dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)
+        if self.interruptible:
+            self.interruptible = False
+            raise _CutShort()
+
+    def __enter__(self) -> _SignalsDeferred:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._saved[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        if not self.pending:
+            return
+        signum = self.pending[0]
+        handler = self._saved.get(signum)
+        if callable(handler):
+            handler(signum, None)  # default_int_handler / cli's SIGTERM handler: raises
+        else:
+            os.kill(os.getpid(), signum)  # SIG_DFL: let it do what it would have done
 
 
 class GuestVM:
@@ -276,37 +325,69 @@ class GuestVM:
         script.chmod(0o755)
 
     def close(self, failed: bool = False) -> None:
-        """Idempotent teardown, in reverse order; keeps the evidence when `failed`."""
-        if self._closed:
-            return
-        self._closed = True
+        """Idempotent teardown, in reverse order; keeps the evidence when `failed`.
+
+        A Ctrl-C or SIGTERM arriving *during* teardown (a second Ctrl-C, a timeout) must
+        not skip the steps after the one it hits, or the run dir and the sockets in it
+        outlive us: it only cuts the graceful parts short (dmesg, QMP quit) and is
+        delivered once everything is down (see _SignalsDeferred).
+        """
+        with _SignalsDeferred() as signals:
+            if self._closed:
+                return
+            self._closed = True
+            self._teardown(failed, signals)
+
+    def _teardown(self, failed: bool, signals: _SignalsDeferred) -> None:
+        log.info("tearing down %s guest (%s)", self.arch, "failed" if failed else "ok")
+
+        def step(what: str, action: Callable[[], object], graceful: bool = False) -> None:
+            nonlocal failed
+            if graceful and signals.pending:
+                return  # already asked to hurry: skip what is only nice to have
+            try:
+                try:
+                    signals.interruptible = graceful
+                    action()
+                finally:
+                    signals.interruptible = False
+            except _CutShort:
+                log.warning("teardown, %s: cut short by a signal", what)
+                failed = True
+            except Exception as exc:
+                log.warning("teardown, %s: %s", what, exc)
+                failed = True
+
         if failed and self._ssh is not None and self.logdir is not None:
-            with contextlib.suppress(Exception):
-                dmesg = self._ssh.run("dmesg", timeout=10)
-                (self.logdir / "guest-dmesg.txt").write_bytes(dmesg.stdout)
+            ssh, logdir = self._ssh, self.logdir
+            step("collecting dmesg", lambda: self._save_dmesg(ssh, logdir), graceful=True)
         if self._ssh is not None:
-            self._ssh.close()
+            step("closing SSH", self._ssh.close)
             self._ssh = None
         if self.machine is not None:
-            try:
-                if not failed:
-                    self.machine.shutdown(timeout=10)
-            except Exception as exc:
-                log.warning("QEMU shutdown: %s", exc)
-                failed = True
-            finally:
-                self.machine.close()
+            machine = self.machine
+            if not failed:
+                step("QEMU shutdown", lambda: machine.shutdown(timeout=10), graceful=True)
+            step("killing QEMU", machine.close)
         if self.backend is not None:
-            self.backend.close()
+            step("closing the back-end", self.backend.close)
         if failed and self.artifacts_dir is None and self.logdir is not None:
-            kept = (
-                results_dir() / "failed" / f"{sanitize(self.arch)}-{time.strftime('%Y%m%d-%H%M%S')}"
-            )
-            with contextlib.suppress(OSError):
-                shutil.copytree(self.logdir, kept, dirs_exist_ok=True)
-                log.warning("artifacts of the failed run kept in %s", kept)
+            step("keeping artifacts", self._keep_artifacts)
         if self.run_dir is not None:
-            remove_tree(self.run_dir)
+            run_dir = self.run_dir
+            step("removing the run dir", lambda: remove_tree(run_dir))
+
+    @staticmethod
+    def _save_dmesg(ssh: SSHSession, logdir: Path) -> None:
+        dmesg = ssh.run("dmesg", timeout=10)
+        (logdir / "guest-dmesg.txt").write_bytes(dmesg.stdout)
+
+    def _keep_artifacts(self) -> None:
+        assert self.logdir is not None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = results_dir() / "failed" / f"{sanitize(self.arch)}-{stamp}"
+        shutil.copytree(self.logdir, kept, dirs_exist_ok=True)
+        log.warning("artifacts of the failed run kept in %s", kept)
 
     # -- conveniences ----------------------------------------------------------------------
 

@@ -82,6 +82,16 @@ def _die_with_parent() -> None:
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Blocked by _launch around the fork; QEMU must start with the default mask.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _LAUNCH_BLOCKED)
+
+
+# Ctrl-C / SIGTERM are held back while QEMU is forked. One landing inside Popen (which runs
+# Python in the child for preexec_fn) was seen to get lost (the run carried on) or to end
+# up as a QMP connect failure instead of exit 130; one landing between the fork and
+# `self._proc = ...` would leave a QEMU we do not know about. Held back, it is delivered
+# right after Popen returns, with the process on record.
+_LAUNCH_BLOCKED = {signal.SIGINT, signal.SIGTERM}
 
 
 def tail(text: str, lines: int = TAIL_LINES) -> str:
@@ -229,17 +239,21 @@ class Machine:
         if self._stderr_file is None:
             self._stderr_file = self.stderr_path.open("ab")
         log.debug("starting %s", " ".join(argv))
-        self._proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._stderr_file,
-            stderr=self._stderr_file,
-            # Own process group: a Ctrl-C on the terminal reaches us, not QEMU; we tear
-            # it down in order (and killpg reaches anything it forks).
-            process_group=0,
-            preexec_fn=_die_with_parent,
-            close_fds=True,
-        )
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _LAUNCH_BLOCKED)
+        try:
+            self._proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._stderr_file,
+                stderr=self._stderr_file,
+                # Own process group: a Ctrl-C on the terminal reaches us, not QEMU; we tear
+                # it down in order (and killpg reaches anything it forks).
+                process_group=0,
+                preexec_fn=_die_with_parent,
+                close_fds=True,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def _connect_qmp(self, deadline: float) -> None:
         """Poll until QEMU's QMP socket accepts us, failing at once if QEMU exits."""
@@ -497,18 +511,24 @@ class Machine:
         if self.state is MachineState.CLOSED:
             return
         self.state = MachineState.CLOSED
-        self._disconnect()
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._loop_thread is not None:
-                self._loop_thread.join(5.0)
-            if not self._loop.is_running():
-                self._loop.close()
-            self._loop = None
-        self._reap()
-        for fh in (self._stderr_file, self._qmp_log):
-            if fh is not None:
-                fh.close()
-        self._stderr_file = self._qmp_log = None
-        with contextlib.suppress(FileNotFoundError):
-            self.config.qmp_socket.unlink()
+        # Nested finally: a Ctrl-C or SIGTERM landing in the QMP disconnect (which waits)
+        # must still kill QEMU and remove its socket before it propagates.
+        try:
+            self._disconnect()
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                if self._loop_thread is not None:
+                    self._loop_thread.join(5.0)
+                if not self._loop.is_running():
+                    self._loop.close()
+                self._loop = None
+        finally:
+            try:
+                self._reap()
+            finally:
+                for fh in (self._stderr_file, self._qmp_log):
+                    if fh is not None:
+                        fh.close()
+                self._stderr_file = self._qmp_log = None
+                with contextlib.suppress(FileNotFoundError):
+                    self.config.qmp_socket.unlink()
