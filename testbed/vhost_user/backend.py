@@ -15,7 +15,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -314,18 +314,27 @@ class Backend:
         DRIVER_OK, so this insists on DRIVER_OK; wait_driver_ok() first.
         """
         payload = MMap(shmid, fd_offset, shm_offset, length, 1 if writable else 0)
-        return self._channel_request(BackendRequest.SHMEM_MAP, payload, [fd], timeout)
+        return self.channel_request(BackendRequest.SHMEM_MAP, payload.pack(), [fd], timeout=timeout)
 
     def unmap(
         self, shmid: int, shm_offset: int, length: int, *, timeout: float = CHANNEL_REPLY_TIMEOUT
     ) -> int:
         """SHMEM_UNMAP a range of region ``shmid``; returns QEMU's u64 verdict (0 = ok)."""
         payload = MMap(shmid, 0, shm_offset, length, 0)
-        return self._channel_request(BackendRequest.SHMEM_UNMAP, payload, [], timeout)
+        return self.channel_request(BackendRequest.SHMEM_UNMAP, payload.pack(), [], timeout=timeout)
 
-    def _channel_request(
-        self, request: BackendRequest, payload: MMap, fds: list[int], timeout: float
+    def channel_request(
+        self,
+        request: BackendRequest,
+        body: bytes,
+        fds: Sequence[int] = (),
+        *,
+        timeout: float = CHANNEL_REPLY_TIMEOUT,
     ) -> int:
+        """Send ``request`` with an arbitrary ``body`` and ``fds`` on the back-end channel
+        (need_reply set) and return QEMU's u64 verdict. map()/unmap() build well-formed
+        bodies; fault tests pass malformed ones (wrong size, missing fd, odd flags).
+        PeerClosed if QEMU drops the channel instead of answering."""
         with self._cond:
             session = self._session
             if session is None:
@@ -344,7 +353,6 @@ class Backend:
                     "DRIVER_OK (QEMU 11.1.3 crashes otherwise)",
                     request.name,
                 )
-        body = payload.pack()
         header = Header.make(request, len(body), need_reply=True)
         with self._channel_lock:
             try:

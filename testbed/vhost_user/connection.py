@@ -99,7 +99,14 @@ class Connection:
     @classmethod
     def from_fd(cls, fd: OwnedFd, *, backend_channel: bool = True) -> Connection:
         """Wrap a received socket fd (SET_BACKEND_REQ_FD); takes ownership of it."""
-        sock = socket.socket(fileno=fd.take())
+        raw = fd.take()
+        try:
+            sock = socket.socket(fileno=raw)
+        except OSError as exc:
+            # A pipe or memfd where a socket belongs (found by fuzzing): the peer's error,
+            # not ours -- and the fd is still ours to close.
+            os.close(raw)
+            raise ProtocolError(f"SET_BACKEND_REQ_FD: the fd is not a socket ({exc})") from exc
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
             raise ProtocolError("SET_BACKEND_REQ_FD: the fd is not an AF_UNIX stream socket")

@@ -1,0 +1,278 @@
+"""Fuzzing both sides of the vhost-user channels, bounded to a few seconds each.
+
+1. Our back-end's request handling: hypothesis writes arbitrary headers, payloads (random
+   bytes and well-formed bodies with random fields) and fds (memfds, sockets, pipes) down a
+   real socket into a running Backend. It must never die (only drop the connection, as
+   ProtocolError / PeerClosed handling does), and every received fd must be closed when the
+   connection ends: /proc/self/fd is counted before and after each example.
+   (tests/test_protocol.py already proves the pure codecs total; this is the I/O layer.)
+2. QEMU's side of the back-end channel: malformed SHMEM_MAP / SHMEM_UNMAP (bad shmid, zero
+   length, overflowing or unaligned offsets, unknown flags, missing or extra or unmappable
+   fd, wrong payload size) sent to a guest-less QEMU at DRIVER_OK (qtest plays the guest).
+   Each must get an error reply (u64 != 0) and leave QEMU alive with a usable channel.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from testbed.errors import PeerClosed, TestbedError
+from testbed.host.qemu import resolve_qemu
+from testbed.paths import make_private_dir, remove_tree
+from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug
+from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.probe import GuestlessQemu, PciFunctionDriver
+from testbed.vhost_user.protocol import (
+    FLAG_NEED_REPLY,
+    VERSION,
+    BackendRequest,
+    MemoryRegion,
+    MemoryTable,
+    MMap,
+    Request,
+    VringFile,
+    VringState,
+)
+from testbed.vhost_user.shmem import Memfd, ShmemLayout
+
+M = 1 << 20
+U64_MAX = (1 << 64) - 1
+TIMEOUT = 10.0
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def fds_settle(expected: set[str], timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while open_fds() != expected:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    path = make_private_dir("test-fuzz")
+    yield path
+    remove_tree(path)
+
+
+# --- 1. the back-end under arbitrary input ------------------------------------------------
+
+u32 = st.integers(0, 0xFFFFFFFF)
+u64 = st.integers(0, U64_MAX)
+REGION = MemoryRegion(0, 4096, 0x7F0000000000, 0)
+regions = st.builds(MemoryRegion, u64, st.integers(1, 1 << 40), u64, u64)
+bodies = st.one_of(
+    st.just(b""),
+    st.binary(max_size=64),
+    st.binary(min_size=2040, max_size=2100),
+    u64.map(lambda v: struct.pack("<Q", v)),
+    st.builds(VringState, u32, u32).map(lambda v: v.pack()),
+    st.builds(VringFile, st.integers(0, 255), st.booleans()).map(lambda v: v.pack()),
+    st.lists(regions, max_size=8).map(lambda rs: MemoryTable(rs).pack()),
+    st.builds(MMap, st.integers(0, 255), u64, u64, u64, st.integers(0, 3)).map(lambda m: m.pack()),
+)
+# The requests that carry fds or change state get extra weight: that is where fds leak.
+FD_REQUESTS = [
+    Request.SET_BACKEND_REQ_FD,
+    Request.SET_VRING_KICK,
+    Request.SET_VRING_CALL,
+    Request.SET_VRING_ERR,
+    Request.SET_MEM_TABLE,
+    Request.ADD_MEM_REG,
+    Request.REM_MEM_REG,
+]
+requests = st.one_of(st.sampled_from(FD_REQUESTS), st.sampled_from(list(Request)), u32)
+flags = st.one_of(st.sampled_from([VERSION, VERSION | FLAG_NEED_REPLY]), u32)
+
+
+@dataclass(frozen=True)
+class Wire:
+    request: int
+    flags: int
+    body: bytes
+    size_delta: int  # header size minus real body size (0 = consistent)
+    fds: tuple[str, ...]  # kinds of fd to attach
+
+
+wires = st.builds(
+    Wire,
+    requests,
+    flags,
+    bodies,
+    st.one_of(st.just(0), st.just(0), st.integers(-16, 16)),
+    st.lists(st.sampled_from(["memfd", "socket", "pipe"]), max_size=3).map(tuple),
+)
+
+
+def _make_fd(kind: str, keep: list[int]) -> int:
+    if kind == "memfd":
+        fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 4096)
+        keep.append(fd)
+        return fd
+    if kind == "socket":
+        a, b = socket.socketpair()
+        keep += [a.detach(), b.detach()]
+        return keep[-2]
+    r, w = os.pipe()
+    keep += [r, w]
+    return w
+
+
+def _send(sock: socket.socket, wire: Wire) -> None:
+    size = max(0, len(wire.body) + wire.size_delta)
+    data = struct.pack("<III", wire.request, wire.flags, size) + wire.body
+    ours: list[int] = []
+    try:
+        fds = [_make_fd(kind, ours) for kind in wire.fds]
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        sock.sendmsg([data], anc if fds else [])
+    finally:
+        for fd in ours:
+            os.close(fd)
+
+
+def test_backend_survives_arbitrary_input_without_leaking_fds(sockdir: Path) -> None:
+    path = sockdir / "vu.sock"
+    before_all = open_fds()
+    with Backend(path, ShmemLayout({0: 2 * M, 7: 2 * M})) as backend:
+        connections = 0
+
+        @settings(
+            max_examples=150,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(st.lists(wires, min_size=1, max_size=6))
+        # Found by this test: a pipe as the back-end channel killed the serving thread.
+        @example([Wire(Request.SET_BACKEND_REQ_FD, VERSION, b"", 0, ("pipe",))])
+        @example([Wire(Request.SET_BACKEND_REQ_FD, VERSION, b"", 0, ("memfd", "socket"))])
+        @example([Wire(Request.SET_MEM_TABLE, VERSION, MemoryTable([REGION] * 2).pack(), 0,
+                       ("memfd",))])  # fmt: skip
+        def feed(messages: list[Wire]) -> None:
+            nonlocal connections
+            before = open_fds()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(str(path))
+                for wire in messages:
+                    try:
+                        _send(sock, wire)
+                    except (BrokenPipeError, ConnectionResetError):
+                        break  # the back-end dropped us for an earlier message: fine
+            connections += 1
+            # Once the back-end has seen the connection end, it holds none of its fds.
+            backend.wait_disconnected(TIMEOUT, count=connections)
+            assert backend.running, "the back-end thread died"
+            # The message's fds are closed just after the disconnect is recorded.
+            assert fds_settle(before), f"fds leaked by the back-end: {open_fds() - before}"
+
+        feed()
+        assert backend.running
+    assert fds_settle(before_all)
+
+
+# --- 2. QEMU's side of the back-end channel ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadRequest:
+    request: BackendRequest
+    body: bytes
+    fds: tuple[str, ...]  # "memfd", "socket"
+    accepted_by_bug: str = ""  # QEMU 11.1.3 answers 0 (mapped): the known bug, quoted
+
+
+def _mmap(shmid: int, fd_offset: int, shm_offset: int, length: int, flags: int = 1) -> bytes:
+    return MMap(shmid, fd_offset, shm_offset, length, flags).pack()
+
+
+MAP, UNMAP = BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP
+# Layout {0: 2M, 1: 2M}; the memfd is 1 MiB.
+BAD_REQUESTS = {
+    "map-bad-shmid": BadRequest(MAP, _mmap(200, 0, 0, M), ("memfd",)),
+    "map-zero-length": BadRequest(MAP, _mmap(0, 0, 0, 0), ("memfd",)),
+    "map-shm-offset-overflows": BadRequest(MAP, _mmap(0, 0, U64_MAX - 4095, 8192), ("memfd",)),
+    "map-fd-offset-overflows": BadRequest(MAP, _mmap(0, U64_MAX - 4095, 0, 8192), ("memfd",)),
+    "map-length-huge": BadRequest(MAP, _mmap(0, 0, 0, U64_MAX), ("memfd",)),
+    "map-unaligned": BadRequest(MAP, _mmap(0, 1, 1, 4095), ("memfd",)),
+    "map-unknown-flags": BadRequest(
+        MAP, _mmap(0, 0, 0, M, 0xF0), ("memfd",), "SHMEM_MAP ignores unknown flag bits"
+    ),
+    "map-missing-fd": BadRequest(MAP, _mmap(0, 0, 0, M), ()),
+    "map-unmappable-fd": BadRequest(MAP, _mmap(0, 0, 0, M), ("socket",)),
+    "map-short-payload": BadRequest(
+        MAP, _mmap(0, 0, 0, M)[:-8], ("memfd",), "SHMEM_MAP with a 32-byte payload is mapped"
+    ),
+    "map-long-payload": BadRequest(
+        MAP, _mmap(0, 0, 0, M) + bytes(8), ("memfd",), "SHMEM_MAP with a 48-byte payload is mapped"
+    ),
+    "unmap-zero-length": BadRequest(UNMAP, _mmap(0, 0, 0, 0, 0), ()),
+    "unmap-overflows": BadRequest(UNMAP, _mmap(0, 0, U64_MAX - 4095, 8192, 0), ()),
+    "unmap-bad-shmid": BadRequest(UNMAP, _mmap(9, 0, 0, M, 0), ()),
+    "unmap-with-fd": BadRequest(UNMAP, _mmap(0, 0, 0, M, 0), ("memfd",)),
+}
+
+
+@pytest.fixture(scope="module")
+def qemu_x86() -> Path:
+    try:
+        return resolve_qemu("x86_64").path
+    except TestbedError as exc:
+        pytest.skip(f"no QEMU 11.1 for x86_64: {exc}")
+
+
+def _case(name: str) -> object:
+    bug = BAD_REQUESTS[name].accepted_by_bug
+    marks = [known_qemu_bug(f"QEMU 11.1.3: {bug} (answers u64 0)")] if bug else []
+    return pytest.param(name, id=name, marks=marks)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("case", [_case(name) for name in BAD_REQUESTS])
+def test_qemu_refuses_malformed_channel_requests(case: str, qemu_x86: Path, sockdir: Path) -> None:
+    bad = BAD_REQUESTS[case]
+    layout = ShmemLayout({0: 2 * M, 1: 2 * M})
+    with (
+        Backend(sockdir / "vu.sock", layout) as backend,
+        GuestlessQemu(qemu_x86, "x86_64", sockdir / "vu.sock", qtest=True) as qemu,
+        Memfd(M) as mem,
+    ):
+        assert qemu.qtest is not None
+        PciFunctionDriver(qemu.qtest, "x86_64").start_device()
+        backend.wait_driver_ok(TIMEOUT)
+        keep: list[int] = []
+        try:
+            fds = [mem.fileno() if k == "memfd" else _make_fd(k, keep) for k in bad.fds]
+            try:
+                verdict: int | str = backend.channel_request(bad.request, bad.body, fds)
+            except PeerClosed as exc:
+                verdict = f"channel closed: {exc}"
+        finally:
+            for fd in keep:
+                os.close(fd)
+        alive = qemu.returncode is None
+        stderr = qemu.stderr_text()
+        assert alive, f"QEMU died ({qemu.returncode}) on {case}:\n{stderr[-2000:]}"
+        assert isinstance(verdict, int), f"{case}: {verdict}; stderr:\n{stderr}"
+        # The channel still works: a good map and unmap succeed afterwards.
+        assert backend.map(1, 0, M, mem.fileno()) == 0
+        if verdict == 0 and bad.accepted_by_bug:
+            raise KnownQemuBug(f"{case}: {bad.accepted_by_bug}")
+        assert verdict != 0, f"QEMU accepted {case} (u64 0); stderr:\n{stderr}"
+        assert backend.unmap(1, 0, M) == 0
+        assert qemu.qmp("query-status")["status"] == "running"
