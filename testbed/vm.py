@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from testbed.errors import ConfigError
+from testbed.errors import ConfigError, QemuExited
 from testbed.guest.inspect import GuestPciView, inspect_pci
 from testbed.guest.ssh import CommandResult, SSHSession
 from testbed.machine.cmdline import MachineConfig, VhostUserDeviceSpec, build_command
@@ -394,7 +394,18 @@ class GuestVM:
     def run(
         self, command: str | Sequence[str], *, check: bool = False, timeout: float = 60.0
     ) -> CommandResult:
-        return self.ssh.run(command, check=check, timeout=timeout)
+        """Run a command over SSH. If it fails because QEMU died under it, the error is
+        QemuExited (exit status or signal, stderr and console tails), not an SSH error."""
+        try:
+            return self.ssh.run(command, check=check, timeout=timeout)
+        except Exception as exc:
+            if self.machine is not None:
+                self.machine.wait_exited(1.0)  # the SSH EOF can beat QEMU's exit status
+                try:
+                    self.machine.check_alive("under a guest command")
+                except QemuExited as dead:
+                    raise dead from exc
+            raise
 
     def inspect_pci(self) -> GuestPciView:
         return inspect_pci(self.ssh)

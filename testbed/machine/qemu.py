@@ -461,6 +461,11 @@ class Machine:
 
     # -- teardown --------------------------------------------------------------------------
 
+    def wait_exited(self, timeout: float) -> int | None:
+        """Give a dying QEMU up to ``timeout`` s to be reaped; its status, or None if it
+        is still running."""
+        return self._wait_exit(timeout)
+
     def _wait_exit(self, timeout: float) -> int | None:
         if self._proc is None:
             return None

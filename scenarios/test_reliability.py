@@ -1,0 +1,55 @@
+"""Reliability: a QEMU that dies under a scenario is reported as that (signal, stderr and
+console tails), promptly, never as a hang or a generic timeout; a back-end that dies makes
+QEMU's side fail cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from testbed.errors import QemuExited
+from testbed.pytest_plugin import known_qemu_bug, raise_if_known_crash
+from testbed.vm import GuestVM
+
+M = 1 << 20
+PROMPT = 10.0  # seconds: far below every timeout involved (SSH command 60 s, QMP 10 s)
+
+
+def test_qemu_killed_is_reported_as_killed(boot: Callable[..., GuestVM]) -> None:
+    vm = boot(regions={0: 4 * M})
+    assert vm.machine is not None and vm.machine.pid is not None
+    assert vm.run("echo up").returncode == 0
+    os.kill(vm.machine.pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(QemuExited) as caught:
+        vm.run("sleep 30", timeout=60)
+    elapsed = time.monotonic() - started
+    assert elapsed < PROMPT, f"QEMU's death took {elapsed:.1f} s to be noticed"
+    exc = caught.value
+    assert exc.returncode == -signal.SIGKILL
+    assert "SIGKILL" in str(exc), str(exc)
+    assert exc.console_tail, "the last console lines are missing"
+    # QMP says the same, at once.
+    with pytest.raises(QemuExited, match="SIGKILL"):
+        vm.machine.qmp("query-status")
+
+
+@known_qemu_bug(
+    "QEMU 11.1.3 aborts when the vhost-user back-end closes its socket under a running "
+    "guest: memory_region_del_eventfd: Assertion `i != mr->ioeventfd_nb' failed"
+)
+def test_backend_death_leaves_qemu_running(boot: Callable[..., GuestVM]) -> None:
+    vm = boot(regions={0: 4 * M})
+    assert vm.backend is not None and vm.machine is not None
+    vm.backend.close()  # the back-end process dies: its end of the socket closes
+    try:
+        # QEMU should notice the disconnect, keep running and keep the guest usable.
+        assert vm.run("echo alive").stdout.strip() == b"alive"
+        assert vm.machine.qmp("query-status")["status"] == "running"
+    except QemuExited as exc:
+        raise_if_known_crash(exc, "memory_region_del_eventfd: Assertion")
+        raise
