@@ -64,18 +64,20 @@ LIST_SCRIPT = (
 # -- pure parts ----------------------------------------------------------------------------
 
 
-def chardev_add_arguments(chardev_id: str, socket_path: Path) -> dict[str, Any]:
-    """chardev-add arguments: a UNIX socket client (our back-end listens)."""
-    return {
-        "id": chardev_id,
-        "backend": {
-            "type": "socket",
-            "data": {
-                "addr": {"type": "unix", "data": {"path": str(socket_path)}},
-                "server": False,
-            },
-        },
+def chardev_add_arguments(
+    chardev_id: str, socket_path: Path, reconnect_ms: int | None = None
+) -> dict[str, Any]:
+    """chardev-add arguments: a UNIX socket client (our back-end listens); with
+    ``reconnect_ms`` QEMU re-dials a back-end that went away."""
+    data: dict[str, Any] = {
+        "addr": {"type": "unix", "data": {"path": str(socket_path)}},
+        "server": False,
     }
+    if reconnect_ms is not None:
+        if reconnect_ms <= 0:
+            raise ConfigError(f"reconnect_ms {reconnect_ms}: use a positive number of ms")
+        data["reconnect-ms"] = reconnect_ms
+    return {"id": chardev_id, "backend": {"type": "socket", "data": data}}
 
 
 def device_add_arguments(
@@ -232,11 +234,13 @@ class Hotplug:
         port: str | None = None,
         see_timeout: float = SEE_TIMEOUT,
         allow_overfull: bool = False,
+        reconnect_ms: int | None = None,
     ) -> PluggedDevice:
         """Start a back-end serving ``layout`` and hot-plug a device for it.
 
         Returns once the guest lists the new function. A refused device_add raises
         QmpCommandFailed (chardev and back-end cleaned up); QEMU dying raises QemuExited.
+        With ``reconnect_ms`` the chardev re-dials a restarted back-end (restart_backend).
         """
         if self._closed:
             raise StateError("closed", "open", "Hotplug.plug")
@@ -261,7 +265,13 @@ class Hotplug:
         backend.start()
         before = self.guest_test_devices()
         t0 = time.monotonic()
-        self.machine.qmp("chardev-add", chardev_add_arguments(name, backend.socket_path))
+        self.machine.qmp(
+            "chardev-add", chardev_add_arguments(name, backend.socket_path, reconnect_ms)
+        )
+        if reconnect_ms is not None:
+            # A reconnecting chardev connects in the background; device_add talks to the
+            # back-end at once and fails ("Failed to set msg fds") if it is not there yet.
+            backend.wait_connected(DISCONNECT_TIMEOUT)
         try:
             self.machine.qmp(
                 "device_add", device_add_arguments(f"{name}-dev", name, bus, self.virtio_id)
@@ -320,6 +330,29 @@ class Hotplug:
         device.timings.update(device_deleted=result.deleted_after, guest_gone=result.gone_after)
         log.info("unplugged %s: %s", device.name, result)
         return result
+
+    def restart_backend(
+        self, device: PluggedDevice, layout: ShmemLayout | Mapping[int, int] | None = None
+    ) -> Backend:
+        """Close ``device``'s back-end and start a new one on the same socket, serving
+        ``layout`` (default: the same). Only a chardev plugged with reconnect_ms finds it."""
+        if self.plugged.get(device.name) is not device:
+            raise StateError("not plugged", "plugged", f"Hotplug.restart_backend({device.name})")
+        if layout is None:
+            layout = device.layout
+        elif not isinstance(layout, ShmemLayout):
+            layout = ShmemLayout(dict(layout))
+        device.backend.close()
+        generation = sum(b.socket_path == device.backend.socket_path for b in self._backends)
+        backend = Backend(
+            device.backend.socket_path,
+            layout,
+            trace_path=self.logdir / f"{device.name}-{generation}-vhost-user-trace.jsonl",
+        )
+        self._backends.append(backend)
+        backend.start()
+        device.backend = backend
+        return backend
 
     def close(self) -> None:
         """Unplug what is still plugged (best effort: QEMU may be gone), close back-ends."""

@@ -159,6 +159,7 @@ class GuestVM:
         extra_qemu_args: Sequence[str] = (),
         boot_timeout: float = 90.0,
         allow_overfull: bool = False,
+        reconnect_ms: int | None = None,
     ) -> None:
         self.arch = arch
         # A ShmemLayout (its .regions) or a plain {shmid: size}; {} = device without regions.
@@ -186,6 +187,10 @@ class GuestVM:
         self.extra_kernel_args = tuple(extra_kernel_args)
         self.extra_qemu_args = tuple(extra_qemu_args)
         self.boot_timeout = boot_timeout
+        # The device chardev's reconnect-ms: QEMU re-dials the socket after the back-end
+        # goes away, so restart_backend() can bring the device back.
+        self.reconnect_ms = reconnect_ms
+        self._backend_generation = 0
 
         self.run_dir: Path | None = None
         self.logdir: Path | None = None
@@ -250,7 +255,11 @@ class GuestVM:
             devices: tuple[VhostUserDeviceSpec, ...] = ()
             if self.regions is not None:
                 self._start_backend()
-                devices = (VhostUserDeviceSpec("vu0", self.run_dir / BACKEND_SOCKET),)
+                devices = (
+                    VhostUserDeviceSpec(
+                        "vu0", self.run_dir / BACKEND_SOCKET, reconnect_ms=self.reconnect_ms
+                    ),
+                )
             t = self._step("backend", t)
 
             config = MachineConfig(
@@ -296,21 +305,36 @@ class GuestVM:
             raise
         return self
 
-    def _start_backend(self) -> None:
+    def _start_backend(self, regions: Any = None) -> None:
         from testbed.vhost_user.backend import Backend
         from testbed.vhost_user.shmem import ShmemLayout
 
         assert self.run_dir is not None and self.logdir is not None
-        layout = self._regions_arg
+        layout = self._regions_arg if regions is None else regions
         if not isinstance(layout, ShmemLayout):
-            layout = ShmemLayout(dict(self.regions or {}))
+            layout = ShmemLayout(dict(getattr(layout, "regions", layout) or {}))
+        # Each back-end keeps its own trace: a restarted one must not overwrite the first.
+        trace = TRACE_NAME
+        if self._backend_generation:
+            trace = TRACE_NAME.replace(".jsonl", f"-{self._backend_generation}.jsonl")
+        self._backend_generation += 1
         self.backend = Backend(
             self.run_dir / BACKEND_SOCKET,
             layout,
-            trace_path=self.logdir / TRACE_NAME,
+            trace_path=self.logdir / trace,
             faults=self.faults,
         )
         self.backend.start()
+
+    def restart_backend(self, regions: Any = None) -> Any:
+        """Close the back-end and start a new one on the same socket (the same layout, or
+        ``regions``); returns it. QEMU, the socket's client, only finds it again when the
+        chardev reconnects (GuestVM(reconnect_ms=...))."""
+        if self.backend is None:
+            raise ConfigError("this GuestVM has no back-end (regions=None): nothing to restart")
+        self.backend.close()
+        self._start_backend(regions)
+        return self.backend
 
     def _write_reproduce(self, config: MachineConfig) -> None:
         assert self.logdir is not None and self.run_dir is not None

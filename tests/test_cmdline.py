@@ -123,6 +123,18 @@ def test_root_ports_and_vhost_user_devices() -> None:
     assert "socket,id=vu1,path=/run/x/vu1.sock" in chardevs
 
 
+def test_reconnect_ms_goes_on_the_chardev_only() -> None:
+    devs = (
+        VhostUserDeviceSpec("vu0", Path("/s/vu0.sock"), reconnect_ms=250),
+        VhostUserDeviceSpec("vu1", Path("/s/vu1.sock")),
+    )
+    argv = build_command(config(vhost_user_devices=devs))
+    chardevs = option_values(argv, "-chardev")
+    assert "socket,id=vu0,path=/s/vu0.sock,reconnect-ms=250" in chardevs
+    assert "socket,id=vu1,path=/s/vu1.sock" in chardevs
+    assert not any("reconnect" in d for d in option_values(argv, "-device"))
+
+
 def test_explicit_slot_is_skipped_by_automatic_assignment() -> None:
     devs = (
         VhostUserDeviceSpec("a", Path("/s/a"), addr=0x10),
@@ -151,6 +163,10 @@ def test_explicit_slot_is_skipped_by_automatic_assignment() -> None:
                 )
             },
             "unique",
+        ),
+        (
+            {"vhost_user_devices": (VhostUserDeviceSpec("x", Path("/s"), reconnect_ms=0),)},
+            "reconnect_ms",
         ),
     ],
 )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.errors import ParseError
+from testbed.errors import ConfigError, ParseError
 from testbed.hotplug import (
     DEVICE_TYPE,
     ListedFunction,
@@ -37,6 +37,14 @@ def test_chardev_add_is_a_unix_client() -> None:
             },
         },
     }
+
+
+def test_chardev_add_with_reconnect() -> None:
+    args = chardev_add_arguments("hp1", Path("/s/hp1.sock"), reconnect_ms=250)
+    assert args["backend"]["data"]["reconnect-ms"] == 250
+    assert args["backend"]["data"]["server"] is False
+    with pytest.raises(ConfigError, match="reconnect_ms"):
+        chardev_add_arguments("hp1", Path("/s/hp1.sock"), reconnect_ms=0)
 
 
 def test_device_add_goes_behind_the_port() -> None:

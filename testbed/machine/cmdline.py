@@ -35,6 +35,9 @@ class VhostUserDeviceSpec:
     """None: the root bus (up to 3 shared-memory regions fit there on QEMU 11.1.3)."""
     addr: int | None = None
     """PCI slot; None: the next free one (root bus) or 0 (behind a root port)."""
+    reconnect_ms: int | None = None
+    """The chardev's reconnect-ms: QEMU re-dials a back-end that went away, every this many
+    ms. None: no reconnect (a lost back-end stays lost)."""
 
     @property
     def device_id(self) -> str:
@@ -133,6 +136,12 @@ def validate(config: MachineConfig) -> None:
             )
         if dev.virtio_id <= 0:
             raise ConfigError(f"device {dev.id}: virtio-id must be a positive virtio device id")
+        if dev.reconnect_ms is not None and dev.reconnect_ms <= 0:
+            # QEMU reads reconnect-ms=0 as "no reconnect": say so rather than pass it on.
+            raise ConfigError(
+                f"device {dev.id}: reconnect_ms {dev.reconnect_ms}: use a positive number "
+                "of milliseconds, or None for no reconnect"
+            )
 
 
 def _root_slots(config: MachineConfig) -> dict[str, int]:
@@ -227,9 +236,12 @@ def build_command(config: MachineConfig, *, paused: bool = False) -> list[str]:
             bus, addr = root, slots[dev.id]
         else:
             bus, addr = dev.bus or root, dev.addr or 0
+        chardev = f"socket,id={dev.id},path={dev.socket}"
+        if dev.reconnect_ms is not None:
+            chardev += f",reconnect-ms={dev.reconnect_ms}"
         argv += [
             "-chardev",
-            f"socket,id={dev.id},path={dev.socket}",
+            chardev,
             "-device",
             f"vhost-user-test-device-pci,id={dev.device_id},chardev={dev.id},"
             f"virtio-id={dev.virtio_id},num_vqs={dev.num_vqs},bus={bus},addr={addr:#x}",
