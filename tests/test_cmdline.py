@@ -280,3 +280,14 @@ def test_machine_retries_taken_ssh_port(rundir: Path) -> None:
             assert (
                 "Could not set up host forwarding rule" in (rundir / "qemu-stderr.log").read_text()
             )
+
+
+def test_free_tcp_port_never_hands_out_a_port_twice() -> None:
+    """Threads starting VMs at once must not get the same port (the kernel can offer a
+    port again as soon as our probe socket closes, long before QEMU binds it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        ports = list(pool.map(lambda _: free_tcp_port(), range(200)))
+    assert len(set(ports)) == len(ports)
+    assert all(0 < p < 65536 for p in ports)

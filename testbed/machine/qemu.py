@@ -34,6 +34,7 @@ from qemu.qmp.message import Message
 
 from testbed.errors import (
     ConsoleFailure,
+    HostCapabilityError,
     QemuExited,
     QmpCommandFailed,
     StateError,
@@ -63,15 +64,30 @@ TAIL_LINES = 20
 _PR_SET_PDEATHSIG = 1
 
 
-def free_tcp_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (QEMU's hostfwd needs a number).
+# Ports handed out by this process. Between free_tcp_port() and QEMU's bind the port is
+# free again, so the kernel may offer it to the next caller (another VM started from
+# another thread): remembering them keeps two VMs of one process off the same port.
+# Another process can still take one: Machine.start retries on that clash.
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+_PORT_PROBES = 64
 
-    Another process can take it before QEMU binds it; Machine.start retries on that clash.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago and that this process never
+    handed out before (QEMU's hostfwd needs a number, it cannot take port 0)."""
+    with _handed_out_lock:
+        for _ in range(_PORT_PROBES):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port: int = sock.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise HostCapabilityError(
+        f"no fresh TCP port on 127.0.0.1 after {_PORT_PROBES} tries ({len(_handed_out)} "
+        "already handed out): check the ephemeral port range (net.ipv4.ip_local_port_range)"
+    )
 
 
 def _die_with_parent() -> None:
