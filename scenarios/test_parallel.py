@@ -1,0 +1,111 @@
+"""Parallel isolation: 4 scenarios at once on a 2-core machine share no port, socket or
+run dir, and none fails (for lack of a free port or anything else).
+
+The four run as a real `pytest -n 4` in a child process (what `make e2e WORKERS=4` does),
+with their artifacts kept in a private results dir; their qemu-cmdline.txt files say
+which hostfwd port, QMP socket, back-end socket and run dir each one used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from testbed.paths import PROJECT_ROOT
+
+pytestmark = [pytest.mark.e2e, pytest.mark.arches("x86_64")]
+
+LAYOUTS = ("one", "two", "none", "sparse-1")
+WORKERS = 4
+# 4 TCG guests on 2 cores boot in ~10-20 s each; generous, but a hang must end.
+CHILD_TIMEOUT = 420.0
+
+_HOSTFWD = re.compile(r"hostfwd=tcp:127\.0\.0\.1:(\d+)-:22")
+_QMP = re.compile(r"-qmp '?unix:([^,']+)")
+_CHARDEV_SOCKET = re.compile(r"-chardev '?socket,id=[^,]+,path=([^,' ]+)")
+
+
+@dataclass(frozen=True)
+class VmResources:
+    """What one VM held, read back from its qemu-cmdline.txt."""
+
+    cmdline: Path
+    ssh_port: int
+    qmp_socket: Path
+    backend_sockets: tuple[Path, ...]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.qmp_socket.parent
+
+
+def parse_cmdline(path: Path) -> VmResources:
+    """Ports and sockets of format_command()'s output (one option per line). Pure but for
+    reading the file."""
+    text = path.read_text()
+    port = _HOSTFWD.search(text)
+    qmp = _QMP.search(text)
+    assert port and qmp, f"{path}: no hostfwd port or QMP socket in\n{text}"
+    sockets = tuple(Path(m) for m in _CHARDEV_SOCKET.findall(text))
+    return VmResources(path, int(port.group(1)), Path(qmp.group(1)), sockets)
+
+
+def run_child(argv: list[str], env: dict[str, str], log: Path, timeout: float) -> int:
+    """Run ``argv`` in its own process group; on timeout or on our own interruption, kill
+    the whole group (pytest, its xdist workers, their QEMUs) so nothing outlives us."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT,
+            process_group=0,
+        )  # fmt: skip
+        try:
+            return proc.wait(timeout)
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def test_four_scenarios_at_once(arch: str, artifacts: Path) -> None:
+    results = artifacts / "child-results"
+    node_ids = [f"scenarios/test_coldplug.py::test_layout[{arch}-{name}]" for name in LAYOUTS]
+    junit = results / "junit.xml"
+    argv = [
+        sys.executable, "-m", "pytest", "-n", str(WORKERS), "-p", "no:randomly",
+        "-p", "no:cacheprovider", "--keep-artifacts", "--arch", arch,
+        f"--junitxml={junit}", *node_ids,
+    ]  # fmt: skip
+    env = {**os.environ, "TESTBED_RESULTS": str(results)}
+    log = artifacts / "child-pytest.log"
+    code = run_child(argv, env, log, CHILD_TIMEOUT)
+    output = log.read_text(errors="replace")
+    assert code == 0, f"`{shlex.join(argv)}` exited {code}:\n{output[-4000:]}"
+
+    suites = ET.parse(junit).getroot()
+    cases = list(suites.iter("testcase"))
+    bad = [c.get("name") for c in cases if any(e.tag in ("failure", "error", "skipped") for e in c)]
+    assert len(cases) == len(LAYOUTS) and not bad, f"not all passed: {bad}\n{output[-4000:]}"
+
+    vms = [parse_cmdline(p) for p in sorted(results.glob("artifacts/*/qemu-cmdline.txt"))]
+    assert len(vms) == len(LAYOUTS), f"want {len(LAYOUTS)} qemu-cmdline.txt, got {vms}"
+    ports = [vm.ssh_port for vm in vms]
+    run_dirs = [vm.run_dir for vm in vms]
+    sockets = [s for vm in vms for s in (vm.qmp_socket, *vm.backend_sockets)]
+    assert len(set(ports)) == len(ports), f"two VMs shared a hostfwd port: {ports}"
+    assert len(set(run_dirs)) == len(run_dirs), f"two VMs shared a run dir: {run_dirs}"
+    assert len(set(sockets)) == len(sockets), f"two VMs shared a socket: {sockets}"
+    # Every one has a back-end ("none" too: a device that serves no region).
+    assert all(len(vm.backend_sockets) == 1 for vm in vms), vms
+    leftovers = [d for d in run_dirs if d.exists()]
+    assert not leftovers, f"run dirs outlived their VMs: {leftovers}"
