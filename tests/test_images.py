@@ -71,6 +71,16 @@ def test_cpio_is_deterministic_and_order_independent() -> None:
     assert cpio.read_cpio(gzip.decompress(a))[0].path == "bin"
 
 
+def test_initrd_compression_choices() -> None:
+    raw = cpio.write_cpio(_sample())
+    assert cpio.compress_initrd(raw, "none") == raw
+    assert cpio.compress_initrd(raw, "gzip") == cpio.gzip_reproducible(raw)
+    for compression in ("none", "gzip"):
+        assert cpio.read_initrd(cpio.compress_initrd(raw, compression)) == cpio.read_cpio(raw)
+    with pytest.raises(ProvisionError, match="initrd compression 'zstd'"):
+        cpio.compress_initrd(raw, "zstd")
+
+
 def test_cpio_rejects_duplicates_and_bad_paths() -> None:
     with pytest.raises(ProvisionError, match="added twice"):
         cpio.write_cpio([cpio.CpioEntry.file("a", b"1"), cpio.CpioEntry.file("/a", b"2")])
@@ -301,6 +311,17 @@ def test_recipe_errors_name_the_field() -> None:
         recipe.parse_recipe(data, "x.json", "x86_64")
 
 
+def test_recipe_initrd_compression() -> None:
+    data = _recipe_data()
+    # the shipped recipe boots an uncompressed initrd (no inflate under TCG)
+    assert recipe.parse_recipe(data, "x.json", "x86_64").initrd_compression == "none"
+    del data["initrd_compression"]
+    assert recipe.parse_recipe(data, "x.json", "x86_64").initrd_compression == "gzip"
+    data["initrd_compression"] = "lz4"
+    with pytest.raises(ConfigError, match="'initrd_compression' is 'lz4'; use one of gzip, none"):
+        recipe.parse_recipe(data, "x.json", "x86_64")
+
+
 def test_recipe_kernel_suite() -> None:
     data = _recipe_data()
     kernel = data["kernel"]
@@ -399,7 +420,7 @@ def test_rebuild_from_cached_debs_is_byte_identical(
     assert second.initrd.read_bytes() == initrd
     assert second.kernel.read_bytes()[:4] == b"\x7fELF"
     assert stat.S_IMODE(second.client_key.stat().st_mode) == 0o600
-    entries = {e.path: e for e in cpio.read_cpio(gzip.decompress(initrd))}
+    entries = {e.path: e for e in cpio.read_initrd(initrd)}
     assert entries["root/.ssh/authorized_keys"].data.decode().startswith("ssh-ed25519 ")
     assert stat.S_IMODE(entries["root"].mode) == 0o700
     assert (

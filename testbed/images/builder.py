@@ -35,7 +35,7 @@ from testbed import paths
 from testbed.errors import ConfigError, ProvisionError
 from testbed.images import elf, kernel, keys, kmod, stublib
 from testbed.images.apt import AptState, PackageInfo, depends_names, extract_deb
-from testbed.images.cpio import CpioEntry, gzip_reproducible, write_cpio
+from testbed.images.cpio import CpioEntry, compress_initrd, write_cpio
 from testbed.images.recipe import Recipe, load_recipe, sha256_hex
 
 BUILDER_VERSION = "2"
@@ -60,7 +60,7 @@ class GuestImage:
 
     arch: str
     kernel: Path  # x86_64: ELF vmlinux (PVH direct boot); aarch64: uncompressed Image
-    initrd: Path  # gzip'ed newc cpio
+    initrd: Path  # newc cpio, gzip'ed or not (recipe's initrd_compression)
     client_key: Path  # OpenSSH ed25519 private key (0600) authorised for root
     host_public_key: Path  # the guest's host public key line, for pinning
     host_key_line: str  # "ssh-ed25519 AAAA..." (same as host_public_key's content)
@@ -543,7 +543,7 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
     for entry in mod_entries:
         contents.add(entry)
     say(f"{arch}: modules to load: {' '.join(order) or '(none: all built in)'}")
-    initrd = gzip_reproducible(write_cpio(contents.entries.values()))
+    initrd = compress_initrd(write_cpio(contents.entries.values()), recipe.initrd_compression)
     kernel_bytes = kernel.guest_kernel(arch, ktree.vmlinuz.read_bytes())
     kernel_name = "vmlinux" if arch == "x86_64" else "Image"
 

@@ -111,6 +111,20 @@ def gzip_reproducible(data: bytes, level: int = 6) -> bytes:
     return gzip.compress(data, compresslevel=level, mtime=0)
 
 
+def compress_initrd(data: bytes, compression: str) -> bytes:
+    """The cpio as the kernel gets it: "gzip" (reproducible) or "none" (as is)."""
+    if compression == "gzip":
+        return gzip_reproducible(data)
+    if compression == "none":
+        return data
+    raise ProvisionError(f"unknown initrd compression {compression!r}: use gzip or none")
+
+
+def read_initrd(data: bytes) -> list[CpioEntry]:
+    """The entries of an initrd written by compress_initrd (gzip'ed or not)."""
+    return read_cpio(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+
+
 def read_cpio(data: bytes) -> list[CpioEntry]:
     """Parse a newc archive (for tests and `images show`); stops at the trailer."""
     entries: list[CpioEntry] = []

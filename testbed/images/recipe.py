@@ -17,6 +17,9 @@ from testbed.errors import ConfigError
 SUPPORTED_ARCHES = ("x86_64", "aarch64")
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _READY_RE = re.compile(r"^[A-Z0-9][A-Z0-9_-]{7,}$")
+INITRD_COMPRESSIONS = ("gzip", "none")
+""""none" boots faster under TCG: the kernel copies the cpio instead of inflating it
+(~0.3-0.4 s of emulated CPU for ~10 MB), and QEMU loads the bigger file in milliseconds."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,8 @@ class Recipe:
     stub_libraries: sonames to replace with a generated do-nothing library (see
       testbed.images.stublib), each with the functions that must return non-NULL;
     modules: kernel modules to load at boot (their dependencies are added);
-    cmdline: the kernel command line; ready_line: what /init prints once sshd listens.
+    cmdline: the kernel command line; ready_line: what /init prints once sshd listens;
+    initrd_compression: "gzip" or "none" (see INITRD_COMPRESSIONS).
     """
 
     arch: str
@@ -51,6 +55,7 @@ class Recipe:
     modules: tuple[str, ...]
     cmdline: str
     ready_line: str
+    initrd_compression: str = "gzip"
 
     def canonical(self) -> str:
         """A stable text form for hashing."""
@@ -101,6 +106,7 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         "modules",
         "cmdline",
         "ready_line",
+        "initrd_compression",
         "comment",
     }
     unknown = sorted(set(data) - known)
@@ -152,6 +158,12 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
             f"{where}: 'ready_line' {ready!r} must be one unmistakable token "
             "(upper case, digits, '-', '_', at least 8 characters)"
         )
+    compression = data.get("initrd_compression", "gzip")
+    if compression not in INITRD_COMPRESSIONS:
+        raise ConfigError(
+            f"{where}: 'initrd_compression' is {compression!r}; "
+            f"use one of {', '.join(INITRD_COMPRESSIONS)}"
+        )
     return Recipe(
         arch=arch,
         suite=suite,
@@ -166,6 +178,7 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         modules=_str_list(data, "modules", where, allow_empty=True),
         cmdline=cmdline,
         ready_line=ready,
+        initrd_compression=compression,
     )
 
 
