@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from testbed.errors import (
@@ -34,6 +33,7 @@ from testbed.errors import (
 )
 from testbed.guest.pci import VIRTIO_VENDOR
 from testbed.machine.cmdline import DEFAULT_VIRTIO_ID, root_port_id
+from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.shmem import ShmemLayout
@@ -160,7 +160,7 @@ class UnplugResult:
     """Seconds from device_del until the guest no longer listed the function."""
 
 
-class Hotplug:
+class Hotplug(Closeable):
     """Plugs test devices into ``vm``'s empty root ports (GuestVM(root_ports=N)).
 
     Use as a context manager; ``close()`` is idempotent.
@@ -180,17 +180,6 @@ class Hotplug:
         self._backends: list[Backend] = []
         self._count = 0
         self._closed = False
-
-    def __enter__(self) -> Hotplug:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- guest view ------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from testbed.errors import ProvisionError, QemuExited, StateError, WaitTimeout
 from testbed.machine.cmdline import DEFAULT_VIRTIO_ID, MachineConfig, build_command
 from testbed.machine.qemu import free_tcp_port
 from testbed.paths import PROJECT_ROOT, cache_dir, make_private_dir, remove_tree
+from testbed.resource import Closeable
 from testbed.verdict import compare_layout, find_test_devices, lspci_for
 from testbed.vm import GuestVM
 
@@ -314,7 +315,7 @@ def testbed_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "testbed", *args]
 
 
-class FreshCache:
+class FreshCache(Closeable):
     """A new, empty TESTBED_CACHE beside the real one (same file system, so the downloaded
     .debs can be hard-linked in); removed on close()."""
 
@@ -337,8 +338,3 @@ class FreshCache:
     def close(self) -> None:
         remove_tree(self.path)
 
-    def __enter__(self) -> FreshCache:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

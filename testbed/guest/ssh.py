@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 
 import paramiko
 
 from testbed.errors import ConfigError, GuestCommandFailed, StateError, WaitTimeout
+from testbed.resource import Closeable
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _load_client_key(path: Path) -> paramiko.PKey:
         ) from exc
 
 
-class SSHSession:
+class SSHSession(Closeable):
     """One authenticated SSH connection to the guest. Use as a context manager."""
 
     def __init__(self, client: paramiko.SSHClient, host: str, port: int) -> None:
@@ -159,17 +160,6 @@ class SSHSession:
                 client.close()
                 last = exc
             time.sleep(RETRY_INTERVAL)
-
-    def __enter__(self) -> SSHSession:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         client, self._client = self._client, None

@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient
@@ -42,6 +41,7 @@ from testbed.errors import (
     WaitTimeout,
 )
 from testbed.machine.cmdline import MachineConfig, build_command, format_command
+from testbed.resource import Closeable
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class MachineState(enum.Enum):
     CLOSED = "closed"
 
 
-class Machine:
+class Machine(Closeable):
     """One QEMU process with QMP, console log and events. Use as a context manager."""
 
     def __init__(
@@ -191,17 +191,6 @@ class Machine:
         self.returncode: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> Machine:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def pid(self) -> int | None:

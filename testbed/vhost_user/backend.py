@@ -18,9 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from testbed.errors import PeerClosed, ProtocolError, StateError, TestbedError, WaitTimeout
+from testbed.resource import Closeable
 from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.connection import Connection, Listener, Message, OwnedFd
 from testbed.vhost_user.faults import NO_FAULTS, Faults
@@ -114,7 +114,7 @@ class Session:
         return any(r in self.requests for r in (Request.SET_MEM_TABLE, Request.ADD_MEM_REG))
 
 
-class Backend:
+class Backend(Closeable):
     """vhost-user back-end for vhost-user-test-device(-pci), serving ``layout``.
 
     Listen mode (default): we own ``socket_path`` (in a 0700 dir); QEMU connects as client,
@@ -210,14 +210,6 @@ class Backend:
 
     def __enter__(self) -> Backend:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- observable state -----------------------------------------------------------------
 

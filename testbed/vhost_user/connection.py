@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, WaitTimeout
+from testbed.resource import Closeable
 from testbed.vhost_user.protocol import HEADER_SIZE, MAX_FDS, Header
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 _FD_SIZE = array.array("i").itemsize
 
 
-class OwnedFd:
+class OwnedFd(Closeable):
     """A received fd that we own. close() is idempotent; take() hands ownership on."""
 
     def __init__(self, fd: int) -> None:
@@ -53,12 +53,6 @@ class OwnedFd:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def __enter__(self) -> OwnedFd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"OwnedFd({self._fd})"
 
@@ -69,7 +63,7 @@ def close_all(fds: Iterable[OwnedFd]) -> None:
 
 
 @dataclass
-class Message:
+class Message(Closeable):
     """One received message. The fds stay owned here until a handler takes or closes them."""
 
     header: Header
@@ -79,14 +73,8 @@ class Message:
     def close(self) -> None:
         close_all(self.fds)
 
-    def __enter__(self) -> Message:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class Connection:
+class Connection(Closeable):
     """One vhost-user channel (front-end socket, or the back-end request channel)."""
 
     def __init__(
@@ -212,19 +200,8 @@ class Connection:
         if sock is not None:
             sock.close()
 
-    def __enter__(self) -> Connection:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class Listener:
+class Listener(Closeable):
     """A listening UNIX socket (QEMU connects as client). Removes its path on close()."""
 
     def __init__(self, path: Path) -> None:
@@ -264,12 +241,6 @@ class Listener:
             sock.close()
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-
-    def __enter__(self) -> Listener:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def connect(

@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -32,6 +31,7 @@ from testbed.errors import (
     WaitTimeout,
 )
 from testbed.paths import make_private_dir, remove_tree
+from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import Request
@@ -286,7 +286,7 @@ class PciFunctionDriver:
         self.qtest.writeb(status, 0xF)  # DRIVER_OK
 
 
-class GuestlessQemu:
+class GuestlessQemu(Closeable):
     """One guest-less QEMU process with QMP (and optionally qtest). Context manager;
     close() is idempotent and kills what is left."""
 
@@ -468,14 +468,6 @@ class GuestlessQemu:
 
     def __enter__(self) -> GuestlessQemu:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)

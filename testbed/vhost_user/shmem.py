@@ -11,9 +11,9 @@ import mmap
 import os
 import re
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from testbed.errors import ConfigError, StateError
+from testbed.resource import Closeable
 from testbed.vhost_user.protocol import MAX_SHMEM_REGIONS, ShMemConfig
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -121,7 +121,7 @@ class ShmemLayout:
         return bool(self.regions)
 
 
-class Memfd:
+class Memfd(Closeable):
     """An anonymous file (memfd) of a fixed size: the memory a back-end maps into a region.
 
     Owns its fd; close() is idempotent. ``fileno()`` lends the fd (e.g. for SCM_RIGHTS: the
@@ -159,13 +159,3 @@ class Memfd:
         if fd is not None:
             os.close(fd)
 
-    def __enter__(self) -> Memfd:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -12,10 +12,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 from testbed.errors import ProtocolError
+from testbed.resource import Closeable
 from testbed.vhost_user.protocol import Header, decode_payload, request_name
 
 FROM_QEMU = "qemu->backend"
@@ -64,7 +64,7 @@ class TraceEntry:
         return data
 
 
-class Trace:
+class Trace(Closeable):
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
@@ -116,13 +116,3 @@ class Trace:
         if f is not None:
             f.close()
 
-    def __enter__(self) -> Trace:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
