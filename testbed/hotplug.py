@@ -56,7 +56,7 @@ DISCONNECT_TIMEOUT = 15.0
 # One line per function: bdf vendor device driver ("-" when unbound).
 LIST_SCRIPT = (
     "for d in /sys/bus/pci/devices/*; do "
-    'if [ -e $d/driver ]; then drv=$(basename $(readlink $d/driver)); else drv=-; fi; '
+    "if [ -e $d/driver ]; then drv=$(basename $(readlink $d/driver)); else drv=-; fi; "
     'echo "${d##*/} $(cat $d/vendor) $(cat $d/device) $drv"; done'
 )
 
@@ -209,9 +209,7 @@ class Hotplug(Closeable):
         for i in range(self.vm.root_ports):
             if root_port_id(i) not in used:
                 return root_port_id(i)
-        raise ConfigError(
-            f"all {self.vm.root_ports} root ports are taken: unplug one or boot more"
-        )
+        raise ConfigError(f"all {self.vm.root_ports} root ports are taken: unplug one or boot more")
 
     # -- plug / unplug ---------------------------------------------------------------------
 

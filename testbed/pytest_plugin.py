@@ -171,7 +171,6 @@ def pytest_runtest_makereport(
     return report
 
 
-
 # --- the pass/fail table by scenario x architecture -------------------------------------
 
 _ARCH_IN_ID = re.compile(r"\[(.*?)\]$")

@@ -62,9 +62,7 @@ class LayoutVerdict:
 def _fmt(caps: list[VirtioShmCap]) -> str:
     if not caps:
         return "none"
-    return ", ".join(
-        f"shmid {c.shmid}: BAR {c.bar} +{c.offset:#x} len {c.length:#x}" for c in caps
-    )
+    return ", ".join(f"shmid {c.shmid}: BAR {c.bar} +{c.offset:#x} len {c.length:#x}" for c in caps)
 
 
 def compare_layout(
@@ -94,9 +92,7 @@ def compare_layout(
             unassigned = True
             mismatches.append("BAR 4 not assigned by the guest (no address in its window)")
         else:
-            mismatches.append(
-                f"BAR 4 missing: want a 64-bit prefetchable BAR of {total:#x} bytes"
-            )
+            mismatches.append(f"BAR 4 missing: want a 64-bit prefetchable BAR of {total:#x} bytes")
     else:
         if bar.size != total:
             mismatches.append(f"BAR 4 size {bar.size:#x}, want the regions' total {total:#x}")
@@ -119,11 +115,14 @@ def compare_layout(
 
     dmesg_lines: tuple[str, ...] = ()
     if unassigned:
-        dmesg_lines = tuple(
-            line.strip()
-            for line in dmesg.splitlines()
-            if device.bdf in line and _BAR_DMESG.search(line)
-        ) or tuple(line.strip() for line in dmesg.splitlines() if _BAR_DMESG.search(line))[-8:]
+        dmesg_lines = (
+            tuple(
+                line.strip()
+                for line in dmesg.splitlines()
+                if device.bdf in line and _BAR_DMESG.search(line)
+            )
+            or tuple(line.strip() for line in dmesg.splitlines() if _BAR_DMESG.search(line))[-8:]
+        )
     return LayoutVerdict(device.bdf, tuple(mismatches), unassigned, dmesg_lines)
 
 

@@ -337,4 +337,3 @@ class FreshCache(Closeable):
 
     def close(self) -> None:
         remove_tree(self.path)
-

@@ -160,22 +160,23 @@ def driver_ok_script(common_cfg: int) -> str:
     devmem stops it)."""
     status = common_cfg + DEVICE_STATUS
     select, feature = common_cfg + DRIVER_FEATURE_SELECT, common_cfg + DRIVER_FEATURE
-    return "\n".join(
-        [
-            "set -e",
-            f"devmem {status:#x} 8 0",  # reset first: start from a known state
-            f"devmem {status:#x} 8 {STATUS_ACKNOWLEDGE:#x}",
-            f"devmem {status:#x} 8 {STATUS_ACKNOWLEDGE | STATUS_DRIVER:#x}",
-            f"devmem {select:#x} 32 1",
-            f"devmem {feature:#x} 32 {VERSION_1_HIGH_WORD:#x}",
-            f"devmem {select:#x} 32 0",
-            f"devmem {feature:#x} 32 0",
-            f"devmem {status:#x} 8 {STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK:#x}",
-            f"devmem {status:#x} 8",
-            f"devmem {status:#x} 8 {STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK:#x}",  # noqa: E501
-            f"devmem {status:#x} 8",
-        ]
-    ) + "\n"
+    acked = STATUS_ACKNOWLEDGE | STATUS_DRIVER
+    features_ok = acked | STATUS_FEATURES_OK
+    lines = [
+        "set -e",
+        f"devmem {status:#x} 8 0",  # reset first: start from a known state
+        f"devmem {status:#x} 8 {STATUS_ACKNOWLEDGE:#x}",
+        f"devmem {status:#x} 8 {acked:#x}",
+        f"devmem {select:#x} 32 1",
+        f"devmem {feature:#x} 32 {VERSION_1_HIGH_WORD:#x}",
+        f"devmem {select:#x} 32 0",
+        f"devmem {feature:#x} 32 0",
+        f"devmem {status:#x} 8 {features_ok:#x}",
+        f"devmem {status:#x} 8",
+        f"devmem {status:#x} 8 {features_ok | STATUS_DRIVER_OK:#x}",
+        f"devmem {status:#x} 8",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def parse_status_lines(text: str, count: int) -> list[int]:

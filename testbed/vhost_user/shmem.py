@@ -158,4 +158,3 @@ class Memfd(Closeable):
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
-

@@ -115,4 +115,3 @@ class Trace(Closeable):
             f, self._file = self._file, None
         if f is not None:
             f.close()
-
