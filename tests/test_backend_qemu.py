@@ -16,6 +16,7 @@ import pytest
 from testbed.errors import QemuExited, StateError, TestbedError
 from testbed.host.qemu import resolve_qemu
 from testbed.paths import make_private_dir, remove_tree
+from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug, raise_if_known_crash
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.probe import (
@@ -177,45 +178,52 @@ def test_size_not_a_page_multiple_is_refused(sockdir: Path) -> None:
         assert backend.wait_disconnected(TIMEOUT) is DisconnectKind.CLEAN
 
 
-def test_total_not_a_power_of_two_aborts_qemu(sockdir: Path) -> None:
-    """Known QEMU 11.1.3 bug: an assertion instead of an error."""
-    faults = Faults(shmem_raw_sizes={0: 4 * M, 1: 16 * M})
-    with Backend(sockdir / "vu.sock", ShmemLayout(), faults=faults):
+def _expect_clean_refusal(faults: Faults, layout: ShmemLayout, sockdir: Path, crash: str) -> None:
+    """QEMU must refuse the back-end (exit 1); the known 11.1.3 crash becomes KnownQemuBug."""
+    with Backend(sockdir / "vu.sock", layout, faults=faults):
         qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
         with pytest.raises(QemuExited) as info:
             qemu.start()
-        assert info.value.returncode == -6
-        assert "is_power_of_2(size)" in info.value.stderr_tail
+        raise_if_known_crash(info.value, crash)
+        assert info.value.returncode == 1, f"QEMU did not refuse cleanly: {info.value}"
 
 
+@known_qemu_bug("QEMU 11.1.3 aborts: pci_register_bar: Assertion `is_power_of_2(size)' failed")
+def test_total_not_a_power_of_two_is_refused(sockdir: Path) -> None:
+    faults = Faults(shmem_raw_sizes={0: 4 * M, 1: 16 * M})
+    _expect_clean_refusal(faults, ShmemLayout(), sockdir, "is_power_of_2(size)")
+
+
+@known_qemu_bug("QEMU 11.1.3 reports the bad reply, then aborts in vub_get_features")
 @pytest.mark.parametrize(
     "faults",
     [Faults(shmem_reply_flags=0xD), Faults(disconnect_at=Request.GET_SHMEM_CONFIG)],
     ids=["wrong-reply-flags", "disconnect-at-44"],
 )
-def test_failed_shmem_config_aborts_qemu(faults: Faults, sockdir: Path) -> None:
-    """QEMU 11.1.3 reports the bad reply, then aborts in vub_get_features instead of
-    failing realize cleanly."""
-    with Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M}), faults=faults):
-        qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
-        with pytest.raises(QemuExited) as info:
-            qemu.start()
-        assert info.value.returncode == -6
-        assert "Failed to read msg header" in info.value.stderr_tail
+def test_failed_shmem_config_is_refused(faults: Faults, sockdir: Path) -> None:
+    layout = ShmemLayout({0: 4 * M})
+    _expect_clean_refusal(faults, layout, sockdir, "vub_get_features: assertion failed")
 
 
-def test_truncated_shmem_config_is_accepted(sockdir: Path) -> None:
-    """QEMU 11.1.3 takes a 100-byte GET_SHMEM_CONFIG reply (of 2056) without complaint."""
+@known_qemu_bug("QEMU 11.1.3 accepts a 100-byte GET_SHMEM_CONFIG reply (of 2056) silently")
+def test_truncated_shmem_config_is_refused(sockdir: Path) -> None:
     faults = Faults(shmem_truncate=100)
-    with (
-        Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M}), faults=faults) as b,
-        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu,
-    ):
-        b.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
-        reply = [e for e in b.trace.entries() if e.direction == TO_QEMU][-1]
-        assert (reply.name, reply.size) == ("GET_SHMEM_CONFIG", 100)
-        bar4 = pci_bar(qemu.pci_device(), 4)
-        assert bar4 is not None and bar4["size"] == 4 * M
+    with Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M}), faults=faults) as b:
+        qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
+        try:
+            qemu.start()
+        except QemuExited as exc:
+            assert exc.returncode == 1, f"QEMU did not refuse cleanly: {exc}"
+            return
+        try:
+            b.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+            reply = [e for e in b.trace.entries() if e.direction == TO_QEMU][-1]
+            assert (reply.name, reply.size) == ("GET_SHMEM_CONFIG", 100)
+            bar4 = pci_bar(qemu.pci_device(), 4)
+            assert bar4 is not None and bar4["size"] == 4 * M
+            raise KnownQemuBug("QEMU built BAR 4 from a truncated GET_SHMEM_CONFIG reply")
+        finally:
+            qemu.close()
 
 
 def test_reconnect_gets_a_fresh_session(sockdir: Path) -> None:
