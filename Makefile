@@ -35,11 +35,14 @@ setup:
 fast: setup
 	$(BIN)/pytest tests -n $(WORKERS) -q $(PYTEST_ARGS)
 
+# Each run's artifacts describe that run only: the previous run's are removed first.
 test: setup
 	$(BIN)/pytest tests -n $(WORKERS) -q $(PYTEST_ARGS)
+	rm -rf $(RESULTS)/artifacts
 	$(BIN)/pytest scenarios -n $(WORKERS) $(PYTEST_ARGS)
 
 e2e: setup
+	rm -rf $(RESULTS)/artifacts
 	$(BIN)/pytest scenarios -n $(WORKERS) $(PYTEST_ARGS)
 
 nightly: setup
