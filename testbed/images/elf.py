@@ -64,34 +64,15 @@ def interpreter(data: bytes, what: str = "binary") -> str | None:
 def needed_libraries(data: bytes, what: str = "binary") -> list[str]:
     """DT_NEEDED sonames in file order; [] for a static binary."""
     elf = _open(data, what)
-    segments = _segments(elf)
-    dynamic = [s for s in segments if s[0] == _PT_DYNAMIC]
-    if not dynamic:
+    entries = _dynamic_entries(elf)
+    if entries is None:
         return []
-    _t, dyn_off, _v, dyn_size, _m = dynamic[0]
-    entries = []
-    for pos in range(dyn_off, dyn_off + dyn_size, 16):
-        tag, value = elf.unpack("qQ", pos)
-        if tag == 0:
-            break
-        entries.append((tag, value))
     strtab_vaddr = next((v for t, v in entries if t == _DT_STRTAB), None)
     if strtab_vaddr is None:
         raise ProvisionError(f"{what}: dynamic section without DT_STRTAB")
     # DT_STRTAB is a virtual address: map it back to a file offset through PT_LOAD
-    strtab_off = None
-    for p_type, offset, vaddr, filesz, _memsz in segments:
-        if p_type == _PT_LOAD and vaddr <= strtab_vaddr < vaddr + filesz:
-            strtab_off = strtab_vaddr - vaddr + offset
-            break
-    if strtab_off is None:
-        raise ProvisionError(f"{what}: DT_STRTAB is outside every loaded segment")
-    names = []
-    for tag, value in entries:
-        if tag == _DT_NEEDED:
-            end = data.index(b"\0", strtab_off + value)
-            names.append(data[strtab_off + value : end].decode())
-    return names
+    strtab_off = _file_offset(elf, strtab_vaddr, what)
+    return [_cstr(data, strtab_off + value) for tag, value in entries if tag == _DT_NEEDED]
 
 
 def section(data: bytes, name: str, what: str = "ELF file") -> bytes | None:
@@ -134,12 +115,12 @@ _DT_VERNEEDNUM = 0x6FFFFFFF
 _SHN_UNDEF = 0
 
 
-def _dynamic(elf: _Elf, what: str) -> dict[int, int]:
-    """The dynamic section: tag -> value (the first one of each tag)."""
-    segments = _segments(elf)
-    dynamic = [s for s in segments if s[0] == _PT_DYNAMIC]
+def _dynamic_entries(elf: _Elf) -> list[tuple[int, int]] | None:
+    """The dynamic section's (tag, value) pairs in file order, up to DT_NULL; None when the
+    file has no PT_DYNAMIC (a static binary)."""
+    dynamic = [s for s in _segments(elf) if s[0] == _PT_DYNAMIC]
     if not dynamic:
-        raise ProvisionError(f"{what} has no dynamic section")
+        return None
     _t, dyn_off, _v, dyn_size, _m = dynamic[0]
     entries = []
     for pos in range(dyn_off, dyn_off + dyn_size, 16):
@@ -147,6 +128,14 @@ def _dynamic(elf: _Elf, what: str) -> dict[int, int]:
         if tag == 0:
             break
         entries.append((tag, value))
+    return entries
+
+
+def _dynamic(elf: _Elf, what: str) -> dict[int, int]:
+    """The dynamic section: tag -> value (the first one of each tag)."""
+    entries = _dynamic_entries(elf)
+    if entries is None:
+        raise ProvisionError(f"{what} has no dynamic section")
     first: dict[int, int] = {}
     for tag, value in entries:
         first.setdefault(tag, value)
