@@ -94,10 +94,9 @@ class Watched:
             if line is not None:
                 self.lines.append(line)
 
-    def wait_exit_quietly(self) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        deadline = time.monotonic() + 2
+    def _drain_until_eof(self, seconds: float) -> None:
+        """Collect stderr lines until the pump thread reports EOF or ``seconds`` pass."""
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
                 line = self._new.get(timeout=0.1)
@@ -107,6 +106,11 @@ class Watched:
                 return
             self.lines.append(line)
 
+    def wait_exit_quietly(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        self._drain_until_eof(2)
+
     def wait_exit(self, timeout: float) -> int:
         try:
             code = self.proc.wait(timeout)
@@ -115,15 +119,7 @@ class Watched:
             self.proc.wait()
             self.fail(f"did not exit within {timeout} s of the signal")
         # The pump thread sees EOF once the process and its children closed stderr.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                line = self._new.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
+        self._drain_until_eof(5)
         return code
 
     def fail(self, why: str) -> None:
