@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from testbed.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 """The source tree (holds images/ recipes and scenarios/). Valid for an editable install."""
 
@@ -18,6 +20,9 @@ RECIPES_DIR = PROJECT_ROOT / "images"
 
 # The prefix of every temporary directory we create; leak checks look for it.
 TMP_PREFIX = "testbed-"
+# sun_path holds 108 bytes with its NUL; our socket names ("qmp.sock", "hp12.sock", ...)
+# need up to 16 more after the directory.
+MAX_SOCKET_DIR = 108 - 1 - 16
 
 
 def cache_dir() -> Path:
@@ -49,6 +54,13 @@ def make_private_dir(purpose: str) -> Path:
     root = tmp_root()
     root.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{purpose}-", dir=root))
+    if len(str(path)) > MAX_SOCKET_DIR:
+        remove_tree(path)
+        raise ConfigError(
+            f"temporary directory {path} is too long ({len(str(path))} bytes) to hold UNIX "
+            f"sockets (at most {MAX_SOCKET_DIR}): set TESTBED_TMPDIR to a shorter directory, "
+            "e.g. /tmp"
+        )
     path.chmod(0o700)
     return path
 

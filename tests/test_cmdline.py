@@ -291,3 +291,16 @@ def test_free_tcp_port_never_hands_out_a_port_twice() -> None:
         ports = list(pool.map(lambda _: free_tcp_port(), range(200)))
     assert len(set(ports)) == len(ports)
     assert all(0 < p < 65536 for p in ports)
+
+
+def test_private_dir_too_long_for_sockets_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from testbed import paths
+    from testbed.errors import ConfigError
+
+    deep = tmp_path / ("d" * 100)
+    monkeypatch.setenv("TESTBED_TMPDIR", str(deep))
+    with pytest.raises(ConfigError, match="TESTBED_TMPDIR"):
+        paths.make_private_dir("run")
+    assert list(deep.iterdir()) == []

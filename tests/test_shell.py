@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,18 @@ def _read_until(fd: int, needle: bytes, deadline: float, seen: bytearray) -> boo
     return True
 
 
-def test_shell_runs_commands_and_returns_exit_status(tmp_path: Path) -> None:
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short scratch dir: pytest's tmp_path under xdist is too long for UNIX sockets."""
+    path = Path(tempfile.mkdtemp(prefix="tb-shell-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_shell_runs_commands_and_returns_exit_status(short_tmp: Path) -> None:
+    tmp_path = short_tmp
     primary, secondary = pty.openpty()
     env = {**os.environ, "TERM": "dumb", "TESTBED_TMPDIR": str(tmp_path)}
     proc = subprocess.Popen(
@@ -51,9 +65,11 @@ def test_shell_runs_commands_and_returns_exit_status(tmp_path: Path) -> None:
     seen = bytearray()
     try:
         # busybox sh as root prints a prompt ending in '# '.
-        assert _read_until(primary, b"# ", time.monotonic() + 120, seen), (
-            f"no shell prompt; terminal showed: {bytes(seen)[-500:]!r}"
-        )
+        if not _read_until(primary, b"# ", time.monotonic() + 120, seen):
+            proc.kill()
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode(errors="replace")[-2000:]
+            pytest.fail(f"no shell prompt; terminal showed {bytes(seen)[-500:]!r}; stderr:\n{err}")
         os.write(primary, b"echo marker-$((6*7)); uname -m; exit 3\n")
         _read_until(primary, b"\x00never", time.monotonic() + 30, seen)
         returncode = proc.wait(timeout=30)
