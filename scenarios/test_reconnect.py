@@ -9,23 +9,28 @@ What QEMU 11.1.3 does (measured, TCG, both arches):
   vhost-user-base's realize, unlike vhost-user-blk's, does not wait for it, so its first
   message with fds fails ("Failed to set msg fds.", "vhost_backend_init failed: Protocol
   error") and QEMU exits 1;
-- hot-plugged (chardev-add with reconnect-ms, wait for the connection, device_add), the
-  device works, but closing the back-end aborts QEMU before any reconnect, as it does
-  without reconnect (memory_region_del_eventfd assertion).
+- hot-plugged the same way (chardev-add with reconnect-ms, device_add before QEMU's main
+  loop has the connection), device_add fails the same way; provoked on purpose by
+  test_hotplug_before_chardev_connects. The other hot-plug scenarios wait until
+  query-chardev reports the chardev connected, so they never meet that race by accident;
+- hot-plugged after the connection, the device works, but closing the back-end aborts QEMU
+  before any reconnect, as it does without reconnect (memory_region_del_eventfd assertion).
 Both are strict known bugs: a fixed QEMU turns them into XPASS, which fails the run.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
-from testbed.errors import QemuExited, WaitTimeout
-from testbed.hotplug import Hotplug, PluggedDevice
+from testbed.errors import QemuExited, QmpCommandFailed
+from testbed.hotplug import Hotplug, PluggedDevice, chardev_add_arguments, device_add_arguments
 from testbed.machine.cmdline import DEFAULT_VIRTIO_ID
 from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug, raise_if_known_crash
 from testbed.verdict import compare_layout, find_test_devices, lspci_for
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.protocol import Request
+from testbed.vhost_user.shmem import ShmemLayout
 from testbed.vm import GuestVM
 
 M = 1 << 20
@@ -34,7 +39,8 @@ OTHER_LAYOUT = {0: 16 * M}
 # Short enough that the device comes back quickly, long enough not to spin QEMU.
 RECONNECT_MS = 200
 RECONNECT_TIMEOUT = 20.0
-POLL = 0.1
+# Far longer than the scenario: the chardev's next re-dial cannot come before device_add.
+SLOW_RECONNECT_MS = 600_000
 DEL_EVENTFD_ABORT = "memory_region_del_eventfd: Assertion"
 REALIZE_FAILS = "Failed to set msg fds"
 
@@ -47,31 +53,18 @@ def guest_verdict(vm: GuestVM, bdf: str, layout: Mapping[int, int]) -> None:
     assert verdict.ok, verdict.explain()
 
 
-def wait_reconnected(vm: GuestVM, backend: Backend, timeout: float) -> float:
-    """Until QEMU re-dialled ``backend`` and asked for the device setup again; seconds
-    taken. QEMU dying meanwhile raises QemuExited at once, not a timeout."""
-    assert vm.machine is not None
-    started = time.monotonic()
-    deadline = started + timeout
-    while True:
-        vm.machine.check_alive("while the back-end was restarted")
-        try:
-            backend.wait_connected(POLL)
-            return time.monotonic() - started
-        except WaitTimeout:
-            if time.monotonic() > deadline:
-                raise
+def restart(hp: Hotplug, device: PluggedDevice, layout: Mapping[int, int] | None) -> Backend:
+    """Restart ``device``'s back-end and wait, on QEMU's side, for the chardev to come back
+    to it and for the device set-up to arrive again. The known abort becomes KnownQemuBug.
 
-
-def restart(
-    vm: GuestVM, hp: Hotplug, device: PluggedDevice, layout: Mapping[int, int] | None
-) -> Backend:
-    """Restart ``device``'s back-end and wait for QEMU to come back to it; the known abort
-    becomes KnownQemuBug."""
+    Each step waits on its own condition: QEMU took the hang-up in (query-chardev says
+    disconnected), the new back-end listens, QEMU re-dialled (query-chardev says connected),
+    QEMU set the device up again (GET_FEATURES on the new connection)."""
     try:
         backend = hp.restart_backend(device, layout)
-        wait_reconnected(vm, backend, RECONNECT_TIMEOUT)
-        vm.machine.check_alive("after the reconnect")  # type: ignore[union-attr]
+        hp.machine.wait_chardev(device.chardev_id, connected=True, timeout=RECONNECT_TIMEOUT)
+        backend.wait_for_request(Request.GET_FEATURES, RECONNECT_TIMEOUT)
+        hp.machine.check_alive("after the reconnect")
         return backend
     except QemuExited as exc:
         raise_if_known_crash(exc, DEL_EVENTFD_ABORT)
@@ -103,7 +96,7 @@ def test_backend_restart_same_layout(boot: Callable[..., GuestVM]) -> None:
     with Hotplug(vm) as hp:
         device = hp.plug(LAYOUT, reconnect_ms=RECONNECT_MS)
         guest_verdict(vm, device.bdf, LAYOUT)
-        backend = restart(vm, hp, device, None)
+        backend = restart(hp, device, None)
         # The device is back: QEMU set it up again on the new connection ...
         assert backend.requests_seen, "QEMU re-dialled but sent nothing"
         # ... and the guest still sees the same function with the same regions.
@@ -122,8 +115,42 @@ def test_backend_restart_other_layout_keeps_bar(boot: Callable[..., GuestVM]) ->
     vm = boot(root_ports=1)
     with Hotplug(vm) as hp:
         device = hp.plug(LAYOUT, reconnect_ms=RECONNECT_MS)
-        restart(vm, hp, device, OTHER_LAYOUT)
+        restart(hp, device, OTHER_LAYOUT)
         assert vm.machine is not None
         assert vm.machine.qmp("query-status")["status"] == "running"
         assert device.bdf in hp.guest_test_devices()
         guest_verdict(vm, device.bdf, LAYOUT)
+
+
+@known_qemu_bug(
+    "QEMU 11.1.3: device_add of a vhost-user-test-device whose chardev (reconnect-ms) has "
+    f"not connected yet fails realize ('{REALIZE_FAILS}.', 'vhost_backend_init failed: "
+    "Protocol error') instead of waiting for the connection as vhost-user-blk does"
+)
+def test_hotplug_before_chardev_connects(boot: Callable[..., GuestVM], artifacts: Path) -> None:
+    """The hot-plug face of the cold-plug bug, provoked on purpose rather than met by timing.
+
+    The chardev's first connect fails (no back-end yet: QEMU says so on stderr), then the
+    back-end starts listening and device_add comes long before the next re-dial. A correct
+    QEMU waits for the connection in realize (the back-end is there to take it); 11.1.3
+    fails device_add at once."""
+    vm = boot(root_ports=1)
+    assert vm.machine is not None and vm.run_dir is not None
+    socket_path = vm.run_dir / "late.sock"
+    with Hotplug(vm) as hp:
+        vm.machine.qmp("chardev-add", chardev_add_arguments("late", socket_path, SLOW_RECONNECT_MS))
+        vm.machine.wait_stderr(r"Unable to connect character device late\b", RECONNECT_TIMEOUT)
+        layout = ShmemLayout(LAYOUT)
+        trace = artifacts / "late-vhost-user-trace.jsonl"
+        with Backend(socket_path, layout, trace_path=trace) as backend:
+            assert not vm.machine.chardev_connected("late"), "connected before device_add"
+            try:
+                vm.machine.qmp("device_add", device_add_arguments("late-dev", "late", "rp0"))
+            except QmpCommandFailed as exc:
+                if REALIZE_FAILS in vm.machine.stderr_text():
+                    raise KnownQemuBug(f"device_add failed: {exc.desc}") from exc
+                raise
+            # A fixed QEMU: realize waited, the device is up and serves the layout.
+            backend.wait_for_request(Request.GET_SHMEM_CONFIG, RECONNECT_TIMEOUT)
+            (bdf,) = hp.guest_test_devices()
+            guest_verdict(vm, bdf, LAYOUT)

@@ -13,7 +13,7 @@ import pytest
 
 from testbed.errors import QemuExited
 from testbed.pytest_plugin import known_qemu_bug, raise_if_known_crash
-from testbed.vm import GuestVM
+from testbed.vm import BACKEND_CHARDEV, GuestVM
 
 M = 1 << 20
 PROMPT = 10.0  # seconds: far below every timeout involved (SSH command 60 s, QMP 10 s)
@@ -47,6 +47,9 @@ def test_backend_death_leaves_qemu_running(boot: Callable[..., GuestVM]) -> None
     assert vm.backend is not None and vm.machine is not None
     vm.backend.close()  # the back-end process dies: its end of the socket closes
     try:
+        # QEMU takes the hang-up in on its main loop, in the background: the verdict waits
+        # for that (query-chardev says disconnected), or it could pass before QEMU noticed.
+        vm.machine.wait_chardev(BACKEND_CHARDEV, connected=False, timeout=15.0)
         # QEMU should notice the disconnect, keep running and keep the guest usable.
         assert vm.run("echo alive").stdout.strip() == b"alive"
         assert vm.machine.qmp("query-status")["status"] == "running"

@@ -52,6 +52,7 @@ SEE_TIMEOUT = 30.0
 # aarch64 pciehp: ~6 s by design, under TCG and with another VM on the same 2 cores.
 UNPLUG_TIMEOUT = 45.0
 DISCONNECT_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 15.0
 
 # One line per function: bdf vendor device driver ("-" when unbound).
 LIST_SCRIPT = (
@@ -256,9 +257,11 @@ class Hotplug(Closeable):
             "chardev-add", chardev_add_arguments(name, backend.socket_path, reconnect_ms)
         )
         if reconnect_ms is not None:
-            # A reconnecting chardev connects in the background; device_add talks to the
-            # back-end at once and fails ("Failed to set msg fds") if it is not there yet.
-            backend.wait_connected(DISCONNECT_TIMEOUT)
+            # A reconnecting chardev connects in the background, and QEMU 11.1.3's realize
+            # does not wait for it: device_add fails ("Failed to set msg fds") unless QEMU's
+            # main loop already has the connection. Our accept() is not that proof (it can
+            # come first), query-chardev is. scenarios/test_reconnect.py provokes the race.
+            self.machine.wait_chardev(name, connected=True, timeout=CONNECT_TIMEOUT)
         try:
             self.machine.qmp(
                 "device_add", device_add_arguments(f"{name}-dev", name, bus, self.virtio_id)
@@ -330,6 +333,9 @@ class Hotplug(Closeable):
         elif not isinstance(layout, ShmemLayout):
             layout = ShmemLayout(dict(layout))
         device.backend.close()
+        # QEMU takes the hang-up in on its main loop, later: until it has, query-chardev
+        # still says connected, and a wait for "connected again" would pass at once.
+        self.machine.wait_chardev(device.chardev_id, connected=False, timeout=DISCONNECT_TIMEOUT)
         generation = sum(b.socket_path == device.backend.socket_path for b in self._backends)
         backend = Backend(
             device.backend.socket_path,

@@ -36,7 +36,8 @@ from testbed.paths import make_private_dir, remove_tree, results_dir, sanitize
 
 log = logging.getLogger(__name__)
 
-BACKEND_SOCKET = "vu0.sock"
+BACKEND_CHARDEV = "vu0"
+BACKEND_SOCKET = f"{BACKEND_CHARDEV}.sock"
 TRACE_NAME = "vhost-user-trace.jsonl"
 # QEMU 11.1.3 fits at most 3 shared-memory capabilities in a root-bus device's config
 # space; a 4th aborts QEMU (pci_add_capability assertion). Refuse it up front unless the
@@ -257,7 +258,9 @@ class GuestVM:
                 self._start_backend()
                 devices = (
                     VhostUserDeviceSpec(
-                        "vu0", self.run_dir / BACKEND_SOCKET, reconnect_ms=self.reconnect_ms
+                        BACKEND_CHARDEV,
+                        self.run_dir / BACKEND_SOCKET,
+                        reconnect_ms=self.reconnect_ms,
                     ),
                 )
             t = self._step("backend", t)
@@ -333,6 +336,9 @@ class GuestVM:
         if self.backend is None:
             raise ConfigError("this GuestVM has no back-end (regions=None): nothing to restart")
         self.backend.close()
+        if self.machine is not None:
+            # Until QEMU's main loop took the hang-up in, the chardev still reads connected.
+            self.machine.wait_chardev(BACKEND_CHARDEV, connected=False, timeout=15.0)
         self._start_backend(regions)
         return self.backend
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.errors import ConfigError, QemuExited, QmpCommandFailed, WaitTimeout
+from testbed.errors import ConfigError, QemuExited, QmpCommandFailed, TestbedError, WaitTimeout
 from testbed.machine import (
     Machine,
     MachineConfig,
@@ -244,6 +244,43 @@ def test_machine_qmp_events_and_clean_shutdown(rundir: Path) -> None:
     assert shlex.split(cmdline.replace("\\\n", " "))[-1] == "-S"
     qmp_log = (rundir / "qmp.log").read_text()
     assert '"execute": "cont"' in qmp_log and '"event": "STOP"' in qmp_log
+
+
+@pytest.mark.qemu
+def test_machine_waits_on_chardev_state_and_stderr(rundir: Path) -> None:
+    """QEMU's own view of a reconnecting chardev (query-chardev), which device_add acts
+    on: disconnected until a listener appears and QEMU's main loop took the connection in,
+    disconnected again once QEMU saw the hang-up."""
+    path = rundir / "late.sock"
+    with Machine(spin_config(rundir), rundir) as machine:
+        machine.start()
+        machine.qmp(
+            "chardev-add",
+            {
+                "id": "late",
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": str(path)}},
+                        "server": False,
+                        "reconnect-ms": 50,
+                    },
+                },
+            },
+        )
+        machine.wait_stderr(r"Unable to connect character device late\b", timeout=10)
+        assert not machine.chardev_connected("late")
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+            listener.listen(1)
+            machine.wait_chardev("late", connected=True, timeout=10)
+            peer, _ = listener.accept()
+            peer.close()
+            machine.wait_chardev("late", connected=False, timeout=10)
+        with pytest.raises(TestbedError, match="no chardev 'nope'"):
+            machine.chardev_connected("nope")
+        with pytest.raises(WaitTimeout, match="never printed"):
+            machine.wait_stderr("never printed", timeout=0.2)
 
 
 @pytest.mark.qemu

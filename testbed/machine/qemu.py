@@ -375,6 +375,50 @@ class Machine(Closeable):
         out = self.qmp("human-monitor-command", {"command-line": text}, timeout=timeout)
         return str(out)
 
+    def chardev_connected(self, chardev_id: str) -> bool:
+        """Whether QEMU's main loop sees socket chardev ``chardev_id`` connected.
+
+        query-chardev names a socket chardev that is not connected "disconnected:<addr>".
+        This is QEMU's own view, the one device_add acts on: a back-end's accept() can come
+        before QEMU's main loop has taken the background connect in (reconnect-ms)."""
+        for chardev in self.qmp("query-chardev"):
+            if chardev.get("label") == chardev_id:
+                return not str(chardev.get("filename", "")).startswith("disconnected:")
+        raise TestbedError(f"QEMU has no chardev {chardev_id!r} (query-chardev)")
+
+    def wait_chardev(self, chardev_id: str, *, connected: bool, timeout: float) -> float:
+        """Until QEMU reports chardev ``chardev_id`` connected (or disconnected); seconds
+        taken. QEMU dying meanwhile raises QemuExited at once, not a timeout."""
+        started = time.monotonic()
+        deadline = started + timeout
+        want = "connected" if connected else "disconnected"
+        while self.chardev_connected(chardev_id) != connected:
+            if time.monotonic() > deadline:
+                raise WaitTimeout(
+                    f"chardev {chardev_id} not {want} within {timeout:.0f} s (query-chardev); "
+                    f"see {self.qmp_log_path}"
+                )
+            time.sleep(POLL_INTERVAL)  # poll interval of a deadline-bound wait
+        return time.monotonic() - started
+
+    def stderr_text(self) -> str:
+        """What QEMU printed on stderr (and stdout) so far."""
+        return _read_text(self.stderr_path)
+
+    def wait_stderr(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Until QEMU's stderr matches ``pattern`` (regex); QemuExited if QEMU dies first."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while (found := regex.search(self.stderr_text())) is None:
+            self._check_alive(f"while waiting for {regex.pattern!r} on stderr")
+            if time.monotonic() > deadline:
+                raise WaitTimeout(
+                    f"{regex.pattern!r} did not appear on QEMU's stderr within {timeout} s; "
+                    f"see {self.stderr_path}"
+                )
+            time.sleep(POLL_INTERVAL)  # poll interval of a deadline-bound wait
+        return found
+
     @property
     def events(self) -> list[dict[str, Any]]:
         """Every QMP event received so far, oldest first (a copy)."""
