@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from testbed.device import ShmemLayout
 from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, WaitTimeout
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend, DisconnectKind
@@ -38,7 +39,6 @@ from testbed.vhost_user.protocol import (
     decode_payload,
     request_name,
 )
-from testbed.vhost_user.shmem import ShmemLayout
 from testbed.vhost_user.trace import FROM_QEMU, Trace
 
 u32 = st.integers(0, 2**32 - 1)
@@ -441,7 +441,9 @@ def test_backend_handshake_reply_ack_and_error_disconnect(private_dir: Path) -> 
                 os.close(r)
             backend.wait_for_request(Request.SET_VRING_CALL, 5.0, count=2)
             session = backend.session
-            assert session is not None and list(session.vring_fds) == [("SET_VRING_CALL", 0)]
+            assert session is not None and list(session.mappings.vring_fds) == [
+                ("SET_VRING_CALL", 0)
+            ]
             # A malformed message drops the connection as an error.
             fe.sock.sendall(struct.pack("<III", Request.SET_FEATURES, 0x1, 3) + b"abc")
             assert backend.wait_disconnected(5.0) is DisconnectKind.ERROR

@@ -607,6 +607,9 @@ _REPLY_PAYLOADS: dict[Request, type[Any]] = {
     _R.CREATE_CRYPTO_SESSION: Raw,
 }
 
+# Requests with a reply of their own: NEED_REPLY/REPLY_ACK change nothing for them.
+REPLY_REQUESTS: frozenset[Request] = frozenset(_REPLY_PAYLOADS)
+
 _BACKEND_PAYLOADS: dict[BackendRequest, type[Any]] = {
     BackendRequest.SHMEM_MAP: MMap,
     BackendRequest.SHMEM_UNMAP: MMap,

@@ -1,8 +1,9 @@
 """A wire trace: every vhost-user message, both directions, as one JSON line each.
 
 Entries go to a file (optional, line-buffered so a crash keeps what came before) and to an
-in-memory list that tests assert on. Thread-safe: the serving thread and a caller driving
-SHMEM_MAP both record.
+in-memory list that tests assert on. A request that breaks the spec carries its violations
+(rule and detail, from the back-end's dispatcher) on its own line. Thread-safe: the serving
+thread and a caller driving SHMEM_MAP both record.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +38,7 @@ class TraceEntry:
     payload: dict[str, Any] | None
     fds: int
     error: str | None = None
+    violations: tuple[Mapping[str, str], ...] = ()
 
     def one_line(self) -> str:
         """A human log line: time, direction, request, flags, size, fds, payload."""
@@ -43,6 +46,7 @@ class TraceEntry:
         millis = int(self.time * 1000) % 1000
         payload = "" if self.payload is None else " " + json.dumps(self.payload)
         error = f" ERROR: {self.error}" if self.error else ""
+        error += "".join(f" VIOLATION {v['rule']}: {v['detail']}" for v in self.violations)
         return (
             f"{stamp}.{millis:03d} {self.direction} {self.name}({self.request}) "
             f"flags=0x{self.flags:x} size={self.size} fds={self.fds}{payload}{error}"
@@ -61,6 +65,8 @@ class TraceEntry:
         }
         if self.error:
             data["error"] = self.error
+        if self.violations:
+            data["violations"] = [dict(v) for v in self.violations]
         return data
 
 
@@ -73,7 +79,14 @@ class Trace(Closeable):
             open(path, "w", buffering=1, encoding="utf-8") if path else None  # noqa: SIM115
         )
 
-    def record(self, direction: str, header: Header, body: bytes, nfds: int) -> TraceEntry:
+    def record(
+        self,
+        direction: str,
+        header: Header,
+        body: bytes,
+        nfds: int,
+        violations: Sequence[Mapping[str, str]] = (),
+    ) -> TraceEntry:
         backend_channel = direction.startswith("backend-channel")
         error = None
         try:
@@ -95,6 +108,7 @@ class Trace(Closeable):
             payload=payload_json,
             fds=nfds,
             error=error,
+            violations=tuple(violations),
         )
         with self._lock:
             self._entries.append(entry)

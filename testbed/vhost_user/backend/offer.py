@@ -1,0 +1,38 @@
+"""What the device offers QEMU: feature bits and the shared-memory layout (the body of the
+GET_SHMEM_CONFIG reply), each bent by the run's faults. Pure."""
+
+from __future__ import annotations
+
+from testbed.device import ShmemLayout
+from testbed.vhost_user.faults import Faults
+from testbed.vhost_user.protocol import ProtocolFeature, ShMemConfig, VhostUserFeature
+
+DEVICE_FEATURES = VhostUserFeature.VERSION_1 | VhostUserFeature.PROTOCOL_FEATURES
+# What we offer besides SHMEM. Not CONFIGURE_MEM_SLOTS: with it QEMU switches to
+# ADD/REM_MEM_REG, and the measured SET_MEM_TABLE-after-MAP behaviour is what we test.
+BASE_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.BACKEND_SEND_FD
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
+)
+MAX_MEM_SLOTS = 32
+
+
+def protocol_features(faults: Faults) -> int:
+    features = int(BASE_PROTOCOL_FEATURES) | faults.extra_features
+    if not faults.no_shmem:
+        features |= 1 << faults.shmem_bit
+    return features & ~faults.withhold_features
+
+
+def shmem_config_body(layout: ShmemLayout, faults: Faults) -> bytes:
+    """The whole GET_SHMEM_CONFIG reply body (before any truncation fault)."""
+    config = ShMemConfig.from_regions(dict(layout.regions))
+    if faults.shmem_raw_sizes is not None:
+        config = ShMemConfig.from_regions(faults.shmem_raw_sizes)
+    if faults.shmem_nregions is not None:
+        config = ShMemConfig(faults.shmem_nregions, config.sizes)
+    return config.pack()

@@ -1,0 +1,242 @@
+"""The back-end's lifecycle: listen (or connect), one serving thread with a session per
+front-end connection, and waits with deadlines on what that thread observed."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from testbed.device import ShmemLayout
+from testbed.errors import PeerClosed, ProtocolError, StateError, TestbedError
+from testbed.resource import Closeable
+from testbed.vhost_user import connection as conn_mod
+from testbed.vhost_user.backend import offer
+from testbed.vhost_user.backend.channel import ChannelRequests
+from testbed.vhost_user.backend.dispatch import Dispatcher
+from testbed.vhost_user.backend.handlers import DeviceHandler
+from testbed.vhost_user.backend.session import DisconnectKind, Session
+from testbed.vhost_user.backend.waits import Waits
+from testbed.vhost_user.connection import Connection, Listener
+from testbed.vhost_user.faults import NO_FAULTS, Faults
+from testbed.vhost_user.protocol import Request
+from testbed.vhost_user.trace import Trace, TraceEntry
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Waits, ChannelRequests, Closeable):
+    """vhost-user back-end for vhost-user-test-device(-pci), serving ``layout``.
+
+    Listen mode (default): we own ``socket_path`` (in a 0700 dir); QEMU connects as client,
+    and may reconnect after a disconnect (hot-plug cycles). Connect mode (``connect=True``):
+    QEMU listens (chardev server=on) and we connect once.
+    """
+
+    def __init__(
+        self,
+        socket_path: Path | str,
+        layout: ShmemLayout,
+        *,
+        trace_path: Path | None = None,
+        faults: Faults | None = None,
+        connect: bool = False,
+        num_queues: int = 1,
+        connect_timeout: float = 30.0,
+        on_message: Callable[[TraceEntry], None] | None = None,
+    ) -> None:
+        self.socket_path = Path(socket_path)
+        self.layout = layout
+        self.faults = faults or NO_FAULTS
+        self.connect_mode = connect
+        self.connect_timeout = connect_timeout
+        self.trace = Trace(trace_path)
+        self._on_message = on_message
+        self._cond = threading.Condition()
+        device = DeviceHandler(layout, self.faults, num_queues)
+        self._dispatcher = Dispatcher(device, self.trace, self._cond, self._notify)
+        self._channel_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listener: Listener | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._session: Session | None = None
+        self._sessions = 0
+        self._disconnects: list[DisconnectKind] = []
+        self._seen: list[Request] = []
+        self._failure: BaseException | None = None
+        self._fault_fired: set[str] = set()
+        self._closed = False
+
+    def start(self) -> Backend:
+        """Listen (listen mode) and start serving on a thread. Idempotent."""
+        if self._closed:
+            raise StateError("closed", "new", "back-end")
+        if self._thread is not None:
+            return self
+        try:
+            if not self.connect_mode:
+                self._listener = Listener(self.socket_path)
+            thread = threading.Thread(target=self._run, name="vhost-user-backend", daemon=True)
+            thread.start()
+            self._thread = thread
+        except BaseException:
+            # `with Backend(...)` does not call __exit__ when __enter__ raises.
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        """Stop serving, close every fd and socket, remove the socket path. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._thread is not None and not self._finished.wait(timeout=10):
+            log.error("back-end thread did not stop within 10 s; closing under it")
+        with self._cond:
+            self._end_session(DisconnectKind.LOCAL)
+            self._cond.notify_all()
+        if self._listener is not None:
+            self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self.trace.close()
+
+    def serve_forever(self) -> None:
+        """Block until the serving thread ends (connect mode: QEMU went away), re-raising
+        its failure. Interruptible by Ctrl-C; the caller's close() then tears down."""
+        if self._thread is None:
+            raise StateError("new", "started", "Backend.serve_forever")
+        # Not Thread.join(): a signal interrupting join() can leave the thread looking
+        # finished to the join() in close(), which then tears sockets down under it.
+        self._finished.wait()
+        if self._failure is not None:
+            raise TestbedError(f"back-end thread failed: {self._failure}") from self._failure
+
+    def __enter__(self) -> Backend:
+        return self.start()
+
+    def offered_protocol_features(self) -> int:
+        return offer.protocol_features(self.faults)
+
+    def shmem_reply_body(self) -> bytes:
+        return offer.shmem_config_body(self.layout, self.faults)
+
+    # --- serving thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            log.exception("vhost-user back-end thread failed")
+            with self._cond:
+                self._failure = exc
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._end_session(DisconnectKind.LOCAL)
+            self._finished.set()
+
+    def _serve(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            if self.connect_mode:
+                conn = conn_mod.connect(self.socket_path, self.connect_timeout, self._stop.wait)
+                self._begin_session(conn)
+            while not self._stop.is_set():
+                session = self._session
+                if session is None and self.connect_mode:
+                    return  # QEMU's server socket does not come back to us
+                want = session.conn if session else self._listener
+                assert want is not None
+                sel.register(want, selectors.EVENT_READ, "conn" if session else "listen")
+                try:
+                    events = sel.select()
+                finally:
+                    sel.unregister(want)
+                for key, _ in events:
+                    if key.data == "wake":
+                        return
+                    if key.data == "listen":
+                        assert self._listener is not None
+                        self._begin_session(self._listener.accept())
+                    else:
+                        assert session is not None
+                        self._serve_one(session)
+
+    def _begin_session(self, conn: Connection) -> None:
+        with self._cond:
+            self._sessions += 1
+            self._session = Session(self._sessions, conn)
+            self._cond.notify_all()
+        log.info("QEMU connected on %s (connection %d)", self.socket_path, self._sessions)
+
+    def _end_session(self, kind: DisconnectKind) -> None:
+        """Caller holds self._cond. Nothing to do without a session."""
+        session, self._session = self._session, None
+        if session is None:
+            return
+        session.close()
+        self._disconnects.append(kind)
+        self._cond.notify_all()
+        log.info("connection %d on %s ended: %s", session.number, self.socket_path, kind.value)
+
+    def _serve_one(self, session: Session) -> None:
+        ended: DisconnectKind | None = None
+        try:
+            msg = session.conn.recv()
+        except PeerClosed:
+            ended = DisconnectKind.CLEAN
+        except (ProtocolError, OSError) as exc:
+            log.error("front-end channel: %s; dropping the connection", exc)
+            ended = DisconnectKind.ERROR
+        if ended is not None:
+            with self._cond:
+                self._end_session(ended)
+            return
+        with msg:
+            request = self._dispatcher.receive(session, msg)
+            if self._fault_once("disconnect", self.faults.disconnect_at == request):
+                log.warning("fault: closing the connection at %s", request.name)
+                ended = DisconnectKind.LOCAL
+            elif self._fault_once("delay", self.faults.delay_request == request):
+                log.warning("fault: delaying %s by %.1fs", request.name, self.faults.delay_seconds)
+                if self._stop.wait(self.faults.delay_seconds):
+                    return
+            if ended is None:
+                try:
+                    self._dispatcher.dispatch(session, msg, request)
+                except ProtocolError as exc:
+                    log.error("front-end %s: %s; dropping the connection", request.name, exc)
+                    ended = DisconnectKind.ERROR
+                except PeerClosed:
+                    ended = DisconnectKind.CLEAN
+            # Marked seen once answered, so a waiter may act on QEMU's next step at once.
+            with self._cond:
+                session.requests.append(request)
+                self._seen.append(request)
+                self._cond.notify_all()
+                if ended is not None:
+                    self._end_session(ended)
+
+    def _fault_once(self, name: str, condition: bool) -> bool:
+        if not condition or name in self._fault_fired:
+            return False
+        self._fault_fired.add(name)
+        return True
+
+    def _notify(self, entry: TraceEntry) -> None:
+        if self._on_message is not None:
+            self._on_message(entry)
+
+    def __repr__(self) -> str:
+        mode = "connect" if self.connect_mode else "listen"
+        return f"Backend({self.socket_path}, {self.layout.describe()}, {mode})"

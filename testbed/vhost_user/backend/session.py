@@ -1,0 +1,60 @@
+"""One front-end connection's state; a new connection starts from scratch."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from testbed.vhost_user.backend.mappings import Mappings
+from testbed.vhost_user.connection import Connection
+from testbed.vhost_user.protocol import STATUS_DRIVER_OK, Request, VringAddr
+
+
+class DisconnectKind(enum.Enum):
+    CLEAN = "clean"  # QEMU closed between messages
+    ERROR = "error"  # a malformed message or a broken socket
+    LOCAL = "local"  # we closed it (fault injection, or close())
+
+
+@dataclass
+class Session:
+    number: int
+    conn: Connection
+    features: int = 0  # acked by SET_FEATURES
+    protocol_features: int = 0  # acked by SET_PROTOCOL_FEATURES
+    owner: bool = False
+    status: int = 0
+    mappings: Mappings = field(default_factory=Mappings)
+    vring_num: dict[int, int] = field(default_factory=dict)
+    vring_base: dict[int, int] = field(default_factory=dict)
+    vring_addr: dict[int, VringAddr] = field(default_factory=dict)
+    vring_enabled: dict[int, bool] = field(default_factory=dict)
+    channel: Connection | None = None  # the back-end channel (SET_BACKEND_REQ_FD)
+    requests: list[Request] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            # Wake a map()/unmap() blocked on a reply before the fd goes away.
+            self.channel.shutdown()
+            self.channel.close()
+            self.channel = None
+        self.mappings.close()
+        self.conn.close()
+
+    @property
+    def mem_table_set(self) -> bool:
+        return any(r in self.requests for r in (Request.SET_MEM_TABLE, Request.ADD_MEM_REG))
+
+    @property
+    def driver_ok(self) -> bool:
+        """The device was started (the guest set DRIVER_OK)."""
+        if self.status & STATUS_DRIVER_OK:
+            return True
+        # QEMU 11.1.3 never sends SET_STATUS with DRIVER_OK for this device (only
+        # FEATURES_OK, from SET_FEATURES), so vhost_dev_start is the proof: features acked,
+        # a memory table, an enabled ring -- all sent once the guest wrote DRIVER_OK.
+        return (
+            Request.SET_FEATURES in self.requests
+            and self.mem_table_set
+            and any(self.vring_enabled.values())
+        )
