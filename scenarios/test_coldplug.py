@@ -12,8 +12,6 @@ from collections.abc import Callable
 
 import pytest
 
-from testbed.machine.cmdline import DEFAULT_VIRTIO_ID
-from testbed.verdict import compare_layout, find_test_devices, lspci_for
 from testbed.vm import GuestVM
 
 M = 1 << 20
@@ -32,30 +30,15 @@ LAYOUTS: dict[str, dict[int, int]] = {
 }
 
 
-def check_guest_sees(vm: GuestVM, layout: dict[int, int]) -> None:
-    view = vm.inspect_pci()
-    devices = find_test_devices(view, DEFAULT_VIRTIO_ID)
-    assert len(devices) == 1, f"want one vhost-user test device in the guest, have {devices}"
-    assert view.lspci is not None, "the guest image has no lspci: the second opinion is missing"
-    verdict = compare_layout(layout, devices[0], lspci_for(view, devices[0]), view.dmesg)
-    assert verdict.ok, verdict.explain()
-
-
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout(boot: Callable[..., GuestVM], name: str) -> None:
-    layout = LAYOUTS[name]
-    vm = boot(regions=layout)
-    check_guest_sees(vm, layout)
+    boot(regions=LAYOUTS[name]).check_guest_sees()
 
 
 def test_one_tib_region_needs_address_bits(boot: Callable[..., GuestVM], arch: str) -> None:
     """1 TiB does not fit TCG's default 40 physical address bits (x86) or virt's default
     512 GiB high PCI window (aarch64): the guest leaves BAR 4 unassigned and says why."""
-    layout = {0: 1 * T}
-    vm = boot(regions=layout)
-    view = vm.inspect_pci()
-    (device,) = find_test_devices(view, DEFAULT_VIRTIO_ID)
-    verdict = compare_layout(layout, device, lspci_for(view, device), view.dmesg)
+    verdict = boot(regions={0: 1 * T}).verdict()
     assert verdict.bar4_unassigned, (
         f"want 'BAR 4 not assigned by the guest' for a 1 TiB region, got: {verdict.explain()}"
     )
@@ -74,4 +57,4 @@ def test_one_tib_region_fits_with_room(boot: Callable[..., GuestVM], arch: str) 
     else:
         # QEMU merges a second -machine option into the first.
         vm = boot(regions=layout, extra_qemu_args=("-machine", "highmem-mmio-size=2T"))
-    check_guest_sees(vm, layout)
+    vm.check_guest_sees()

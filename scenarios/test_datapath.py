@@ -14,9 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from testbed.guest.datapath import GuestDevice, looks_unmapped
-from testbed.machine.cmdline import DEFAULT_VIRTIO_ID
 from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug
-from testbed.verdict import find_test_devices
 from testbed.vhost_user.shmem import Memfd
 from testbed.vm import GuestVM
 
@@ -42,8 +40,7 @@ class Rig:
 
 
 def start(vm: GuestVM) -> GuestDevice:
-    (device,) = find_test_devices(vm.inspect_pci(), DEFAULT_VIRTIO_ID)
-    guest = GuestDevice(vm.ssh, device.bdf)
+    guest = GuestDevice(vm.ssh, vm.test_device().bdf)
     guest.start()
     vm.backend.wait_driver_ok(DRIVER_OK_TIMEOUT)
     return guest

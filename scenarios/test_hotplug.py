@@ -15,9 +15,8 @@ import pytest
 
 from testbed.errors import QemuExited, QmpCommandFailed
 from testbed.guest.datapath import GuestDevice, looks_unmapped
-from testbed.hotplug import Hotplug, PluggedDevice
+from testbed.hotplug import Hotplug
 from testbed.pytest_plugin import known_qemu_bug, raise_if_known_crash
-from testbed.verdict import compare_layout, lspci_for
 from testbed.vhost_user.backend import DisconnectKind
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.shmem import Memfd
@@ -33,14 +32,6 @@ DEL_ABORT = "memory_region_del_subregion: Assertion `subregion->container == mr'
 DRIVER_OK_TIMEOUT = 20.0
 
 
-def check_guest_sees(vm: GuestVM, device: PluggedDevice) -> None:
-    view = vm.inspect_pci()
-    guest = view.devices.get(device.bdf)
-    assert guest is not None, f"{device.bdf} missing from the guest's PCI view"
-    verdict = compare_layout(device.layout.regions, guest, lspci_for(view, guest), view.dmesg)
-    assert verdict.ok, verdict.explain()
-
-
 def test_three_cycles(
     boot: Callable[..., GuestVM], record_property: Callable[[str, object], None]
 ) -> None:
@@ -48,7 +39,7 @@ def test_three_cycles(
     with Hotplug(vm) as hp:
         for layout in CYCLES:
             device = hp.plug(layout)
-            check_guest_sees(vm, device)
+            vm.check_guest_sees(device.layout, device.bdf)
             result = hp.unplug(device)
             record_property(f"timings-{device.layout.describe()}", device.timings)
             assert result.disconnect is DisconnectKind.CLEAN, result
@@ -85,7 +76,7 @@ def test_bad_backend_is_refused(boot: Callable[..., GuestVM]) -> None:
         assert hp.guest_test_devices() == {}
         # The port is usable afterwards.
         device = hp.plug({0: 4 * M})
-        check_guest_sees(vm, device)
+        vm.check_guest_sees(device.layout, device.bdf)
 
 
 def test_unplug_with_live_mapping(

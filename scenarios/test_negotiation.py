@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from test_coldplug import check_guest_sees
 
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import F_SHMEM, Request
@@ -26,7 +25,7 @@ WITHOUT_SHMEM = {
 @pytest.mark.parametrize("name", list(WITHOUT_SHMEM))
 def test_without_shmem_qemu_never_asks(boot: Callable[..., GuestVM], name: str) -> None:
     vm = boot(regions={0: 4 * M}, faults=WITHOUT_SHMEM[name])
-    check_guest_sees(vm, {})
+    vm.check_guest_sees({})
     assert vm.backend is not None
     seen = vm.backend.requests_seen
     assert Request.GET_PROTOCOL_FEATURES in seen, f"the handshake did not happen: {seen}"
@@ -58,4 +57,4 @@ def test_slow_reply_is_waited_for(boot: Callable[..., GuestVM]) -> None:
         regions=layout,
         faults=Faults(delay_request=Request.GET_SHMEM_CONFIG, delay_seconds=2.0),
     )
-    check_guest_sees(vm, layout)
+    vm.check_guest_sees()

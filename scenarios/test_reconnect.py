@@ -23,14 +23,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from testbed.device import VhostUserDevice
 from testbed.errors import QemuExited, QmpCommandFailed
-from testbed.hotplug import Hotplug, PluggedDevice, chardev_add_arguments, device_add_arguments
-from testbed.machine.cmdline import DEFAULT_VIRTIO_ID
+from testbed.hotplug import Hotplug, PluggedDevice
 from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug, raise_if_known_crash
-from testbed.verdict import compare_layout, find_test_devices, lspci_for
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.protocol import Request
-from testbed.vhost_user.shmem import ShmemLayout
 from testbed.vm import GuestVM
 
 M = 1 << 20
@@ -43,14 +41,6 @@ RECONNECT_TIMEOUT = 20.0
 SLOW_RECONNECT_MS = 600_000
 DEL_EVENTFD_ABORT = "memory_region_del_eventfd: Assertion"
 REALIZE_FAILS = "Failed to set msg fds"
-
-
-def guest_verdict(vm: GuestVM, bdf: str, layout: Mapping[int, int]) -> None:
-    view = vm.inspect_pci()
-    device = view.devices.get(bdf)
-    assert device is not None, f"{bdf} missing from the guest's PCI view"
-    verdict = compare_layout(layout, device, lspci_for(view, device), view.dmesg)
-    assert verdict.ok, verdict.explain()
 
 
 def restart(hp: Hotplug, device: PluggedDevice, layout: Mapping[int, int] | None) -> Backend:
@@ -83,8 +73,7 @@ def test_coldplug_with_reconnect(boot: Callable[..., GuestVM]) -> None:
         if exc.returncode == 1 and REALIZE_FAILS in exc.stderr_tail:
             raise KnownQemuBug(f"realize failed: {exc.stderr_tail.strip()}") from exc
         raise
-    (device,) = find_test_devices(vm.inspect_pci(), DEFAULT_VIRTIO_ID)
-    guest_verdict(vm, device.bdf, LAYOUT)
+    vm.check_guest_sees(LAYOUT)
 
 
 @known_qemu_bug(
@@ -95,13 +84,13 @@ def test_backend_restart_same_layout(boot: Callable[..., GuestVM]) -> None:
     vm = boot(root_ports=1)
     with Hotplug(vm) as hp:
         device = hp.plug(LAYOUT, reconnect_ms=RECONNECT_MS)
-        guest_verdict(vm, device.bdf, LAYOUT)
+        vm.check_guest_sees(LAYOUT, device.bdf)
         backend = restart(hp, device, None)
         # The device is back: QEMU set it up again on the new connection ...
         assert backend.requests_seen, "QEMU re-dialled but sent nothing"
         # ... and the guest still sees the same function with the same regions.
         assert device.bdf in hp.guest_test_devices()
-        guest_verdict(vm, device.bdf, LAYOUT)
+        vm.check_guest_sees(LAYOUT, device.bdf)
         assert vm.run("echo alive").stdout.strip() == b"alive"
 
 
@@ -119,7 +108,7 @@ def test_backend_restart_other_layout_keeps_bar(boot: Callable[..., GuestVM]) ->
         assert vm.machine is not None
         assert vm.machine.qmp("query-status")["status"] == "running"
         assert device.bdf in hp.guest_test_devices()
-        guest_verdict(vm, device.bdf, LAYOUT)
+        vm.check_guest_sees(LAYOUT, device.bdf)
 
 
 @known_qemu_bug(
@@ -136,16 +125,17 @@ def test_hotplug_before_chardev_connects(boot: Callable[..., GuestVM], artifacts
     fails device_add at once."""
     vm = boot(root_ports=1)
     assert vm.machine is not None and vm.run_dir is not None
-    socket_path = vm.run_dir / "late.sock"
+    late = VhostUserDevice(
+        "late", vm.run_dir / "late.sock", LAYOUT, bus="rp0", reconnect_ms=SLOW_RECONNECT_MS
+    )
     with Hotplug(vm) as hp:
-        vm.machine.qmp("chardev-add", chardev_add_arguments("late", socket_path, SLOW_RECONNECT_MS))
+        vm.machine.qmp("chardev-add", late.chardev_add_arguments())
         vm.machine.wait_stderr(r"Unable to connect character device late\b", RECONNECT_TIMEOUT)
-        layout = ShmemLayout(LAYOUT)
         trace = artifacts / "late-vhost-user-trace.jsonl"
-        with Backend(socket_path, layout, trace_path=trace) as backend:
+        with Backend(late.socket, late.layout, trace_path=trace) as backend:
             assert not vm.machine.chardev_connected("late"), "connected before device_add"
             try:
-                vm.machine.qmp("device_add", device_add_arguments("late-dev", "late", "rp0"))
+                vm.machine.qmp("device_add", late.device_add_arguments())
             except QmpCommandFailed as exc:
                 if REALIZE_FAILS in vm.machine.stderr_text():
                     raise KnownQemuBug(f"device_add failed: {exc.desc}") from exc
@@ -153,4 +143,4 @@ def test_hotplug_before_chardev_connects(boot: Callable[..., GuestVM], artifacts
             # A fixed QEMU: realize waited, the device is up and serves the layout.
             backend.wait_for_request(Request.GET_SHMEM_CONFIG, RECONNECT_TIMEOUT)
             (bdf,) = hp.guest_test_devices()
-            guest_verdict(vm, bdf, LAYOUT)
+            vm.check_guest_sees(LAYOUT, bdf)

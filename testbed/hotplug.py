@@ -21,113 +21,27 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from testbed.errors import (
-    ConfigError,
-    ParseError,
-    QemuExited,
-    StateError,
-    TestbedError,
-    WaitTimeout,
-)
-from testbed.guest.pci import VIRTIO_VENDOR
-from testbed.machine.cmdline import DEFAULT_VIRTIO_ID, root_port_id
+from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout, VhostUserDevice
+from testbed.errors import ConfigError, QemuExited, StateError, TestbedError, WaitTimeout
+from testbed.guest.inspect import GuestPciDevice, inspect_pci
+from testbed.machine.cmdline import root_port_id
 from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.shmem import ShmemLayout
 
 if TYPE_CHECKING:
     from testbed.vm import GuestVM
 
 log = logging.getLogger(__name__)
 
-DEVICE_TYPE = "vhost-user-test-device-pci"
-# One shared-memory capability fits behind a root port on QEMU 11.1.3 (the PCIe capability
-# takes the room); a second aborts QEMU in pci_add_capability.
-MAX_ROOT_PORT_REGIONS = 1
 GUEST_POLL_INTERVAL = 0.1
 SEE_TIMEOUT = 30.0
 # aarch64 pciehp: ~6 s by design, under TCG and with another VM on the same 2 cores.
 UNPLUG_TIMEOUT = 45.0
 DISCONNECT_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 15.0
-
-# One line per function: bdf vendor device driver ("-" when unbound).
-LIST_SCRIPT = (
-    "for d in /sys/bus/pci/devices/*; do "
-    "if [ -e $d/driver ]; then drv=$(basename $(readlink $d/driver)); else drv=-; fi; "
-    'echo "${d##*/} $(cat $d/vendor) $(cat $d/device) $drv"; done'
-)
-
-
-# -- pure parts ----------------------------------------------------------------------------
-
-
-def chardev_add_arguments(
-    chardev_id: str, socket_path: Path, reconnect_ms: int | None = None
-) -> dict[str, Any]:
-    """chardev-add arguments: a UNIX socket client (our back-end listens); with
-    ``reconnect_ms`` QEMU re-dials a back-end that went away."""
-    data: dict[str, Any] = {
-        "addr": {"type": "unix", "data": {"path": str(socket_path)}},
-        "server": False,
-    }
-    if reconnect_ms is not None:
-        if reconnect_ms <= 0:
-            raise ConfigError(f"reconnect_ms {reconnect_ms}: use a positive number of ms")
-        data["reconnect-ms"] = reconnect_ms
-    return {"id": chardev_id, "backend": {"type": "socket", "data": data}}
-
-
-def device_add_arguments(
-    device_id: str, chardev_id: str, bus: str, virtio_id: int = DEFAULT_VIRTIO_ID
-) -> dict[str, Any]:
-    """device_add arguments for one test device behind the root port ``bus``."""
-    return {
-        "driver": DEVICE_TYPE,
-        "id": device_id,
-        "chardev": chardev_id,
-        "virtio-id": virtio_id,
-        "bus": bus,
-        "addr": "0x0",
-    }
-
-
-@dataclass(frozen=True)
-class ListedFunction:
-    bdf: str
-    vendor: int
-    device: int
-    driver: str | None
-
-
-def parse_pci_listing(text: str) -> dict[str, ListedFunction]:
-    """LIST_SCRIPT's output -> {bdf: ListedFunction}. Pure."""
-    found: dict[str, ListedFunction] = {}
-    for line in text.splitlines():
-        words = line.split()
-        if not words:
-            continue
-        if len(words) != 4:
-            raise ParseError(f"PCI listing line {line!r}: want 'bdf vendor device driver'")
-        try:
-            vendor, device = int(words[1], 16), int(words[2], 16)
-        except ValueError as exc:
-            raise ParseError(f"PCI listing line {line!r}: ids are not hex") from exc
-        driver = None if words[3] == "-" else words[3]
-        found[words[0]] = ListedFunction(words[0], vendor, device, driver)
-    return found
-
-
-def matching_functions(
-    listing: Mapping[str, ListedFunction], virtio_id: int
-) -> dict[str, ListedFunction]:
-    """The functions of a listing that are vhost-user test devices of ``virtio_id``."""
-    want = (VIRTIO_VENDOR, 0x1040 + virtio_id)
-    return {bdf: f for bdf, f in listing.items() if (f.vendor, f.device) == want}
-
 
 # -- the driver ----------------------------------------------------------------------------
 
@@ -136,20 +50,31 @@ def matching_functions(
 class PluggedDevice:
     """One hot-plugged device and its back-end; ``bdf`` is where the guest sees it."""
 
-    name: str
-    port: str
-    layout: ShmemLayout
+    spec: VhostUserDevice
     backend: Backend
     bdf: str
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
+    def name(self) -> str:
+        return self.spec.id
+
+    @property
+    def port(self) -> str:
+        assert self.spec.bus is not None
+        return self.spec.bus
+
+    @property
+    def layout(self) -> ShmemLayout:
+        return self.spec.layout
+
+    @property
     def device_id(self) -> str:
-        return f"{self.name}-dev"
+        return self.spec.device_id
 
     @property
     def chardev_id(self) -> str:
-        return self.name
+        return self.spec.id
 
 
 @dataclass(frozen=True)
@@ -184,14 +109,14 @@ class Hotplug(Closeable):
 
     # -- guest view ------------------------------------------------------------------------
 
-    def guest_test_devices(self) -> dict[str, ListedFunction]:
-        """The test devices the guest lists right now, by BDF."""
-        out = self.vm.run(LIST_SCRIPT, check=True, timeout=20)
-        return matching_functions(parse_pci_listing(out.text), self.virtio_id)
+    def guest_test_devices(self) -> dict[str, GuestPciDevice]:
+        """The test devices the guest lists right now, by BDF (the one guest reader)."""
+        view = inspect_pci(self.vm.ssh, lspci=False, dmesg=False, timeout=20)
+        return {d.bdf: d for d in view.virtio_devices_of(self.virtio_id)}
 
     def _poll_guest(
-        self, done: Callable[[dict[str, ListedFunction]], bool], timeout: float, what: str
-    ) -> dict[str, ListedFunction]:
+        self, done: Callable[[dict[str, GuestPciDevice]], bool], timeout: float, what: str
+    ) -> dict[str, GuestPciDevice]:
         deadline = time.monotonic() + timeout
         while True:
             self.machine.check_alive(f"while waiting for {what}")
@@ -232,20 +157,20 @@ class Hotplug(Closeable):
         """
         if self._closed:
             raise StateError("closed", "open", "Hotplug.plug")
-        if not isinstance(layout, ShmemLayout):
-            layout = ShmemLayout(dict(layout))
-        if len(layout.regions) > MAX_ROOT_PORT_REGIONS and not allow_overfull:
-            raise ConfigError(
-                f"{len(layout.regions)} regions: QEMU 11.1.3 fits {MAX_ROOT_PORT_REGIONS} "
-                "behind a root port (one more aborts it); pass allow_overfull=True to "
-                "reproduce that on purpose"
-            )
-        bus = port or self.free_port()
         self._count += 1
         name = f"hp{self._count}"
-        backend = Backend(
+        spec = VhostUserDevice(
+            name,
             self.run_dir / f"{name}.sock",
-            layout,
+            ShmemLayout.of(layout),
+            virtio_id=self.virtio_id,
+            bus=port or self.free_port(),
+            reconnect_ms=reconnect_ms,
+            allow_overfull=allow_overfull,
+        )
+        backend = Backend(
+            spec.socket,
+            spec.layout,
             trace_path=self.logdir / f"{name}-vhost-user-trace.jsonl",
             faults=faults,
         )
@@ -253,9 +178,7 @@ class Hotplug(Closeable):
         backend.start()
         before = self.guest_test_devices()
         t0 = time.monotonic()
-        self.machine.qmp(
-            "chardev-add", chardev_add_arguments(name, backend.socket_path, reconnect_ms)
-        )
+        self.machine.qmp("chardev-add", spec.chardev_add_arguments())
         if reconnect_ms is not None:
             # A reconnecting chardev connects in the background, and QEMU 11.1.3's realize
             # does not wait for it: device_add fails ("Failed to set msg fds") unless QEMU's
@@ -263,9 +186,7 @@ class Hotplug(Closeable):
             # come first), query-chardev is. scenarios/test_reconnect.py provokes the race.
             self.machine.wait_chardev(name, connected=True, timeout=CONNECT_TIMEOUT)
         try:
-            self.machine.qmp(
-                "device_add", device_add_arguments(f"{name}-dev", name, bus, self.virtio_id)
-            )
+            self.machine.qmp("device_add", spec.device_add_arguments())
         except QemuExited:
             backend.close()
             raise
@@ -280,17 +201,17 @@ class Hotplug(Closeable):
         seen = self._poll_guest(
             lambda now: any(f.driver for b, f in now.items() if b not in before),
             see_timeout,
-            f"the guest adding {name} on {bus} (function listed, driver bound)",
+            f"the guest adding {name} on {spec.bus} (function listed, driver bound)",
         )
         (bdf,) = set(seen) - set(before)
-        device = PluggedDevice(name, bus, layout, backend, bdf)
+        device = PluggedDevice(spec, backend, bdf)
         device.timings = {
             "device_add": round(added - t0, 3),
             "guest_sees": round(time.monotonic() - added, 3),
         }
         self.plugged[name] = device
-        log.info("plugged %s (%s) on %s as %s: %s", name, layout.describe(), bus, bdf,
-                 device.timings)  # fmt: skip
+        log.info("plugged %s (%s) on %s as %s: %s", name, spec.layout.describe(), spec.bus,
+                 bdf, device.timings)  # fmt: skip
         return device
 
     def unplug(
@@ -328,10 +249,7 @@ class Hotplug(Closeable):
         ``layout`` (default: the same). Only a chardev plugged with reconnect_ms finds it."""
         if self.plugged.get(device.name) is not device:
             raise StateError("not plugged", "plugged", f"Hotplug.restart_backend({device.name})")
-        if layout is None:
-            layout = device.layout
-        elif not isinstance(layout, ShmemLayout):
-            layout = ShmemLayout(dict(layout))
+        layout = device.layout if layout is None else ShmemLayout.of(layout)
         device.backend.close()
         # QEMU takes the hang-up in on its main loop, later: until it has, query-chardev
         # still says connected, and a wait for "connected again" would pass at once.

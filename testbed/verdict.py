@@ -1,6 +1,6 @@
 """What the guest should see for a region layout, and where it differs (pure, no I/O).
 
-The rule QEMU 11.1 follows (platform facts, and hw/virtio/vhost-user-base.c): one BAR 4,
+The rule QEMU 11.1 follows (testbed.limits, the one home of the packing rule): one BAR 4,
 64-bit prefetchable memory, whose size is the total of the regions; regions packed back to
 back in ascending shmid order; one virtio vendor capability of cfg_type 8 per region naming
 BAR 4, the region's offset and length and its shmid. No regions: no BAR 4 and no cfg_type 8
@@ -10,15 +10,18 @@ own parse of config space + sysfs, and `lspci -vv` (pciutils >= 3.15).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from testbed import limits
+from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout
 from testbed.guest.inspect import GuestPciDevice, GuestPciView
 from testbed.guest.lspci import LspciDevice
-from testbed.guest.pci import VIRTIO_VENDOR, VirtioShmCap
+from testbed.guest.pci import VirtioShmCap
 
-SHM_BAR = 4
+SHM_BAR = limits.SHM_BAR
 # Lines of dmesg that explain why the kernel left a BAR without an address.
 _BAR_DMESG = re.compile(
     r"(BAR 4|bridge window|no space for|failed to assign|can't assign|64bit mmio)",
@@ -28,13 +31,7 @@ _BAR_DMESG = re.compile(
 
 def expected_caps(layout: Mapping[int, int]) -> list[VirtioShmCap]:
     """The cfg_type 8 capabilities QEMU 11.1 builds for {shmid: size}, sorted by shmid."""
-    caps: list[VirtioShmCap] = []
-    offset = 0
-    for shmid in sorted(layout):
-        size = layout[shmid]
-        caps.append(VirtioShmCap(shmid=shmid, bar=SHM_BAR, offset=offset, length=size))
-        offset += size
-    return caps
+    return [VirtioShmCap(p.shmid, SHM_BAR, p.offset, p.size) for p in limits.pack(layout)]
 
 
 @dataclass(frozen=True)
@@ -66,12 +63,14 @@ def _fmt(caps: list[VirtioShmCap]) -> str:
 
 
 def compare_layout(
-    layout: Mapping[int, int],
+    layout: ShmemLayout | Mapping[int, int],
     device: GuestPciDevice,
     lspci: LspciDevice | None = None,
     dmesg: str = "",
 ) -> LayoutVerdict:
     """Compare one guest device with the layout its back-end served."""
+    if isinstance(layout, ShmemLayout):
+        layout = layout.regions
     want = expected_caps(layout)
     total = sum(layout.values())
     mismatches: list[str] = []
@@ -131,11 +130,27 @@ def _failed_to_assign(dmesg: str, bdf: str) -> bool:
     return any(pattern.search(line) for line in dmesg.splitlines())
 
 
-def find_test_devices(view: GuestPciView, virtio_id: int) -> list[GuestPciDevice]:
-    """The guest's vhost-user test devices (modern virtio-pci id 0x1040 + virtio-id)."""
-    return sorted(view.find(VIRTIO_VENDOR, 0x1040 + virtio_id), key=lambda d: d.bdf)
-
-
-def lspci_for(view: GuestPciView, device: GuestPciDevice) -> LspciDevice | None:
-    """lspci's reading of the same device, or None when the image has no lspci."""
-    return view.lspci.get(device.bdf) if view.lspci is not None else None
+def verdict_for(
+    view: GuestPciView,
+    layout: ShmemLayout | Mapping[int, int],
+    bdf: str | None = None,
+    virtio_id: int = DEFAULT_VIRTIO_ID,
+) -> LayoutVerdict:
+    """The verdict on the test device at ``bdf``, or on the guest's only test device."""
+    if bdf is None:
+        devices = view.virtio_devices_of(virtio_id)
+        if len(devices) != 1:
+            found = [d.bdf for d in devices] or "none"
+            return LayoutVerdict(
+                "-", (f"want one test device (virtio-id {virtio_id}), have {found}",)
+            )
+        device = devices[0]
+    elif (found_device := view.devices.get(bdf)) is None:
+        return LayoutVerdict(bdf, (f"{bdf} is missing from the guest's PCI view",))
+    else:
+        device = found_device
+    verdict = compare_layout(layout, device, view.lspci_for(device), view.dmesg)
+    if view.lspci is None:
+        missing = "the guest image has no lspci: the second opinion is missing"
+        return dataclasses.replace(verdict, mismatches=(*verdict.mismatches, missing))
+    return verdict

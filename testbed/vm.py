@@ -27,22 +27,20 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, QemuExited
-from testbed.guest.inspect import GuestPciView, inspect_pci
+from testbed.guest.inspect import GuestPciDevice, GuestPciView, inspect_pci
 from testbed.guest.ssh import CommandResult, SSHSession
-from testbed.machine.cmdline import MachineConfig, VhostUserDeviceSpec, build_command
-from testbed.machine.qemu import Machine, free_tcp_port
+from testbed.machine.cmdline import MachineConfig, build_command
+from testbed.machine.qemu import GuestMachine, free_tcp_port
 from testbed.paths import make_private_dir, remove_tree, results_dir, sanitize
+from testbed.verdict import LayoutVerdict, verdict_for
 
 log = logging.getLogger(__name__)
 
 BACKEND_CHARDEV = "vu0"
 BACKEND_SOCKET = f"{BACKEND_CHARDEV}.sock"
 TRACE_NAME = "vhost-user-trace.jsonl"
-# QEMU 11.1.3 fits at most 3 shared-memory capabilities in a root-bus device's config
-# space; a 4th aborts QEMU (pci_add_capability assertion). Refuse it up front unless the
-# caller asks for exactly that (allow_overfull=True) to reproduce the abort.
-MAX_ROOT_BUS_REGIONS = 3
 
 
 def _to_stderr(message: str) -> None:
@@ -56,7 +54,7 @@ def _dq(word: str) -> str:
 
 
 def reproduce_script(
-    qemu_argv: Sequence[str], run_dir: Path, regions: Mapping[int, int] | None
+    qemu_argv: Sequence[str], run_dir: Path, device: VhostUserDevice | None
 ) -> str:
     """A sh script that reruns a VM by hand: back-end (if any) then QEMU, for gdb.
 
@@ -77,10 +75,8 @@ def reproduce_script(
         'cleanup() { [ -n "${BACKEND:-}" ] && kill "$BACKEND" 2>/dev/null; rm -rf "$RUN"; }',
         "trap cleanup EXIT INT TERM",
     ]
-    if regions:
-        region_args = " ".join(
-            f"--region {shmid}={size}" for shmid, size in sorted(regions.items())
-        )
+    if device is not None:
+        region_args = " ".join(device.layout.region_args())
         lines += [
             f'testbed backend --socket "$RUN/{BACKEND_SOCKET}" {region_args} &',
             "BACKEND=$!",
@@ -146,7 +142,7 @@ class GuestVM:
         self,
         arch: str,
         *,
-        regions: Any = None,
+        regions: ShmemLayout | Mapping[int, int] | None = None,
         accel: str = "auto",
         qemu: str | None = None,
         artifacts_dir: Path | None = None,
@@ -163,17 +159,19 @@ class GuestVM:
         reconnect_ms: int | None = None,
     ) -> None:
         self.arch = arch
-        # A ShmemLayout (its .regions) or a plain {shmid: size}; {} = device without regions.
-        self.regions: dict[int, int] | None = (
-            None if regions is None else dict(getattr(regions, "regions", regions))
-        )
-        if self.regions and len(self.regions) > MAX_ROOT_BUS_REGIONS and not allow_overfull:
-            raise ConfigError(
-                f"{len(self.regions)} regions: QEMU 11.1.3 fits at most "
-                f"{MAX_ROOT_BUS_REGIONS} in a root-bus device (one more aborts QEMU); "
-                "pass allow_overfull=True to reproduce that abort on purpose"
+        # The device, parsed and checked here, at the edge; its socket is placed at start.
+        # None: no vhost-user device at all; an empty layout: a device without regions.
+        self.device: VhostUserDevice | None = (
+            None
+            if regions is None
+            else VhostUserDevice(
+                BACKEND_CHARDEV,
+                Path(BACKEND_SOCKET),
+                ShmemLayout.of(regions),
+                reconnect_ms=reconnect_ms,
+                allow_overfull=allow_overfull,
             )
-        self._regions_arg = regions
+        )
         self.accel_requested = accel
         self.qemu_explicit = qemu
         self.artifacts_dir = Path(artifacts_dir) if artifacts_dir else None
@@ -188,14 +186,11 @@ class GuestVM:
         self.extra_kernel_args = tuple(extra_kernel_args)
         self.extra_qemu_args = tuple(extra_qemu_args)
         self.boot_timeout = boot_timeout
-        # The device chardev's reconnect-ms: QEMU re-dials the socket after the back-end
-        # goes away, so restart_backend() can bring the device back.
-        self.reconnect_ms = reconnect_ms
         self._backend_generation = 0
 
         self.run_dir: Path | None = None
         self.logdir: Path | None = None
-        self.machine: Machine | None = None
+        self.machine: GuestMachine | None = None
         self.backend: Any = None
         self._ssh: SSHSession | None = None
         self.image: Any = None
@@ -253,16 +248,11 @@ class GuestVM:
                 self.logdir = self.run_dir / "logs"
                 self.logdir.mkdir()
 
-            devices: tuple[VhostUserDeviceSpec, ...] = ()
-            if self.regions is not None:
+            devices: tuple[VhostUserDevice, ...] = ()
+            if self.device is not None:
+                self.device = dataclasses.replace(self.device, socket=self.run_dir / BACKEND_SOCKET)
                 self._start_backend()
-                devices = (
-                    VhostUserDeviceSpec(
-                        BACKEND_CHARDEV,
-                        self.run_dir / BACKEND_SOCKET,
-                        reconnect_ms=self.reconnect_ms,
-                    ),
-                )
+                devices = (self.device,)
             t = self._step("backend", t)
 
             config = MachineConfig(
@@ -286,7 +276,7 @@ class GuestVM:
             if self.root_port_pref64 is not None:
                 config = dataclasses.replace(config, root_port_pref64=self.root_port_pref64)
             self._write_reproduce(config)
-            self.machine = Machine(config, self.logdir)
+            self.machine = GuestMachine(config, self.logdir)
             self.machine.start()
             t = self._step("qemu_start", t)
             self.machine.wait_console(re.escape(self.image.ready_line), self.boot_timeout)
@@ -308,38 +298,35 @@ class GuestVM:
             raise
         return self
 
-    def _start_backend(self, regions: Any = None) -> None:
+    def _start_backend(self, layout: ShmemLayout | None = None) -> None:
         from testbed.vhost_user.backend import Backend
-        from testbed.vhost_user.shmem import ShmemLayout
 
-        assert self.run_dir is not None and self.logdir is not None
-        layout = self._regions_arg if regions is None else regions
-        if not isinstance(layout, ShmemLayout):
-            layout = ShmemLayout(dict(getattr(layout, "regions", layout) or {}))
+        assert self.device is not None and self.logdir is not None
         # Each back-end keeps its own trace: a restarted one must not overwrite the first.
         trace = TRACE_NAME
         if self._backend_generation:
             trace = TRACE_NAME.replace(".jsonl", f"-{self._backend_generation}.jsonl")
         self._backend_generation += 1
         self.backend = Backend(
-            self.run_dir / BACKEND_SOCKET,
-            layout,
+            self.device.socket,
+            layout or self.device.layout,
             trace_path=self.logdir / trace,
             faults=self.faults,
         )
         self.backend.start()
 
-    def restart_backend(self, regions: Any = None) -> Any:
+    def restart_backend(self, regions: ShmemLayout | Mapping[int, int] | None = None) -> Any:
         """Close the back-end and start a new one on the same socket (the same layout, or
         ``regions``); returns it. QEMU, the socket's client, only finds it again when the
         chardev reconnects (GuestVM(reconnect_ms=...))."""
         if self.backend is None:
             raise ConfigError("this GuestVM has no back-end (regions=None): nothing to restart")
+        layout = None if regions is None else ShmemLayout.of(regions)
         self.backend.close()
         if self.machine is not None:
             # Until QEMU's main loop took the hang-up in, the chardev still reads connected.
             self.machine.wait_chardev(BACKEND_CHARDEV, connected=False, timeout=15.0)
-        self._start_backend(regions)
+        self._start_backend(layout)
         return self.backend
 
     def _write_reproduce(self, config: MachineConfig) -> None:
@@ -351,7 +338,7 @@ class GuestVM:
             for w in argv
         ]
         script = self.logdir / "reproduce.sh"
-        script.write_text(reproduce_script(argv, self.run_dir, self.regions))
+        script.write_text(reproduce_script(argv, self.run_dir, self.device))
         script.chmod(0o755)
 
     def close(self, failed: bool = False) -> None:
@@ -439,3 +426,34 @@ class GuestVM:
 
     def inspect_pci(self) -> GuestPciView:
         return inspect_pci(self.ssh)
+
+    # -- the verdict -----------------------------------------------------------------------
+
+    def test_device(self, virtio_id: int = DEFAULT_VIRTIO_ID) -> GuestPciDevice:
+        """The guest's one vhost-user test device (AssertionError unless exactly one)."""
+        devices = self.inspect_pci().virtio_devices_of(virtio_id)
+        if len(devices) != 1:
+            raise AssertionError(
+                f"want one test device (virtio-id {virtio_id}) in the guest, have "
+                f"{[d.bdf for d in devices] or 'none'}"
+            )
+        return devices[0]
+
+    def verdict(
+        self, layout: ShmemLayout | Mapping[int, int] | None = None, bdf: str | None = None
+    ) -> LayoutVerdict:
+        """How the guest's test device (the only one, or the one at ``bdf``) differs from
+        ``layout`` (default: the layout this VM's back-end serves)."""
+        if layout is None:
+            if self.device is None:
+                raise ConfigError("this GuestVM has no device: name the layout to expect")
+            layout = self.device.layout
+        return verdict_for(self.inspect_pci(), layout, bdf)
+
+    def check_guest_sees(
+        self, layout: ShmemLayout | Mapping[int, int] | None = None, bdf: str | None = None
+    ) -> None:
+        """Fail (AssertionError, with the differences) unless the guest shows ``layout``."""
+        verdict = self.verdict(layout, bdf)
+        if not verdict.ok:
+            raise AssertionError(verdict.explain())

@@ -1,4 +1,5 @@
-"""The QEMU command line builder (pure) and the Machine driver against real QEMU (no guest)."""
+"""The QEMU command line builders (pure) and the GuestMachine driver against real QEMU (no
+guest)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from testbed.device import VhostUserDevice
 from testbed.errors import ConfigError, QemuExited, QmpCommandFailed, TestbedError, WaitTimeout
 from testbed.machine import (
-    Machine,
+    GuestMachine,
     MachineConfig,
-    VhostUserDeviceSpec,
+    QtestConfig,
     build_command,
     format_command,
     free_tcp_port,
 )
-from testbed.machine.cmdline import kernel_command_line
+from testbed.machine.cmdline import (
+    attach_options,
+    bare_command,
+    build_qtest_command,
+    kernel_command_line,
+)
+from testbed.machine.probe import parse_mtree_shmem
 from testbed.paths import make_private_dir, remove_tree
 
 
@@ -67,6 +75,64 @@ def test_x86_base_command() -> None:
     assert option_values(argv, "-serial") == ["chardev:console"]
 
 
+def test_qmp_dials_us_only_for_a_machine() -> None:
+    """The QemuMachine listens and QEMU dials; a command run by hand has QEMU listen."""
+    argv = build_command(config(), paused=True, dial_qmp=True)
+    assert option_values(argv, "-qmp") == ["unix:/run/x/qmp.sock"]
+
+
+def test_guestless_commands() -> None:
+    qmp, qtest = Path("/r/qmp.sock"), Path("/r/qtest.sock")
+    dev = VhostUserDevice("vu0", Path("/r/vu.sock"))
+    cfg = QtestConfig("aarch64", Path("/q"), (dev,), qtest=False)
+    argv = build_qtest_command(cfg, qmp, qtest)
+    assert argv[:2] == ["/q", "-nodefaults"]
+    assert "-S" in argv and option_values(argv, "-accel") == ["tcg"]
+    assert "-qtest" not in argv
+    assert option_values(argv, "-machine") == ["virt,memory-backend=mem"]
+    assert option_values(argv, "-object") == ["memory-backend-memfd,id=mem,size=256M,share=on"]
+    assert option_values(argv, "-chardev") == ["socket,id=vu0,path=/r/vu.sock"]
+    assert option_values(argv, "-device") == [
+        "vhost-user-test-device-pci,id=vu0-dev,chardev=vu0,virtio-id=26,num_vqs=1,"
+        "bus=pcie.0,addr=0x3"
+    ]
+    assert option_values(argv, "-qmp") == ["unix:/r/qmp.sock"]
+    argv = build_qtest_command(QtestConfig("x86_64", Path("/q"), (dev,), listen=True), qmp, qtest)
+    assert option_values(argv, "-accel") == ["qtest"] and "-S" not in argv
+    assert option_values(argv, "-qtest") == ["unix:/r/qtest.sock"]
+    assert option_values(argv, "-machine") == ["q35,memory-backend=mem"]
+    assert option_values(argv, "-chardev") == ["socket,id=vu0,path=/r/vu.sock,server=on"]
+    assert bare_command(Path("/q"), qmp)[-4:] == ["-machine", "none", "-qmp", "unix:/r/qmp.sock"]
+
+
+def test_attach_options() -> None:
+    q35 = attach_options("x86_64", Path("/s"))
+    assert option_values(q35, "-machine") == ["q35,memory-backend=mem"]
+    assert option_values(q35, "-m") == ["512M"]
+    assert option_values(q35, "-chardev") == ["socket,id=vu0,path=/s"]
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        attach_options("riscv64", Path("/s"))
+
+
+def test_parse_mtree_shmem() -> None:
+    text = (
+        "address-space: memory\n"
+        "  0000000000000000-ffffffffffffffff (prio 0, i/o): system\n"
+        "      00000000c0000000-00000000c03fffff (prio 1, i/o): vhost-device-pci-shmembar\n"
+        "        00000000c0000000-00000000c01fffff (prio 0, i/o): virtio-shmem-0\n"
+        "        00000000c0200000-00000000c03fffff (prio 0, i/o): virtio-shmem-1\r\n"
+        "          00000000c0200000-00000000c02fffff (prio 0, ram): virtio-shmem-1-0\n"
+        "      00000000c0000000-00000000c03fffff (prio 1, i/o): vhost-device-pci-shmembar\n"
+    )
+    mib = 1 << 20
+    assert parse_mtree_shmem(text) == {
+        "vhost-device-pci-shmembar": (0xC0000000, 4 * mib),
+        "virtio-shmem-0": (0xC0000000, 2 * mib),
+        "virtio-shmem-1": (0xC0200000, 2 * mib),
+        "virtio-shmem-1-0": (0xC0200000, 1 * mib),
+    }
+
+
 def test_paused_adds_dash_s_last() -> None:
     argv = build_command(config(extra_args=("-d", "guest_errors")), paused=True)
     assert argv[-3:] == ["-d", "guest_errors", "-S"]
@@ -99,9 +165,9 @@ def test_kernel_command_line_keeps_image_console_and_appends_extras() -> None:
 
 def test_root_ports_and_vhost_user_devices() -> None:
     devs = (
-        VhostUserDeviceSpec("vu0", Path("/run/x/vu0.sock")),
-        VhostUserDeviceSpec("vu1", Path("/run/x/vu1.sock"), bus="rp1"),
-        VhostUserDeviceSpec("vu2", Path("/run/x/vu2.sock"), num_vqs=2, virtio_id=4),
+        VhostUserDevice("vu0", Path("/run/x/vu0.sock")),
+        VhostUserDevice("vu1", Path("/run/x/vu1.sock"), bus="rp1"),
+        VhostUserDevice("vu2", Path("/run/x/vu2.sock"), num_vqs=2, virtio_id=4),
     )
     argv = build_command(config(root_ports=2, vhost_user_devices=devs))
     devices = option_values(argv, "-device")
@@ -125,8 +191,8 @@ def test_root_ports_and_vhost_user_devices() -> None:
 
 def test_reconnect_ms_goes_on_the_chardev_only() -> None:
     devs = (
-        VhostUserDeviceSpec("vu0", Path("/s/vu0.sock"), reconnect_ms=250),
-        VhostUserDeviceSpec("vu1", Path("/s/vu1.sock")),
+        VhostUserDevice("vu0", Path("/s/vu0.sock"), reconnect_ms=250),
+        VhostUserDevice("vu1", Path("/s/vu1.sock")),
     )
     argv = build_command(config(vhost_user_devices=devs))
     chardevs = option_values(argv, "-chardev")
@@ -137,8 +203,8 @@ def test_reconnect_ms_goes_on_the_chardev_only() -> None:
 
 def test_explicit_slot_is_skipped_by_automatic_assignment() -> None:
     devs = (
-        VhostUserDeviceSpec("a", Path("/s/a"), addr=0x10),
-        VhostUserDeviceSpec("b", Path("/s/b")),
+        VhostUserDevice("a", Path("/s/a"), addr=0x10),
+        VhostUserDevice("b", Path("/s/b")),
     )
     devices = option_values(build_command(config(vhost_user_devices=devs)), "-device")
     assert any(
@@ -154,19 +220,15 @@ def test_explicit_slot_is_skipped_by_automatic_assignment() -> None:
         ({"memory_mib": 64}, "too small"),
         ({"ssh_port": 0}, "TCP port"),
         ({"root_ports": 9}, "root ports"),
-        ({"vhost_user_devices": (VhostUserDeviceSpec("x", Path("/s"), bus="rp3"),)}, "bus"),
+        ({"vhost_user_devices": (VhostUserDevice("x", Path("/s"), bus="rp3"),)}, "bus"),
         (
             {
                 "vhost_user_devices": (
-                    VhostUserDeviceSpec("x", Path("/s")),
-                    VhostUserDeviceSpec("x", Path("/t")),
+                    VhostUserDevice("x", Path("/s")),
+                    VhostUserDevice("x", Path("/t")),
                 )
             },
             "unique",
-        ),
-        (
-            {"vhost_user_devices": (VhostUserDeviceSpec("x", Path("/s"), reconnect_ms=0),)},
-            "reconnect_ms",
         ),
     ],
 )
@@ -225,7 +287,7 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.mark.qemu
 def test_machine_qmp_events_and_clean_shutdown(rundir: Path) -> None:
-    with Machine(spin_config(rundir, root_ports=1), rundir) as machine:
+    with GuestMachine(spin_config(rundir, root_ports=1), rundir) as machine:
         machine.start()
         pid = machine.pid
         assert pid is not None
@@ -252,7 +314,7 @@ def test_machine_waits_on_chardev_state_and_stderr(rundir: Path) -> None:
     on: disconnected until a listener appears and QEMU's main loop took the connection in,
     disconnected again once QEMU saw the hang-up."""
     path = rundir / "late.sock"
-    with Machine(spin_config(rundir), rundir) as machine:
+    with GuestMachine(spin_config(rundir), rundir) as machine:
         machine.start()
         machine.qmp(
             "chardev-add",
@@ -285,7 +347,7 @@ def test_machine_waits_on_chardev_state_and_stderr(rundir: Path) -> None:
 
 @pytest.mark.qemu
 def test_machine_close_kills_and_is_idempotent(rundir: Path) -> None:
-    machine = Machine(spin_config(rundir), rundir)
+    machine = GuestMachine(spin_config(rundir), rundir)
     machine.start()
     pid = machine.pid
     assert pid is not None
@@ -298,8 +360,8 @@ def test_machine_close_kills_and_is_idempotent(rundir: Path) -> None:
 @pytest.mark.qemu
 def test_machine_reports_qemu_exit_with_stderr(rundir: Path) -> None:
     missing = rundir / "no-such.sock"
-    cfg = spin_config(rundir, vhost_user_devices=(VhostUserDeviceSpec("vu0", missing),))
-    with Machine(cfg, rundir) as machine, pytest.raises(QemuExited) as info:
+    cfg = spin_config(rundir, vhost_user_devices=(VhostUserDevice("vu0", missing),))
+    with GuestMachine(cfg, rundir) as machine, pytest.raises(QemuExited) as info:
         machine.start()
     assert info.value.returncode == 1
     assert str(missing) in info.value.stderr_tail
@@ -311,7 +373,7 @@ def test_machine_retries_taken_ssh_port(rundir: Path) -> None:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        with Machine(spin_config(rundir, ssh_port=taken), rundir) as machine:
+        with GuestMachine(spin_config(rundir, ssh_port=taken), rundir) as machine:
             machine.start()
             assert machine.ssh_port != taken
             assert (

@@ -10,20 +10,26 @@ from hypothesis import strategies as st
 
 from testbed.errors import ConfigError, ParseError, StateError
 from testbed.guest.datapath import (
-    DEVICE_STATUS,
     DeviceWindows,
     ShmWindow,
     devmem_read_script,
     devmem_write_script,
-    driver_ok_script,
     locate,
     looks_unmapped,
     parse_devmem_words,
     parse_status_lines,
+    program_script,
 )
 from testbed.guest.inspect import GuestPciDevice, parse_inspection
 from testbed.guest.pci import ResourceTable
-from testbed.verdict import find_test_devices
+from testbed.virtio import (
+    DEVICE_STATUS,
+    DRIVER_OK_PROGRAM,
+    RESET_PROGRAM,
+    Expect,
+    check,
+    run_program,
+)
 
 DATA = Path(__file__).parent / "data"
 M = 1 << 20
@@ -32,7 +38,7 @@ M = 1 << 20
 def captured_device(arch: str) -> GuestPciDevice:
     """The test device of a real guest dump ({0: 4M, 1: 4M} on the root bus)."""
     text = (DATA / f"{arch}-two-regions.inspect.txt").read_bytes().decode(errors="replace")
-    (device,) = find_test_devices(parse_inspection(text), 26)
+    (device,) = parse_inspection(text).virtio_devices_of(26)
     return device
 
 
@@ -95,15 +101,37 @@ def test_parse_devmem_words_errors() -> None:
         parse_devmem_words("devmem: /dev/mem: Operation not permitted\n", 4)
 
 
-def test_driver_ok_script_walks_the_status() -> None:
-    script = driver_ok_script(0xFE808000)
+def test_driver_ok_program_as_a_devmem_script() -> None:
+    script = program_script(DRIVER_OK_PROGRAM, 0xFE808000)
     status = f"{0xFE808000 + DEVICE_STATUS:#x}"
     writes = [
         line.split()[3] for line in script.splitlines() if line.startswith(f"devmem {status} 8 ")
     ]
-    assert writes == ["0", "0x1", "0x3", "0xb", "0xf"]
-    assert "devmem 0xfe808008 32 1\ndevmem 0xfe80800c 32 0x1" in script  # VERSION_1
+    assert writes == ["0x0", "0x1", "0x3", "0xb", "0xf"]
+    assert "devmem 0xfe808008 32 0x1\ndevmem 0xfe80800c 32 0x1" in script  # VERSION_1
+    reads = [line for line in script.splitlines() if line == f"devmem {status} 8"]
+    assert len(reads) == 2  # one per Expect: after FEATURES_OK, after DRIVER_OK
     assert parse_status_lines("0x0B\n0x0F\n", 2) == [0xB, 0xF]
+
+
+def test_the_program_checks_what_the_device_answers() -> None:
+    """One program, any transport: a device that refuses FEATURES_OK or fails stops it."""
+    log: list[tuple[int, int]] = []
+
+    def play(status: int) -> None:
+        run_program(DRIVER_OK_PROGRAM, lambda w: log.append((w.offset, w.value)),
+                    lambda e: status, "dev")  # fmt: skip
+
+    play(0xF)
+    assert log[-1] == (DEVICE_STATUS, 0xF)
+    with pytest.raises(StateError, match="FEATURES_OK"):
+        play(0x3)
+    with pytest.raises(StateError, match="DRIVER_OK"):
+        play(0x8F)  # FAILED set
+    (expect,) = [s for s in RESET_PROGRAM if isinstance(s, Expect)]
+    check(expect, 0, "dev")
+    with pytest.raises(StateError, match="after reset"):
+        check(expect, 0x1, "dev")
 
 
 def test_looks_unmapped() -> None:

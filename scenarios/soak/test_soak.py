@@ -33,9 +33,7 @@ import pytest
 
 from testbed.guest.datapath import GuestDevice
 from testbed.hotplug import Hotplug, PluggedDevice
-from testbed.machine.cmdline import DEFAULT_VIRTIO_ID
 from testbed.paths import results_dir
-from testbed.verdict import compare_layout, find_test_devices, lspci_for
 from testbed.vhost_user.shmem import Memfd
 from testbed.vm import GuestVM
 
@@ -122,11 +120,7 @@ def check_leaks(before: Figures, after: Figures) -> None:
 
 def plug_cycle(vm: GuestVM, hp: Hotplug) -> None:
     device: PluggedDevice = hp.plug(HOTPLUG_LAYOUT)
-    view = vm.inspect_pci()
-    guest = view.devices.get(device.bdf)
-    assert guest is not None, f"{device.bdf} missing from the guest's PCI view"
-    verdict = compare_layout(device.layout.regions, guest, lspci_for(view, guest), view.dmesg)
-    assert verdict.ok, verdict.explain()
+    vm.check_guest_sees(device.layout, device.bdf)
     hp.unplug(device)
 
 
@@ -157,8 +151,7 @@ def test_map_soak(
     vm = boot(regions=MAP_LAYOUT)
     assert vm.machine is not None and vm.machine.pid is not None and vm.backend is not None
     pid = vm.machine.pid
-    (device,) = find_test_devices(vm.inspect_pci(), DEFAULT_VIRTIO_ID)
-    guest = GuestDevice(vm.ssh, device.bdf)
+    guest = GuestDevice(vm.ssh, vm.test_device().bdf)
     guest.start()
     vm.backend.wait_driver_ok(DRIVER_OK_TIMEOUT)
 

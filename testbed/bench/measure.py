@@ -20,11 +20,11 @@ from pathlib import Path
 
 from testbed.bench.report import RUN_INIT, BootObservation, dmesg_time, parse_dmesg
 from testbed.errors import ProvisionError, QemuExited, StateError, WaitTimeout
-from testbed.machine.cmdline import DEFAULT_VIRTIO_ID, MachineConfig, build_command
+from testbed.machine.cmdline import MachineConfig, build_command
 from testbed.machine.qemu import free_tcp_port
 from testbed.paths import PROJECT_ROOT, cache_dir, make_private_dir, remove_tree
 from testbed.resource import Closeable
-from testbed.verdict import compare_layout, find_test_devices, lspci_for
+from testbed.verdict import verdict_for
 from testbed.vm import GuestVM
 
 FLOOR_SCRIPT = PROJECT_ROOT / "scripts" / "floor.py"
@@ -186,14 +186,8 @@ def measure_coldplug(arch: str, accel: str) -> ColdplugRun:
         vm.run(f"echo {KMSG_MARK} > /dev/kmsg", check=True)
         after = time.monotonic()
         view = vm.inspect_pci()
-        devices = find_test_devices(view, DEFAULT_VIRTIO_ID)
-        if len(devices) != 1:
-            verdict = f"want one vhost-user test device in the guest, have {len(devices)}"
-        else:
-            result = compare_layout(
-                COLDPLUG_LAYOUT, devices[0], lspci_for(view, devices[0]), view.dmesg
-            )
-            verdict = "" if result.ok else result.explain()
+        result = verdict_for(view, COLDPLUG_LAYOUT)
+        verdict = "" if result.ok else result.explain()
         checked = time.monotonic()
         timings = dict(vm.timings)
     done = time.monotonic()
@@ -245,7 +239,7 @@ def measure_map_unmap(arch: str, accel: str, rounds: int) -> list[float]:
 
     seconds = []
     with GuestVM(arch, regions=dict(DATAPATH_LAYOUT), accel=accel) as vm:
-        (device,) = find_test_devices(vm.inspect_pci(), DEFAULT_VIRTIO_ID)
+        device = vm.test_device()
         guest = GuestDevice(vm.ssh, device.bdf)
         guest.start()
         vm.backend.wait_driver_ok(DRIVER_OK_TIMEOUT)

@@ -22,22 +22,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from testbed.errors import ConfigError, GuestCommandFailed, ParseError, StateError
-from testbed.guest.pci import PciFunction, ResourceTable, parse_config_space, parse_resource
+from testbed.guest.inspect import inspect_pci
+from testbed.guest.pci import PciFunction, ResourceTable
 from testbed.guest.ssh import CommandResult
-
-# virtio 1.x, struct virtio_pci_common_cfg (offsets in the cfg_type 1 structure).
-VIRTIO_PCI_CAP_COMMON_CFG = 1
-DRIVER_FEATURE_SELECT = 0x08
-DRIVER_FEATURE = 0x0C
-DEVICE_STATUS = 0x14
-
-STATUS_ACKNOWLEDGE = 0x1
-STATUS_DRIVER = 0x2
-STATUS_DRIVER_OK = 0x4
-STATUS_FEATURES_OK = 0x8
-STATUS_FAILED = 0x80
-# VIRTIO_F_VERSION_1 is feature bit 32: bit 0 of the high feature word (select 1).
-VERSION_1_HIGH_WORD = 0x1
+from testbed.virtio import (
+    DEVICE_STATUS,
+    DRIVER_OK_PROGRAM,
+    RESET_PROGRAM,
+    VIRTIO_PCI_CAP_COMMON_CFG,
+    Expect,
+    Step,
+    Write,
+    check,
+)
 
 WORD = 4  # devmem accesses are 32-bit: BAR 4 is memory, any aligned width works
 _DEVMEM_VALUE = re.compile(r"^0x[0-9a-fA-F]+$")
@@ -154,28 +151,16 @@ def devmem_write_script(address: int, data: bytes) -> str:
     return "\n".join(lines) + "\n"
 
 
-def driver_ok_script(common_cfg: int) -> str:
-    """The register writes of a virtio driver that negotiates VERSION_1 only, ending at
-    DRIVER_OK; prints device_status after FEATURES_OK and at the end (set -e: a failing
-    devmem stops it)."""
-    status = common_cfg + DEVICE_STATUS
-    select, feature = common_cfg + DRIVER_FEATURE_SELECT, common_cfg + DRIVER_FEATURE
-    acked = STATUS_ACKNOWLEDGE | STATUS_DRIVER
-    features_ok = acked | STATUS_FEATURES_OK
-    lines = [
-        "set -e",
-        f"devmem {status:#x} 8 0",  # reset first: start from a known state
-        f"devmem {status:#x} 8 {STATUS_ACKNOWLEDGE:#x}",
-        f"devmem {status:#x} 8 {acked:#x}",
-        f"devmem {select:#x} 32 1",
-        f"devmem {feature:#x} 32 {VERSION_1_HIGH_WORD:#x}",
-        f"devmem {select:#x} 32 0",
-        f"devmem {feature:#x} 32 0",
-        f"devmem {status:#x} 8 {features_ok:#x}",
-        f"devmem {status:#x} 8",
-        f"devmem {status:#x} 8 {features_ok | STATUS_DRIVER_OK:#x}",
-        f"devmem {status:#x} 8",
-    ]
+def program_script(program: tuple[Step, ...], common_cfg: int) -> str:
+    """A virtio register program (testbed.virtio) as one devmem script: a write per Write,
+    a read (one printed value) per Expect; set -e, so a failing devmem stops it."""
+    lines = ["set -e"]
+    for step in program:
+        address = common_cfg + step.offset
+        if isinstance(step, Write):
+            lines.append(f"devmem {address:#x} {step.width} {step.value:#x}")
+        else:
+            lines.append(f"devmem {address:#x} {step.width}")
     return "\n".join(lines) + "\n"
 
 
@@ -228,21 +213,11 @@ class GuestDevice:
     def windows(self) -> DeviceWindows:
         """Where the registers and regions are (read once: BARs do not move while bound)."""
         if self._windows is None:
-            sysfs = shlex.quote(self.sysfs)
-            out = self._run(f"od -An -v -tx1 {sysfs}/config; echo @@; cat {sysfs}/resource")
-            config_text, sep, resource_text = out.text.partition("@@")
-            if not sep:
-                raise ParseError(f"{self.bdf}: config/resource dump lacks its separator")
-            try:
-                config = bytes(int(w, 16) for w in config_text.split())
-            except ValueError as exc:
-                raise ParseError(f"{self.bdf}: config dump is not od hex output") from exc
-            self._windows = locate(
-                # parse_resource numbers BARs by line: drop the newline after the marker.
-                self.bdf,
-                parse_config_space(config),
-                parse_resource(resource_text.lstrip("\n")),
-            )
+            view = inspect_pci(self.ssh, [self.bdf], lspci=False, dmesg=False, timeout=self.timeout)
+            device = view.devices.get(self.bdf)
+            if device is None:
+                raise ParseError(f"{self.bdf}: the guest does not list this function")
+            self._windows = locate(self.bdf, device.function, device.resources)
         return self._windows
 
     def status(self) -> int:
@@ -250,25 +225,20 @@ class GuestDevice:
         out = self._run(f"devmem {self.windows().common_cfg + DEVICE_STATUS:#x} 8")
         return parse_status_lines(out.text, 1)[0]
 
+    def _play(self, program: tuple[Step, ...]) -> None:
+        out = self._run(program_script(program, self.windows().common_cfg))
+        expects = [step for step in program if isinstance(step, Expect)]
+        for step, value in zip(expects, parse_status_lines(out.text, len(expects)), strict=True):
+            check(step, value, self.bdf)
+
     def start(self) -> None:
         """Detach, then negotiate VERSION_1 and set DRIVER_OK; checks each step took."""
         self.detach()
-        out = self._run(driver_ok_script(self.windows().common_cfg))
-        features_ok, final = parse_status_lines(out.text, 2)
-        if not features_ok & STATUS_FEATURES_OK:
-            raise StateError(
-                f"status {features_ok:#x}", "FEATURES_OK", f"{self.bdf}: device refused VERSION_1"
-            )
-        if final & STATUS_FAILED or not final & STATUS_DRIVER_OK:
-            raise StateError(f"status {final:#x}", "DRIVER_OK", f"{self.bdf}: device start")
+        self._play(DRIVER_OK_PROGRAM)
 
     def reset(self) -> None:
         """Write 0 to device_status (a virtio reset); checks it reads back 0."""
-        status = self.windows().common_cfg + DEVICE_STATUS
-        out = self._run(f"devmem {status:#x} 8 0\ndevmem {status:#x} 8\n")
-        (value,) = parse_status_lines(out.text, 1)
-        if value != 0:
-            raise StateError(f"status {value:#x}", "0 after reset", self.bdf)
+        self._play(RESET_PROGRAM)
 
     def read(self, shmid: int, shm_offset: int, length: int) -> bytes:
         """``length`` bytes of region ``shmid`` at ``shm_offset``, through BAR 4."""

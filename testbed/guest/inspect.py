@@ -1,34 +1,62 @@
-"""What the guest sees on PCI, collected over one SSH command and parsed in one place.
+"""THE guest reader: what the guest sees on PCI, collected over one SSH command and parsed
+in one place.
 
-The guest side is a busybox sh script (no Python there): for every PCI function it prints
-config space (od hex), sysfs `resource` and the bound driver; then `lspci -vv` when the
-image has it, then `dmesg`. Parsing (`parse_inspection`) is pure and unit-tested.
+The guest side is a busybox sh script (no Python there): for every PCI function (or the
+ones asked for) it prints config space (od hex), sysfs `resource` and the bound driver;
+then, when asked, `lspci -vv` (if the image has it) and `dmesg`. The verdict, hot-plug's
+polling and the data path's register map all read the guest through `inspect_pci`;
+parsing (`parse_inspection`) is pure and unit-tested.
 """
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from testbed.errors import ParseError
 from testbed.guest.lspci import LspciDevice, parse_lspci
-from testbed.guest.pci import PciFunction, ResourceTable, parse_config_space, parse_resource
+from testbed.guest.pci import (
+    VIRTIO_VENDOR,
+    PciFunction,
+    ResourceTable,
+    parse_config_space,
+    parse_resource,
+)
 from testbed.guest.ssh import CommandResult
 
 MARK = "@@testbed "
+# Modern virtio-pci device ids are 0x1040 + the virtio device id.
+VIRTIO_MODERN_BASE = 0x1040
 
-# `od -An -v -tx1`: every byte, no addresses, no '*' for repeated lines.
-INSPECT_SCRIPT = f"""
-for d in /sys/bus/pci/devices/*; do
-  echo "{MARK}device ${{d##*/}}"
-  echo "{MARK}config"; od -An -v -tx1 "$d/config"
-  echo "{MARK}resource"; cat "$d/resource"
-  echo "{MARK}driver"; if [ -e "$d/driver" ]; then basename "$(readlink "$d/driver")"; fi
-done
-echo "{MARK}lspci"
-if command -v lspci >/dev/null 2>&1; then lspci -vv -D 2>&1; else echo "{MARK}no-lspci"; fi
-echo "{MARK}dmesg"; dmesg
-"""
+
+def inspect_script(
+    bdfs: Sequence[str] | None = None, *, lspci: bool = True, dmesg: bool = True
+) -> str:
+    """The guest-side script: every function (or ``bdfs``), then lspci and dmesg if asked.
+    `od -An -v -tx1`: every byte, no addresses, no '*' for repeated lines."""
+    where = " ".join(f"/sys/bus/pci/devices/{shlex.quote(b)}" for b in bdfs or ()) or (
+        "/sys/bus/pci/devices/*"
+    )
+    lines = [
+        f"for d in {where}; do",
+        f'  echo "{MARK}device ${{d##*/}}"',
+        f'  echo "{MARK}config"; od -An -v -tx1 "$d/config"',
+        f'  echo "{MARK}resource"; cat "$d/resource"',
+        f'  echo "{MARK}driver"',
+        '  if [ -e "$d/driver" ]; then basename "$(readlink "$d/driver")"; fi',
+        "done",
+    ]
+    if lspci:
+        lines += [
+            f'echo "{MARK}lspci"',
+            "if command -v lspci >/dev/null 2>&1; then lspci -vv -D 2>&1;",
+            f'else echo "{MARK}no-lspci"; fi',
+        ]
+    if dmesg:
+        lines.append(f'echo "{MARK}dmesg"; dmesg')
+    return "\n".join(lines) + "\n"
 
 
 class _Runner(Protocol):
@@ -57,11 +85,23 @@ class GuestPciView:
         return {bdf: d for bdf, d in self.devices.items() if d.function.is_virtio}
 
     def find(self, vendor_id: int, device_id: int) -> list[GuestPciDevice]:
-        return [
-            d
-            for d in self.devices.values()
-            if d.function.vendor_id == vendor_id and d.function.device_id == device_id
-        ]
+        """Functions with these ids, by BDF."""
+        return sorted(
+            (
+                d
+                for d in self.devices.values()
+                if d.function.vendor_id == vendor_id and d.function.device_id == device_id
+            ),
+            key=lambda d: d.bdf,
+        )
+
+    def virtio_devices_of(self, virtio_id: int) -> list[GuestPciDevice]:
+        """The modern virtio functions of device type ``virtio_id`` (the test devices)."""
+        return self.find(VIRTIO_VENDOR, VIRTIO_MODERN_BASE + virtio_id)
+
+    def lspci_for(self, device: GuestPciDevice) -> LspciDevice | None:
+        """lspci's reading of ``device``, or None when the image has no lspci."""
+        return self.lspci.get(device.bdf) if self.lspci is not None else None
 
 
 def _hex_bytes(text: str, bdf: str) -> bytes:
@@ -120,7 +160,14 @@ def parse_inspection(text: str) -> GuestPciView:
     )
 
 
-def inspect_pci(ssh: _Runner, timeout: float = 30.0) -> GuestPciView:
+def inspect_pci(
+    ssh: _Runner,
+    bdfs: Sequence[str] | None = None,
+    *,
+    lspci: bool = True,
+    dmesg: bool = True,
+    timeout: float = 30.0,
+) -> GuestPciView:
     """Collect and parse the guest's PCI view over one SSH command."""
-    result = ssh.run(INSPECT_SCRIPT, check=True, timeout=timeout)
+    result = ssh.run(inspect_script(bdfs, lspci=lspci, dmesg=dmesg), check=True, timeout=timeout)
     return parse_inspection(result.stdout.decode(errors="replace"))

@@ -1,20 +1,24 @@
-"""QEMU driver: the command line (pure, from an arch profile) and the process/QMP/console."""
+"""The one QEMU driver: command lines (pure, from an arch profile), the process/QMP driver
+(QemuMachine; GuestMachine with a guest, QtestMachine without one), capability probes."""
 
 from testbed.machine.cmdline import (
     MachineConfig,
-    VhostUserDeviceSpec,
+    QtestConfig,
     build_command,
     format_command,
 )
 from testbed.machine.profiles import PROFILES, ArchProfile, profile_for
-from testbed.machine.qemu import Machine, free_tcp_port
+from testbed.machine.qemu import GuestMachine, QemuMachine, free_tcp_port
+from testbed.machine.qtest import QtestMachine
 
 __all__ = [
     "PROFILES",
     "ArchProfile",
-    "Machine",
+    "GuestMachine",
     "MachineConfig",
-    "VhostUserDeviceSpec",
+    "QemuMachine",
+    "QtestConfig",
+    "QtestMachine",
     "build_command",
     "format_command",
     "free_tcp_port",

@@ -11,37 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.device import VhostUserDevice
 from testbed.errors import ConfigError
 from testbed.machine.profiles import ArchProfile, profile_for
 
 MIB = 1024 * 1024
-
-# The vhost-user test device needs a virtio-id from QEMU's own name table; ids outside it
-# abort QEMU 11.1.3 with an assertion. 26 (virtio-fs) is known good.
-DEFAULT_VIRTIO_ID = 26
-
-
-@dataclass(frozen=True)
-class VhostUserDeviceSpec:
-    """One vhost-user-test-device-pci and the chardev connecting it to its back-end."""
-
-    id: str
-    """Used for the chardev (`<id>`) and the device (`<id>-dev`)."""
-    socket: Path
-    """The back-end listens here; QEMU connects as client."""
-    virtio_id: int = DEFAULT_VIRTIO_ID
-    num_vqs: int = 1
-    bus: str | None = None
-    """None: the root bus (up to 3 shared-memory regions fit there on QEMU 11.1.3)."""
-    addr: int | None = None
-    """PCI slot; None: the next free one (root bus) or 0 (behind a root port)."""
-    reconnect_ms: int | None = None
-    """The chardev's reconnect-ms: QEMU re-dials a back-end that went away, every this many
-    ms. None: no reconnect (a lost back-end stays lost)."""
-
-    @property
-    def device_id(self) -> str:
-        return f"{self.id}-dev"
 
 
 @dataclass(frozen=True)
@@ -66,7 +40,7 @@ class MachineConfig:
     """Overrides the profile's CPU model for the accelerator."""
     phys_bits: int | None = None
     """x86 only: e.g. 44 so that a 1 TiB region's window fits (TCG's default has 40)."""
-    vhost_user_devices: tuple[VhostUserDeviceSpec, ...] = ()
+    vhost_user_devices: tuple[VhostUserDevice, ...] = ()
     root_ports: int = 0
     """Empty pcie-root-ports for hot-plug, ids rp0, rp1, ..."""
     root_port_pref64: int = 64 * MIB
@@ -134,14 +108,6 @@ def validate(config: MachineConfig) -> None:
             raise ConfigError(
                 f"device {dev.id}: bus {dev.bus!r} does not exist; use one of {sorted(buses)}"
             )
-        if dev.virtio_id <= 0:
-            raise ConfigError(f"device {dev.id}: virtio-id must be a positive virtio device id")
-        if dev.reconnect_ms is not None and dev.reconnect_ms <= 0:
-            # QEMU reads reconnect-ms=0 as "no reconnect": say so rather than pass it on.
-            raise ConfigError(
-                f"device {dev.id}: reconnect_ms {dev.reconnect_ms}: use a positive number "
-                "of milliseconds, or None for no reconnect"
-            )
 
 
 def _root_slots(config: MachineConfig) -> dict[str, int]:
@@ -174,34 +140,53 @@ def _root_slots(config: MachineConfig) -> dict[str, int]:
     return slots
 
 
-def build_command(config: MachineConfig, *, paused: bool = False) -> list[str]:
-    """The argv of QEMU for `config`. `paused` adds -S (Machine connects QMP, then cont)."""
+def _head(qemu: Path) -> list[str]:
+    """What every QEMU we start has first: nothing we did not ask for, no window."""
+    return [str(qemu), "-nodefaults", "-no-user-config", "-display", "none"]
+
+
+def memory_options(arch: str, memory_mib: int) -> list[str]:
+    """The machine type with its RAM as a shareable memfd: vhost-user back-ends map it."""
+    return [
+        "-machine", f"{profile_for(arch).machine},memory-backend=mem",
+        "-m", f"{memory_mib}M",
+        "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
+    ]  # fmt: skip
+
+
+def device_options(device: VhostUserDevice, bus: str, addr: int) -> list[str]:
+    """The -chardev and -device of one vhost-user device (every builder uses this)."""
+    return ["-chardev", device.chardev_option(), "-device", device.device_option(bus, addr)]
+
+
+def qmp_option(path: Path, *, dial: bool) -> list[str]:
+    """-qmp on a UNIX socket. ``dial``: QEMU connects to our listener (a QemuMachine: no
+    polling for QEMU's socket to appear, and a QEMU that dies is noticed at once); else QEMU
+    listens itself, for a command run by hand (reproduce.sh, the boot floor)."""
+    return ["-qmp", f"unix:{path}" if dial else f"unix:{path},server=on,wait=off"]
+
+
+def build_command(
+    config: MachineConfig, *, paused: bool = False, dial_qmp: bool = False
+) -> list[str]:
+    """The argv of QEMU for `config`. `paused` adds -S (the Machine connects QMP, then
+    cont); `dial_qmp`: see qmp_option."""
     validate(config)
     profile = config.profile
     root = profile.root_bus
     argv = [
-        str(config.qemu),
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
+        *_head(config.qemu),
         # A guest that panics or reboots ends QEMU instead of looping: waits fail at once.
         "-no-reboot",
         "-msg",
         "timestamp=on",
         "-accel",
         config.accel,
-        "-machine",
-        f"{profile.machine},memory-backend=mem",
+        *memory_options(config.arch, config.memory_mib),
         "-cpu",
         cpu_model(config),
         "-smp",
         str(config.smp),
-        "-m",
-        f"{config.memory_mib}M",
-        # vhost-user back-ends map guest RAM: it must be a shareable fd.
-        "-object",
-        f"memory-backend-memfd,id=mem,size={config.memory_mib}M,share=on",
         "-kernel",
         str(config.kernel),
     ]
@@ -213,8 +198,7 @@ def build_command(config: MachineConfig, *, paused: bool = False) -> list[str]:
         f"file,id=console,path={config.console_log}",
         "-serial",
         "chardev:console",
-        "-qmp",
-        f"unix:{config.qmp_socket},server=on,wait=off",
+        *qmp_option(config.qmp_socket, dial=dial_qmp),
         "-netdev",
         f"user,id=net0,hostfwd=tcp:127.0.0.1:{config.ssh_port}-:22",
         # romfile= : no option ROM to load; we boot the kernel directly, never from the NIC.
@@ -236,20 +220,67 @@ def build_command(config: MachineConfig, *, paused: bool = False) -> list[str]:
             bus, addr = root, slots[dev.id]
         else:
             bus, addr = dev.bus or root, dev.addr or 0
-        chardev = f"socket,id={dev.id},path={dev.socket}"
-        if dev.reconnect_ms is not None:
-            chardev += f",reconnect-ms={dev.reconnect_ms}"
-        argv += [
-            "-chardev",
-            chardev,
-            "-device",
-            f"vhost-user-test-device-pci,id={dev.device_id},chardev={dev.id},"
-            f"virtio-id={dev.virtio_id},num_vqs={dev.num_vqs},bus={bus},addr={addr:#x}",
-        ]
+        argv += device_options(dev, bus, addr)
     argv += list(config.extra_args)
     if paused:
         argv.append("-S")
     return argv
+
+
+# Where a guest-less QEMU gets its first device: a free slot of q35's and virt's root bus.
+GUESTLESS_SLOT = 3
+
+
+@dataclass(frozen=True)
+class QtestConfig:
+    """A QEMU without a guest: vhost-user devices on the root bus, nothing else."""
+
+    arch: str
+    qemu: Path
+    devices: tuple[VhostUserDevice, ...] = ()
+    """Placed at GUESTLESS_SLOT, GUESTLESS_SLOT + 1, ... unless they name an addr."""
+    qtest: bool = True
+    """True: -accel qtest, and we play the guest's PCI core over the qtest socket.
+    False: -accel tcg -S, nothing ever executes (enough to look at QEMU's side)."""
+    memory_mib: int = 256
+    listen: bool = False
+    """QEMU listens on the devices' sockets (chardev server=on) and waits in realize for
+    the back-end to connect; default: the back-end listens and QEMU connects."""
+    extra_args: tuple[str, ...] = ()
+
+
+def build_qtest_command(config: QtestConfig, qmp_socket: Path, qtest_socket: Path) -> list[str]:
+    """The argv of a guest-less QEMU; QMP (and qtest) dial our listeners at the given
+    paths (qtest_socket is used only when config.qtest)."""
+    argv = _head(config.qemu)
+    if config.qtest:
+        argv += ["-accel", "qtest", "-qtest", f"unix:{qtest_socket}", "-qtest-log", "/dev/null"]
+    else:
+        argv += ["-accel", "tcg", "-S"]
+    argv += memory_options(config.arch, config.memory_mib)
+    root = profile_for(config.arch).root_bus
+    for i, dev in enumerate(config.devices):
+        options = device_options(dev, root, GUESTLESS_SLOT + i if dev.addr is None else dev.addr)
+        if config.listen:
+            # wait=on (the default): realize blocks until the back-end connects; with
+            # wait=off the device realizes unconnected and fails ("Failed to set msg fds").
+            options[1] += ",server=on"
+        argv += options
+    return argv + qmp_option(qmp_socket, dial=True) + list(config.extra_args)
+
+
+def attach_options(arch: str, socket_path: Path, memory_mib: int = 512) -> list[str]:
+    """QEMU options attaching one vhost-user-test-device-pci (chardev vu0) to a back-end
+    listening on ``socket_path``, with the shareable RAM it needs: for a QEMU started by
+    hand (`testbed backend` prints them)."""
+    device = VhostUserDevice("vu0", socket_path)
+    root = profile_for(arch).root_bus
+    return memory_options(arch, memory_mib) + device_options(device, root, GUESTLESS_SLOT)
+
+
+def bare_command(qemu: Path, qmp_socket: Path) -> list[str]:
+    """A QEMU with no machine at all (-machine none): enough to ask QMP about the binary."""
+    return [*_head(qemu), "-machine", "none", *qmp_option(qmp_socket, dial=True)]
 
 
 def format_command(argv: Sequence[str]) -> str:

@@ -1,0 +1,228 @@
+"""The device model: one typed description of a vhost-user device (pure, no I/O).
+
+A scenario (or a CLI option) names a device once; the same object then gives QEMU's
+command line, QMP's chardev-add/device_add, the back-end's layout, the verdict's
+expectation and reproduce.sh. A layout is parsed and checked here, at the edge, against
+QEMU's limits (testbed.limits), and travels as one immutable ShmemLayout from then on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from testbed import limits
+from testbed.errors import ConfigError
+
+DEVICE_TYPE = "vhost-user-test-device-pci"
+# The test device needs a virtio-id from QEMU's own name table; ids outside it abort QEMU
+# 11.1.3 with an assertion. 26 (virtio-fs) is known good, and no guest driver binds to it
+# unless a scenario loads one.
+DEFAULT_VIRTIO_ID = 26
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'64K', '4M', '2G', '1T' (binary units; 'MiB'/'MB' accepted) or plain bytes -> bytes."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(
+            f"size {text!r} is not understood: write bytes or a number with K, M, G or T "
+            "(binary units), e.g. 4M"
+        )
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def parse_region(text: str) -> tuple[int, int]:
+    """'SHMID=SIZE' (e.g. '1=4M') -> (1, 4194304). Checks the shmid range, not the layout."""
+    shmid_text, sep, size_text = text.partition("=")
+    if not sep:
+        raise ConfigError(f"region {text!r}: expected SHMID=SIZE, e.g. 0=4M")
+    try:
+        shmid = int(shmid_text.strip(), 0)
+    except ValueError:
+        raise ConfigError(f"region {text!r}: shmid {shmid_text!r} is not a number") from None
+    if not 0 <= shmid < limits.MAX_SHMEM_REGIONS:
+        raise ConfigError(f"region {text!r}: shmid {shmid} out of range 0..255")
+    return shmid, parse_size(size_text)
+
+
+@dataclass(frozen=True)
+class ShmemLayout:
+    """Shared-memory regions by shmid, as a back-end serves them. Immutable; checked on
+    construction against what QEMU accepts; empty is valid (no BAR 4)."""
+
+    regions: Mapping[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A sorted, read-only copy: a caller's dict cannot change the layout afterwards.
+        frozen = MappingProxyType(dict(sorted(dict(self.regions).items())))
+        object.__setattr__(self, "regions", frozen)
+        problems = limits.region_problems(frozen)
+        if problems:
+            raise ConfigError(f"layout {self.describe()}: " + "; ".join(problems))
+
+    @classmethod
+    def of(cls, layout: ShmemLayout | Mapping[int, int] | None) -> ShmemLayout:
+        """A layout from a scenario's {shmid: size} (or a layout: returned as it is)."""
+        if isinstance(layout, ShmemLayout):
+            return layout
+        return cls(dict(layout or {}))
+
+    @classmethod
+    def parse(cls, specs: Iterable[str]) -> ShmemLayout:
+        """From ['0=4M', '3=8M'] (the --region options); a repeated shmid is an error."""
+        regions: dict[int, int] = {}
+        for spec in specs:
+            shmid, size = parse_region(spec)
+            if shmid in regions:
+                raise ConfigError(f"region {spec!r}: shmid {shmid} given twice")
+            regions[shmid] = size
+        return cls(regions)
+
+    @property
+    def total(self) -> int:
+        """The BAR 4 size: the sum of the region sizes."""
+        return sum(self.regions.values())
+
+    def packed(self) -> list[limits.PackedRegion]:
+        """Where each region sits in BAR 4 (testbed.limits.pack)."""
+        return limits.pack(self.regions)
+
+    def offsets(self) -> dict[int, int]:
+        """shmid -> offset of the region in BAR 4."""
+        return {p.shmid: p.offset for p in self.packed()}
+
+    def describe(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.regions.items()) or "(none)"
+
+    def region_args(self) -> list[str]:
+        """The same layout as `testbed backend` options: ['--region', '0=4194304', ...]."""
+        return [w for shmid, size in self.regions.items() for w in ("--region", f"{shmid}={size}")]
+
+    def to_config(self) -> Any:  # TEMPORARY until the back-end split lands
+        from testbed.vhost_user.protocol import ShMemConfig
+
+        return ShMemConfig.from_regions(dict(self.regions))
+
+    def __bool__(self) -> bool:
+        return bool(self.regions)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.regions.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ShmemLayout) and dict(self.regions) == dict(other.regions)
+
+
+@dataclass(frozen=True)
+class VhostUserDevice:
+    """One vhost-user-test-device-pci, the chardev that connects it to its back-end, and
+    what that back-end serves. ``bus`` None is the root bus; a root port's id puts it
+    behind that port (hot-plug)."""
+
+    id: str
+    """The chardev's id; the device's is ``<id>-dev``."""
+    socket: Path
+    """The back-end listens here; QEMU connects as client."""
+    layout: ShmemLayout = field(default_factory=ShmemLayout)
+    virtio_id: int = DEFAULT_VIRTIO_ID
+    num_vqs: int = 1
+    vq_size: int | None = None
+    """None: QEMU's default (64)."""
+    config_size: int | None = None
+    """Bytes of device config space the back-end answers GET_CONFIG for; None: QEMU's 0."""
+    bus: str | None = None
+    addr: int | None = None
+    """PCI slot; None: the next free one (root bus) or 0 (behind a root port)."""
+    reconnect_ms: int | None = None
+    """The chardev's reconnect-ms: QEMU re-dials a back-end that went away. None: never."""
+    allow_overfull: bool = False
+    """Let more regions through than fit in config space, to reproduce QEMU's abort."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", ShmemLayout.of(self.layout))
+        object.__setattr__(self, "socket", Path(self.socket))
+        if not re.fullmatch(r"[A-Za-z][\w-]*", self.id):
+            raise ConfigError(f"device id {self.id!r}: use letters, digits, '-' and '_'")
+        if self.virtio_id <= 0:
+            raise ConfigError(f"device {self.id}: virtio-id must be a positive virtio device id")
+        if self.num_vqs < 1:
+            raise ConfigError(f"device {self.id}: num_vqs {self.num_vqs}: use at least 1")
+        if self.vq_size is not None and not limits.is_power_of_2(self.vq_size):
+            raise ConfigError(f"device {self.id}: vq_size {self.vq_size}: use a power of two")
+        if self.config_size is not None and self.config_size < 0:
+            raise ConfigError(f"device {self.id}: config_size {self.config_size} is negative")
+        if self.reconnect_ms is not None and self.reconnect_ms <= 0:
+            # QEMU reads reconnect-ms=0 as "no reconnect": say so rather than pass it on.
+            raise ConfigError(
+                f"device {self.id}: reconnect_ms {self.reconnect_ms}: use a positive number "
+                "of milliseconds, or None for no reconnect"
+            )
+        problem = limits.capacity_problem(len(self.layout.regions), self.behind_root_port)
+        if problem and not self.allow_overfull:
+            raise ConfigError(f"device {self.id}: {problem}")
+
+    @property
+    def device_id(self) -> str:
+        return f"{self.id}-dev"
+
+    @property
+    def behind_root_port(self) -> bool:
+        return self.bus is not None and not self.bus.startswith("pcie.")
+
+    # -- QEMU's command line ---------------------------------------------------------------
+
+    def chardev_option(self) -> str:
+        """The -chardev value."""
+        option = f"socket,id={self.id},path={self.socket}"
+        if self.reconnect_ms is not None:
+            option += f",reconnect-ms={self.reconnect_ms}"
+        return option
+
+    def _properties(self) -> dict[str, Any]:
+        props: dict[str, Any] = {
+            "id": self.device_id,
+            "chardev": self.id,
+            "virtio-id": self.virtio_id,
+            "num_vqs": self.num_vqs,
+        }
+        if self.vq_size is not None:
+            props["vq_size"] = self.vq_size
+        if self.config_size is not None:
+            props["config_size"] = self.config_size
+        return props
+
+    def device_option(self, bus: str, addr: int) -> str:
+        """The -device value at ``bus``/``addr`` (the command-line builder places it)."""
+        props = {**self._properties(), "bus": bus, "addr": f"{addr:#x}"}
+        return ",".join([DEVICE_TYPE, *(f"{k}={v}" for k, v in props.items())])
+
+    # -- QMP -------------------------------------------------------------------------------
+
+    def chardev_add_arguments(self) -> dict[str, Any]:
+        """chardev-add's arguments: a UNIX socket client (the back-end listens)."""
+        data: dict[str, Any] = {
+            "addr": {"type": "unix", "data": {"path": str(self.socket)}},
+            "server": False,
+        }
+        if self.reconnect_ms is not None:
+            data["reconnect-ms"] = self.reconnect_ms
+        return {"id": self.id, "backend": {"type": "socket", "data": data}}
+
+    def device_add_arguments(self) -> dict[str, Any]:
+        """device_add's arguments: the device into its bus (a root port, at slot 0)."""
+        if self.bus is None:
+            raise ConfigError(f"device {self.id}: hot-plug needs a bus (a root port's id)")
+        return {
+            "driver": DEVICE_TYPE,
+            **self._properties(),
+            "bus": self.bus,
+            "addr": f"{self.addr or 0:#x}",
+        }

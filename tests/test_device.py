@@ -1,0 +1,212 @@
+"""The device model (pure): layouts parsed and checked once, QEMU's limits, the packing
+rule, and the option strings the command line, QMP and reproduce.sh take from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from testbed import limits
+from testbed.device import ShmemLayout, VhostUserDevice, parse_region, parse_size
+from testbed.errors import ConfigError
+from testbed.limits import PAGE_SIZE
+from testbed.vhost_user.protocol import ShMemConfig
+
+M = 1 << 20
+G = 1 << 30
+
+
+def config_of(layout: ShmemLayout) -> ShMemConfig:
+    return ShMemConfig.from_regions(dict(layout.regions))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("64K", 64 << 10),
+        ("4M", 4 * M),
+        ("4m", 4 * M),
+        ("2G", 2 * G),
+        ("1T", 1 << 40),
+        ("16MiB", 16 * M),
+        (" 8M ", 8 * M),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "M", "4X", "-4M", "1.5M", "4 M B"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="not understood"):
+        parse_size(text)
+
+
+def test_parse_region() -> None:
+    assert parse_region("1=4M") == (1, 4 * M)
+    assert parse_region("0x10=64K") == (16, 64 << 10)
+    with pytest.raises(ConfigError, match="SHMID=SIZE"):
+        parse_region("4M")
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_region("a=4M")
+    with pytest.raises(ConfigError, match="out of range"):
+        parse_region("256=4M")
+
+
+def test_layout_offsets_ascending_shmid() -> None:
+    layout = ShmemLayout({200: 8 * M, 3: 8 * M})
+    assert list(layout.regions) == [3, 200]
+    assert layout.offsets() == {3: 0, 200: 8 * M}
+    assert layout.total == 16 * M
+    assert config_of(layout).regions == {3: 8 * M, 200: 8 * M}
+    three = ShmemLayout({2: 4 * M, 0: 2 * M, 1: 2 * M})
+    assert three.offsets() == {0: 0, 1: 2 * M, 2: 4 * M}
+    assert three.total == 8 * M
+
+
+def test_empty_layout() -> None:
+    layout = ShmemLayout()
+    assert not layout
+    assert layout.total == 0
+    assert layout.offsets() == {}
+    assert config_of(layout) == ShMemConfig(0)
+
+
+@pytest.mark.parametrize(
+    ("regions", "message"),
+    [
+        ({0: 4 * M, 1: 16 * M}, "not a power of two"),
+        ({0: 3 * M}, "not a power of two"),
+        ({0: 4097}, "multiple of the page size"),
+        ({0: 0}, "must be > 0"),
+        ({256: 4 * M}, "out of range"),
+        ({-1: 4 * M}, "out of range"),
+    ],
+)
+def test_layout_validation(regions: dict[int, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ShmemLayout(regions)
+
+
+def test_layout_accepts_measured_good_ones() -> None:
+    ShmemLayout({0: 4 * M, 1: 12 * M})  # 16M: QEMU 11.1.3 takes it
+    ShmemLayout({5: 4 * G})
+    ShmemLayout({5: 16 * G})
+
+
+def test_layout_parse_duplicates() -> None:
+    assert ShmemLayout.parse(["0=2M", "1=2M"]).regions == {0: 2 * M, 1: 2 * M}
+    with pytest.raises(ConfigError, match="given twice"):
+        ShmemLayout.parse(["0=2M", "0=2M"])
+
+
+@given(st.dictionaries(st.integers(0, 255), st.integers(1, 1 << 20), min_size=1, max_size=8))
+def test_layout_offsets_property(pages: dict[int, int]) -> None:
+    sizes = {k: v * PAGE_SIZE for k, v in pages.items()}
+    total = sum(sizes.values())
+    if total & (total - 1):
+        with pytest.raises(ConfigError):
+            ShmemLayout(sizes)
+        return
+    layout = ShmemLayout(sizes)
+    offsets = layout.offsets()
+    ordered = sorted(sizes)
+    assert list(offsets) == ordered
+    # Back to back, no gaps, no overlap, ending at the total.
+    end = 0
+    for shmid in ordered:
+        assert offsets[shmid] == end
+        end += sizes[shmid]
+    assert end == layout.total
+    assert ShMemConfig.unpack(config_of(layout).pack()).regions == sizes
+
+
+def test_layout_is_immutable_and_compares_by_value() -> None:
+    source = {1: 2 * M, 0: 2 * M}
+    layout = ShmemLayout(source)
+    source[2] = 4 * M
+    assert dict(layout.regions) == {0: 2 * M, 1: 2 * M}
+    with pytest.raises(TypeError):
+        layout.regions[5] = M  # type: ignore[index]
+    assert layout == ShmemLayout.of({0: 2 * M, 1: 2 * M}) and ShmemLayout.of(layout) is layout
+    assert hash(layout) == hash(ShmemLayout({0: 2 * M, 1: 2 * M}))
+    assert layout.region_args() == ["--region", f"0={2 * M}", "--region", f"1={2 * M}"]
+
+
+def test_pack_is_the_one_packing_rule() -> None:
+    assert limits.pack({9: 4 * M, 2: 8 * M}) == [
+        limits.PackedRegion(2, 0, 8 * M),
+        limits.PackedRegion(9, 8 * M, 4 * M),
+    ]
+    assert limits.pack({}) == []
+
+
+def test_capacity_by_bus_position(tmp_path: Path) -> None:
+    sock = tmp_path / "vu.sock"
+    three = {0: 2 * M, 1: 2 * M, 2: 4 * M}
+    VhostUserDevice("vu0", sock, three)  # the root bus takes three
+    with pytest.raises(ConfigError, match="fits 3 on the root bus"):
+        VhostUserDevice("vu0", sock, {**three, 3: 8 * M})
+    with pytest.raises(ConfigError, match="fits 1 behind a root port"):
+        VhostUserDevice("hp1", sock, {0: 2 * M, 1: 2 * M}, bus="rp0")
+    overfull = VhostUserDevice("hp1", sock, {0: 2 * M, 1: 2 * M}, bus="rp0", allow_overfull=True)
+    assert overfull.behind_root_port
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"virtio_id": 0}, "virtio-id"),
+        ({"num_vqs": 0}, "num_vqs"),
+        ({"vq_size": 100}, "power of two"),
+        ({"config_size": -1}, "negative"),
+        ({"reconnect_ms": 0}, "reconnect_ms"),
+        ({"id": "bad id"}, "device id"),
+    ],
+)
+def test_device_rejects(tmp_path: Path, options: dict[str, object], message: str) -> None:
+    base: dict[str, object] = {"id": "vu0", "socket": tmp_path / "vu.sock"}
+    with pytest.raises(ConfigError, match=message):
+        VhostUserDevice(**{**base, **options})  # type: ignore[arg-type]
+
+
+def test_device_options_and_qmp_arguments(tmp_path: Path) -> None:
+    sock = tmp_path / "vu.sock"
+    device = VhostUserDevice(
+        "hp1", sock, {0: 4 * M}, virtio_id=2, vq_size=128, config_size=60, bus="rp0",
+        reconnect_ms=200,
+    )  # fmt: skip
+    assert device.device_id == "hp1-dev"
+    assert device.chardev_option() == f"socket,id=hp1,path={sock},reconnect-ms=200"
+    assert device.device_option("pcie.0", 0x10) == (
+        "vhost-user-test-device-pci,id=hp1-dev,chardev=hp1,virtio-id=2,num_vqs=1,"
+        "vq_size=128,config_size=60,bus=pcie.0,addr=0x10"
+    )
+    assert device.chardev_add_arguments() == {
+        "id": "hp1",
+        "backend": {
+            "type": "socket",
+            "data": {
+                "addr": {"type": "unix", "data": {"path": str(sock)}},
+                "server": False,
+                "reconnect-ms": 200,
+            },
+        },
+    }
+    assert device.device_add_arguments() == {
+        "driver": "vhost-user-test-device-pci",
+        "id": "hp1-dev",
+        "chardev": "hp1",
+        "virtio-id": 2,
+        "num_vqs": 1,
+        "vq_size": 128,
+        "config_size": 60,
+        "bus": "rp0",
+        "addr": "0x0",
+    }
+    with pytest.raises(ConfigError, match="needs a bus"):
+        VhostUserDevice("vu0", sock).device_add_arguments()
