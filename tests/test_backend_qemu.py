@@ -13,19 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from testbed.device import VhostUserDevice
 from testbed.errors import QemuExited, StateError, TestbedError
 from testbed.host.qemu import resolve_qemu
+from testbed.machine import QtestConfig, QtestMachine
+from testbed.machine.probe import parse_mtree_shmem, pci_bar, probe_shmem_support
 from testbed.paths import make_private_dir, remove_tree
 from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug, raise_if_known_crash
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.probe import (
-    GuestlessQemu,
-    PciFunctionDriver,
-    parse_mtree_shmem,
-    pci_bar,
-    probe_shmem_support,
-)
 from testbed.vhost_user.protocol import Request
 from testbed.vhost_user.shmem import Memfd, ShmemLayout
 from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, TO_QEMU
@@ -58,6 +54,12 @@ def _qemu(arch: str) -> Path:
         pytest.skip(f"no QEMU 11.1 for {arch}: {exc}")
 
 
+def _machine(arch: str, socket: Path, *, qtest: bool = False, listen: bool = False) -> QtestMachine:
+    """A guest-less QEMU (not started) with one vhost-user device on ``socket``."""
+    device = VhostUserDevice("vu0", socket)
+    return QtestMachine(QtestConfig(arch, _qemu(arch), (device,), qtest=qtest, listen=listen))
+
+
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
     path = make_private_dir("test-vu")
@@ -85,7 +87,7 @@ def test_layout_appears_in_qemu_x86(name: str, sockdir: Path) -> None:
     trace_path = sockdir / "trace.jsonl"
     with (
         Backend(sockdir / "vu.sock", layout, trace_path=trace_path) as backend,
-        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock", qtest=True) as qemu,
+        _machine("x86_64", sockdir / "vu.sock", qtest=True).start() as qemu,
     ):
         backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
         assert backend.trace.names()[: len(REALIZE)] == REALIZE
@@ -98,8 +100,7 @@ def test_layout_appears_in_qemu_x86(name: str, sockdir: Path) -> None:
         assert bar4["size"] == layout.total
         assert bar4["prefetch"] and bar4["mem_type_64"]
         # Place BAR 4 as a guest would, then read the regions' offsets from QEMU's tree.
-        assert qemu.qtest is not None
-        pci = PciFunctionDriver(qemu.qtest, "x86_64")
+        pci = qemu.pci()
         base = _bar4_place(layout.total)
         pci.assign_bar(4, base)
         pci.enable_memory()
@@ -116,7 +117,7 @@ def test_layout_aarch64_virt(sockdir: Path) -> None:
     layout = ShmemLayout({3: 8 * M, 200: 8 * M})
     with (
         Backend(sockdir / "vu.sock", layout) as backend,
-        GuestlessQemu(_qemu("aarch64"), "aarch64", sockdir / "vu.sock") as qemu,
+        _machine("aarch64", sockdir / "vu.sock").start() as qemu,
     ):
         backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
         assert backend.trace.names()[: len(REALIZE)] == REALIZE
@@ -127,7 +128,7 @@ def test_layout_aarch64_virt(sockdir: Path) -> None:
 def test_no_shmem_feature_means_no_request_44_and_no_bar(sockdir: Path) -> None:
     with (
         Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M}), faults=Faults(no_shmem=True)) as b,
-        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu,
+        _machine("x86_64", sockdir / "vu.sock").start() as qemu,
     ):
         b.wait_for_request(Request.SET_VRING_ERR, TIMEOUT)
         # QMP answering means realize is over: GET_SHMEM_CONFIG would have come before.
@@ -142,7 +143,7 @@ def test_shmem_at_a_wrong_bit_is_ignored(bit: int, sockdir: Path) -> None:
     faults = Faults(shmem_bit=bit)
     with (
         Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M}), faults=faults) as b,
-        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu,
+        _machine("x86_64", sockdir / "vu.sock").start() as qemu,
     ):
         b.wait_for_request(Request.SET_VRING_ERR, TIMEOUT)
         assert pci_bar(qemu.pci_device(), 4) is None
@@ -160,7 +161,7 @@ def test_nregions_disagreeing_with_sizes(
     faults = Faults(shmem_nregions=nregions)
     with (
         Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M}), faults=faults) as b,
-        GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu,
+        _machine("x86_64", sockdir / "vu.sock").start() as qemu,
     ):
         b.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
         bar4 = pci_bar(qemu.pci_device(), 4)
@@ -170,7 +171,7 @@ def test_nregions_disagreeing_with_sizes(
 def test_size_not_a_page_multiple_is_refused(sockdir: Path) -> None:
     faults = Faults(shmem_raw_sizes={0: 4097})
     with Backend(sockdir / "vu.sock", ShmemLayout(), faults=faults) as backend:
-        qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
+        qemu = _machine("x86_64", sockdir / "vu.sock")
         with pytest.raises(QemuExited) as info:
             qemu.start()
         assert info.value.returncode == 1
@@ -181,7 +182,7 @@ def test_size_not_a_page_multiple_is_refused(sockdir: Path) -> None:
 def _expect_clean_refusal(faults: Faults, layout: ShmemLayout, sockdir: Path, crash: str) -> None:
     """QEMU must refuse the back-end (exit 1); the known 11.1.3 crash becomes KnownQemuBug."""
     with Backend(sockdir / "vu.sock", layout, faults=faults):
-        qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
+        qemu = _machine("x86_64", sockdir / "vu.sock")
         with pytest.raises(QemuExited) as info:
             qemu.start()
         raise_if_known_crash(info.value, crash)
@@ -209,7 +210,7 @@ def test_failed_shmem_config_is_refused(faults: Faults, sockdir: Path) -> None:
 def test_truncated_shmem_config_is_refused(sockdir: Path) -> None:
     faults = Faults(shmem_truncate=100)
     with Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M}), faults=faults) as b:
-        qemu = GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock")
+        qemu = _machine("x86_64", sockdir / "vu.sock")
         try:
             qemu.start()
         except QemuExited as exc:
@@ -229,12 +230,12 @@ def test_truncated_shmem_config_is_refused(sockdir: Path) -> None:
 def test_reconnect_gets_a_fresh_session(sockdir: Path) -> None:
     with Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M})) as backend:
         for round_ in (1, 2):
-            with GuestlessQemu(_qemu("x86_64"), "x86_64", sockdir / "vu.sock") as qemu:
+            with _machine("x86_64", sockdir / "vu.sock").start() as qemu:
                 backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT, count=round_)
                 session = backend.session
                 assert session is not None and session.number == round_
                 assert session.requests[0] is Request.GET_FEATURES
-                assert qemu.quit() == 0
+                assert qemu.shutdown() == 0
             assert backend.wait_disconnected(TIMEOUT, count=round_) is DisconnectKind.CLEAN
         assert (sockdir / "vu.sock").exists()
     assert not (sockdir / "vu.sock").exists()
@@ -247,14 +248,14 @@ def test_map_unmap_data_path(arch: str, sockdir: Path) -> None:
     layout = ShmemLayout({0: 2 * M, 1: 2 * M})
     with (
         Backend(sockdir / "vu.sock", layout) as backend,
-        GuestlessQemu(_qemu(arch), arch, sockdir / "vu.sock", qtest=True) as qemu,
+        _machine(arch, sockdir / "vu.sock", qtest=True).start() as qemu,
         Memfd(1 * M) as mem,
     ):
         backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
         with pytest.raises(StateError, match="DRIVER_OK"):
             backend.map(1, 0, M, mem.fileno())  # QEMU would segfault: we refuse
+        pci = qemu.pci()
         assert qemu.qtest is not None
-        pci = PciFunctionDriver(qemu.qtest, arch)
         pci.start_device()
         backend.wait_driver_ok(TIMEOUT)
         seen = backend.trace.names()
@@ -311,12 +312,12 @@ def test_connect_mode_qemu_listens(sockdir: Path) -> None:
     path = sockdir / "qemu-vu.sock"
     with (
         Backend(path, layout, connect=True, connect_timeout=TIMEOUT) as backend,
-        GuestlessQemu(_qemu("x86_64"), "x86_64", path, server=True) as qemu,
+        _machine("x86_64", path, listen=True).start() as qemu,
     ):
         backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
         bar4 = pci_bar(qemu.pci_device(), 4)
         assert bar4 is not None and bar4["size"] == layout.total
-        assert qemu.quit() == 0
+        assert qemu.shutdown() == 0
         assert backend.wait_disconnected(TIMEOUT) is DisconnectKind.CLEAN
 
 
@@ -336,7 +337,7 @@ def test_backend_command_serves_qemu_and_stops_cleanly(sockdir: Path) -> None:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _poll(path.exists, TIMEOUT, "the back-end's socket")
-        with GuestlessQemu(_qemu("x86_64"), "x86_64", path) as qemu:
+        with _machine("x86_64", path).start() as qemu:
             _poll(lambda: '"GET_SHMEM_CONFIG"' in trace.read_text(), TIMEOUT, "request 44")
             bar4 = pci_bar(qemu.pci_device(), 4)
             assert bar4 is not None and bar4["size"] == 4 * M

@@ -26,12 +26,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from testbed.device import VhostUserDevice
 from testbed.errors import PeerClosed, TestbedError
 from testbed.host.qemu import resolve_qemu
+from testbed.machine import QtestConfig, QtestMachine
 from testbed.paths import make_private_dir, remove_tree
 from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug
 from testbed.vhost_user.backend import Backend
-from testbed.vhost_user.probe import GuestlessQemu, PciFunctionDriver
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     VERSION,
@@ -249,11 +250,12 @@ def test_qemu_refuses_malformed_channel_requests(case: str, qemu_x86: Path, sock
     layout = ShmemLayout({0: 2 * M, 1: 2 * M})
     with (
         Backend(sockdir / "vu.sock", layout) as backend,
-        GuestlessQemu(qemu_x86, "x86_64", sockdir / "vu.sock", qtest=True) as qemu,
+        QtestMachine(
+            QtestConfig("x86_64", qemu_x86, (VhostUserDevice("vu0", sockdir / "vu.sock"),))
+        ).start() as qemu,
         Memfd(M) as mem,
     ):
-        assert qemu.qtest is not None
-        PciFunctionDriver(qemu.qtest, "x86_64").start_device()
+        qemu.pci().start_device()
         backend.wait_driver_ok(TIMEOUT)
         keep: list[int] = []
         try:

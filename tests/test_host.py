@@ -12,7 +12,7 @@ import pytest
 from testbed.errors import ConfigError, HostCapabilityError
 from testbed.host import accel, debian, doctor, sysroot
 from testbed.host import qemu as hq
-from testbed.host.accel import AccelChoice, HostFacts, ProbeVerdict, decide_accel
+from testbed.host.accel import AccelChoice, HostFacts, decide_accel
 from testbed.host.qemu import (
     SOURCE_EXPLICIT,
     SOURCE_PATH,
@@ -22,6 +22,8 @@ from testbed.host.qemu import (
     candidates_for,
     choose_qemu,
 )
+from testbed.machine import probe as machine_probe
+from testbed.machine.probe import ProbeVerdict
 
 # --------------------------------------------------------------------------- versions
 
@@ -273,12 +275,12 @@ def test_tcg_requested_and_bad_name() -> None:
 
 
 def test_probe_payloads() -> None:
-    bios = accel.x86_probe_bios()
+    bios = machine_probe.x86_probe_bios()
     assert len(bios) == 0x10000
     # mov al, 0x21; out 0xf4, al at the reset vector
     assert bios[0xFFF0:0xFFF4] == bytes([0xB0, 0x21, 0xE6, 0xF4])
-    assert len(accel.aarch64_probe_bios()) == 16
-    cmd, expected = accel.probe_command("x86_64", Path("/q"), Path("/p"), "kvm")
+    assert len(machine_probe.aarch64_probe_bios()) == 16
+    cmd, expected = machine_probe.kvm_probe_command("x86_64", Path("/q"), Path("/p"), "kvm")
     assert expected == 67 and cmd[:3] == ["/q", "-M", "pc"] and "kvm" in cmd
 
 
@@ -431,7 +433,7 @@ def test_probe_payload_runs_under_tcg(guest_arch: str) -> None:
     """The KVM probe's payload is real guest code: under TCG it must make QEMU exit as planned."""
     arch = guest_arch
     path = _provisioned_or_skip(arch)
-    verdict = accel.run_probe(arch, path, accel="tcg")
+    verdict = machine_probe.run_kvm_probe(arch, path, "tcg", accel.PROBE_TIMEOUT)
     assert verdict.works, verdict.detail
 
 

@@ -3,8 +3,8 @@
 /dev/kvm existing is not enough: some machines expose kvm_pvm, a paravirtual nested KVM that
 runs only PVM-enabled guest kernels (stock kernels never reach the console). So auto needs:
 guest arch == host arch, /dev/kvm opens read-write, no kvm_pvm, and a functional probe (a
-tiny payload that must run under -accel kvm and make QEMU exit with a known status) whose
-verdict is cached per host kernel, KVM modules and QEMU binary.
+tiny payload that must run under -accel kvm and make QEMU exit with a known status: run by
+testbed.machine.probe) whose verdict is cached per host kernel, KVM modules and QEMU binary.
 
 decide_accel is pure over HostFacts; choose_accel gathers the facts.
 """
@@ -14,28 +14,16 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import struct
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from testbed.errors import ConfigError, HostCapabilityError
-from testbed.paths import cache_dir, make_private_dir, remove_tree
+from testbed.machine.probe import ProbeVerdict, run_kvm_probe
+from testbed.paths import cache_dir
 
 ACCELS = ("auto", "kvm", "tcg")
 PARAVIRT_MODULES = ("kvm_pvm",)
 PROBE_TIMEOUT = 5.0  # a working KVM runs the payload in milliseconds
-
-# x86: isa-debug-exit turns a guest write of v to its port into QEMU exit status (v << 1) | 1.
-X86_EXIT_PORT = 0xF4
-X86_EXIT_VALUE = 0x21
-X86_PROBE_EXIT = (X86_EXIT_VALUE << 1) | 1  # 67
-
-
-@dataclass(frozen=True)
-class ProbeVerdict:
-    works: bool
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -98,84 +86,6 @@ def decide_accel(requested: str, arch: str, facts: HostFacts) -> AccelChoice:
     return AccelChoice("tcg", f"TCG: {why}")
 
 
-# --------------------------------------------------------------------------- probe payloads
-
-
-def x86_probe_bios() -> bytes:
-    """A 64 KiB BIOS image whose reset vector writes X86_EXIT_VALUE to the debug-exit port.
-
-    The CPU starts in real mode at F000:FFF0, the image's last 16 bytes; `pc` needs a BIOS
-    size that is a multiple of 64 KiB.
-    """
-    code = bytes([0xB0, X86_EXIT_VALUE, 0xE6, X86_EXIT_PORT, 0xF4, 0xEB, 0xFD])
-    # mov al, v; out port, al; hlt; jmp $-1 (hlt again if woken)
-    image = bytearray(b"\xf4" * 0x10000)
-    image[0xFFF0 : 0xFFF0 + len(code)] = code
-    return bytes(image)
-
-
-def aarch64_probe_bios() -> bytes:
-    """virt flash at 0: PSCI SYSTEM_OFF over HVC, which makes QEMU exit 0."""
-    words = (
-        0xD2800100,  # movz x0, #0x0008
-        0xF2B08000,  # movk x0, #0x8400, lsl #16  -> 0x84000008 = PSCI SYSTEM_OFF
-        0xD4000002,  # hvc #0
-        0x14000000,  # b .
-    )
-    return struct.pack("<4I", *words)
-
-
-def probe_command(arch: str, qemu: Path, payload: Path, accel: str) -> tuple[list[str], int]:
-    """(QEMU command line, the exit status that proves the payload ran); pure."""
-    common = ["-nodefaults", "-display", "none", "-no-reboot", "-m", "64", "-accel", accel]
-    if arch == "x86_64":
-        return [
-            str(qemu), "-M", "pc", *common, "-bios", str(payload),
-            "-device", f"isa-debug-exit,iobase={X86_EXIT_PORT:#x},iosize=1",
-        ], X86_PROBE_EXIT  # fmt: skip
-    if arch == "aarch64":
-        cpu = "host" if accel == "kvm" else "max"
-        return [
-            str(qemu), "-M", "virt", "-cpu", cpu, *common, "-bios", str(payload),
-        ], 0  # fmt: skip
-    raise ConfigError(f"no KVM probe for {arch}")
-
-
-def run_probe(
-    arch: str, qemu: Path, accel: str = "kvm", timeout: float = PROBE_TIMEOUT
-) -> ProbeVerdict:
-    """Run the payload under ``accel``; works when QEMU exits with the payload's status."""
-    workdir = make_private_dir("kvm-probe")
-    try:
-        payload = workdir / "probe.bin"
-        payload.write_bytes(x86_probe_bios() if arch == "x86_64" else aarch64_probe_bios())
-        command, expected = probe_command(arch, qemu, payload, accel)
-        try:
-            # subprocess.run kills and reaps QEMU on timeout: nothing outlives the probe.
-            done = subprocess.run(
-                command,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return ProbeVerdict(False, f"a tiny {accel} guest did not run within {timeout:.0f} s")
-        except OSError as exc:
-            return ProbeVerdict(False, f"{qemu} cannot be started: {exc}")
-        if done.returncode == expected:
-            return ProbeVerdict(True, f"a {accel} probe guest ran and exited")
-        err = done.stderr.strip().splitlines()
-        return ProbeVerdict(
-            False,
-            f"probe exited {done.returncode}, expected {expected}"
-            + (f": {err[-1]}" if err else ""),
-        )
-    finally:
-        remove_tree(workdir)
-
-
 # --------------------------------------------------------------------------- I/O: facts
 
 
@@ -223,7 +133,7 @@ def cached_probe(arch: str, qemu: Path, facts: HostFacts) -> ProbeVerdict:
     hit = cache.get(key)
     if isinstance(hit, dict) and "works" in hit:
         return ProbeVerdict(bool(hit["works"]), str(hit.get("detail", "")))
-    verdict = run_probe(arch, qemu)
+    verdict = run_kvm_probe(arch, qemu, "kvm", PROBE_TIMEOUT)
     cache[key] = {"works": verdict.works, "detail": verdict.detail}
     with contextlib.suppress(OSError):  # an unwritable cache only costs a re-probe
         write_json_atomic(_probe_cache(), cache)

@@ -1,8 +1,7 @@
 """`testbed doctor`: can this host run the suite, and what to do about each gap.
 
-collect() gathers a Report (I/O); render_table() and Report.to_json() are pure. Optional
-parts written elsewhere (guest images, the GET_SHMEM_CONFIG probe) are imported guarded, so
-the doctor works before they exist.
+collect() gathers a Report (I/O); render_table() and Report.to_json() are pure. The guest
+image loader is imported guarded, so the doctor works before it exists.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from testbed.errors import TestbedError
 from testbed.host import accel as accel_mod
 from testbed.host import debian
 from testbed.host import qemu as qemu_mod
+from testbed.machine.probe import probe_shmem_support
 from testbed.paths import cache_dir
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -119,7 +119,6 @@ def collect(
     )
     data["python"] = {"version": f"{py.major}.{py.minor}.{py.micro}"}
 
-    probe = _optional("testbed.vhost_user.probe", "probe_shmem_support") if shmem_probe else None
     data["qemu"] = {}
     resolved: dict[str, qemu_mod.QemuBinary] = {}
     for arch in qemu_mod.ARCHES:
@@ -159,8 +158,8 @@ def collect(
                 f"{qemu_mod.REQUIRED_DEVICE} present",
             )
         )
-        if probe is not None:
-            report.add(_shmem_probe_check(probe, arch, binary, entry))
+        if shmem_probe:
+            report.add(_shmem_probe_check(arch, binary, entry))
 
     data["accel"] = {"kvm": {}}
     facts = accel_mod.gather_facts()
@@ -224,19 +223,16 @@ def collect(
     return report
 
 
-def _shmem_probe_check(
-    probe: Any, arch: str, binary: qemu_mod.QemuBinary, entry: dict[str, Any]
-) -> Check:
+def _shmem_probe_check(arch: str, binary: qemu_mod.QemuBinary, entry: dict[str, Any]) -> Check:
     try:
-        result = probe(binary.path, arch, SHMEM_PROBE_TIMEOUT)
+        result = probe_shmem_support(binary.path, arch, SHMEM_PROBE_TIMEOUT)
     except TestbedError as exc:
         entry["shmem_probe"] = {"supported": False, "detail": str(exc), "requests_seen": []}
         return Check(f"shmem {arch}", FAIL, f"probe failed: {exc}", "see the error above")
-    seen = [getattr(r, "name", str(r)) for r in getattr(result, "requests_seen", [])]
     entry["shmem_probe"] = {
-        "supported": bool(result.supported),
-        "detail": str(result.detail),
-        "requests_seen": seen,
+        "supported": result.supported,
+        "detail": result.detail,
+        "requests_seen": result.requests_seen,
     }
     return Check(
         f"shmem {arch}",

@@ -13,7 +13,6 @@ The decision (choose_qemu) is pure over injected facts; probe_qemu gathers the f
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime
 import fcntl
@@ -32,9 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.errors import ConfigError, HostCapabilityError, ProvisionError
+from testbed.errors import (
+    ConfigError,
+    HostCapabilityError,
+    ProvisionError,
+    TestbedError,
+    WaitTimeout,
+)
 from testbed.host import sysroot
-from testbed.paths import cache_dir, make_private_dir, remove_tree
+from testbed.machine import probe
+from testbed.paths import cache_dir, remove_tree
 
 log_ = logging.getLogger(__name__)
 
@@ -306,15 +312,8 @@ def probe_qemu(path: Path, *, use_cache: bool = True, timeout: float = PROBE_TIM
 def _probe_uncached(path: Path, timeout: float) -> tuple[QemuFacts, bool]:
     # -version first: cheap, and an old QEMU is rejected without starting a machine.
     try:
-        out = subprocess.run(
-            [str(path), "-version"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
+        out = probe.version_output(path, timeout)
+    except WaitTimeout:
         return QemuFacts(
             path, problem=f"`{path} -version` did not finish in {timeout:.0f} s"
         ), False
@@ -328,99 +327,13 @@ def _probe_uncached(path: Path, timeout: float) -> tuple[QemuFacts, bool]:
     if not meets_minimum(version):
         return QemuFacts(path, version=version), True
     try:
-        qmp_version, types = query_qmp(path, ("query-version", "qom-list-types"), timeout)
-    except ProvisionError as exc:
-        return QemuFacts(path, problem=str(exc), version=version), False
+        qmp_version, types = probe.query_qmp(path, ("query-version", "qom-list-types"), timeout)
+    except (TestbedError, OSError) as exc:
+        return QemuFacts(path, problem=f"QMP with {path} failed: {exc}", version=version), False
     names = {t.get("name") for t in types} if isinstance(types, list) else set()
     return QemuFacts(
         path, version=version_from_qmp(qmp_version), has_device=REQUIRED_DEVICE in names
     ), True
-
-
-def query_qmp(path: Path, commands: Sequence[str], timeout: float) -> list[Any]:
-    """Start ``path -machine none`` with a QMP socket, run each command, quit; the replies.
-
-    Raises ProvisionError (with QEMU's stderr) when QEMU dies or does not answer in time.
-    Nothing outlives the call: the process is killed and the private dir removed.
-    """
-    workdir = make_private_dir("qemu-probe")
-    sock = workdir / "qmp.sock"
-    errlog = workdir / "stderr.log"
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        with errlog.open("wb") as err:
-            proc = subprocess.Popen(
-                [
-                    str(path),
-                    "-machine", "none",
-                    "-nodefaults",
-                    "-display", "none",
-                    "-qmp", f"unix:{sock},server=on,wait=off",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not sock.exists():
-            if proc.poll() is not None:
-                raise ProvisionError(
-                    f"{path} exited ({proc.returncode}) before opening QMP: "
-                    f"{errlog.read_text(errors='replace').strip()[-500:]}"
-                )
-            if time.monotonic() > deadline:
-                raise ProvisionError(f"{path} did not open its QMP socket in {timeout:.0f} s")
-            time.sleep(0.01)  # polling the socket's appearance, bounded by the deadline
-        remaining = max(0.1, deadline - time.monotonic())
-        try:
-            return asyncio.run(_qmp_session(sock, commands, remaining))
-        except (TimeoutError, OSError, Exception) as exc:  # qemu.qmp raises its own tree
-            raise ProvisionError(
-                f"QMP with {path} failed: {exc!r}; QEMU stderr: "
-                f"{errlog.read_text(errors='replace').strip()[-500:]}"
-            ) from exc
-    finally:
-        if proc is not None:
-            _reap(proc)
-        remove_tree(workdir)
-
-
-async def _qmp_session(sock: Path, commands: Sequence[str], timeout: float) -> list[Any]:
-    from qemu.qmp import QMPClient
-
-    async with asyncio.timeout(timeout):
-        # QEMU creates the socket file (bind) a moment before it listens, and its monitor
-        # may hang up a connection made while it is still coming up: retry with a fresh
-        # client until the deadline (the caller's timeout bounds it).
-        while True:
-            client = QMPClient("testbed-probe")
-            try:
-                await client.connect(str(sock))
-            except Exception:
-                await client.disconnect()
-                await asyncio.sleep(0.02)
-                continue
-            try:
-                replies = [await client.execute(name) for name in commands]
-            except BaseException:
-                await client.disconnect()
-                raise
-            # After quit QEMU hangs up, and qemu.qmp's disconnect() re-raises the EOF its
-            # reader saw: expected here, so it must not turn a good probe into a failure.
-            with contextlib.suppress(Exception):
-                await client.execute("quit")
-            with contextlib.suppress(Exception):
-                await client.disconnect()
-            return replies
-
-
-def _reap(proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
-    """Wait for a QEMU we told to quit; kill it if it does not go within ``grace``."""
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def resolve_qemu(arch: str, explicit: str | None = None) -> QemuBinary:
@@ -441,10 +354,6 @@ def provisioned_path(arch: str) -> Path:
     """cache_dir()/qemu/bin/qemu-system-<arch> (whether or not it exists yet)."""
     _check_arch(arch)
     return qemu_root() / "bin" / f"qemu-system-{arch}"
-
-
-def provisioned_qemu_img() -> Path:
-    return qemu_root() / "bin" / "qemu-img"
 
 
 def host_arch() -> str:

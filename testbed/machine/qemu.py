@@ -1,11 +1,19 @@
-"""The QEMU process driver: start paused, QMP, console, events, shutdown, teardown.
+"""The one QEMU driver: launch, QMP, logs, events, shutdown and teardown of every QEMU.
 
-One Machine owns one QEMU process and everything attached to it (the QMP connection and
-its event-loop thread, the log files, the QMP socket). `close()` is idempotent and kills
-whatever is left, so a Machine used as a context manager never outlives its block.
+`QemuMachine` owns one QEMU process and everything attached to it: the argv (a subclass
+supplies it through `_command`, from testbed.machine.cmdline), the launch, the QMP
+connection and its event-loop thread, the logs and the sockets. QEMU *dials* our listening
+sockets (QMP, and qtest for QtestMachine): no polling for QEMU's socket to appear, and a QEMU
+that dies before connecting is noticed at once. `close()` is idempotent and kills whatever is
+left, so a machine used as a context manager never outlives its block.
 
-Logs, all in `logdir`: qemu-cmdline.txt (pasteable), qemu-stderr.log, console.log,
-qmp.log (JSON lines: every command, response and event).
+Flavours: `GuestMachine` (here: a guest booted from a MachineConfig, with its console and
+the ssh port forward), `QtestMachine` (testbed.machine.qtest: no guest) and the capability
+probes (testbed.machine.probe). `run_to_exit` runs a QEMU that ends by itself (`-version`, a
+probe payload) through the same launcher; nothing else in the test bed starts QEMU.
+
+Logs, all in `logdir`: qemu-cmdline.txt, qemu-stderr.log, qmp.log (JSON lines: every command,
+response and event), and console.log for a guest.
 """
 
 from __future__ import annotations
@@ -19,14 +27,15 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, Self, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.message import Message
@@ -41,6 +50,7 @@ from testbed.errors import (
     WaitTimeout,
 )
 from testbed.machine.cmdline import MachineConfig, build_command, format_command
+from testbed.paths import make_private_dir, remove_tree
 from testbed.resource import Closeable
 
 log = logging.getLogger(__name__)
@@ -67,7 +77,7 @@ _PR_SET_PDEATHSIG = 1
 # Ports handed out by this process. Between free_tcp_port() and QEMU's bind the port is
 # free again, so the kernel may offer it to the next caller (another VM started from
 # another thread): remembering them keeps two VMs of one process off the same port.
-# Another process can still take one: Machine.start retries on that clash.
+# Another process can still take one: GuestMachine.start retries on that clash.
 _handed_out: set[int] = set()
 _handed_out_lock = threading.Lock()
 _PORT_PROBES = 64
@@ -90,17 +100,7 @@ def free_tcp_port() -> int:
     )
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: QEMU gets SIGKILL when the thread that started it dies.
-
-    Covers our abrupt death (SIGKILL, crash) where no `finally` runs. The signal follows the
-    *thread*, so start Machines from a long-lived thread (the main thread in practice).
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # Blocked by _launch around the fork; QEMU must start with the default mask.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _LAUNCH_BLOCKED)
-
+# -- the launcher ------------------------------------------------------------------------------
 
 # Ctrl-C / SIGTERM are held back while QEMU is forked. One landing inside Popen (which runs
 # Python in the child for preexec_fn) was seen to get lost (the run carried on) or to end
@@ -108,6 +108,87 @@ def _die_with_parent() -> None:
 # `self._proc = ...` would leave a QEMU we do not know about. Held back, it is delivered
 # right after Popen returns, with the process on record.
 _LAUNCH_BLOCKED = {signal.SIGINT, signal.SIGTERM}
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: QEMU gets SIGKILL when the thread that started it dies.
+
+    Covers our abrupt death (SIGKILL, crash) where no `finally` runs. The signal follows the
+    *thread*, so start machines from a long-lived thread (the main thread in practice).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # Held back around the fork (_signals_held); QEMU must start with the default mask.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _LAUNCH_BLOCKED)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back; the caller records the process *inside* the block, so a
+    signal (delivered on exit, as an exception) always finds it on record."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _LAUNCH_BLOCKED)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _popen(argv: Sequence[str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+    """The one place a QEMU process is started; call it inside _signals_held()."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        # Own process group: a Ctrl-C on the terminal reaches us, not QEMU; we tear it
+        # down in order (and killpg reaches anything it forks).
+        process_group=0,
+        preexec_fn=_die_with_parent,
+        close_fds=True,
+    )
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> int:
+    """SIGKILL the process group of ``proc`` if it still runs; its exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class QemuRun:
+    """What a QEMU that ran to its exit left: status and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_to_exit(argv: Sequence[str], timeout: float) -> QemuRun:
+    """Run a QEMU that ends by itself (`-version`, a probe payload) and collect its output.
+
+    WaitTimeout when it is still running after ``timeout`` s (it is killed; so it is on
+    Ctrl-C); OSError when it cannot be started at all.
+    """
+    log.debug("running %s", " ".join(argv))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with _signals_held():
+            proc = _popen(argv, subprocess.PIPE, subprocess.PIPE)
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise WaitTimeout(f"`{' '.join(argv)}` did not exit within {timeout:.0f} s") from None
+    finally:
+        if proc is not None:
+            _kill(proc)
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+    return QemuRun(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+# -- helpers -----------------------------------------------------------------------------------
 
 
 def tail(text: str, lines: int = TAIL_LINES) -> str:
@@ -146,7 +227,7 @@ class _RecordingClient(QMPClient):
 
     async def _event_dispatch(self, msg: Message) -> None:
         # Not passed on to qemu.qmp's listeners: its default listener would queue every
-        # event forever, as nobody reads it; Machine keeps its own list.
+        # event forever, as nobody reads it; the machine keeps its own list.
         self._on_event(dict(msg))
 
 
@@ -156,39 +237,81 @@ class MachineState(enum.Enum):
     CLOSED = "closed"
 
 
-class Machine(Closeable):
-    """One QEMU process with QMP, console log and events. Use as a context manager."""
+class QemuMachine(Closeable):
+    """One QEMU process with QMP, logs and events. Use as a context manager.
+
+    Subclasses supply the argv (`_command`) and may add listeners before the launch
+    (`_pre_launch`) and accept or configure after QMP is up (`_post_launch`).
+    """
 
     def __init__(
         self,
-        config: MachineConfig,
-        logdir: Path,
+        logdir: Path | None = None,
         *,
+        qmp_socket: Path | None = None,
         qmp_timeout: float = 10.0,
-        port_factory: Callable[[], int] = free_tcp_port,
     ) -> None:
-        self.config = config
-        self.logdir = Path(logdir)
+        """``logdir`` / ``qmp_socket`` None: in a private run dir made by start() and
+        removed, logs included, by close()."""
+        self._logdir = Path(logdir) if logdir is not None else None
+        self._qmp_socket = qmp_socket
         self.qmp_timeout = qmp_timeout
-        self._port_factory = port_factory
         self.state = MachineState.NEW
-        self.cmdline_path = self.logdir / "qemu-cmdline.txt"
-        self.stderr_path = self.logdir / "qemu-stderr.log"
-        self.qmp_log_path = self.logdir / "qmp.log"
+        self.run_dir: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._stderr_file: Any = None
-        self._qmp_log: Any = None
+        self._returncode: int | None = None
+        self._stderr_file: IO[bytes] | None = None
+        self._qmp_log: IO[str] | None = None
         self._log_lock = threading.Lock()
+        self._listeners: dict[Path, socket.socket] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._client: _RecordingClient | None = None
         self._events: list[dict[str, Any]] = []
         self._consumed: set[int] = set()
         self._events_cond = threading.Condition()
-        self._console_buf = ""
-        self._console_read = 0  # bytes of console.log consumed into _console_buf
-        self._console_cursor = 0  # chars of _console_buf already matched by wait_console
-        self.returncode: int | None = None
+
+    # -- paths -----------------------------------------------------------------------------
+
+    @property
+    def logdir(self) -> Path:
+        if self._logdir is None:
+            raise StateError(self.state, MachineState.RUNNING, "logdir")
+        return self._logdir
+
+    @property
+    def qmp_socket(self) -> Path:
+        if self._qmp_socket is None:
+            raise StateError(self.state, MachineState.RUNNING, "qmp_socket")
+        return self._qmp_socket
+
+    @property
+    def cmdline_path(self) -> Path:
+        return self.logdir / "qemu-cmdline.txt"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.logdir / "qemu-stderr.log"
+
+    @property
+    def qmp_log_path(self) -> Path:
+        return self.logdir / "qmp.log"
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _command(self) -> list[str]:
+        """QEMU's argv, with -qmp dialing self.qmp_socket (see cmdline.qmp_option)."""
+        raise NotImplementedError
+
+    def _pre_launch(self) -> None:
+        """Before each launch (after the run dir exists): e.g. more listeners."""
+
+    def _post_launch(self, deadline: float) -> None:
+        """After QMP is up and the state is RUNNING: e.g. accept qtest, `cont`."""
+
+    def _console_tail(self) -> str:
+        """The last lines the guest printed, for QemuExited (none without a guest)."""
+        return ""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -197,92 +320,90 @@ class Machine(Closeable):
         return self._proc.pid if self._proc else None
 
     @property
-    def ssh_port(self) -> int:
-        return self.config.ssh_port
+    def returncode(self) -> int | None:
+        """QEMU's exit status once it exited (negative: killed by that signal), else None."""
+        if self._proc is not None and self._returncode is None:
+            self._returncode = self._proc.poll()
+        return self._returncode
 
-    @property
-    def console_path(self) -> Path:
-        return self.config.console_log
-
-    def start(self, timeout: float = 30.0) -> None:
-        """Start QEMU paused (-S), connect QMP, then `cont`.
-
-        A hostfwd port taken by someone else between our probe and QEMU's bind is retried
-        with a fresh port (the config's ssh_port changes accordingly).
-        """
+    def start(self, timeout: float = 30.0) -> Self:
+        """Launch QEMU and negotiate QMP (QEMU dials our listener) within ``timeout``."""
         if self.state is not MachineState.NEW:
-            raise StateError(self.state, MachineState.NEW, "Machine.start")
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self._qmp_log = self.qmp_log_path.open("a", buffering=1)
+            raise StateError(self.state, MachineState.NEW, f"{type(self).__name__}.start")
         deadline = time.monotonic() + timeout
         try:
-            for attempt in range(PORT_ATTEMPTS):
-                self._launch()
-                try:
-                    self._connect_qmp(deadline)
-                    break
-                except QemuExited as exc:
-                    if HOSTFWD_CLASH in exc.stderr_tail and attempt + 1 < PORT_ATTEMPTS:
-                        log.info("ssh port %d taken; retrying", self.config.ssh_port)
-                        self._reap()
-                        self.config = dataclasses.replace(
-                            self.config, ssh_port=self._port_factory()
-                        )
-                        continue
-                    raise
+            if self._logdir is None or self._qmp_socket is None:
+                self.run_dir = make_private_dir("qemu")
+                self._logdir = self._logdir or self.run_dir
+                self._qmp_socket = self._qmp_socket or self.run_dir / "qmp.sock"
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self._qmp_log = self.qmp_log_path.open("a", buffering=1)
+            self._stderr_file = self.stderr_path.open("ab")
+            self._launch_and_connect(deadline)
             self.state = MachineState.RUNNING
-            self.qmp("cont")
+            self._post_launch(deadline)
         except BaseException:
             self.close()
             raise
+        return self
 
-    def _launch(self) -> None:
-        argv = build_command(self.config, paused=True)
+    def _launch_and_connect(self, deadline: float) -> None:
+        qmp_listener = self._listen(self.qmp_socket)
+        self._pre_launch()
+        argv = self._command()
         self.cmdline_path.write_text(format_command(argv))
-        with contextlib.suppress(FileNotFoundError):
-            self.config.qmp_socket.unlink()
-        if self._stderr_file is None:
-            self._stderr_file = self.stderr_path.open("ab")
         log.debug("starting %s", " ".join(argv))
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, _LAUNCH_BLOCKED)
-        try:
-            self._proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=self._stderr_file,
-                stderr=self._stderr_file,
-                # Own process group: a Ctrl-C on the terminal reaches us, not QEMU; we tear
-                # it down in order (and killpg reaches anything it forks).
-                process_group=0,
-                preexec_fn=_die_with_parent,
-                close_fds=True,
-            )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-    def _connect_qmp(self, deadline: float) -> None:
-        """Poll until QEMU's QMP socket accepts us, failing at once if QEMU exits."""
+        self._returncode = None
+        with _signals_held():
+            self._proc = _popen(argv, self._stderr_file, self._stderr_file)
         self._ensure_loop()
-        last_error: Exception | None = None
-        while True:
-            self._check_alive("while starting")
-            if self.config.qmp_socket.exists():
-                client = _RecordingClient("testbed", self._record_event)
-                try:
-                    self._run(client.connect(str(self.config.qmp_socket)), timeout=2.0)
-                    self._client = client
-                    return
-                except Exception as exc:  # refused / reset while QEMU is still coming up
-                    last_error = exc
-                    with contextlib.suppress(Exception):
-                        self._run(client.disconnect(), timeout=2.0)
+        client = _RecordingClient("testbed", self._record_event)
+        conn = self._accept(qmp_listener, "QMP", deadline)
+        try:
+            self._run(client.connect(conn), timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as exc:  # qemu.qmp's ConnectError, or our timeout: QEMU hung up
+            conn.close()
+            raise self._hung_up("negotiating QMP", deadline) from exc
+        self._client = client
+
+    def _listen(self, path: Path) -> socket.socket:
+        """A listening UNIX socket at ``path`` for QEMU to dial; closed once accepted."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self._listeners[path] = sock
+        sock.bind(str(path))
+        sock.listen(1)
+        return sock
+
+    def _accept(self, listener: socket.socket, what: str, deadline: float) -> socket.socket:
+        """QEMU's connection to ``listener``; QemuExited at once if QEMU exits first."""
+        while not select.select([listener], [], [], POLL_INTERVAL)[0]:
+            self._check_alive(f"before connecting {what}")
             if time.monotonic() > deadline:
-                self._check_alive("while starting")
                 raise WaitTimeout(
-                    f"QMP socket {self.config.qmp_socket} did not answer before the deadline "
-                    f"(last error: {last_error}); see {self.stderr_path}"
+                    f"QEMU did not connect {what} before the deadline; see {self.stderr_path}"
                 )
-            time.sleep(POLL_INTERVAL)
+        conn, _ = listener.accept()
+        conn.setblocking(True)
+        self._close_listener(listener)
+        return conn
+
+    def _close_listener(self, listener: socket.socket) -> None:
+        for path, sock in list(self._listeners.items()):
+            if sock is listener:
+                del self._listeners[path]
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _hung_up(self, doing: str, deadline: float) -> TestbedError:
+        """The error for QEMU closing a socket on us: its exit status and stderr when it
+        exits (as it does when it refuses its configuration)."""
+        self.wait_exited(max(0.1, deadline - time.monotonic()))
+        return self._exit_error(f"while {doing}") or WaitTimeout(
+            f"QEMU hung up while {doing} but kept running; see {self.stderr_path}"
+        )
 
     def _ensure_loop(self) -> None:
         if self._loop is not None:
@@ -307,17 +428,21 @@ class Machine(Closeable):
 
     def _check_alive(self, doing: str) -> None:
         if self._proc is None:
-            raise StateError(self.state, MachineState.RUNNING, "Machine")
-        code = self._proc.poll()
+            raise StateError(self.state, MachineState.RUNNING, type(self).__name__)
+        error = self._exit_error(doing)
+        if error is not None:
+            raise error
+
+    def _exit_error(self, doing: str) -> QemuExited | None:
+        """QemuExited (with exit status, stderr and console tails) if QEMU is gone."""
+        code = self.returncode
         if code is None:
-            return
-        self.returncode = code
-        self._pump_console()
-        raise QemuExited(
+            return None
+        return QemuExited(
             f"QEMU exited {doing} (logs in {self.logdir})",
             returncode=code,
-            stderr_tail=tail(_read_text(self.stderr_path)),
-            console_tail=tail(self._console_buf),
+            stderr_tail=tail(self.stderr_text()),
+            console_tail=self._console_tail(),
         )
 
     # -- QMP -------------------------------------------------------------------------------
@@ -364,7 +489,7 @@ class Machine(Closeable):
                 f"QMP {cmd} got no answer in {timeout or self.qmp_timeout} s"
             ) from exc
         except Exception as exc:
-            self._wait_exit(2.0)
+            self.wait_exited(2.0)
             self._check_alive(f"during QMP {cmd}")
             raise TestbedError(f"QMP {cmd} failed: {exc!r}") from exc
         self._log_qmp("<-", {"return": result})
@@ -403,7 +528,7 @@ class Machine(Closeable):
 
     def stderr_text(self) -> str:
         """What QEMU printed on stderr (and stdout) so far."""
-        return _read_text(self.stderr_path)
+        return _read_text(self.stderr_path) if self._logdir is not None else ""
 
     def wait_stderr(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
         """Until QEMU's stderr matches ``pattern`` (regex); QemuExited if QEMU dies first."""
@@ -450,10 +575,136 @@ class Machine(Closeable):
                         f"{timeout} s (events seen: {', '.join(seen) or 'none'})"
                     )
                 self._events_cond.wait(min(remaining, 0.1))
-            if self._proc is not None and self._proc.poll() is not None:
+            if self.returncode is not None:
                 self._check_alive(f"while waiting for event {name}")
 
-    # -- console ---------------------------------------------------------------------------
+    # -- teardown --------------------------------------------------------------------------
+
+    def wait_exited(self, timeout: float) -> int | None:
+        """Give a dying QEMU up to ``timeout`` s to be reaped; its status, or None if it
+        is still running."""
+        if self._proc is None:
+            return None
+        try:
+            self._returncode = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self._returncode
+
+    def shutdown(self, timeout: float = 10.0) -> int:
+        """QMP quit, then wait for QEMU to exit; QemuExited if the status is not 0."""
+        if self.state is not MachineState.RUNNING:
+            raise StateError(self.state, MachineState.RUNNING, f"{type(self).__name__}.shutdown")
+        with contextlib.suppress(TestbedError):
+            # QEMU may drop the connection before its answer arrives: the exit status is
+            # the verdict.
+            self.qmp("quit", timeout=timeout)
+        code = self.wait_exited(timeout)
+        if code is None:
+            raise WaitTimeout(f"QEMU did not exit within {timeout} s after quit")
+        self._disconnect()
+        if code != 0:
+            raise QemuExited(
+                "QEMU exited badly on quit", returncode=code, stderr_tail=tail(self.stderr_text())
+            )
+        return code
+
+    def _disconnect(self) -> None:
+        if self._client is not None and self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._run(self._client.disconnect(), timeout=2.0)
+        self._client = None
+
+    def _reap(self) -> None:
+        """Kill the process group of QEMU if it is still there and collect its status."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self._returncode = _kill(proc)
+
+    def close(self) -> None:
+        """Idempotent: disconnect QMP, kill -9 what is left, reap, remove the sockets (and
+        the run dir with the logs, when the machine made one)."""
+        if self.state is MachineState.CLOSED:
+            return
+        self.state = MachineState.CLOSED
+        # Nested finally: a Ctrl-C or SIGTERM landing in the QMP disconnect (which waits)
+        # must still kill QEMU and remove its sockets before it propagates.
+        try:
+            self._disconnect()
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                if self._loop_thread is not None:
+                    self._loop_thread.join(5.0)
+                if not self._loop.is_running():
+                    self._loop.close()
+                self._loop = None
+        finally:
+            try:
+                self._reap()
+            finally:
+                for listener in list(self._listeners.values()):
+                    self._close_listener(listener)
+                for fh in (self._stderr_file, self._qmp_log):
+                    if fh is not None:
+                        fh.close()
+                self._stderr_file = self._qmp_log = None
+                if self._qmp_socket is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._qmp_socket.unlink()
+                if self.run_dir is not None:
+                    remove_tree(self.run_dir)
+
+
+class GuestMachine(QemuMachine):
+    """A guest booted from a MachineConfig: started paused (-S), QMP, then `cont`; its
+    serial console in a file; ssh forwarded to config.ssh_port."""
+
+    def __init__(
+        self,
+        config: MachineConfig,
+        logdir: Path,
+        *,
+        qmp_timeout: float = 10.0,
+        port_factory: Callable[[], int] = free_tcp_port,
+    ) -> None:
+        super().__init__(logdir, qmp_socket=config.qmp_socket, qmp_timeout=qmp_timeout)
+        self.config = config
+        self._port_factory = port_factory
+        self._console_buf = ""
+        self._console_read = 0  # bytes of console.log consumed into _console_buf
+        self._console_cursor = 0  # chars of _console_buf already matched by wait_console
+
+    @property
+    def ssh_port(self) -> int:
+        return self.config.ssh_port
+
+    @property
+    def console_path(self) -> Path:
+        return self.config.console_log
+
+    def _command(self) -> list[str]:
+        return build_command(self.config, paused=True, dial_qmp=True)
+
+    def _launch_and_connect(self, deadline: float) -> None:
+        """A hostfwd port taken by someone else between our probe and QEMU's bind is
+        retried with a fresh port (the config's ssh_port changes accordingly)."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                super()._launch_and_connect(deadline)
+                return
+            except QemuExited as exc:
+                if HOSTFWD_CLASH not in exc.stderr_tail or attempt + 1 == PORT_ATTEMPTS:
+                    raise
+                log.info("ssh port %d taken; retrying", self.config.ssh_port)
+                self._reap()
+                self.config = dataclasses.replace(self.config, ssh_port=self._port_factory())
+
+    def _post_launch(self, deadline: float) -> None:
+        self.qmp("cont")
+
+    def _console_tail(self) -> str:
+        self._pump_console()
+        return tail(self._console_buf)
 
     def _pump_console(self) -> None:
         try:
@@ -465,11 +716,6 @@ class Machine(Closeable):
         if data:
             self._console_read += len(data)
             self._console_buf += data.decode(errors="replace")
-
-    def console_text(self) -> str:
-        """Everything the guest printed so far."""
-        self._pump_console()
-        return self._console_buf
 
     def wait_console(
         self,
@@ -499,90 +745,11 @@ class Machine(Closeable):
             if found is not None:
                 self._console_cursor = found.end()
                 return found
-            if self._proc is not None and self._proc.poll() is not None:
+            if self.returncode is not None:
                 self._check_alive(f"while waiting for {regex.pattern!r} on the console")
             if time.monotonic() > deadline:
                 raise WaitTimeout(
                     f"{regex.pattern!r} did not appear on the console within {timeout} s; "
                     f"last lines ({self.console_path}):\n" + tail(text[self._console_cursor :])
                 )
-            time.sleep(POLL_INTERVAL)
-
-    # -- teardown --------------------------------------------------------------------------
-
-    def wait_exited(self, timeout: float) -> int | None:
-        """Give a dying QEMU up to ``timeout`` s to be reaped; its status, or None if it
-        is still running."""
-        return self._wait_exit(timeout)
-
-    def _wait_exit(self, timeout: float) -> int | None:
-        if self._proc is None:
-            return None
-        try:
-            self.returncode = self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        return self.returncode
-
-    def shutdown(self, timeout: float = 10.0) -> int:
-        """QMP quit, then wait for QEMU to exit; QemuExited if the status is not 0."""
-        if self.state is not MachineState.RUNNING:
-            raise StateError(self.state, MachineState.RUNNING, "Machine.shutdown")
-        with contextlib.suppress(TestbedError):
-            # QEMU may drop the connection before its answer arrives: the exit status is
-            # the verdict.
-            self.qmp("quit", timeout=timeout)
-        code = self._wait_exit(timeout)
-        if code is None:
-            raise WaitTimeout(f"QEMU did not exit within {timeout} s after quit")
-        self._disconnect()
-        if code != 0:
-            raise QemuExited(
-                "QEMU exited badly on quit",
-                returncode=code,
-                stderr_tail=tail(_read_text(self.stderr_path)),
-            )
-        return code
-
-    def _disconnect(self) -> None:
-        if self._client is not None and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._run(self._client.disconnect(), timeout=2.0)
-        self._client = None
-
-    def _reap(self) -> None:
-        """Kill the process group of QEMU if it is still there and collect its status."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        self.returncode = proc.wait()
-
-    def close(self) -> None:
-        """Idempotent: disconnect QMP, kill -9 what is left, reap, remove the QMP socket."""
-        if self.state is MachineState.CLOSED:
-            return
-        self.state = MachineState.CLOSED
-        # Nested finally: a Ctrl-C or SIGTERM landing in the QMP disconnect (which waits)
-        # must still kill QEMU and remove its socket before it propagates.
-        try:
-            self._disconnect()
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                if self._loop_thread is not None:
-                    self._loop_thread.join(5.0)
-                if not self._loop.is_running():
-                    self._loop.close()
-                self._loop = None
-        finally:
-            try:
-                self._reap()
-            finally:
-                for fh in (self._stderr_file, self._qmp_log):
-                    if fh is not None:
-                        fh.close()
-                self._stderr_file = self._qmp_log = None
-                with contextlib.suppress(FileNotFoundError):
-                    self.config.qmp_socket.unlink()
+            time.sleep(POLL_INTERVAL)  # poll interval of a deadline-bound wait

@@ -1,0 +1,219 @@
+"""A guest-less QEMU: vhost-user devices and nothing else, optionally driven over qtest.
+
+With ``-accel qtest`` QEMU runs no guest code; the qtest line protocol lets us act as the
+guest's PCI core and virtio driver instead -- assign BARs, enable memory, walk device_status
+to DRIVER_OK (testbed.virtio's program) -- so SHMEM_MAP/UNMAP can be exercised without
+booting anything. With ``QtestConfig(qtest=False)`` it is ``-accel tcg -S``: QEMU realizes the
+devices (the vhost-user handshake happens) and never executes anything.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import (
+    ConfigError,
+    ProtocolError,
+    QemuExited,
+    StateError,
+    TestbedError,
+    WaitTimeout,
+)
+from testbed.machine.cmdline import GUESTLESS_SLOT, QtestConfig, build_qtest_command
+from testbed.machine.qemu import QemuMachine
+from testbed.virtio import DRIVER_OK_PROGRAM, Expect, Write, run_program
+
+_WIDTH_SUFFIX = {8: "b", 16: "w", 32: "l", 64: "q"}
+
+
+class QtestClient:
+    """The qtest line protocol over an accepted socket: port I/O and physical memory."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        self._sock: socket.socket | None = sock
+        sock.settimeout(timeout)
+        self._buf = b""
+
+    def command(self, line: str) -> str:
+        if self._sock is None:
+            raise StateError("closed", "open", "qtest")
+        self._sock.sendall(line.encode() + b"\n")
+        while True:
+            reply, sep, rest = self._buf.partition(b"\n")
+            if sep:
+                self._buf = rest
+                text = reply.decode()
+                # Asynchronous notifications (IRQ lines) start with "IRQ"; skip them.
+                if text.startswith("IRQ"):
+                    continue
+                if not text.startswith("OK"):
+                    raise ProtocolError(f"qtest {line!r} failed: {text}")
+                return text[2:].strip()
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError as exc:
+                raise WaitTimeout(f"qtest: no answer to {line!r}") from exc
+            if not data:
+                raise QemuExited(f"QEMU closed the qtest socket during {line!r}")
+            self._buf += data
+
+    def outl(self, port: int, value: int) -> None:
+        self.command(f"outl {port:#x} {value:#x}")
+
+    def inl(self, port: int) -> int:
+        return int(self.command(f"inl {port:#x}"), 16)
+
+    def read_int(self, addr: int, width: int) -> int:
+        """A ``width``-bit (8, 16, 32, 64) read of guest-physical ``addr``."""
+        return int(self.command(f"read{_WIDTH_SUFFIX[width]} {addr:#x}"), 16)
+
+    def write_int(self, addr: int, width: int, value: int) -> None:
+        self.command(f"write{_WIDTH_SUFFIX[width]} {addr:#x} {value:#x}")
+
+    def read(self, addr: int, length: int) -> bytes:
+        return bytes.fromhex(self.command(f"read {addr:#x} {length:#x}")[2:])
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.command(f"write {addr:#x} {len(data):#x} 0x{data.hex()}")
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+# PCI config space access, per machine: q35 by the 0xcf8/0xcfc ports; virt by its ECAM
+# window: the high one (256 GiB + 256 MiB) when highmem is on -- the default --, else the
+# low one. The driver picks the window where our device's vendor id reads back.
+_VIRT_ECAMS = (0x40_1000_0000, 0x3F000000)
+_VIRTIO_VENDOR = 0x1AF4
+# Where we place the BARs. q35: inside the 32-bit PCI hole; virt: inside its 32-bit
+# PCI MMIO window (0x10000000-0x3efeffff). 64-bit BARs get their high half 0.
+_BAR_PLACES = {"x86_64": (0xE0000000, 0xC0000000), "aarch64": (0x3E000000, 0x20000000)}
+_COMMON_CFG_BAR = 2  # measured: the modern virtio registers sit at BAR 2 offset 0
+
+
+@dataclass
+class PciFunctionDriver:
+    """Acts as the guest's PCI core and virtio driver for one function, through qtest."""
+
+    qtest: QtestClient
+    arch: str
+    slot: int = GUESTLESS_SLOT
+    bars: dict[int, int] = field(default_factory=dict)
+
+    ecam: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch not in _BAR_PLACES:
+            raise ConfigError(f"no PCI driver for {self.arch!r}")
+        if self.arch == "aarch64" and self.ecam is None:
+            for base in _VIRT_ECAMS:
+                self.ecam = base
+                if self.read32(0) & 0xFFFF == _VIRTIO_VENDOR:
+                    return
+            raise TestbedError(
+                f"no virtio device at 00:{self.slot:02x}.0 in any virt ECAM window "
+                f"({', '.join(hex(b) for b in _VIRT_ECAMS)})"
+            )
+
+    def _cfg_addr(self, reg: int) -> int:
+        if self.arch == "x86_64":
+            return 0x80000000 | (self.slot << 11) | (reg & ~3)
+        assert self.ecam is not None
+        return self.ecam + ((self.slot << 15) | (reg & ~3))
+
+    def read32(self, reg: int) -> int:
+        if self.arch == "x86_64":
+            self.qtest.outl(0xCF8, self._cfg_addr(reg))
+            return self.qtest.inl(0xCFC)
+        return self.qtest.read_int(self._cfg_addr(reg), 32)
+
+    def write32(self, reg: int, value: int) -> None:
+        if self.arch == "x86_64":
+            self.qtest.outl(0xCF8, self._cfg_addr(reg))
+            self.qtest.outl(0xCFC, value)
+        else:
+            self.qtest.write_int(self._cfg_addr(reg), 32, value)
+
+    def assign_bar(self, bar: int, address: int) -> None:
+        """Program a 64-bit memory BAR (bar, bar+1) to ``address``."""
+        self.write32(0x10 + 4 * bar, address & 0xFFFFFFFF)
+        self.write32(0x10 + 4 * (bar + 1), address >> 32)
+        self.bars[bar] = address
+
+    def enable_memory(self) -> None:
+        command = self.read32(0x04) & 0xFFFF
+        # Memory space + bus master, as a guest's driver would.
+        self.write32(0x04, command | 0x6)
+
+    def start_device(self, bar4_address: int | None = None) -> None:
+        """Assign BAR 2 (and BAR 4), enable, then play testbed.virtio's DRIVER_OK program
+        (VIRTIO_F_VERSION_1 only) on the common config -- as the guest's devmem recipe does."""
+        bar2, bar4 = _BAR_PLACES[self.arch]
+        self.assign_bar(_COMMON_CFG_BAR, bar2)
+        self.assign_bar(4, bar4 if bar4_address is None else bar4_address)
+        self.enable_memory()
+
+        def write(step: Write) -> None:
+            self.qtest.write_int(bar2 + step.offset, step.width, step.value)
+
+        def read(step: Expect) -> int:
+            return self.qtest.read_int(bar2 + step.offset, step.width)
+
+        run_program(DRIVER_OK_PROGRAM, write, read, f"00:{self.slot:02x}.0")
+
+
+class QtestMachine(QemuMachine):
+    """A guest-less QEMU from a QtestConfig, with QMP and (config.qtest) a qtest client.
+    Its sockets and, without a logdir, its logs live in a private run dir removed by close().
+    """
+
+    def __init__(
+        self, config: QtestConfig, logdir: Path | None = None, *, qmp_timeout: float = 10.0
+    ) -> None:
+        super().__init__(logdir, qmp_timeout=qmp_timeout)
+        self.config = config
+        self.qtest: QtestClient | None = None
+        self._qtest_listener: socket.socket | None = None
+
+    @property
+    def _qtest_socket(self) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / "qtest.sock"
+
+    def _command(self) -> list[str]:
+        return build_qtest_command(self.config, self.qmp_socket, self._qtest_socket)
+
+    def _pre_launch(self) -> None:
+        if self.config.qtest:
+            self._qtest_listener = self._listen(self._qtest_socket)
+
+    def _post_launch(self, deadline: float) -> None:
+        if self._qtest_listener is not None:
+            self.qtest = QtestClient(self._accept(self._qtest_listener, "qtest", deadline))
+
+    def pci(self, slot: int = GUESTLESS_SLOT) -> PciFunctionDriver:
+        """A PCI/virtio driver for the function at 00:<slot>.0, over qtest."""
+        if self.qtest is None:
+            raise StateError("without qtest", "with qtest", "QtestMachine.pci")
+        return PciFunctionDriver(self.qtest, self.config.arch, slot)
+
+    def pci_device(self, slot: int = GUESTLESS_SLOT) -> dict[str, Any]:
+        """query-pci's entry for the function at 00:<slot>.0."""
+        for bus in self.qmp("query-pci"):
+            for dev in bus["devices"]:
+                if dev["bus"] == 0 and dev["slot"] == slot and dev["function"] == 0:
+                    return dev
+        raise TestbedError(f"no PCI device at 00:{slot:02x}.0 in query-pci")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.qtest is not None:
+                self.qtest.close()
+                self.qtest = None
