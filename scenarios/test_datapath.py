@@ -13,8 +13,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from testbed.bugs import KnownBugSeen
+from testbed.bugs.marks import known_bug
 from testbed.guest.datapath import GuestDevice, looks_unmapped
-from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug
 from testbed.vhost_user.shmem import Memfd
 from testbed.vm import GuestVM
 
@@ -105,7 +106,7 @@ def test_refused_requests_change_nothing(boot: Callable[..., GuestVM]) -> None:
         assert r.guest.read(0, 0, PROBE) == r.pattern[:PROBE]
 
 
-@known_qemu_bug("QEMU 11.1.3 lets guest writes through a read-only SHMEM_MAP (flags 0)")
+@known_bug("readonly-map-writable")
 def test_read_only_map_keeps_guest_writes_out(boot: Callable[..., GuestVM]) -> None:
     vm = boot(regions=LAYOUT)
     with Memfd(LENGTH) as memfd:
@@ -114,7 +115,10 @@ def test_read_only_map_keeps_guest_writes_out(boot: Callable[..., GuestVM]) -> N
         assert r.guest_sees() == r.pattern[:PROBE], "read-only map not readable by the guest"
         r.guest.write(SHMID, OFFSET, os.urandom(PROBE))
         if memfd.read(0, PROBE) != r.pattern[:PROBE]:
-            raise KnownQemuBug("a guest write through a read-only mapping reached the memfd")
+            raise KnownBugSeen(
+                "readonly-map-writable",
+                "a guest write through a read-only mapping reached the memfd",
+            )
 
 
 def test_reset_drops_mappings(boot: Callable[..., GuestVM]) -> None:

@@ -15,7 +15,8 @@ What QEMU 11.1.3 does (measured, TCG, both arches):
   query-chardev reports the chardev connected, so they never meet that race by accident;
 - hot-plugged after the connection, the device works, but closing the back-end aborts QEMU
   before any reconnect, as it does without reconnect (memory_region_del_eventfd assertion).
-Both are strict known bugs: a fixed QEMU turns them into XPASS, which fails the run.
+Both are known bugs (testbed/bugs/registry.toml): the day a QEMU build fixes one, its
+scenarios fail with "did not show" until the registry says so.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from testbed.bugs.marks import known_bug
 from testbed.device import VhostUserDevice
-from testbed.errors import QemuExited, QmpCommandFailed
+from testbed.errors import QmpCommandFailed
 from testbed.hotplug import Hotplug, PluggedDevice
-from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug, raise_if_known_crash
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.protocol import Request
 from testbed.vm import GuestVM
@@ -39,47 +40,29 @@ RECONNECT_MS = 200
 RECONNECT_TIMEOUT = 20.0
 # Far longer than the scenario: the chardev's next re-dial cannot come before device_add.
 SLOW_RECONNECT_MS = 600_000
-DEL_EVENTFD_ABORT = "memory_region_del_eventfd: Assertion"
-REALIZE_FAILS = "Failed to set msg fds"
 
 
 def restart(hp: Hotplug, device: PluggedDevice, layout: Mapping[int, int] | None) -> Backend:
     """Restart ``device``'s back-end and wait, on QEMU's side, for the chardev to come back
-    to it and for the device set-up to arrive again. The known abort becomes KnownQemuBug.
+    to it and for the device set-up to arrive again.
 
     Each step waits on its own condition: QEMU took the hang-up in (query-chardev says
     disconnected), the new back-end listens, QEMU re-dialled (query-chardev says connected),
     QEMU set the device up again (GET_FEATURES on the new connection)."""
-    try:
-        backend = hp.restart_backend(device, layout)
-        hp.machine.wait_chardev(device.chardev_id, connected=True, timeout=RECONNECT_TIMEOUT)
-        backend.wait_for_request(Request.GET_FEATURES, RECONNECT_TIMEOUT)
-        hp.machine.check_alive("after the reconnect")
-        return backend
-    except QemuExited as exc:
-        raise_if_known_crash(exc, DEL_EVENTFD_ABORT)
-        raise
+    backend = hp.restart_backend(device, layout)
+    hp.machine.wait_chardev(device.chardev_id, connected=True, timeout=RECONNECT_TIMEOUT)
+    backend.wait_for_request(Request.GET_FEATURES, RECONNECT_TIMEOUT)
+    hp.machine.check_alive("after the reconnect")
+    return backend
 
 
-@known_qemu_bug(
-    "QEMU 11.1.3: a cold-plugged vhost-user-test-device with chardev reconnect-ms fails "
-    f"realize ('{REALIZE_FAILS}.', 'vhost_backend_init failed: Protocol error'): realize "
-    "does not wait for the background connect"
-)
+@known_bug("reconnect-realize-no-wait")
 def test_coldplug_with_reconnect(boot: Callable[..., GuestVM]) -> None:
-    try:
-        vm = boot(regions=LAYOUT, reconnect_ms=RECONNECT_MS)
-    except QemuExited as exc:
-        if exc.returncode == 1 and REALIZE_FAILS in exc.stderr_tail:
-            raise KnownQemuBug(f"realize failed: {exc.stderr_tail.strip()}") from exc
-        raise
+    vm = boot(regions=LAYOUT, reconnect_ms=RECONNECT_MS)
     vm.check_guest_sees(LAYOUT)
 
 
-@known_qemu_bug(
-    "QEMU 11.1.3 aborts when the back-end of a device with chardev reconnect-ms closes: "
-    "memory_region_del_eventfd: Assertion `i != mr->ioeventfd_nb' failed"
-)
+@known_bug("backend-hangup-del-eventfd-abort")
 def test_backend_restart_same_layout(boot: Callable[..., GuestVM]) -> None:
     vm = boot(root_ports=1)
     with Hotplug(vm) as hp:
@@ -94,10 +77,7 @@ def test_backend_restart_same_layout(boot: Callable[..., GuestVM]) -> None:
         assert vm.run("echo alive").stdout.strip() == b"alive"
 
 
-@known_qemu_bug(
-    "QEMU 11.1.3 aborts when the back-end of a device with chardev reconnect-ms closes: "
-    "memory_region_del_eventfd: Assertion `i != mr->ioeventfd_nb' failed"
-)
+@known_bug("backend-hangup-del-eventfd-abort")
 def test_backend_restart_other_layout_keeps_bar(boot: Callable[..., GuestVM]) -> None:
     """The layout is read once, at realize: a back-end that comes back with another one
     must not change what the guest sees (nor bring QEMU down)."""
@@ -111,11 +91,7 @@ def test_backend_restart_other_layout_keeps_bar(boot: Callable[..., GuestVM]) ->
         vm.check_guest_sees(LAYOUT, device.bdf)
 
 
-@known_qemu_bug(
-    "QEMU 11.1.3: device_add of a vhost-user-test-device whose chardev (reconnect-ms) has "
-    f"not connected yet fails realize ('{REALIZE_FAILS}.', 'vhost_backend_init failed: "
-    "Protocol error') instead of waiting for the connection as vhost-user-blk does"
-)
+@known_bug("reconnect-realize-no-wait")
 def test_hotplug_before_chardev_connects(boot: Callable[..., GuestVM], artifacts: Path) -> None:
     """The hot-plug face of the cold-plug bug, provoked on purpose rather than met by timing.
 
@@ -137,9 +113,13 @@ def test_hotplug_before_chardev_connects(boot: Callable[..., GuestVM], artifacts
             try:
                 vm.machine.qmp("device_add", late.device_add_arguments())
             except QmpCommandFailed as exc:
-                if REALIZE_FAILS in vm.machine.stderr_text():
-                    raise KnownQemuBug(f"device_add failed: {exc.desc}") from exc
-                raise
+                # QEMU's reason is on its stderr, not in the QMP error: keep both.
+                raise QmpCommandFailed(
+                    exc.command,
+                    exc.arguments,
+                    exc.error_class,
+                    f"{exc.desc}; QEMU stderr: {vm.machine.stderr_text()[-500:]}",
+                ) from exc
             # A fixed QEMU: realize waited, the device is up and serves the layout.
             backend.wait_for_request(Request.GET_SHMEM_CONFIG, RECONNECT_TIMEOUT)
             (bdf,) = hp.guest_test_devices()

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testbed.machine.profiles import ARCHES
+
 ROOT = Path(__file__).resolve().parent.parent
 # pytest exits 77 when every selected test was skipped (see scenarios/conftest.py).
 SKIP_EXIT = 77
@@ -41,7 +43,7 @@ def collect(arch: str, accel: str, keyword: str | None) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(ROOT / "results" / "nightly"))
-    parser.add_argument("--arch", default="x86_64,aarch64")
+    parser.add_argument("--arch", default=",".join(ARCHES))
     parser.add_argument("--accel", default="kvm,tcg")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression to select scenarios")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "2")))

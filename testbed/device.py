@@ -106,11 +106,6 @@ class ShmemLayout:
         """The same layout as `testbed backend` options: ['--region', '0=4194304', ...]."""
         return [w for shmid, size in self.regions.items() for w in ("--region", f"{shmid}={size}")]
 
-    def to_config(self) -> Any:  # TEMPORARY until the back-end split lands
-        from testbed.vhost_user.protocol import ShMemConfig
-
-        return ShMemConfig.from_regions(dict(self.regions))
-
     def __bool__(self) -> bool:
         return bool(self.regions)
 

@@ -9,7 +9,12 @@ Loaded by scenarios/conftest.py. What it adds:
   when it passes, unless ``--keep-artifacts``. Its path is printed with the failure.
 - ``run_dir``: a private 0700 scratch directory (sockets, keys) removed after the test.
 - A pass/fail table by scenario x architecture at the end of the run, and JUnit XML under
-  results/ with the QEMU version and image hash recorded as properties.
+  results/junit.xml where every test case carries the inputs it ran with as properties:
+  ``arch``, ``accel`` (and why), ``qemu-version``, ``qemu-binary``, ``image-hash``.
+- Spec conformance from the back-end's side: requests QEMU sent without the feature that
+  allows them (Backend.violations) fail the test, listed in its report and in the
+  ``vhost-user-violations`` property, unless the test marks them expected with
+  ``@pytest.mark.expect_violations``.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from testbed import paths
+from testbed.machine.profiles import ARCHES
 
 if TYPE_CHECKING:
     from testbed.vm import GuestVM
 
-ARCHES = ("x86_64", "aarch64")
+pytest_plugins = ("testbed.bugs.marks",)
+
 _ARTIFACTS_KEY = pytest.StashKey[Path]()
 _TABLE_KEY = pytest.StashKey["ResultTable"]()
 _KEEP_KEY = pytest.StashKey[bool]()
@@ -75,6 +82,9 @@ def pytest_configure(config: pytest.Config) -> None:
         results.mkdir(parents=True, exist_ok=True)
         config.option.xmlpath = str(results / "junit.xml")
     config.addinivalue_line("markers", "arches(*names): run only on these architectures")
+    config.addinivalue_line(
+        "markers", "expect_violations: QEMU is meant to break a vhost-user rule in this test"
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -95,7 +105,7 @@ def accel(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def boot(
     request: pytest.FixtureRequest, arch: str, accel: str, artifacts: Path
-) -> Iterator[Callable[..., GuestVM]]:
+) -> Generator[Callable[..., GuestVM], None, None]:
     """``boot(**GuestVM options) -> GuestVM``: a started guest, torn down after the test.
 
     Artifacts go to the test's artifacts dir (one sub-dir per VM when a test boots several).
@@ -117,12 +127,44 @@ def boot(
             if accel == "kvm":
                 pytest.skip(f"host capability missing: {exc}")
             raise
+        finally:
+            record_run_inputs(request.node, vm)
         return vm
 
     yield _boot
     failed = request.node.stash.get(_FAILED_KEY, False)
     for vm in reversed(vms):
         vm.close(failed=failed)
+    violations = [
+        f"{v.request}: {v.rule}: {v.detail}"
+        for vm in vms
+        if vm.backend is not None
+        for v in vm.backend.violations
+    ]
+    if violations:
+        request.node.user_properties.append(("vhost-user-violations", "; ".join(violations)))
+        if request.node.get_closest_marker("expect_violations") is None and not failed:
+            pytest.fail(
+                "QEMU sent vhost-user requests it had not negotiated:\n  "
+                + "\n  ".join(violations),
+                pytrace=False,
+            )
+
+
+def record_run_inputs(node: pytest.Item, vm: GuestVM) -> None:
+    """The inputs a test case ran with, as JUnit properties (once per name)."""
+    have = {name for name, _ in node.user_properties}
+    found: list[tuple[str, object]] = [("arch", vm.arch)]
+    if vm.accel is not None:
+        found += [("accel", vm.accel.name), ("accel-reason", vm.accel.reason)]
+    if vm.qemu_binary is not None:
+        found += [
+            ("qemu-version", vm.qemu_binary.version_str),
+            ("qemu-binary", str(vm.qemu_binary.path)),
+        ]
+    if vm.image is not None:
+        found.append(("image-hash", vm.image.content_hash))
+    node.user_properties.extend((k, v) for k, v in found if k not in have)
 
 
 @pytest.fixture
@@ -147,7 +189,8 @@ def artifacts(request: pytest.FixtureRequest) -> Iterator[Path]:
     # The decision to keep happens in pytest_runtest_makereport (it sees the outcome).
 
 
-@pytest.hookimpl(wrapper=True)
+# Outermost: it sees the report after testbed.bugs.marks judged a known bug.
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
@@ -161,6 +204,8 @@ def pytest_runtest_makereport(
     if interesting and path.exists():
         report.sections.append(("testbed artifacts", f"kept in {path}"))
         item.stash[_KEEP_KEY] = True
+        if report.when == "call":
+            write_reproducer(path, item, report)
     if report.when == "teardown":
         keep = item.stash.get(_KEEP_KEY, False) or item.config.getoption("--keep-artifacts")
         if not keep:
@@ -169,6 +214,22 @@ def pytest_runtest_makereport(
             # Teardown ran after the failure was reported: say it once more at the end.
             report.user_properties.append(("artifacts", str(path)))
     return report
+
+
+def write_reproducer(path: Path, item: pytest.Item, report: pytest.TestReport) -> None:
+    """reproduce.sh beside the evidence: reruns this very scenario (testbed.bugs.rerun)."""
+    from testbed.bugs.rerun import reproduce_script
+
+    props = dict(item.user_properties)
+    about = [f"QEMU {props.get('qemu-version', '?')} ({props.get('qemu-binary', '?')}), "
+             f"{props.get('arch', '?')}, {props.get('accel', '?')}"]  # fmt: skip
+    if hasattr(report, "wasxfail"):
+        about.append(f"Expected failure: {report.wasxfail}")
+    else:
+        about.append("Failed: " + str(report.longrepr).strip().splitlines()[-1][:300])
+    script = path / "reproduce.sh"
+    script.write_text(reproduce_script(item.nodeid, "\n".join(about)))
+    script.chmod(0o755)
 
 
 # --- the pass/fail table by scenario x architecture -------------------------------------
@@ -278,30 +339,3 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ran = sum(len(stats.get(k, [])) for k in ("passed", "failed", "error", "xfailed", "xpassed"))
     if ran == 0 and stats.get("skipped"):
         session.exitstatus = int(code)
-
-
-# --- known QEMU bugs --------------------------------------------------------------------
-
-
-class KnownQemuBug(Exception):
-    """QEMU misbehaved exactly as a known bug does (a crash with a given message, or
-    accepting what it should refuse). Scenarios that reproduce a known bug are
-    ``xfail(strict=True, raises=KnownQemuBug)``: any other failure stays a failure, and a
-    fixed QEMU turns the scenario into an XPASS, which strict mode reports as a failure."""
-
-
-def known_qemu_bug(reason: str) -> pytest.MarkDecorator:
-    """The marker for a scenario that reproduces a known QEMU bug (quoted in ``reason``)."""
-    return pytest.mark.xfail(strict=True, raises=KnownQemuBug, reason=reason)
-
-
-def raise_if_known_crash(exc: BaseException, signature: str) -> None:
-    """Turn a QemuExited whose QEMU died by a signal with ``signature`` in its output into
-    KnownQemuBug; leave anything else alone."""
-    from testbed.errors import QemuExited
-
-    if not isinstance(exc, QemuExited):
-        return
-    crashed = exc.returncode is not None and exc.returncode < 0
-    if crashed and signature in f"{exc.stderr_tail}\n{exc}":
-        raise KnownQemuBug(f"{signature} ({exc.returncode})") from exc

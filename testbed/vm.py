@@ -6,7 +6,7 @@ and SSH (testbed.guest). Every part is torn down in reverse order on exit, also 
 start-up fails half-way, on Ctrl-C, and on SIGTERM (the CLI turns it into an exception).
 
 Artifacts (qemu-cmdline.txt, console.log, qmp.log, qemu-stderr.log, the vhost-user trace,
-dmesg on failure, reproduce.sh) go to `artifacts_dir` when given and stay there. Without
+dmesg on failure, qemu-by-hand.sh) go to `artifacts_dir` when given and stay there. Without
 one they live in the private run dir and are copied under results/ only when the run
 fails, so that a failure never loses its evidence.
 """
@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -53,13 +54,15 @@ def _dq(word: str) -> str:
     return f'"{escaped}"'
 
 
-def reproduce_script(
+def by_hand_script(
     qemu_argv: Sequence[str], run_dir: Path, device: VhostUserDevice | None
 ) -> str:
-    """A sh script that reruns a VM by hand: back-end (if any) then QEMU, for gdb.
+    """qemu-by-hand.sh: `testbed backend` serving the device's layout, then QEMU with the
+    same command line in the foreground, for gdb. It serves the layout only: a scenario's
+    faults and steps are replayed by its reproduce.sh (testbed bugs reproduce), not here.
 
     Paths under the run dir become ${RUN}, a fresh 0700 dir, so the script works after
-    the original run dir is gone.
+    the original run dir is gone; testbed runs from this venv, found by absolute path.
     """
     prefix = str(run_dir)
 
@@ -68,7 +71,8 @@ def reproduce_script(
 
     lines = [
         "#!/bin/sh",
-        "# Rerun this test bed VM by hand. For gdb: GDB='gdb --args' sh reproduce.sh",
+        "# This VM's QEMU by hand, against a back-end serving the same layout (no faults:",
+        "# reproduce.sh reruns a failed scenario as it ran). GDB='gdb --args' sh qemu-by-hand.sh",
         "set -eu",
         "RUN=$(mktemp -d /tmp/testbed-repro-XXXXXX)",
         'chmod 700 "$RUN"',
@@ -78,7 +82,8 @@ def reproduce_script(
     if device is not None:
         region_args = " ".join(device.layout.region_args())
         lines += [
-            f'testbed backend --socket "$RUN/{BACKEND_SOCKET}" {region_args} &',
+            f'{shlex.quote(sys.executable)} -m testbed backend --socket "$RUN/{BACKEND_SOCKET}" '
+            f"{region_args} &",
             "BACKEND=$!",
             f'while [ ! -S "$RUN/{BACKEND_SOCKET}" ]; do sleep 0.1; done',
         ]
@@ -275,7 +280,7 @@ class GuestVM:
             )
             if self.root_port_pref64 is not None:
                 config = dataclasses.replace(config, root_port_pref64=self.root_port_pref64)
-            self._write_reproduce(config)
+            self._write_by_hand(config)
             self.machine = GuestMachine(config, self.logdir)
             self.machine.start()
             t = self._step("qemu_start", t)
@@ -329,7 +334,7 @@ class GuestVM:
         self._start_backend(layout)
         return self.backend
 
-    def _write_reproduce(self, config: MachineConfig) -> None:
+    def _write_by_hand(self, config: MachineConfig) -> None:
         assert self.logdir is not None and self.run_dir is not None
         argv = build_command(config)
         # The console file follows the run dir too, so a rerun never clobbers these logs.
@@ -337,8 +342,8 @@ class GuestVM:
             w.replace(str(self.logdir / "console.log"), str(self.run_dir / "console.log"))
             for w in argv
         ]
-        script = self.logdir / "reproduce.sh"
-        script.write_text(reproduce_script(argv, self.run_dir, self.device))
+        script = self.logdir / "qemu-by-hand.sh"
+        script.write_text(by_hand_script(argv, self.run_dir, self.device))
         script.chmod(0o755)
 
     def close(self, failed: bool = False) -> None:

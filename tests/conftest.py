@@ -7,3 +7,5 @@ from hypothesis import settings
 
 settings.register_profile("testbed", deadline=None)
 settings.load_profile("testbed")
+
+pytest_plugins = ["testbed.bugs.marks"]

@@ -13,18 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from testbed.device import VhostUserDevice
+from testbed.bugs import KnownBugSeen
+from testbed.bugs.marks import known_bug
+from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import QemuExited, StateError, TestbedError
 from testbed.host.qemu import resolve_qemu
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.probe import parse_mtree_shmem, pci_bar, probe_shmem_support
 from testbed.paths import make_private_dir, remove_tree
-from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug, raise_if_known_crash
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import Request
-from testbed.vhost_user.shmem import Memfd, ShmemLayout
+from testbed.vhost_user.protocol import U64, BackendRequest, Header, MMap, Request
+from testbed.vhost_user.shmem import Memfd
 from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, TO_QEMU
+from testbed.virtio import DEVICE_STATUS
 
 pytestmark = pytest.mark.qemu
 
@@ -179,23 +181,26 @@ def test_size_not_a_page_multiple_is_refused(sockdir: Path) -> None:
         assert backend.wait_disconnected(TIMEOUT) is DisconnectKind.CLEAN
 
 
-def _expect_clean_refusal(faults: Faults, layout: ShmemLayout, sockdir: Path, crash: str) -> None:
-    """QEMU must refuse the back-end (exit 1); the known 11.1.3 crash becomes KnownQemuBug."""
+def _expect_clean_refusal(faults: Faults, layout: ShmemLayout, sockdir: Path) -> None:
+    """QEMU must refuse the back-end (exit 1); a crash is left to the known-bug mark."""
     with Backend(sockdir / "vu.sock", layout, faults=faults):
         qemu = _machine("x86_64", sockdir / "vu.sock")
-        with pytest.raises(QemuExited) as info:
+        try:
             qemu.start()
-        raise_if_known_crash(info.value, crash)
-        assert info.value.returncode == 1, f"QEMU did not refuse cleanly: {info.value}"
+        except QemuExited as exc:
+            assert exc.returncode == 1, f"QEMU did not refuse cleanly: {exc}"
+            return
+        qemu.close()
+        pytest.fail("QEMU started despite the bad back-end")
 
 
-@known_qemu_bug("QEMU 11.1.3 aborts: pci_register_bar: Assertion `is_power_of_2(size)' failed")
+@known_bug("bar-not-power-of-two-abort")
 def test_total_not_a_power_of_two_is_refused(sockdir: Path) -> None:
     faults = Faults(shmem_raw_sizes={0: 4 * M, 1: 16 * M})
-    _expect_clean_refusal(faults, ShmemLayout(), sockdir, "is_power_of_2(size)")
+    _expect_clean_refusal(faults, ShmemLayout(), sockdir)
 
 
-@known_qemu_bug("QEMU 11.1.3 reports the bad reply, then aborts in vub_get_features")
+@known_bug("vub-get-features-abort")
 @pytest.mark.parametrize(
     "faults",
     [Faults(shmem_reply_flags=0xD), Faults(disconnect_at=Request.GET_SHMEM_CONFIG)],
@@ -203,10 +208,10 @@ def test_total_not_a_power_of_two_is_refused(sockdir: Path) -> None:
 )
 def test_failed_shmem_config_is_refused(faults: Faults, sockdir: Path) -> None:
     layout = ShmemLayout({0: 4 * M})
-    _expect_clean_refusal(faults, layout, sockdir, "vub_get_features: assertion failed")
+    _expect_clean_refusal(faults, layout, sockdir)
 
 
-@known_qemu_bug("QEMU 11.1.3 accepts a 100-byte GET_SHMEM_CONFIG reply (of 2056) silently")
+@known_bug("truncated-shmem-config-accepted")
 def test_truncated_shmem_config_is_refused(sockdir: Path) -> None:
     faults = Faults(shmem_truncate=100)
     with Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M}), faults=faults) as b:
@@ -222,9 +227,92 @@ def test_truncated_shmem_config_is_refused(sockdir: Path) -> None:
             assert (reply.name, reply.size) == ("GET_SHMEM_CONFIG", 100)
             bar4 = pci_bar(qemu.pci_device(), 4)
             assert bar4 is not None and bar4["size"] == 4 * M
-            raise KnownQemuBug("QEMU built BAR 4 from a truncated GET_SHMEM_CONFIG reply")
+            raise KnownBugSeen(
+                "truncated-shmem-config-accepted",
+                "QEMU built BAR 4 from a truncated GET_SHMEM_CONFIG reply (100 of 2056 bytes)",
+            )
         finally:
             qemu.close()
+
+
+@known_bug("vub-get-features-abort")
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_failed_shmem_config_on_vhost_user_rng_is_refused(arch: str, sockdir: Path) -> None:
+    """A real device built on vhost-user-base (vhost-user-rng-pci) reaches the same
+    GET_SHMEM_CONFIG code as the test device: a bad reply must fail realize (exit 1)."""
+    socket = sockdir / "rng.sock"
+    chardev = f"socket,id=rng0,path={socket}"
+    rng = ("-chardev", chardev, "-device", "vhost-user-rng-pci,chardev=rng0")
+    config = QtestConfig(arch, _qemu(arch), (), qtest=False, extra_args=rng)
+    with Backend(socket, ShmemLayout({0: 4 * M}), faults=Faults(shmem_reply_flags=0x1)):
+        qemu = QtestMachine(config)
+        try:
+            qemu.start()
+        except QemuExited as exc:
+            assert exc.returncode == 1, f"QEMU did not refuse cleanly: {exc}"
+            assert "Flags 0x1 instead of 0x5" in exc.stderr_tail
+            return
+        qemu.close()
+        pytest.fail("QEMU started vhost-user-rng-pci despite the bad GET_SHMEM_CONFIG reply")
+
+
+def _send_raw(
+    backend: Backend, qemu: QtestMachine, request: BackendRequest, payload: MMap, fds: list[int]
+) -> int:
+    """``request`` on the back-end channel without Backend's DRIVER_OK guard; QEMU's u64
+    verdict, or QemuExited (exit status, stderr) when QEMU died instead of answering."""
+    session = backend.session
+    assert session is not None and session.channel is not None, "no back-end channel"
+    body = payload.pack()
+    try:
+        session.channel.settimeout(TIMEOUT)
+        session.channel.send(Header.make(request, len(body), need_reply=True), body, fds)
+        with session.channel.recv() as reply:
+            return U64.unpack(reply.body).value
+    except (OSError, TestbedError):
+        qemu.wait_exited(5.0)
+        qemu.check_alive(f"after {request.name} {payload}")
+        raise
+
+
+STOPPED = {
+    "map-before-driver-ok": (BackendRequest.SHMEM_MAP, "never started"),
+    "unmap-before-driver-ok": (BackendRequest.SHMEM_UNMAP, "never started"),
+    "map-after-reset": (BackendRequest.SHMEM_MAP, "device_status 0"),
+    "map-after-system-reset": (BackendRequest.SHMEM_MAP, "system_reset"),
+}
+
+
+@known_bug("shmem-map-stopped-device-segfault")
+@pytest.mark.parametrize("case", list(STOPPED))
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_map_while_device_stopped_is_answered(case: str, arch: str, sockdir: Path) -> None:
+    """SHMEM_MAP/UNMAP while the vhost device is stopped: the spec allows them once SHMEM
+    is negotiated, so QEMU must answer (map or refuse) and keep running."""
+    request, stopped_by = STOPPED[case]
+    with (
+        Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M})) as backend,
+        _machine(arch, sockdir / "vu.sock", qtest=True).start() as qemu,
+        Memfd(M) as mem,
+    ):
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        pci = qemu.pci()
+        if stopped_by != "never started":
+            pci.start_device()
+            backend.wait_driver_ok(TIMEOUT)
+            assert backend.map(1, 0, M, mem.fileno()) == 0
+            if stopped_by == "system_reset":
+                qemu.qmp("system_reset")
+                qemu.wait_event("RESET", TIMEOUT)
+            else:
+                assert qemu.qtest is not None
+                qemu.qtest.write_int(pci.bars[2] + DEVICE_STATUS, 8, 0)  # common cfg: BAR 2
+                assert qemu.qtest.read_int(pci.bars[2] + DEVICE_STATUS, 8) == 0
+        mapping = request is BackendRequest.SHMEM_MAP
+        payload = MMap(1, 0, 0, M, 1 if mapping else 0)
+        verdict = _send_raw(backend, qemu, request, payload, [mem.fileno()] if mapping else [])
+        assert isinstance(verdict, int)
+        assert qemu.qmp("query-status")["status"] == "running"
 
 
 def test_reconnect_gets_a_fresh_session(sockdir: Path) -> None:

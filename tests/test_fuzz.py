@@ -26,12 +26,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from testbed.device import VhostUserDevice
+from testbed.bugs import KnownBugSeen
+from testbed.bugs.marks import known_bug
+from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import PeerClosed, TestbedError
 from testbed.host.qemu import resolve_qemu
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.paths import make_private_dir, remove_tree
-from testbed.pytest_plugin import KnownQemuBug, known_qemu_bug
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
@@ -44,7 +45,7 @@ from testbed.vhost_user.protocol import (
     VringFile,
     VringState,
 )
-from testbed.vhost_user.shmem import Memfd, ShmemLayout
+from testbed.vhost_user.shmem import Memfd
 
 M = 1 << 20
 U64_MAX = (1 << 64) - 1
@@ -195,7 +196,8 @@ class BadRequest:
     request: BackendRequest
     body: bytes
     fds: tuple[str, ...]  # "memfd", "socket"
-    accepted_by_bug: str = ""  # QEMU 11.1.3 answers 0 (mapped): the known bug, quoted
+    bug: str = ""  # the registry id of the known bug: QEMU 11.1.3 answers 0 (mapped)
+    accepted: str = ""  # what QEMU accepted, in the registry's words
 
 
 def _mmap(shmid: int, fd_offset: int, shm_offset: int, length: int, flags: int = 1) -> bytes:
@@ -212,15 +214,27 @@ BAD_REQUESTS = {
     "map-length-huge": BadRequest(MAP, _mmap(0, 0, 0, U64_MAX), ("memfd",)),
     "map-unaligned": BadRequest(MAP, _mmap(0, 1, 1, 4095), ("memfd",)),
     "map-unknown-flags": BadRequest(
-        MAP, _mmap(0, 0, 0, M, 0xF0), ("memfd",), "SHMEM_MAP ignores unknown flag bits"
+        MAP,
+        _mmap(0, 0, 0, M, 0xF0),
+        ("memfd",),
+        "shmem-map-unknown-flags-accepted",
+        "SHMEM_MAP ignores unknown flag bits (0xf0)",
     ),
     "map-missing-fd": BadRequest(MAP, _mmap(0, 0, 0, M), ()),
     "map-unmappable-fd": BadRequest(MAP, _mmap(0, 0, 0, M), ("socket",)),
     "map-short-payload": BadRequest(
-        MAP, _mmap(0, 0, 0, M)[:-8], ("memfd",), "SHMEM_MAP with a 32-byte payload is mapped"
+        MAP,
+        _mmap(0, 0, 0, M)[:-8],
+        ("memfd",),
+        "shmem-map-payload-size-accepted",
+        "SHMEM_MAP with a 32-byte payload is mapped",
     ),
     "map-long-payload": BadRequest(
-        MAP, _mmap(0, 0, 0, M) + bytes(8), ("memfd",), "SHMEM_MAP with a 48-byte payload is mapped"
+        MAP,
+        _mmap(0, 0, 0, M) + bytes(8),
+        ("memfd",),
+        "shmem-map-payload-size-accepted",
+        "SHMEM_MAP with a 48-byte payload is mapped",
     ),
     "unmap-zero-length": BadRequest(UNMAP, _mmap(0, 0, 0, 0, 0), ()),
     "unmap-overflows": BadRequest(UNMAP, _mmap(0, 0, U64_MAX - 4095, 8192, 0), ()),
@@ -238,8 +252,8 @@ def qemu_x86() -> Path:
 
 
 def _case(name: str) -> object:
-    bug = BAD_REQUESTS[name].accepted_by_bug
-    marks = [known_qemu_bug(f"QEMU 11.1.3: {bug} (answers u64 0)")] if bug else []
+    bug = BAD_REQUESTS[name].bug
+    marks = [known_bug(bug)] if bug else []
     return pytest.param(name, id=name, marks=marks)
 
 
@@ -273,8 +287,8 @@ def test_qemu_refuses_malformed_channel_requests(case: str, qemu_x86: Path, sock
         assert isinstance(verdict, int), f"{case}: {verdict}; stderr:\n{stderr}"
         # The channel still works: a good map and unmap succeed afterwards.
         assert backend.map(1, 0, M, mem.fileno()) == 0
-        if verdict == 0 and bad.accepted_by_bug:
-            raise KnownQemuBug(f"{case}: {bad.accepted_by_bug}")
+        if verdict == 0 and bad.bug:
+            raise KnownBugSeen(bad.bug, bad.accepted)
         assert verdict != 0, f"QEMU accepted {case} (u64 0); stderr:\n{stderr}"
         assert backend.unmap(1, 0, M) == 0
         assert qemu.qmp("query-status")["status"] == "running"

@@ -260,7 +260,7 @@ def test_exec_interrupted(
         assert not GUEST_UP.search(text), "the guest was up already: phase missed"
     assert_nothing_left(tmpdir_root, results, text[-6000:])
     (kept,) = kept_runs(results)
-    assert (kept / "reproduce.sh").is_file(), "artifacts written so far were not kept"
+    assert (kept / "qemu-by-hand.sh").is_file(), "artifacts written so far were not kept"
     if phase != "qemu-start":
         for name in ("qemu-cmdline.txt", "console.log", "qmp.log", "vhost-user-trace.jsonl"):
             assert (kept / name).is_file(), f"{name} not kept in {kept}"

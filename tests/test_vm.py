@@ -53,6 +53,6 @@ def test_boot_run_and_leave_nothing_behind(arch: str, tmp_path: Path) -> None:
         assert qemu_children()
     assert not run_dir.exists()
     assert qemu_children() == []
-    for name in ("qemu-cmdline.txt", "console.log", "qmp.log", "reproduce.sh"):
+    for name in ("qemu-cmdline.txt", "console.log", "qmp.log", "qemu-by-hand.sh"):
         assert (artifacts / name).is_file(), name
     assert '"event": "SHUTDOWN"' in (artifacts / "qmp.log").read_text()

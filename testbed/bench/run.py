@@ -27,8 +27,8 @@ from testbed.bench.report import (
     render_table,
 )
 from testbed.errors import TestbedError
+from testbed.machine.profiles import ARCHES
 
-ARCHES = ("x86_64", "aarch64")
 E2E_TIMEOUT = 1800.0
 SETUP_TIMEOUT = 600.0
 

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from testbed.commands.common import ARCHES
+from testbed.device import ShmemLayout
 from testbed.errors import ConfigError
 from testbed.machine.cmdline import attach_options
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import F_SHMEM
-from testbed.vhost_user.shmem import ShmemLayout
 from testbed.vhost_user.trace import TraceEntry
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-ARCHES = ("x86_64", "aarch64")
+from testbed.machine.profiles import ARCHES
 
 
 def add_arch_option(parser: argparse.ArgumentParser, allow_all: bool = False) -> None:

@@ -65,7 +65,7 @@ def register(sub: Any) -> None:
 def _regions(specs: list[str]) -> Any:
     if not specs:
         return None
-    from testbed.vhost_user.shmem import ShmemLayout
+    from testbed.device import ShmemLayout
 
     return ShmemLayout.parse(specs)
 

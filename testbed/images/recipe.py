@@ -13,8 +13,8 @@ from typing import Any
 
 from testbed import paths
 from testbed.errors import ConfigError
+from testbed.machine.profiles import ARCHES
 
-SUPPORTED_ARCHES = ("x86_64", "aarch64")
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _READY_RE = re.compile(r"^[A-Z0-9][A-Z0-9_-]{7,}$")
 INITRD_COMPRESSIONS = ("gzip", "none")
@@ -191,9 +191,9 @@ def check_init(init: bytes, recipe: Recipe, where: str) -> None:
 
 
 def recipe_path(arch: str, recipes_dir: Path | None = None) -> Path:
-    if arch not in SUPPORTED_ARCHES:
+    if arch not in ARCHES:
         raise ConfigError(
-            f"unknown architecture {arch!r}; use one of {', '.join(SUPPORTED_ARCHES)}"
+            f"unknown architecture {arch!r}; use one of {', '.join(ARCHES)}"
         )
     return (recipes_dir or paths.RECIPES_DIR) / f"{arch}.json"
 

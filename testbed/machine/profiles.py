@@ -62,6 +62,10 @@ PROFILES: dict[str, ArchProfile] = {
 }
 
 
+ARCHES: tuple[str, ...] = tuple(PROFILES)
+"""Every guest architecture the test bed knows, in the order reports list them."""
+
+
 def profile_for(arch: str) -> ArchProfile:
     """The profile of `arch`, or ConfigError naming the supported ones."""
     try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-# TEMPORARY while the back-end is being split: the layout lives in testbed.device now.
-from testbed.device import ShmemLayout, parse_region, parse_size  # noqa: F401
 from testbed.errors import ConfigError, StateError
 from testbed.resource import Closeable
 

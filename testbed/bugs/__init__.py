@@ -1,0 +1,171 @@
+"""The registry of known QEMU bugs (registry.toml) and how a failure is matched to one.
+
+Pure: no QEMU, no I/O beyond reading the data file. A scenario names the bug it shows by
+id; the pytest plugin turns its failure into an expected failure only when the bug's
+signature is in the evidence (QEMU's stderr, its exit, the error text), and only on a QEMU
+version the registry lists.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import tomllib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from testbed.errors import ConfigError
+
+REGISTRY = Path(__file__).with_name("registry.toml")
+_EXITS = re.compile(r"^(any|status:\d+|signal:SIG[A-Z0-9]+)$")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What a failed run showed: the text to match (error messages, QEMU's stderr tail)
+    and how QEMU ended ("signal:SIGABRT", "status:1", or "running")."""
+
+    text: str
+    exit: str = "running"
+    bug: str | None = None
+    """The registry id a scenario named when it raised KnownBugSeen."""
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Evidence:
+        """Collect the evidence along an exception's chain (QemuExited keeps stderr)."""
+        from testbed.errors import QemuExited
+
+        texts: list[str] = []
+        exit_kind = "running"
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            texts.append(str(current))
+            if isinstance(current, QemuExited):
+                texts.append(current.stderr_tail)
+                if current.returncode is not None and exit_kind == "running":
+                    exit_kind = exit_of(current.returncode)
+            current = current.__cause__ or current.__context__
+        named = exc.bug if isinstance(exc, KnownBugSeen) else None
+        return cls("\n".join(texts), exit_kind, named)
+
+    def headline(self) -> str:
+        """One line for reports: the most telling stderr/error line and the exit."""
+        lines = [ln.strip() for ln in self.text.splitlines() if ln.strip()]
+        telling = next((ln for ln in lines if "Assertion" in ln or "assertion" in ln), None)
+        return f"{telling or (lines[0] if lines else '(no message)')} [{self.exit}]"
+
+
+def exit_of(returncode: int) -> str:
+    """A Popen return code as the registry spells an exit."""
+    if returncode < 0:
+        try:
+            return f"signal:{signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal:{-returncode}"
+    return f"status:{returncode}"
+
+
+@dataclass(frozen=True)
+class Bug:
+    """One known QEMU bug (see registry.toml for the meaning of each field)."""
+
+    id: str
+    title: str
+    component: str
+    function: str
+    versions: tuple[str, ...]
+    arches: tuple[str, ...]
+    scenarios: tuple[str, ...]
+    root_cause: str
+    report: str
+    needs_guest: bool
+    exit: str = "any"
+    stderr: str = ""
+    observable: str = ""
+    source: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", self.id):
+            raise ConfigError(f"bug id {self.id!r}: use a lower-case slug")
+        if not self.stderr and not self.observable:
+            raise ConfigError(f"bug {self.id}: give a stderr pattern or an observable")
+        if not _EXITS.match(self.exit):
+            raise ConfigError(f"bug {self.id}: exit {self.exit!r}: any, status:N or signal:SIGX")
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile(self.stderr or self.observable)
+
+    def applies(self, version: str) -> bool:
+        """The registry says this QEMU version has the bug."""
+        return version in self.versions
+
+    def matches(self, evidence: Evidence) -> bool:
+        """The evidence shows this bug: its pattern and, if one is given, its exit. A silent
+        misbehaviour has no message of QEMU's to match: the scenario must name the bug."""
+        if self.observable and evidence.bug != self.id:
+            return False
+        if evidence.bug is not None and evidence.bug != self.id:
+            return False
+        if not self.pattern.search(evidence.text):
+            return False
+        return self.exit == "any" or evidence.exit == self.exit
+
+    def signature(self) -> str:
+        what = self.stderr or f"observable: {self.observable}"
+        return f"{what} [{self.exit}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class KnownBugSeen(Exception):
+    """Raised by a scenario that observed a silent misbehaviour (QEMU accepted what it
+    should refuse): ``bug`` names the registry entry, the message says what was seen."""
+
+    def __init__(self, bug: str, seen: str) -> None:
+        super().__init__(f"{bug}: {seen}")
+        self.bug = bug
+
+
+def _load(path: Path) -> dict[str, Bug]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"bug registry {path}: {exc}") from exc
+    bugs: dict[str, Bug] = {}
+    for raw in data.get("bug", []):
+        entry: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        try:
+            bug = Bug(**entry)
+        except TypeError as exc:
+            raise ConfigError(f"bug registry {path}: entry {raw.get('id')!r}: {exc}") from exc
+        if bug.id in bugs:
+            raise ConfigError(f"bug registry {path}: id {bug.id} given twice")
+        bugs[bug.id] = bug
+    return bugs
+
+
+@cache
+def registry() -> dict[str, Bug]:
+    """The registry, by id (read once)."""
+    return _load(REGISTRY)
+
+
+def lookup(bug_id: str) -> Bug:
+    try:
+        return registry()[bug_id]
+    except KeyError:
+        known = ", ".join(sorted(registry()))
+        raise ConfigError(f"unknown bug id {bug_id!r}; the registry has: {known}") from None
+
+
+def select(ids: Iterable[str]) -> list[Bug]:
+    """The named bugs (all of them when ``ids`` is empty), in registry order."""
+    wanted = list(ids)
+    return [lookup(i) for i in wanted] if wanted else list(registry().values())

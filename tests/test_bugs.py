@@ -1,0 +1,94 @@
+"""The bug registry (pure): entries are complete, every mark names a registered bug, every
+listed scenario exists, and a failure matches a bug only by its signature."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from testbed.bugs import Bug, Evidence, KnownBugSeen, exit_of, lookup, registry
+from testbed.errors import ConfigError, QemuExited
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = re.compile(r"""known_bug\(\s*["']([a-z0-9-]+)["']""")
+BUG_ARG = re.compile(r"""\bbug=["']([a-z0-9-]+)["']""")
+
+
+def test_every_entry_is_complete() -> None:
+    bugs = registry()
+    assert len(bugs) >= 11
+    for bug in bugs.values():
+        assert bug.title and bug.component and bug.function, bug.id
+        assert bug.versions and bug.arches and bug.scenarios, bug.id
+        assert bug.root_cause.strip() and bug.report.strip(), bug.id
+        re.compile(bug.stderr or bug.observable)
+
+
+def test_every_listed_scenario_exists() -> None:
+    for bug in registry().values():
+        for scenario in bug.scenarios:
+            path, _, name = scenario.partition("::")
+            function = name.split("[")[0]
+            text = (ROOT / path).read_text()
+            assert f"def {function}(" in text, f"{bug.id}: {scenario} not found"
+
+
+def test_every_mark_names_a_registered_bug_and_every_bug_is_marked() -> None:
+    marked: set[str] = set()
+    named: set[str] = set()
+    for path in [*ROOT.glob("scenarios/**/*.py"), *ROOT.glob("tests/test_*.py")]:
+        if path.name == "test_bugs.py":
+            continue
+        text = path.read_text()
+        marked |= set(MARK.findall(text)) | set(BUG_ARG.findall(text))
+        named |= {bug for bug in registry() if f'"{bug}"' in text}
+    assert marked <= set(registry()), f"unregistered ids: {marked - set(registry())}"
+    assert set(registry()) <= named, f"bugs no test shows: {set(registry()) - named}"
+
+
+def test_lookup_names_the_known_ids() -> None:
+    with pytest.raises(ConfigError, match="vub-get-features-abort"):
+        lookup("no-such-bug")
+
+
+def test_exit_of() -> None:
+    assert exit_of(-6) == "signal:SIGABRT"
+    assert exit_of(-11) == "signal:SIGSEGV"
+    assert exit_of(1) == "status:1"
+
+
+def test_a_crash_matches_by_stderr_and_exit() -> None:
+    bug = lookup("bar-not-power-of-two-abort")
+    stderr = "qemu: hw/pci/pci.c:1515: pci_register_bar: Assertion `is_power_of_2(size)' failed."
+    crash = QemuExited("QEMU exited while starting", returncode=-6, stderr_tail=stderr)
+    assert bug.matches(Evidence.of(crash))
+    refused = QemuExited("QEMU exited while starting", returncode=1, stderr_tail=stderr)
+    assert not bug.matches(Evidence.of(refused)), "the exit is part of the signature"
+    wrapped = AssertionError("outer")
+    wrapped.__cause__ = crash
+    assert bug.matches(Evidence.of(wrapped)), "the evidence follows the exception chain"
+    assert "Assertion" in Evidence.of(crash).headline()
+
+
+def test_a_silent_bug_matches_only_when_the_scenario_names_it() -> None:
+    bug = lookup("readonly-map-writable")
+    seen = "a guest write through a read-only mapping reached the memfd"
+    assert bug.matches(Evidence.of(KnownBugSeen(bug.id, seen)))
+    assert not bug.matches(Evidence.of(AssertionError(seen)))
+    assert not bug.matches(Evidence.of(KnownBugSeen("nregions-mismatch-accepted", seen)))
+
+
+def test_bad_entries_are_refused() -> None:
+    base = dict(
+        id="x-y", title="t", component="c", function="f", versions=("1",), arches=("x86_64",),
+        scenarios=("s",), root_cause="r", report="r", needs_guest=False, stderr="boom",
+    )  # fmt: skip
+    Bug(**base)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="slug"):
+        Bug(**{**base, "id": "Bad Id"})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="exit"):
+        Bug(**{**base, "exit": "crashed"})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="stderr pattern or an observable"):
+        Bug(**{**base, "stderr": ""})  # type: ignore[arg-type]
