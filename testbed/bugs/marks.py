@@ -85,7 +85,7 @@ def judge_known_bug(
     arch = _arch_of(item)
     item.user_properties.append(("known-bug", bug.id))
     if not bug.applies(version) or arch not in bug.arches:
-        report.user_properties.append(("known-bug-applies", f"no (QEMU {version}, {arch})"))
+        item.user_properties.append(("known-bug-applies", f"no (QEMU {version}, {arch})"))
         return
     if call.excinfo is None:
         report.outcome = "failed"
@@ -98,7 +98,7 @@ def judge_known_bug(
     if bug.matches(evidence):
         report.outcome = "skipped"
         report.wasxfail = f"known bug {bug.id} on QEMU {version}: {evidence.headline()}"
-        report.user_properties.append(("known-bug-signature", evidence.headline()))
+        item.user_properties.append(("known-bug-signature", evidence.headline()))
         return
     report.outcome = "failed"
     report.sections.append(
