@@ -240,10 +240,6 @@ class BarInfo:
     flags: int
 
     @property
-    def is_io(self) -> bool:
-        return bool(self.flags & IORESOURCE_IO)
-
-    @property
     def is_memory(self) -> bool:
         return bool(self.flags & IORESOURCE_MEM)
 

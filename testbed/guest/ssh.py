@@ -222,18 +222,6 @@ class SSHSession(Closeable):
             result.check(text)
         return result
 
-    def put_file(self, local: Path, remote: str, mode: int | None = None) -> None:
-        assert self._client is not None
-        with self._client.open_sftp() as sftp:
-            sftp.put(str(local), remote)
-            if mode is not None:
-                sftp.chmod(remote, mode)
-
-    def get_file(self, remote: str, local: Path) -> None:
-        assert self._client is not None
-        with self._client.open_sftp() as sftp:
-            sftp.get(remote, str(local))
-
     def interactive(self, command: str | None = None) -> int:
         """A pty session wired to our terminal (raw mode) until the guest side closes.
 
