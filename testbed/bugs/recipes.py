@@ -14,9 +14,10 @@ rerun through its scenario (testbed.bugs.rerun).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from testbed.bugs import Bug, Evidence, exit_of, lookup
 from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import PeerClosed, QemuExited, QmpCommandFailed, TestbedError, WaitTimeout
 from testbed.machine import QtestConfig, QtestMachine
-from testbed.machine.cmdline import GUESTLESS_SLOT, build_qtest_command
+from testbed.machine.cmdline import GUESTLESS_SLOT, build_qtest_command, device_options
 from testbed.machine.probe import pci_bar
+from testbed.machine.qtest import PciFunctionDriver, QtestClient
 from testbed.paths import make_private_dir, remove_tree
 from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend
@@ -164,13 +166,20 @@ class Run(Closeable):
         self.steps.append({"op": "qmp", "cmd": cmd, "args": dict(arguments or {})})
         return self._m().qmp(cmd, arguments)
 
-    def start_device(self) -> None:
+    def start_device(self, driver: PciFunctionDriver | None = None) -> None:
         """DRIVER_OK over qtest (we play the guest's PCI core and virtio driver), then
         wait until our back-end saw the device start."""
-        machine = self._m()
-        client = machine.qtest
+        with self.recording_qtest() as client:
+            (driver or PciFunctionDriver(client, self.arch)).start_device()
+        self.wait_backend(lambda b: b.wait_driver_ok(TIMEOUT))
+
+    @contextlib.contextmanager
+    def recording_qtest(self) -> Iterator[QtestClient]:
+        """The qtest client, every line sent through it inside the block recorded (the
+        drivers in testbed.machine.qtest speak qtest themselves)."""
+        client = self._m().qtest
         if client is None:
-            raise RecipeFailed("start_device needs a qtest QEMU")
+            raise RecipeFailed("this step needs a qtest QEMU")
         lines: list[str] = []
         command = client.command
 
@@ -178,13 +187,13 @@ class Run(Closeable):
             lines.append(line)
             return command(line)
 
-        setattr(client, "command", recording)  # noqa: B010 (records what the driver sends)
+        setattr(client, "command", recording)  # noqa: B010 (an instance override)
         try:
-            machine.pci().start_device()
+            yield client
         finally:
             delattr(client, "command")
-            self.steps.append({"op": "qtest", "lines": lines})
-        self.wait_backend(lambda b: b.wait_driver_ok(TIMEOUT))
+            if lines:
+                self.steps.append({"op": "qtest", "lines": lines})
 
     def wait_request(self, request: Request, count: int = 1) -> None:
         self.wait_backend(lambda b: b.wait_for_request(request, TIMEOUT, count))
@@ -229,12 +238,8 @@ class Run(Closeable):
         return name
 
     def qtest_write(self, addr: int, data: bytes) -> None:
-        client = self._m().qtest
-        if client is None:
-            raise RecipeFailed("qtest_write needs a qtest QEMU")
-        line = f"write {addr:#x} {len(data):#x} 0x{data.hex()}"
-        self.steps.append({"op": "qtest", "lines": [line]})
-        client.command(line)
+        with self.recording_qtest() as client:
+            client.write(addr, data)
 
     def close_backend(self) -> None:
         self.steps.append({"op": "close_backend"})
@@ -428,6 +433,57 @@ def backend_hangup_del_eventfd_abort(run: Run) -> None:
     run.wait_exit()
 
 
+# q35's ACPI PCI hot-plug registers (hw/acpi/ich9.c ACPI_PCIHP_ADDR_ICH9, hw/acpi/pcihp.c):
+# select a bus by its ACPI "bsel", then write a slot bitmap to the eject register -- what
+# the guest's _EJ0 method does. The root port's bus has bsel 0 (measured: q35's root bus
+# is not hot-pluggable and gets none).
+ACPI_PCIHP_ICH9 = 0xCC0
+PCIHP_EJECT = 0x08
+PCIHP_SELECT = 0x10
+ROOT_PORT_SLOT = 0x08
+# The root port's prefetchable window covers where PciFunctionDriver puts BAR 2 and BAR 4
+# (0xc0000000 and 0xe0000000 on q35); 64-bit type, upper halves 0.
+_PREF_WINDOW = ((0xEFF1 << 16) | 0xC001, 0, 0)
+
+
+@dataclass
+class BehindRootPort(PciFunctionDriver):
+    """A function on the root port's secondary bus (bus 1), by q35's 0xcf8/0xcfc."""
+
+    bus: int = 1
+
+    def _cfg_addr(self, reg: int) -> int:
+        return 0x80000000 | (self.bus << 16) | (self.slot << 11) | (reg & ~3)
+
+
+def unplug_live_mapping_del_subregion_abort(run: Run) -> None:
+    """Cold-plugged behind a pcie-root-port (q35 hot-unplugs through ACPI there), started
+    and mapped; then device_del and the eject a guest's ACPI _EJ0 would write, over qtest."""
+    layout = ShmemLayout({0: 4 * M})
+    run.start_backend(layout)
+    device = VhostUserDevice("vu0", run.socket, layout, bus="rp0", addr=0)
+    port = f"pcie-root-port,id=rp0,bus=pcie.0,addr={ROOT_PORT_SLOT:#x},chassis=1"
+    extra = ["-device", port, *device_options(device, "rp0", 0)]
+    machine = run.start_qemu([], extra_args=extra)
+    assert machine.qtest is not None
+    with run.recording_qtest() as client:
+        bridge = PciFunctionDriver(client, run.arch, ROOT_PORT_SLOT)
+        bridge.write32(0x18, 0x00010100)  # primary 0, secondary 1, subordinate 1
+        for reg, value in zip((0x24, 0x28, 0x2C), _PREF_WINDOW, strict=True):
+            bridge.write32(reg, value)
+        bridge.enable_memory()
+    run.start_device(BehindRootPort(machine.qtest, run.arch, 0))
+    mem = run.memfd(64 * 1024, bytes(range(256)) * 256)
+    result = run.channel(BackendRequest.SHMEM_MAP, MMap(0, 0, M, 64 * 1024, 1).pack(), [mem])
+    if run.results[result] != 0:
+        raise RecipeFailed(f"QEMU refused the SHMEM_MAP (u64 {run.results[result]})")
+    run.qmp("device_del", {"id": device.device_id})
+    with run.recording_qtest() as client:
+        client.outl(ACPI_PCIHP_ICH9 + PCIHP_SELECT, 0)
+        client.outl(ACPI_PCIHP_ICH9 + PCIHP_EJECT, 1 << 0)
+    run.wait_exit()
+
+
 RECIPES: dict[str, Recipe] = {
     "vub-get-features-abort": vub_get_features_abort,
     "bar-not-power-of-two-abort": bar_not_power_of_two_abort,
@@ -439,8 +495,9 @@ RECIPES: dict[str, Recipe] = {
     "backend-hangup-del-eventfd-abort": backend_hangup_del_eventfd_abort,
     "shmem-map-unknown-flags-accepted": shmem_map_unknown_flags_accepted,
     "shmem-map-payload-size-accepted": shmem_map_payload_size_accepted,
+    "unplug-live-mapping-del-subregion-abort": unplug_live_mapping_del_subregion_abort,
 }
-"""Bugs without an entry here are rerun through their scenario (they need a guest)."""
+"""Bugs without an entry here are rerun through their scenario (needs_guest ones)."""
 
 
 # -- running one ---------------------------------------------------------------------------
