@@ -2,10 +2,16 @@
 """The nightly job: every end-to-end scenario as an avocado test, over arch x accelerator.
 
 The scenarios are the pytest ones in scenarios/ (no second copy of any logic): each
-(scenario, arch, accel) becomes one avocado exec-test that runs pytest on that one node.
-pytest's exit status maps onto avocado's verdict: 0 PASS, a scenario skipped for a missing
-host capability (no usable KVM, say) SKIP -- with the reason in the test's log --, anything
-else FAIL. Avocado writes its job results, results.html and xunit under --results.
+(scenario, arch, accel) becomes one avocado test (testbed.nightly.ScenarioTest) that runs
+pytest on that one node and keeps what pytest knew: PASS; WARN with the registry id and
+signature when a known QEMU bug showed; SKIP with its reason (a missing host capability,
+such as no usable KVM); FAIL with pytest's message. Avocado writes its job results,
+results.html, results.json and results.xml under --results (results.xml then gets the SKIP
+reasons and WARN messages that avocado's xunit writer leaves out).
+
+The job's own data, in <job>/testbed/: job.json (per arch: the QEMU binary and version, the
+accelerator decision and why, the guest image hash) and the tables of
+`testbed bugs check` (every known bug against the QEMU at hand).
 
 Usage: scripts/nightly.py [--results DIR] [--arch x86_64,aarch64] [--accel kvm,tcg] [-k EXPR]
 """
@@ -13,16 +19,16 @@ Usage: scripts/nightly.py [--results DIR] [--arch x86_64,aarch64] [--accel kvm,t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from testbed.machine.profiles import ARCHES
 
 ROOT = Path(__file__).resolve().parent.parent
-# pytest exits 77 when every selected test was skipped (see scenarios/conftest.py).
-SKIP_EXIT = 77
 
 
 def collect(arch: str, accel: str, keyword: str | None) -> list[str]:
@@ -40,6 +46,46 @@ def collect(arch: str, accel: str, keyword: str | None) -> list[str]:
     return ids
 
 
+def job_data(arches: list[str], accels: list[str]) -> dict[str, Any]:
+    """What each cell ran with: QEMU, accelerator decision, guest image."""
+    from testbed.errors import TestbedError
+    from testbed.host.accel import choose_accel
+    from testbed.host.qemu import resolve_qemu
+    from testbed.images import ensure_image
+
+    data: dict[str, Any] = {}
+    for arch in arches:
+        entry: dict[str, Any] = {}
+        try:
+            qemu = resolve_qemu(arch)
+            entry["qemu"] = {"binary": str(qemu.path), "version": qemu.version_str,
+                             "source": qemu.source}  # fmt: skip
+            entry["accel"] = {}
+            for accel in accels:
+                try:
+                    choice = choose_accel(accel, arch, qemu.path)
+                    entry["accel"][accel] = {"runs": choice.name, "why": choice.reason}
+                except TestbedError as exc:
+                    entry["accel"][accel] = {"runs": None, "why": str(exc)}
+            image = ensure_image(arch, log=lambda m: print(m, file=sys.stderr))
+            entry["image"] = {"hash": image.content_hash, "kernel": str(image.kernel)}
+        except TestbedError as exc:
+            entry["error"] = str(exc)
+        data[arch] = entry
+    return data
+
+
+def bugs_check(out: Path, arches: list[str]) -> None:
+    """`testbed bugs check` per arch: table and JSON into the job's data."""
+    for arch in arches:
+        for fmt, name in (([], f"bugs-check-{arch}.txt"), (["--json"], f"bugs-check-{arch}.json")):
+            done = subprocess.run(
+                [sys.executable, "-m", "testbed", "bugs", "check", "--arch", arch, *fmt],
+                cwd=ROOT, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            (out / name).write_text(done.stdout + done.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(ROOT / "results" / "nightly"))
@@ -47,6 +93,7 @@ def main() -> int:
     parser.add_argument("--accel", default="kvm,tcg")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression to select scenarios")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "2")))
+    parser.add_argument("--no-bugs-check", dest="bugs_check", action="store_false")
     args = parser.parse_args()
 
     # Imported here so that --help works without avocado installed.
@@ -54,45 +101,27 @@ def main() -> int:
     from avocado.core.nrunner.runnable import Runnable
     from avocado.core.suite import TestSuite
 
+    from testbed.nightly import CASES_ENV, annotate_xunit, write_cases
+
+    arches, accels = args.arch.split(","), args.accel.split(",")
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
-    runnables = []
-    for arch in args.arch.split(","):
-        for accel in args.accel.split(","):
-            for nodeid in collect(arch, accel, args.keyword):
-                runnables.append(
-                    Runnable(
-                        "exec-test",
-                        sys.executable,
-                        "-m",
-                        "pytest",
-                        "-p",
-                        "no:cacheprovider",
-                        "-q",
-                        "-rs",
-                        "--rootdir",
-                        str(ROOT),
-                        "--arch",
-                        arch,
-                        "--accel",
-                        accel,
-                        "--junitxml",
-                        os.devnull,
-                        str(ROOT / nodeid),
-                        identifier=f"{nodeid}@{accel}",
-                        # Per runnable: avocado does not copy job config into runnables
-                        # that a script builds itself.
-                        config={"runner.exectest.exitcodes.skip": [SKIP_EXIT]},
-                        TESTBED_EXIT_ON_ALL_SKIPPED=str(SKIP_EXIT),
-                        TESTBED_RESULTS=str(results / "pytest"),
-                        PATH=os.environ.get("PATH", ""),
-                        HOME=os.environ.get("HOME", "/root"),
-                    )
-                )
+    cases = [
+        (nodeid, arch, accel)
+        for arch in arches
+        for accel in accels
+        for nodeid in collect(arch, accel, args.keyword)
+    ]
+    cases_file = results / "cases.json"
+    uris = write_cases(cases_file, cases)
+    os.environ[CASES_ENV] = str(cases_file)  # the runners' processes inherit it
+    runnables = [
+        Runnable("avocado-instrumented", uri, identifier=f"{nodeid}@{accel}")
+        for uri, (nodeid, _arch, accel) in zip(uris, cases, strict=True)
+    ]
     config = {
         "run.results_dir": str(results),
         "run.max_parallel_tasks": args.workers,
-        "runner.exectest.exitcodes.skip": [SKIP_EXIT],
         "job.run.result.xunit.enabled": True,
         "job.run.result.html.enabled": True,
         "job.run.result.json.enabled": True,
@@ -102,7 +131,15 @@ def main() -> int:
     suite = TestSuite(name="scenarios", tests=runnables, config=config)
     with Job(config, [suite]) as job:
         status: int = job.run()
-    print(f"nightly: avocado results in {results}/latest (results.html, results.xml)")
+        job_dir = Path(job.logdir)
+    data_dir = job_dir / "testbed"
+    data_dir.mkdir(exist_ok=True)
+    (data_dir / "job.json").write_text(json.dumps(job_data(arches, accels), indent=2) + "\n")
+    if args.bugs_check:
+        bugs_check(data_dir, arches)
+    annotated = annotate_xunit(job_dir)
+    print(f"nightly: avocado results in {job_dir} (results.html, results.xml, "
+          f"{annotated} SKIP/WARN reasons added to results.xml; testbed/job.json)")  # fmt: skip
     return status
 
 

@@ -80,6 +80,8 @@ def judge_known_bug(
                     ("testbed known bugs", f"this failure has the signature of {', '.join(hits)}")
                 )
         return
+    if report.skipped:
+        return  # a missing host capability: the skip and its reason stand
     bug = lookup(str(marker.args[0]))
     version = _qemu_version(item)
     arch = _arch_of(item)
