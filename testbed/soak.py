@@ -133,6 +133,18 @@ class MemoryRule:
     min_samples: int = 8
 
 
+def rule_for(cycles: int, rules: Sequence[MemoryRule]) -> MemoryRule:
+    """The rule a run of ``cycles`` cycles is judged by: of ``rules`` (tiers, e.g. a loose
+    threshold from 100 cycles and a tight one from 300, where the slope is known better), the
+    one with the largest min_cycles that the run reaches; the smallest tier if none."""
+    if not rules:
+        raise ValueError("no rules")
+    reached = [r for r in rules if r.min_cycles <= cycles]
+    if not reached:
+        return min(rules, key=lambda r: r.min_cycles)
+    return max(reached, key=lambda r: r.min_cycles)
+
+
 @dataclass(frozen=True)
 class MemoryVerdict:
     metric: str

@@ -21,6 +21,7 @@ from testbed.soak import (
     late_half,
     parse_smaps,
     render_svg,
+    rule_for,
     to_json,
 )
 
@@ -241,3 +242,14 @@ def test_parse_smaps_splits_the_translation_buffer_from_the_rest() -> None:
     assert mem.exec_anon_kib == 71680  # the executable file mapping is not TCG's
     assert mem.excl_exec_kib == 5884 + 100 + 8844
     assert parse_smaps("") == parse_smaps("Anonymous: 0 kB\n")
+
+
+def test_rule_for_picks_the_tier_the_run_reaches() -> None:
+    loose = MemoryRule(16.0, min_cycles=100)
+    tight = MemoryRule(4.0, min_cycles=300)
+    assert rule_for(20, [loose, tight]) is loose  # too short for either: judged undecided
+    assert rule_for(100, [tight, loose]) is loose
+    assert rule_for(299, [loose, tight]) is loose
+    assert rule_for(400, [loose, tight]) is tight
+    with pytest.raises(ValueError):
+        rule_for(100, [])
