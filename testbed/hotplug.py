@@ -8,9 +8,12 @@ sees the connection end. `Hotplug` is a context manager; close() unplugs (best e
 closes every back-end it started, so nothing outlives the block, also on exceptions.
 
 Timing facts this has to allow (platform facts): q35 uses ACPI hot-plug, the guest sees a
-device ~0.15 s after device_add and DEVICE_DELETED follows device_del in ~15 ms; aarch64
-virt uses native pciehp, whose 5 s attention-button delay puts DEVICE_DELETED ~6 s after
-device_del -- by design, so the unplug deadline is generous.
+device ~0.15 s after device_add and DEVICE_DELETED follows device_del in ~15 ms. aarch64
+virt uses native PCIe hot-plug: device_del presses the slot's attention button, and Linux's
+pciehp waits 5 s (the operator's chance to cancel) before it powers the slot off, so
+DEVICE_DELETED comes ~6 s later. A guest that ejects the device itself powers the slot off
+at once (`echo 0 > /sys/bus/pci/slots/N/power`, what an OS does for a software eject): that
+is the default here (`guest_ejects=True`); `guest_ejects=False` keeps the button path.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, QemuExited, StateError, TestbedError, WaitTimeout
 from testbed.guest.inspect import GuestPciDevice, inspect_pci
 from testbed.machine.cmdline import root_port_id
+from testbed.machine.profiles import profile_for
 from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.faults import Faults
@@ -42,6 +46,17 @@ SEE_TIMEOUT = 30.0
 UNPLUG_TIMEOUT = 45.0
 DISCONNECT_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 15.0
+
+def slot_power_off_script(bdf: str) -> str:
+    """A guest script powering off the hot-plug slot that holds ``bdf`` (pciehp's software
+    eject); fails when no slot has that address."""
+    address = bdf.rsplit(".", 1)[0]  # slots are named by domain:bus:device
+    return (
+        "for s in /sys/bus/pci/slots/*; do "
+        f'if [ "$(cat "$s/address")" = {address} ]; then echo 0 > "$s/power"; exit 0; fi; '
+        f'done; echo "no hot-plug slot at {address}" >&2; exit 1'
+    )
+
 
 # -- the driver ----------------------------------------------------------------------------
 
@@ -220,13 +235,19 @@ class Hotplug(Closeable):
         *,
         timeout: float = UNPLUG_TIMEOUT,
         disconnect_timeout: float = DISCONNECT_TIMEOUT,
+        guest_ejects: bool = True,
     ) -> UnplugResult:
         """device_del -> DEVICE_DELETED -> gone in the guest -> chardev-remove -> the
-        back-end sees the disconnect (and is closed). Returns how and how fast."""
+        back-end sees the disconnect (and is closed). Returns how and how fast.
+
+        With native PCIe hot-plug (aarch64 virt) and ``guest_ejects``, the guest powers
+        the slot off right after device_del instead of waiting out pciehp's 5 s."""
         if self.plugged.get(device.name) is not device:
             raise StateError("not plugged", "plugged", f"Hotplug.unplug({device.name})")
         t0 = time.monotonic()
         self.machine.qmp("device_del", id=device.device_id)
+        if guest_ejects and profile_for(self.vm.arch).native_pcie_hotplug:
+            self.vm.run(slot_power_off_script(device.bdf), check=True, timeout=20)
         self.machine.wait_event("DEVICE_DELETED", timeout, match={"device": device.device_id})
         deleted = time.monotonic() - t0
         self._poll_guest(

@@ -33,6 +33,8 @@ class ArchProfile:
     first_device_slot: int = 0x10
     max_device_slot: int = 0x1E
     """q35 keeps 0x1f for the ICH9 LPC/SATA/SMBus functions."""
+    native_pcie_hotplug: bool = False
+    """Root ports use native PCIe hot-plug (pciehp, attention button) rather than ACPI."""
 
 
 PROFILES: dict[str, ArchProfile] = {
@@ -58,6 +60,7 @@ PROFILES: dict[str, ArchProfile] = {
         kvm_cpu="host",
         console="ttyAMA0",
         root_bus="pcie.0",
+        native_pcie_hotplug=True,
     ),
 }
 
