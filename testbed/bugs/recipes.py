@@ -33,9 +33,9 @@ from testbed.paths import make_private_dir, remove_tree
 from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import BackendRequest, Header, MMap, Request
+from testbed.vhost_user.protocol import U64, BackendRequest, Header, MMap, Request
 from testbed.vhost_user.shmem import Memfd
-from testbed.vhost_user.trace import FROM_QEMU, TO_QEMU
+from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, CHANNEL_TO_QEMU, FROM_QEMU, TO_QEMU
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +219,17 @@ class Run(Closeable):
         self.steps.append({"op": "memfd", "name": name, "size": size, "fill": fill.hex()})
         return mem
 
-    def channel(self, request: BackendRequest, body: bytes, fds: Sequence[Memfd] = ()) -> str:
+    def channel(
+        self,
+        request: BackendRequest,
+        body: bytes,
+        fds: Sequence[Memfd] = (),
+        *,
+        unguarded: bool = False,
+    ) -> str:
         """Send a back-end channel request; returns the name of its recorded result, whose
-        value (QEMU's u64) is in self.results."""
+        value (QEMU's u64) is in self.results. ``unguarded``: straight onto the channel,
+        without Backend's refusal before DRIVER_OK (a bug needs exactly that)."""
         name = f"r{self._results}"
         self._results += 1
         self.steps.append(
@@ -233,9 +241,31 @@ class Run(Closeable):
                 "result": name,
             }
         )
-        value = self._b().channel_request(request, body, [m.fileno() for m in fds])
+        backend = self._b()
+        if not unguarded:
+            value = backend.channel_request(request, body, [m.fileno() for m in fds])
+        else:
+            value = self._send_unguarded(backend, request, body, [m.fileno() for m in fds])
         self.results[name] = value
         return name
+
+    @staticmethod
+    def _send_unguarded(
+        backend: Backend, request: BackendRequest, body: bytes, fds: list[int]
+    ) -> int:
+        session = backend.session
+        if session is None or session.channel is None:
+            raise RecipeFailed("no back-end channel (SET_BACKEND_REQ_FD never came)")
+        header = Header.make(request, len(body), need_reply=True)
+        backend.trace.record(CHANNEL_TO_QEMU, header, body, len(fds))
+        try:
+            session.channel.settimeout(TIMEOUT)
+            session.channel.send(header, body, fds)
+            with session.channel.recv() as reply:
+                backend.trace.record(CHANNEL_FROM_QEMU, reply.header, reply.body, len(reply.fds))
+                return U64.unpack(reply.body).value
+        except OSError as exc:
+            raise PeerClosed(f"back-end channel broke during {request.name}: {exc}") from exc
 
     def qtest_write(self, addr: int, data: bytes) -> None:
         with self.recording_qtest() as client:
@@ -284,7 +314,9 @@ class Run(Closeable):
         if self.bug.observable:
             seen = "\n".join(self.observed)
             return Evidence(seen or stderr, exit_kind, self.bug.id if seen else None)
-        return Evidence(stderr, exit_kind)
+        # A SIGSEGV prints nothing: the exit itself is the message, as QemuExited words it.
+        exited = "" if code is None else f"\nQEMU exited ({exit_kind})"
+        return Evidence(stderr + exited, exit_kind)
 
     def script(self) -> dict[str, Any]:
         """The stand-alone script (see testbed.bugs.standalone): pure data, JSON-ready."""
@@ -484,6 +516,19 @@ def unplug_live_mapping_del_subregion_abort(run: Run) -> None:
     run.wait_exit()
 
 
+def shmem_map_stopped_device_segfault(run: Run) -> None:
+    """SHMEM_MAP on the channel of a realized device nobody started (no DRIVER_OK)."""
+    layout = ShmemLayout({0: 2 * M, 1: 2 * M})
+    run.start_backend(layout)
+    run.start_qemu([_device(run, layout)], qtest=False)
+    run.wait_request(Request.GET_SHMEM_CONFIG)
+    mem = run.memfd(64 * 1024)
+    body = MMap(1, 0, M, 64 * 1024, 1).pack()
+    with contextlib.suppress(PeerClosed):  # QEMU dies instead of answering
+        run.channel(BackendRequest.SHMEM_MAP, body, [mem], unguarded=True)
+    run.wait_exit()
+
+
 RECIPES: dict[str, Recipe] = {
     "vub-get-features-abort": vub_get_features_abort,
     "bar-not-power-of-two-abort": bar_not_power_of_two_abort,
@@ -496,6 +541,7 @@ RECIPES: dict[str, Recipe] = {
     "shmem-map-unknown-flags-accepted": shmem_map_unknown_flags_accepted,
     "shmem-map-payload-size-accepted": shmem_map_payload_size_accepted,
     "unplug-live-mapping-del-subregion-abort": unplug_live_mapping_del_subregion_abort,
+    "shmem-map-stopped-device-segfault": shmem_map_stopped_device_segfault,
 }
 """Bugs without an entry here are rerun through their scenario (needs_guest ones)."""
 

@@ -173,7 +173,7 @@ class Qemu:
             stdin=subprocess.DEVNULL,
             stdout=self.stderr,
             stderr=self.stderr,
-            process_group=0,
+            start_new_session=True,  # its own group: killpg reaches anything it forks
         )
         self.qmp: socket.socket | None = None
         self.qmp_buf = b""
@@ -417,8 +417,9 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
             print(f"  step timed out: {exc}")
         # A crash may still be on its way (abort after the step's answer): give it a moment.
         code = qemu.wait_exit(2.0) if script["signature"].get("stderr") else qemu.proc.poll()
-        stderr = qemu.stderr_text()
         exit_kind = exit_text(code)
+        # A SIGSEGV prints nothing: the exit itself is the message (the registry's words).
+        stderr = qemu.stderr_text() + ("" if code is None else f"\nQEMU exited ({exit_kind})")
         if args.verbose or code is not None:
             print("  QEMU's stderr:\n" + "".join(f"    {ln}\n" for ln in stderr.splitlines()))
         reproduced = judge(script["signature"], stderr, exit_kind, runner.observed)

@@ -2,17 +2,25 @@
 
 testbed bugs [--json]                 list the registry (every field with --json)
 testbed bugs reproduce NODEID         rerun one scenario; exit 0 iff it shows its bug
+testbed bugs check [ID...] [--arch A|all] [--qemu PATH] [--json]
+                                      run the guest-less reproducers against a QEMU
+testbed bugs export ID DIR [--arch A] [--qemu PATH]
+                                      write README.md, qemu-cmdline.txt, repro.py to DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
+from testbed.commands.common import add_arch_option
 from testbed.errors import ConfigError
+from testbed.machine.profiles import ARCHES
 
 
 def register(sub: Any) -> None:
@@ -35,6 +43,32 @@ def register(sub: Any) -> None:
         "--pytest-arg", action="append", default=[], help="pass one more argument to pytest"
     )
     rep.set_defaults(func=run_reproduce)
+
+    chk = verbs.add_parser(
+        "check",
+        help="run every bug's guest-less reproducer against the QEMU at hand",
+        description="Run the guest-less reproducers (testbed/bugs/recipes.py). Exit 0 only "
+        "when every applicable bug reproduced on a QEMU version the registry lists; on a "
+        "version it does not list, outcomes are reported, not judged.",
+    )
+    chk.add_argument("ids", nargs="*", metavar="ID", help="bug ids (default: all)")
+    add_arch_option(chk, allow_all=True)
+    chk.add_argument("--qemu", metavar="PATH", help="the QEMU binary (needs one --arch)")
+    chk.add_argument("--json", action="store_true", help="one JSON object per check")
+    chk.set_defaults(func=run_check)
+
+    exp = verbs.add_parser(
+        "export",
+        help="write an upstream report kit: README.md, qemu-cmdline.txt, stdlib-only repro.py",
+        description="Run the bug's reproducer with a trace and write DIR/README.md, "
+        "DIR/qemu-cmdline.txt and DIR/repro.py (python3 DIR/repro.py --qemu PATH: exit 0 "
+        "iff the bug reproduced; needs nothing but QEMU and Python 3).",
+    )
+    exp.add_argument("id", metavar="ID", help="bug id")
+    exp.add_argument("dir", type=Path, metavar="DIR", help="where to write (created)")
+    exp.add_argument("--arch", choices=list(ARCHES), help="default: the bug's first arch")
+    exp.add_argument("--qemu", metavar="PATH", help="the QEMU binary to record against")
+    exp.set_defaults(func=run_export)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -64,3 +98,54 @@ def run_reproduce(args: argparse.Namespace) -> int:
     result = rerun_scenario(args.nodeid, args.pytest_arg)
     print(result.summary(), file=sys.stdout if result.reproduced else sys.stderr)
     return 0 if result.reproduced else 1
+
+
+def _qemus(arches: list[str], explicit: str | None) -> dict[str, tuple[Path, str]]:
+    """arch -> (binary, version), resolved as everywhere else (--qemu beats the rest)."""
+    from testbed.host.qemu import resolve_qemu
+
+    resolved = {}
+    for arch in arches:
+        binary = resolve_qemu(arch, explicit)
+        resolved[arch] = (binary.path, binary.version_str)
+    return resolved
+
+
+def _quiet_qmp() -> None:
+    # A QEMU that aborts in realize never finishes the QMP handshake: expected here, and
+    # qemu.qmp would log it as a warning for every crash bug.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from testbed.bugs import select
+    from testbed.bugs.check import check, exit_code, format_table
+
+    _quiet_qmp()
+    select(args.ids)  # unknown ids fail before any QEMU starts
+    arches = list(ARCHES) if args.arch == "all" else [args.arch]
+    if args.qemu and len(arches) > 1:
+        raise ConfigError("--qemu names one binary: give its --arch too")
+    rows = check(args.ids, arches, _qemus(arches, args.qemu))
+    if args.json:
+        print(json.dumps([row.to_json() for row in rows], indent=2))
+    else:
+        print(format_table(rows), end="")
+    return exit_code(rows)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from testbed.bugs import lookup
+    from testbed.bugs.export import export
+
+    _quiet_qmp()
+    bug = lookup(args.id)
+    arch = args.arch or bug.arches[0]
+    path, version = _qemus([arch], args.qemu)[arch]
+    done = export(bug.id, args.dir, arch, path, version)
+    seen = done.outcome.evidence.headline() if done.outcome.evidence else ""
+    print(f"{bug.id} reproduced on QEMU {version} ({arch}): {seen}")
+    for file in done.files:
+        print(f"  wrote {file}")
+    print(f"run: python3 {done.directory / 'repro.py'} --qemu {path}")
+    return 0
