@@ -215,7 +215,10 @@ class Qemu:
                 if time.monotonic() > deadline:
                     raise TimeoutError("QEMU did not answer")
                 continue
-            data = sock.recv(65536)
+            try:
+                data = sock.recv(65536)
+            except OSError:  # reset: QEMU died with the socket open
+                data = b""
             if not data:
                 self.wait_exit(2.0)
                 raise QemuGone("QEMU closed the socket")
@@ -413,6 +416,8 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
             runner.run()
         except QemuGone as exc:
             print(f"  {exc}")
+        except OSError as exc:  # a socket to QEMU broke: QEMU is going (or gone)
+            print(f"  QEMU's socket broke: {exc}")
         except TimeoutError as exc:
             print(f"  step timed out: {exc}")
         # A crash may still be on its way (abort after the step's answer): give it a moment.
@@ -426,7 +431,8 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
         sig = script["signature"]
         wanted = sig.get("stderr") or f"observable: {sig.get('observable')}"
         if reproduced:
-            seen = runner.observed[0] if sig.get("observable") else wanted
+            lines = [ln for ln in stderr.splitlines() if re.search(sig.get("stderr") or "$^", ln)]
+            seen = runner.observed[0] if sig.get("observable") else (lines or [wanted])[-1]
             print(f"REPRODUCED: {seen} [QEMU {exit_kind}]")
             return 0
         print(f"NOT REPRODUCED: wanted {wanted} [{sig.get('exit', 'any')}]; QEMU {exit_kind}")
