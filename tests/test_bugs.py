@@ -24,6 +24,7 @@ def test_every_entry_is_complete() -> None:
         assert bug.versions and bug.arches and bug.scenarios, bug.id
         assert bug.root_cause.strip() and bug.report.strip(), bug.id
         re.compile(bug.stderr or bug.observable)
+        assert bug.stderr or bug.observable or bug.exit.startswith("signal:"), bug.id
 
 
 def test_every_listed_scenario_exists() -> None:
@@ -90,5 +91,9 @@ def test_bad_entries_are_refused() -> None:
         Bug(**{**base, "id": "Bad Id"})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="exit"):
         Bug(**{**base, "exit": "crashed"})  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="stderr pattern or an observable"):
+    with pytest.raises(ConfigError, match="stderr pattern, an observable"):
         Bug(**{**base, "stderr": ""})  # type: ignore[arg-type]
+    # A segfault prints nothing: the signal alone is the signature.
+    silent = Bug(**{**base, "stderr": "", "exit": "signal:SIGSEGV"})  # type: ignore[arg-type]
+    assert silent.matches(Evidence("QEMU exited", "signal:SIGSEGV"))
+    assert not silent.matches(Evidence("QEMU exited", "signal:SIGABRT"))

@@ -92,8 +92,11 @@ class Bug:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", self.id):
             raise ConfigError(f"bug id {self.id!r}: use a lower-case slug")
-        if not self.stderr and not self.observable:
-            raise ConfigError(f"bug {self.id}: give a stderr pattern or an observable")
+        if not self.stderr and not self.observable and not self.exit.startswith("signal:"):
+            raise ConfigError(
+                f"bug {self.id}: give a stderr pattern, an observable, or (for a crash that "
+                "prints nothing, such as a segfault) a signal as the exit"
+            )
         if not _EXITS.match(self.exit):
             raise ConfigError(f"bug {self.id}: exit {self.exit!r}: any, status:N or signal:SIGX")
 
@@ -117,8 +120,8 @@ class Bug:
         return self.exit == "any" or evidence.exit == self.exit
 
     def signature(self) -> str:
-        what = self.stderr or f"observable: {self.observable}"
-        return f"{what} [{self.exit}]"
+        what = self.stderr or (f"observable: {self.observable}" if self.observable else "")
+        return f"{what} [{self.exit}]".strip()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

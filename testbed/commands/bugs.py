@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import textwrap
 from pathlib import Path
@@ -111,17 +110,12 @@ def _qemus(arches: list[str], explicit: str | None) -> dict[str, tuple[Path, str
     return resolved
 
 
-def _quiet_qmp() -> None:
-    # A QEMU that aborts in realize never finishes the QMP handshake: expected here, and
-    # qemu.qmp would log it as a warning for every crash bug.
-    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-
-
 def run_check(args: argparse.Namespace) -> int:
     from testbed.bugs import select
     from testbed.bugs.check import check, exit_code, format_table
+    from testbed.machine.qemu import quiet_qmp_logs
 
-    _quiet_qmp()
+    quiet_qmp_logs()
     select(args.ids)  # unknown ids fail before any QEMU starts
     arches = list(ARCHES) if args.arch == "all" else [args.arch]
     if args.qemu and len(arches) > 1:
@@ -137,8 +131,9 @@ def run_check(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from testbed.bugs import lookup
     from testbed.bugs.export import export
+    from testbed.machine.qemu import quiet_qmp_logs
 
-    _quiet_qmp()
+    quiet_qmp_logs()
     bug = lookup(args.id)
     arch = args.arch or bug.arches[0]
     path, version = _qemus([arch], args.qemu)[arch]

@@ -83,6 +83,12 @@ _handed_out_lock = threading.Lock()
 _PORT_PROBES = 64
 
 
+def quiet_qmp_logs() -> None:
+    """Silence qemu.qmp's own warnings: for a QEMU that is meant to die (a crash bug being
+    reproduced), its lost-connection warnings are noise; our errors say what happened."""
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
 def free_tcp_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago and that this process never
     handed out before (QEMU's hostfwd needs a number, it cannot take port 0)."""
