@@ -1,0 +1,200 @@
+"""The relay (testbed/vhost_user/relay.py): its pure checks, and QEMU <-> relay <-> our
+Backend without a guest, where the relay must change nothing QEMU sees."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.device import ShmemLayout, VhostUserDevice
+from testbed.errors import TestbedError
+from testbed.host.qemu import resolve_qemu
+from testbed.machine import QtestConfig, QtestMachine
+from testbed.machine.probe import pci_bar
+from testbed.paths import make_private_dir, remove_tree
+from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.faults import Faults
+from testbed.vhost_user.protocol import (
+    U64,
+    BackendRequest,
+    Header,
+    MMap,
+    ProtocolFeature,
+    Request,
+    ShMemConfig,
+)
+from testbed.vhost_user.relay import (
+    OLD_SHMEM_DETAIL,
+    SHMEM,
+    Relay,
+    check_channel_request,
+    check_offer,
+    check_reply,
+    expects_reply,
+)
+from testbed.vhost_user.shmem import Memfd
+from testbed.vhost_user.trace import TraceEntry
+
+M = 1 << 20
+TIMEOUT = 20.0
+
+
+# --- pure checks --------------------------------------------------------------------------
+
+
+def test_bit_21_is_reported_by_name() -> None:
+    (v,) = check_offer(1 << 21)
+    assert v.detail == OLD_SHMEM_DETAIL
+    assert check_offer(SHMEM) == []
+    assert check_offer((1 << 21) | SHMEM) == []
+
+
+def test_reply_checks() -> None:
+    req = Header.make(Request.GET_FEATURES, 0)
+    good = Header.make(Request.GET_FEATURES, 8, reply=True)
+    assert check_reply(req, good, U64(1).pack(), 0) == []
+    rules = {v.rule for v in check_reply(req, Header(1, 1, 4), b"\0" * 4, 1)}
+    assert rules == {"reply-flag", "reply-size", "fds"}
+    assert check_reply(None, good, U64(1).pack(), 0)[0].rule == "unsolicited"
+    other = Header.make(Request.GET_QUEUE_NUM, 8, reply=True)
+    assert check_reply(req, other, U64(1).pack(), 0)[0].rule == "reply-order"
+    bad_config = ShMemConfig(2, ShMemConfig.from_regions({0: 4096}).sizes).pack()
+    shm_req = Header.make(Request.GET_SHMEM_CONFIG, 0)
+    shm_reply = Header.make(Request.GET_SHMEM_CONFIG, len(bad_config), reply=True)
+    assert [v.rule for v in check_reply(shm_req, shm_reply, bad_config, 0)] == ["shmem-config"]
+
+
+def test_expects_reply() -> None:
+    assert expects_reply(Header.make(Request.GET_FEATURES, 0), 0)
+    set_owner = Header.make(Request.SET_OWNER, 0, need_reply=True)
+    assert not expects_reply(set_owner, 0)
+    assert expects_reply(set_owner, int(ProtocolFeature.REPLY_ACK))
+
+
+def test_shmem_map_checks() -> None:
+    acked = SHMEM | int(ProtocolFeature.REPLY_ACK)
+    body = MMap(0, 0, 0, 4096, 1).pack()
+    head = Header.make(BackendRequest.SHMEM_MAP, len(body), need_reply=True)
+    assert check_channel_request(head, body, 1, acked, {0: 8192}) == []
+    found = check_channel_request(head, body, 0, int(ProtocolFeature.REPLY_ACK), {1: 8192})
+    assert {v.rule for v in found} == {"feature", "fds", "shmem-map"}
+    beyond = MMap(0, 0, 4096, 8192, 1).pack()
+    (v,) = check_channel_request(head, beyond, 1, acked, {0: 8192})
+    assert v.rule == "shmem-map" and "beyond" in v.detail
+    unmap = Header.make(BackendRequest.SHMEM_UNMAP, len(body), need_reply=True)
+    assert [v.rule for v in check_channel_request(unmap, body, 1, acked, {0: 8192})] == ["fds"]
+
+
+# --- QEMU <-> relay <-> Backend -----------------------------------------------------------
+
+
+def _qemu(arch: str) -> Path:
+    try:
+        return resolve_qemu(arch).path
+    except TestbedError as exc:
+        pytest.skip(f"no QEMU 11.1 for {arch}: {exc}")
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    path = make_private_dir("test-relay")
+    yield path
+    remove_tree(path)
+
+
+def _machine(socket: Path) -> QtestMachine:
+    device = VhostUserDevice("vu0", socket)
+    return QtestMachine(QtestConfig("x86_64", _qemu("x86_64"), (device,), qtest=False))
+
+
+def _shape(entries: list[TraceEntry]) -> list[tuple[Any, ...]]:
+    """A trace without its timestamps."""
+    return [(e.direction, e.request, e.flags, e.size, e.payload, e.fds) for e in entries]
+
+
+@pytest.mark.qemu
+def test_relay_changes_nothing_for_qemu(sockdir: Path) -> None:
+    layout = ShmemLayout({0: 2 * M, 1: 2 * M})
+    with (
+        Backend(sockdir / "be.sock", layout) as backend,
+        Relay(sockdir / "vu.sock", sockdir / "be.sock", trace_path=sockdir / "r.jsonl") as relay,
+        _machine(sockdir / "vu.sock").start() as qemu,
+    ):
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        bar4 = pci_bar(qemu.pci_device(), 4)
+        assert bar4 is not None and bar4["size"] == layout.total
+        # QMP answered: realize is over; both traces saw the same messages.
+        assert _shape(relay.trace.entries()) == _shape(backend.trace.entries())
+        assert relay.session is not None and relay.session.served == dict(layout.regions)
+    assert relay.violations == []
+    assert backend.violations == []
+    assert (sockdir / "r.jsonl").read_text().count("\n") == len(relay.trace.entries())
+    assert not (sockdir / "vu.sock").exists()
+
+
+@pytest.mark.qemu
+def test_relay_reports_shmem_at_bit_21(sockdir: Path) -> None:
+    faults = Faults(shmem_bit=21)
+    with (
+        Backend(sockdir / "be.sock", ShmemLayout({0: 4 * M}), faults=faults) as backend,
+        Relay(sockdir / "vu.sock", sockdir / "be.sock") as relay,
+        _machine(sockdir / "vu.sock").start() as qemu,
+    ):
+        backend.wait_for_request(Request.SET_VRING_ERR, TIMEOUT)
+        assert pci_bar(qemu.pci_device(), 4) is None
+    assert [(v.request, v.rule, v.detail) for v in relay.violations] == [
+        ("GET_PROTOCOL_FEATURES", "shmem-bit", OLD_SHMEM_DETAIL)
+    ]
+    (entry,) = [e for e in relay.trace.entries() if e.violations]
+    assert entry.name == "GET_PROTOCOL_FEATURES"
+
+
+@pytest.mark.qemu
+def test_relay_injects_shmem_in_front_of_a_backend_without_it(sockdir: Path) -> None:
+    """The back-end offers no SHMEM; the relay offers it and answers request 44 itself."""
+    layout = ShmemLayout({0: 4 * M, 2: 4 * M})
+    with (
+        Backend(sockdir / "be.sock", ShmemLayout(), faults=Faults(no_shmem=True)) as backend,
+        Relay(sockdir / "vu.sock", sockdir / "be.sock", inject=layout) as relay,
+        _machine(sockdir / "vu.sock").start() as qemu,
+    ):
+        relay.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        bar4 = pci_bar(qemu.pci_device(), 4)
+        assert bar4 is not None and bar4["size"] == layout.total
+        assert Request.GET_SHMEM_CONFIG not in backend.requests_seen
+        session = backend.session
+        assert session is not None and not session.protocol_features & SHMEM
+    # The back-end never saw SHMEM acked, so it flagged nothing either.
+    assert backend.violations == []
+    assert relay.violations == []
+
+
+@pytest.mark.qemu
+def test_back_end_channel_is_relayed_and_checked(sockdir: Path) -> None:
+    """SHMEM_MAP/UNMAP go back-end -> relay -> QEMU over the relay's own socketpair; a MAP
+    past its region reaches QEMU unchanged (refused there) and is flagged by the relay."""
+    layout = ShmemLayout({0: 2 * M, 1: 2 * M})
+    config = QtestConfig("x86_64", _qemu("x86_64"), (VhostUserDevice("vu0", sockdir / "vu.sock"),))
+    with (
+        Backend(sockdir / "be.sock", layout) as backend,
+        Relay(sockdir / "vu.sock", sockdir / "be.sock") as relay,
+        QtestMachine(config).start() as qemu,
+        Memfd(M) as mem,
+    ):
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        pci = qemu.pci()
+        assert qemu.qtest is not None
+        pci.start_device()
+        backend.wait_driver_ok(TIMEOUT)
+        mem.write(0, b"through the relay")
+        assert backend.map(1, 0, M, mem.fileno()) == 0
+        assert qemu.qtest.read(pci.bars[4] + layout.offsets()[1], 17) == b"through the relay"
+        assert backend.map(0, M, 2 * M, mem.fileno()) != 0  # past the end of region 0
+        assert backend.unmap(1, 0, M) == 0
+        channel = [e for e in relay.trace.entries() if e.direction.startswith("backend-channel")]
+        assert [e.name for e in channel] == ["SHMEM_MAP"] * 4 + ["SHMEM_UNMAP"] * 2
+    assert [(v.request, v.rule) for v in relay.violations] == [("SHMEM_MAP", "shmem-map")]
+    assert backend.violations == []
