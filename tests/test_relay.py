@@ -3,6 +3,9 @@ Backend without a guest, where the relay must change nothing QEMU sees."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,13 +13,14 @@ from typing import Any
 import pytest
 
 from testbed.device import ShmemLayout, VhostUserDevice
-from testbed.errors import TestbedError
+from testbed.errors import ConfigError, TestbedError
 from testbed.host.qemu import resolve_qemu
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.probe import pci_bar
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.faults import Faults
+from testbed.vhost_user.foreign import ForeignBackend, build_argv
 from testbed.vhost_user.protocol import (
     U64,
     BackendRequest,
@@ -198,3 +202,67 @@ def test_back_end_channel_is_relayed_and_checked(sockdir: Path) -> None:
         assert [e.name for e in channel] == ["SHMEM_MAP"] * 4 + ["SHMEM_UNMAP"] * 2
     assert [(v.request, v.rule) for v in relay.violations] == [("SHMEM_MAP", "shmem-map")]
     assert backend.violations == []
+
+
+# --- a back-end we did not start ourselves (testbed.vhost_user.foreign) ------------------
+
+
+def test_build_argv_substitutes_the_socket_without_a_shell() -> None:
+    argv = build_argv("prog --socket-path={socket} 'a b' $HOME;ls", Path("/s/x.sock"))
+    assert argv == ["prog", "--socket-path=/s/x.sock", "a b", "$HOME;ls"]
+    with pytest.raises(ConfigError, match="socket"):
+        build_argv("prog --no-socket", Path("/s"))
+
+
+def test_foreign_backend_that_exits_early_is_reported(sockdir: Path) -> None:
+    cmd = [sys.executable, "-c", "import sys; print('bad', file=sys.stderr); sys.exit(3)"]
+    fb = ForeignBackend([*cmd, "{socket}"], sockdir / "x.sock", sockdir)
+    with pytest.raises(TestbedError, match=r"status 3.*bad"):
+        fb.start()
+    assert fb.pid is None and fb.stopped is not None and fb.stopped.returncode == 3
+
+
+_STUBBORN = """
+import os, signal, socket, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+path = sys.argv[1]
+open(path + '.pid', 'w').write(str(os.getpid()))
+s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(1)
+print('listening', flush=True)
+signal.pause()
+"""
+
+
+def test_foreign_backend_ignoring_sigterm_is_killed_and_its_leftovers_removed(
+    sockdir: Path,
+) -> None:
+    fb = ForeignBackend(
+        [sys.executable, "-c", _STUBBORN, "{socket}"], sockdir / "x.sock", sockdir, grace=0.5
+    )
+    with fb:
+        pid = fb.pid
+        assert pid is not None and fb.running()
+        assert fb.pid_file.exists()
+    assert fb.stopped is not None and fb.stopped.killed
+    assert fb.stopped.returncode == -signal.SIGKILL
+    assert not fb.pid_file.exists() and not (sockdir / "x.sock").exists()
+    assert (sockdir / "backend-stdout.log").read_text() == "listening\n"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.mark.qemu
+def test_relay_in_front_of_a_foreign_process(sockdir: Path) -> None:
+    """Our own back-end, started as somebody else's program would be (`testbed backend`),
+    behind the relay: QEMU sees its layout, the relay's trace has the whole handshake."""
+    cmd = [sys.executable, "-m", "testbed", "backend", "--socket", "{socket}", "--region", "0=4M"]
+    with (
+        ForeignBackend(cmd, sockdir / "be.sock", sockdir) as fb,
+        Relay(sockdir / "vu.sock", fb.socket) as relay,
+        _machine(sockdir / "vu.sock").start() as qemu,
+    ):
+        relay.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+        bar4 = pci_bar(qemu.pci_device(), 4)
+        assert bar4 is not None and bar4["size"] == 4 * M
+    assert relay.violations == []
+    assert fb.stopped is not None and not fb.stopped.killed

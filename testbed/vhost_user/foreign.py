@@ -1,0 +1,219 @@
+"""A vhost-user back-end we did not write (virtiofsd, qemu-storage-daemon, yours): start it
+from a command template, wait for its socket, stop and reap it, keep its output.
+
+The command is a template such as ``'virtiofsd --socket-path={socket} --shared-dir=/srv'``:
+split with shlex (never a shell), ``{socket}`` substituted in every word. The process gets
+its own process group (a Ctrl-C on the terminal reaches us, not it; killpg reaches what it
+forks) and SIGKILL when the thread that started it dies (our abrupt death, where no
+``finally`` runs). It never starts QEMU: that is testbed.machine's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shlex
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from testbed.errors import ConfigError, HostCapabilityError, TestbedError, WaitTimeout
+from testbed.resource import Closeable
+
+log = logging.getLogger(__name__)
+
+SOCKET_PLACEHOLDER = "{socket}"
+POLL_INTERVAL = 0.02
+_PR_SET_PDEATHSIG = 1
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+def build_argv(template: str | Sequence[str], socket: Path) -> list[str]:
+    """The argv from a template: shlex-split (a string) and ``{socket}`` substituted."""
+    words = shlex.split(template) if isinstance(template, str) else list(template)
+    if not words:
+        raise ConfigError("empty back-end command: give 'PROGRAM ARGS... {socket}'")
+    if not any(SOCKET_PLACEHOLDER in w for w in words):
+        raise ConfigError(
+            f"back-end command {shlex.join(words)!r} has no {SOCKET_PLACEHOLDER}: the test "
+            "bed chooses the socket path, put {socket} where the program takes it"
+        )
+    return [w.replace(SOCKET_PLACEHOLDER, str(socket)) for w in words]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL when the starting thread dies; the default signal mask."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C/SIGTERM held back around the fork, so the process is on record before one
+    lands (it is then delivered as usual, and close() finds the process)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """How the back-end ended: its exit status, and whether it needed SIGKILL."""
+
+    returncode: int
+    killed: bool
+
+
+class ForeignBackend(Closeable):
+    """One foreign back-end process listening on ``socket``; stdout and stderr go to
+    ``<logdir>/<name>-stdout.log`` and ``-stderr.log`` and stay there."""
+
+    def __init__(
+        self,
+        command: str | Sequence[str],
+        socket: Path,
+        logdir: Path,
+        *,
+        name: str = "backend",
+        ready_timeout: float = 15.0,
+        grace: float = 5.0,
+    ) -> None:
+        self.socket = Path(socket)
+        self.argv = build_argv(command, self.socket)
+        self.stdout_path = Path(logdir) / f"{name}-stdout.log"
+        self.stderr_path = Path(logdir) / f"{name}-stderr.log"
+        self.ready_timeout = ready_timeout
+        self.grace = grace
+        self.stopped: Stopped | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._files: list[IO[bytes]] = []
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def pid_file(self) -> Path:
+        """virtiofsd leaves ``<socket>.pid`` next to its socket."""
+        return self.socket.with_name(self.socket.name + ".pid")
+
+    def start(self) -> ForeignBackend:
+        """Start the process and wait until its socket exists. Idempotent."""
+        if self._proc is not None:
+            return self
+        if self.socket.exists() or self.socket.is_symlink():
+            raise ConfigError(f"{self.socket} already exists: the back-end would not bind it")
+        try:
+            self._files = [open(p, "wb") for p in (self.stdout_path, self.stderr_path)]  # noqa: SIM115
+            with _signals_held():
+                try:
+                    self._proc = subprocess.Popen(
+                        self.argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=self._files[0],
+                        stderr=self._files[1],
+                        process_group=0,
+                        preexec_fn=_die_with_parent,
+                        close_fds=True,
+                    )
+                except OSError as exc:
+                    raise HostCapabilityError(
+                        f"cannot start the back-end {shlex.join(self.argv)}: {exc}"
+                    ) from exc
+            log.info("back-end started (pid %d): %s", self._proc.pid, shlex.join(self.argv))
+            self._wait_socket()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> ForeignBackend:
+        return self.start()
+
+    def _wait_socket(self) -> None:
+        # Only stat the path: connecting to see if it listens would use up the one
+        # connection back-ends like virtiofsd accept (they exit when it closes).
+        assert self._proc is not None
+        deadline = time.monotonic() + self.ready_timeout
+        while not is_socket(self.socket):
+            code = self._proc.poll()
+            if code is not None:
+                raise TestbedError(
+                    f"the back-end exited with status {code} before creating {self.socket}; "
+                    f"its stderr: {self.stderr_tail()!r} ({self.stderr_path})"
+                )
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"the back-end did not create {self.socket} within {self.ready_timeout:.1f}s"
+                    f"; its stderr: {self.stderr_tail()!r} ({self.stderr_path})"
+                )
+            # Polling a path another process has yet to create: a short, bounded nap.
+            time.sleep(POLL_INTERVAL)
+
+    def stderr_tail(self, lines: int = 10) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_exited(self, timeout: float) -> int | None:
+        """Its exit status once it ends within ``timeout``, else None."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        """SIGTERM, SIGKILL after the grace, reap; remove a pid file and socket it left.
+        Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            killed = False
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(self.grace)
+                except subprocess.TimeoutExpired:
+                    log.warning(
+                        "back-end %d ignored SIGTERM for %.1fs: SIGKILL", proc.pid, self.grace
+                    )
+                    killed = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(self.grace)
+            assert proc.returncode is not None
+            self.stopped = Stopped(proc.returncode, killed)
+        for f in self._files:
+            f.close()
+        self._files = []
+        for leftover in (self.pid_file, self.socket):
+            if leftover.is_symlink() or (leftover.exists() and not leftover.is_dir()):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+
+    def __repr__(self) -> str:
+        return f"ForeignBackend({shlex.join(self.argv)})"
