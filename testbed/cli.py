@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from types import FrameType
 
 from testbed import __version__
-from testbed.commands import backend, bench, bugs, doctor, images, qemu, run
+from testbed.commands import backend, bench, bugs, doctor, fuzz, images, qemu, run
 from testbed.errors import TestbedError
 
-COMMAND_MODULES = (doctor, qemu, images, backend, run, bench, bugs)
+COMMAND_MODULES = (doctor, qemu, images, backend, run, bench, bugs, fuzz)
 
 
 class Terminated(BaseException):

@@ -1,0 +1,376 @@
+"""The fuzzer's language, as data (pure): the front-end's life as states, what the back-end
+may send in each, what it may bend in its replies, and a case -- one sequence the back-end
+plays -- with its JSON form.
+
+A case is: the features offered, the GET_SHMEM_CONFIG reply, mutations of the replies to
+chosen front-end requests, a path through the front-end's life (``PATHS``), and back-end
+channel requests, each sent in one state of that path.
+
+States (the moment a back-end request is sent):
+
+    realize ─► before-driver-ok ─► after-driver-ok ─┬─► device-reset      (device_status 0)
+                                                    ├─► after-system-reset (QMP system_reset)
+                                                    ├─► during-device-del  (x86_64: device_del
+                                                    │                      sent, not ejected)
+                                                    └─► after-reconnect    (our hang-up, then
+                                                                           a new connection)
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.vhost_user.protocol import BackendRequest, Header, ProtocolFeature, Request
+
+CASE_VERSION = 1
+U64_MASK = (1 << 64) - 1
+PAGE = 4096
+M = 1 << 20
+
+
+class State(enum.StrEnum):
+    BEFORE_DRIVER_OK = "before-driver-ok"
+    AFTER_DRIVER_OK = "after-driver-ok"
+    DEVICE_RESET = "device-reset"
+    AFTER_SYSTEM_RESET = "after-system-reset"
+    DURING_DEVICE_DEL = "during-device-del"
+    AFTER_RECONNECT = "after-reconnect"
+
+
+REALIZE = "realize"
+"""Not a state requests are sent in: the handshake, where reply mutations act."""
+
+# Each path is the front-end's life up to its last state; a case walks one.
+PATHS: dict[State, tuple[State, ...]] = {
+    State.BEFORE_DRIVER_OK: (State.BEFORE_DRIVER_OK,),
+    State.AFTER_DRIVER_OK: (State.BEFORE_DRIVER_OK, State.AFTER_DRIVER_OK),
+    State.DEVICE_RESET: (State.BEFORE_DRIVER_OK, State.AFTER_DRIVER_OK, State.DEVICE_RESET),
+    State.AFTER_SYSTEM_RESET: (
+        State.BEFORE_DRIVER_OK,
+        State.AFTER_DRIVER_OK,
+        State.AFTER_SYSTEM_RESET,
+    ),
+    State.DURING_DEVICE_DEL: (
+        State.BEFORE_DRIVER_OK,
+        State.AFTER_DRIVER_OK,
+        State.DURING_DEVICE_DEL,
+    ),
+    State.AFTER_RECONNECT: (State.BEFORE_DRIVER_OK, State.AFTER_DRIVER_OK, State.AFTER_RECONNECT),
+}
+STOPPED_STATES = frozenset({State.BEFORE_DRIVER_OK, State.DEVICE_RESET, State.AFTER_SYSTEM_RESET})
+
+
+def states_for(arch: str) -> tuple[State, ...]:
+    """The states a guest-less QEMU of ``arch`` can be driven to. device_del needs q35's
+    ACPI eject (virt's native PCIe hot-plug needs a guest's pciehp handshake)."""
+    return tuple(s for s in State if arch == "x86_64" or s is not State.DURING_DEVICE_DEL)
+
+
+# Back-end requests QEMU 11.1 has a handler for, and a few it has not.
+CHANNEL_REQUESTS: tuple[int, ...] = (
+    BackendRequest.SHMEM_MAP,
+    BackendRequest.SHMEM_UNMAP,
+    BackendRequest.IOTLB_MSG,
+    BackendRequest.CONFIG_CHANGE_MSG,
+    BackendRequest.VRING_HOST_NOTIFIER_MSG,
+    BackendRequest.SHARED_OBJECT_ADD,
+    BackendRequest.SHARED_OBJECT_REMOVE,
+    BackendRequest.SHARED_OBJECT_LOOKUP,
+    BackendRequest.VRING_CALL,
+    BackendRequest.VRING_ERR,
+    0,
+    11,
+    0x7FFF,
+)
+
+
+def request_name(request: int) -> str:
+    try:
+        return BackendRequest(request).name
+    except ValueError:
+        return f"UNKNOWN_{request}"
+
+
+def frontend_name(request: int) -> str:
+    try:
+        return Request(request).name
+    except ValueError:
+        return f"UNKNOWN_{request}"
+
+
+# The front-end requests whose replies (or REPLY_ACKs) a case may bend: the handshake and
+# the device start, as QEMU 11.1.3 sends them to the test device.
+MUTABLE_REQUESTS: tuple[Request, ...] = (
+    Request.GET_FEATURES,
+    Request.GET_PROTOCOL_FEATURES,
+    Request.SET_PROTOCOL_FEATURES,
+    Request.GET_QUEUE_NUM,
+    Request.SET_BACKEND_REQ_FD,
+    Request.SET_OWNER,
+    Request.SET_VRING_CALL,
+    Request.SET_VRING_ERR,
+    Request.GET_SHMEM_CONFIG,
+    Request.SET_FEATURES,
+    Request.SET_MEM_TABLE,
+    Request.SET_VRING_NUM,
+    Request.SET_VRING_ADDR,
+    Request.SET_VRING_BASE,
+    Request.SET_VRING_KICK,
+    Request.SET_VRING_ENABLE,
+    Request.GET_VRING_BASE,
+    Request.SET_STATUS,
+    Request.GET_STATUS,
+    Request.RESET_DEVICE,
+    Request.GET_MAX_MEM_SLOTS,
+    Request.ADD_MEM_REG,
+)
+REALIZE_REQUESTS = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.SET_PROTOCOL_FEATURES,
+        Request.GET_QUEUE_NUM,
+        Request.SET_BACKEND_REQ_FD,
+        Request.SET_OWNER,
+        Request.GET_SHMEM_CONFIG,
+    }
+)
+
+
+class ReplyKind(enum.StrEnum):
+    FLAGS = "flags"  # header flags := value
+    SIZE = "size"  # body grows (value > 0, zero bytes) or shrinks (< 0); header agrees
+    LIE = "lie"  # header size := real size + value (value < 0 only: no short read)
+    VALUE = "value"  # a u64 body := value
+    BYTES = "bytes"  # the body's bytes xor a pattern from value
+    REQUEST = "request"  # the reply's request code := value
+    FDS = "fds"  # attach ``value`` memfds to the reply
+    ACK = "ack"  # an extra u64 reply (value) after the normal answer, asked for or not
+    DELAY = "delay"  # answer after ``value`` ms
+    HANGUP = "hangup"  # close the connection instead of answering
+
+
+@dataclass(frozen=True)
+class ReplyMutation:
+    request: int
+    kind: str
+    value: int = 0
+    nth: int = 1
+    """Which occurrence of the request (1 = the first)."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The protocol features we offer: SHMEM at ``shmem_bit`` (None: not at all), plus
+    ``extra`` bits, minus ``withhold`` bits."""
+
+    shmem_bit: int | None = 22
+    extra: int = 0
+    withhold: int = 0
+
+    @property
+    def shmem_negotiable(self) -> bool:
+        return self.shmem_bit == 22 and not self.withhold & ProtocolFeature.SHMEM
+
+    @property
+    def backend_channel(self) -> bool:
+        return not self.withhold & ProtocolFeature.BACKEND_REQ
+
+
+@dataclass(frozen=True)
+class ShmemConfig:
+    """The GET_SHMEM_CONFIG reply: nregions (None: the count of non-zero sizes), sizes by
+    shmid, padding, truncation, extra trailing bytes and header flags."""
+
+    sizes: dict[int, int] = field(default_factory=dict)
+    nregions: int | None = None
+    padding: int = 0
+    truncate: int | None = None
+    extra: int = 0
+    flags: int = 0x5
+
+    @property
+    def count(self) -> int:
+        return sum(1 for s in self.sizes.values() if s)
+
+    def problems(self, behind_root_port: bool) -> list[str]:
+        """Why QEMU should refuse this reply (fail realize), by the spec and QEMU's limits;
+        [] = a reply QEMU should take. The words name the registry's known bugs where one
+        fits (the triage matches on them)."""
+        out: list[str] = []
+        if self.flags != 0x5:
+            out.append(f"reply flags 0x{self.flags:x}")
+        if self.truncate is not None:
+            out.append(f"truncated GET_SHMEM_CONFIG reply ({self.truncate} of 2056 bytes)")
+        if self.extra:
+            out.append(f"oversized GET_SHMEM_CONFIG reply ({2056 + self.extra} bytes)")
+        nregions = self.count if self.nregions is None else self.nregions
+        if nregions > 256:
+            out.append(f"nregions {nregions} > 256")
+        elif nregions != self.count:
+            out.append(f"nregions {nregions} with {self.count} non-zero size")
+        nonzero = {k: v for k, v in self.sizes.items() if v}
+        for shmid, size in sorted(nonzero.items()):
+            if size % PAGE:
+                out.append(f"region {shmid} size {size} not a page multiple")
+        total = sum(nonzero.values())
+        if nonzero and total & (total - 1):
+            out.append(f"total {total} not a power of two")
+        if total >= 1 << 40:
+            out.append(f"total {total} beyond the PCI hole")
+        fits = 1 if behind_root_port else 3
+        if len(nonzero) > fits:
+            out.append(f"{len(nonzero)} regions, {fits} capabilities fit")
+        return out
+
+
+class BodyKind(enum.StrEnum):
+    MMAP = "mmap"  # VhostUserMMap <B7xQQQQ>
+    AREA = "area"  # VhostUserVringArea <QQQ>
+    IOTLB = "iotlb"  # vhost_iotlb_msg <QQQBB6x>
+    UUID = "uuid"  # 16 bytes
+    U64 = "u64"
+    RAW = "raw"  # ``raw`` hex
+    EMPTY = "empty"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One back-end channel request, sent in ``state``."""
+
+    state: str
+    request: int
+    body: str = BodyKind.MMAP
+    fields: dict[str, int] = field(default_factory=dict)
+    raw: str = ""
+    size_delta: int = 0
+    """The header's size minus the body's real length; the body is cut or padded with
+    zeros so that the bytes sent always equal the header's size (no short reads)."""
+    flags: int = 0x9
+    """VERSION | NEED_REPLY by default."""
+    fds: tuple[str, ...] = ()
+    """Kinds: "memfd:<size>", "rofd:<size>" (read-only), "socket", "pipe"."""
+    touch: bool = False
+    """After an accepted SHMEM_MAP: write through the mapping over qtest (read-only oracle)."""
+
+    @property
+    def name(self) -> str:
+        return request_name(self.request)
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    seed: int
+    index: int
+    offer: Offer = field(default_factory=Offer)
+    config: ShmemConfig = field(default_factory=ShmemConfig)
+    replies: tuple[ReplyMutation, ...] = ()
+    last_state: str = State.AFTER_DRIVER_OK
+    actions: tuple[Action, ...] = ()
+
+    @property
+    def path(self) -> tuple[State, ...]:
+        return PATHS[State(self.last_state)]
+
+    @property
+    def behind_root_port(self) -> bool:
+        return self.last_state == State.DURING_DEVICE_DEL
+
+    @property
+    def reconnects(self) -> bool:
+        return self.last_state == State.AFTER_RECONNECT
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The (state, request) pairs this case exercises; reply mutations count as
+        ("realize", "reply:<REQUEST>:<kind>")."""
+        out = [(REALIZE, f"reply:{frontend_name(m.request)}:{m.kind}") for m in self.replies]
+        out += [(a.state, a.name) for a in self.actions]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["version"] = CASE_VERSION
+        data["config"]["sizes"] = {str(k): v for k, v in self.config.sizes.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Case:
+        config = dict(data.get("config", {}))
+        config["sizes"] = {int(k): int(v) for k, v in config.get("sizes", {}).items()}
+        actions = tuple(
+            Action(**{**a, "fds": tuple(a.get("fds", ()))}) for a in data.get("actions", [])
+        )
+        return cls(
+            arch=data["arch"],
+            seed=int(data.get("seed", 0)),
+            index=int(data.get("index", 0)),
+            offer=Offer(**data.get("offer", {})),
+            config=ShmemConfig(**config),
+            replies=tuple(ReplyMutation(**m) for m in data.get("replies", [])),
+            last_state=data.get("last_state", State.AFTER_DRIVER_OK),
+            actions=actions,
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: Path) -> Case:
+        data = json.loads(path.read_text())
+        if "case" in data:  # a corpus entry: the case and its recorded signatures
+            data = data["case"]
+        return cls.from_json(data)
+
+
+def encode(action: Action) -> tuple[Header, bytes]:
+    """The header and the bytes to send for ``action``: the body cut or zero-padded to the
+    header's size (size_delta), so the peer never waits for bytes that do not come."""
+    f = action.fields
+    body: bytes
+    if action.body == BodyKind.MMAP:
+        body = struct.pack(
+            "<B7sQQQQ",
+            f.get("shmid", 0) & 0xFF,
+            bytes([f.get("pad", 0) & 0xFF]) + bytes(6),
+            f.get("fd_offset", 0) & U64_MASK,
+            f.get("shm_offset", 0) & U64_MASK,
+            f.get("length", 0) & U64_MASK,
+            f.get("flags", 0) & U64_MASK,
+        )
+    elif action.body == BodyKind.AREA:
+        body = struct.pack(
+            "<QQQ",
+            f.get("u64", 0) & U64_MASK,
+            f.get("size", 0) & U64_MASK,
+            f.get("offset", 0) & U64_MASK,
+        )
+    elif action.body == BodyKind.IOTLB:
+        body = struct.pack(
+            "<QQQBB6x",
+            f.get("iova", 0) & U64_MASK,
+            f.get("size", 0) & U64_MASK,
+            f.get("uaddr", 0) & U64_MASK,
+            f.get("perm", 0) & 0xFF,
+            f.get("type", 0) & 0xFF,
+        )
+    elif action.body == BodyKind.U64:
+        body = struct.pack("<Q", f.get("value", 0) & U64_MASK)
+    elif action.body in (BodyKind.UUID, BodyKind.RAW):
+        body = bytes.fromhex(action.raw)
+    else:
+        body = b""
+    size = max(0, len(body) + action.size_delta)
+    body = body[:size] + bytes(size - min(size, len(body)))
+    return Header(action.request & 0xFFFFFFFF, action.flags & 0xFFFFFFFF, size), body
+
+
+def fd_size(kind: str) -> int:
+    """The size of a memfd kind ("memfd:<size>", "rofd:<size>"), else 0."""
+    _, _, size = kind.partition(":")
+    return int(size) if size else 0

@@ -1,0 +1,113 @@
+"""The spec's rules for SHMEM_MAP / SHMEM_UNMAP as an oracle (pure): given the config QEMU
+took and the mappings it accepted so far, why a request must be refused.
+
+The words of a reason name the registry's known bugs where one fits ("SHMEM_MAP ignores
+unknown flag bits", "SHMEM_MAP with a N-byte payload is mapped"): triage matches on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from testbed import limits
+from testbed.fuzz.grammar import PAGE, Action, BodyKind, ShmemConfig
+from testbed.vhost_user.protocol import BackendRequest, Header
+
+MMAP_SIZE = 40
+U64 = 1 << 64
+
+
+@dataclass
+class MapModel:
+    config: ShmemConfig
+    behind_root_port: bool = False
+    started: bool = False
+    mapped: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+    @property
+    def regions(self) -> dict[int, int]:
+        return {k: v for k, v in self.config.sizes.items() if v}
+
+    @property
+    def sound(self) -> bool:
+        """The config is one QEMU should have taken: only then are verdicts judged."""
+        return not self.config.problems(self.behind_root_port)
+
+    def reset(self) -> None:
+        """A device reset drops every mapping (the spec: without telling the back-end)."""
+        self.mapped.clear()
+        self.started = False
+
+    def offset_of(self, action: Action) -> int | None:
+        """Where the action's region sits in BAR 4."""
+        shmid = action.fields.get("shmid", -1)
+        for packed in limits.pack(self.regions):
+            if packed.shmid == shmid:
+                return packed.offset
+        return None
+
+    def problems(self, action: Action, header: Header, body: bytes) -> list[str]:
+        """Why QEMU must refuse this SHMEM_MAP/UNMAP; [] = nothing the spec forbids."""
+        if not self.sound or action.body != BodyKind.MMAP:
+            return []
+        name = action.name
+        mapping = action.request == BackendRequest.SHMEM_MAP
+        f = action.fields
+        out: list[str] = []
+        if header.size != MMAP_SIZE:
+            out.append(f"{name} with a {header.size}-byte payload is mapped")
+        flags = f.get("flags", 0)
+        if mapping and flags & ~1:
+            out.append(f"SHMEM_MAP ignores unknown flag bits (0x{flags:x})")
+        shmid = f.get("shmid", 0)
+        region = self.regions.get(shmid)
+        if region is None:
+            out.append(f"{name} of shmid {shmid}, not in the config, accepted")
+            return out
+        offset, length = f.get("shm_offset", 0), f.get("length", 0)
+        if length == 0:
+            out.append(f"{name} of length 0 accepted")
+        elif offset + length > region:
+            out.append(f"{name} past the end of region {shmid} accepted")
+        fds = action.fds
+        if mapping:
+            if len(fds) != 1:
+                out.append(f"SHMEM_MAP with {len(fds)} fds accepted")
+            elif fds[0] in ("socket", "pipe"):
+                out.append(f"SHMEM_MAP of a {fds[0]} fd accepted")
+            if f.get("fd_offset", 0) + length >= U64:
+                out.append("SHMEM_MAP whose fd_offset + length overflows accepted")
+            if length and offset + length <= region:
+                for start, size in self.mapped.get(shmid, []):
+                    if offset < start + size and start < offset + length:
+                        out.append("SHMEM_MAP overlapping a live mapping accepted")
+                        break
+        elif fds:
+            out.append(f"SHMEM_UNMAP with {len(fds)} fds accepted")
+        return out
+
+    def judgeable(self, action: Action) -> bool:
+        """A well-formed, page-aligned MAP of a big enough memfd into free space, or an
+        UNMAP of exactly a live mapping: QEMU must take it."""
+        if not self.sound or not self.started or action.flags != 0x9:
+            return False
+        f = action.fields
+        offset, length = f.get("shm_offset", 0), f.get("length", 0)
+        if offset % PAGE or length % PAGE or f.get("fd_offset", 0) % PAGE:
+            return False
+        if action.request == BackendRequest.SHMEM_UNMAP:
+            return (offset, length) in self.mapped.get(f.get("shmid", -1), [])
+        kind = action.fds[0] if len(action.fds) == 1 else ""
+        if not kind.startswith("memfd:"):
+            return False
+        return f.get("fd_offset", 0) + length <= int(kind.partition(":")[2])
+
+    def apply(self, action: Action) -> None:
+        """QEMU accepted ``action``: track the mapping it made or dropped."""
+        f = action.fields
+        shmid = f.get("shmid", 0)
+        span = (f.get("shm_offset", 0), f.get("length", 0))
+        if action.request == BackendRequest.SHMEM_MAP:
+            self.mapped.setdefault(shmid, []).append(span)
+        elif span in self.mapped.get(shmid, []):
+            self.mapped[shmid].remove(span)

@@ -1,0 +1,181 @@
+"""The campaign: generate, play, triage until the time is up; one directory per new
+signature (the case, the minimised case, reproduce.sh, a draft registry entry); a summary
+(results/fuzz/<run>/summary.json) and a table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from testbed.fuzz.generator import generate
+from testbed.fuzz.grammar import Case
+from testbed.fuzz.player import PlayResult, play
+from testbed.fuzz.triage import Finding, draft_entry, findings, minimise, slug
+
+
+@dataclass
+class Seen:
+    finding: Finding
+    count: int
+    first_case: int
+    directory: str = ""
+    minimised_in: int = 0
+
+
+@dataclass
+class Campaign:
+    arch: str
+    qemu: Path
+    version: str
+    seed: int
+    seconds: float
+    outdir: Path
+    minimise: bool = True
+    max_cases: int | None = None
+    cases: int = 0
+    errors: int = 0
+    elapsed: float = 0.0
+    seen: dict[str, Seen] = field(default_factory=dict)
+    pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def replay_signatures(self, case: Case) -> set[str]:
+        return {f.signature for f in findings(play(case, self.qemu))}
+
+    def run(self, progress: bool = True) -> dict[str, Any]:
+        self.outdir.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        deadline = started + self.seconds
+        index = 0
+        try:
+            while time.monotonic() < deadline:
+                if self.max_cases is not None and index >= self.max_cases:
+                    break
+                case = generate(self.arch, self.seed, index)
+                result = play(case, self.qemu)
+                self.cases += 1
+                self._account(case, result, deadline)
+                index += 1
+                if progress and index % 50 == 0:
+                    rate = self.cases / max(1e-9, time.monotonic() - started) * 60
+                    print(
+                        f"  {self.arch}: {self.cases} cases, {len(self.seen)} signatures, "
+                        f"{rate:.0f}/min",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            self.elapsed = time.monotonic() - started
+            summary = self.summary()
+            (self.outdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    def _account(self, case: Case, result: PlayResult, deadline: float) -> None:
+        if result.error:
+            self.errors += 1
+        for pair in result.pairs:
+            self.pairs[pair] += 1
+        for f in findings(result):
+            seen = self.seen.get(f.signature)
+            if seen is not None:
+                seen.count += 1
+                continue
+            seen = Seen(f, 1, case.index)
+            self.seen[f.signature] = seen
+            self._save(seen, case, result, deadline)
+
+    def _save(self, seen: Seen, case: Case, result: PlayResult, deadline: float) -> None:
+        f = seen.finding
+        name = f"{len(self.seen):03d}-{slug(f.signature)}"
+        directory = self.outdir / "findings" / name
+        directory.mkdir(parents=True, exist_ok=True)
+        seen.directory = str(directory)
+        (directory / "case.json").write_text(case.dumps() + "\n")
+        (directory / "stderr.txt").write_text(result.stderr)
+        (directory / "finding.json").write_text(json.dumps(f.to_json(), indent=1) + "\n")
+        minimal = case
+        if self.minimise and f.known is None and f.kind != "hang":
+            budget = min(60.0, max(0.0, deadline - time.monotonic()))
+            minimal, used = minimise(case, f.signature, self.replay_signatures, seconds=budget)
+            seen.minimised_in = used
+        (directory / "minimal.json").write_text(minimal.dumps() + "\n")
+        corpus_entry = {"case": minimal.to_json(), "signatures": [f.signature]}
+        (directory / "corpus.json").write_text(json.dumps(corpus_entry, indent=1) + "\n")
+        argv = [sys.executable, "-m", "testbed", "fuzz", "--arch", case.arch]
+        argv += ["--qemu", str(self.qemu), "--replay", str((directory / "minimal.json").resolve())]
+        script = (
+            "#!/bin/sh\n# Replays the minimised case; exit 1 when QEMU shows a finding.\n"
+            f"# Signature: {f.signature}\n"
+            f"cd {shlex.quote(str(Path.cwd().resolve()))}\n"
+            f"exec {shlex.join(argv)}\n"
+        )
+        (directory / "reproduce.sh").write_text(script)
+        (directory / "reproduce.sh").chmod(0o755)
+        if f.known is None:
+            entry = draft_entry(f, minimal, self.version, slug(f.signature))
+            (directory / "registry-draft.toml").write_text(entry)
+
+    def summary(self) -> dict[str, Any]:
+        minutes = self.elapsed / 60
+        coverage: dict[str, dict[str, int]] = {}
+        for (state, request), n in sorted(self.pairs.items()):
+            coverage.setdefault(state, {})[request] = n
+        return {
+            "arch": self.arch,
+            "qemu": str(self.qemu),
+            "version": self.version,
+            "seed": self.seed,
+            "cases": self.cases,
+            "seconds": round(self.elapsed, 1),
+            "cases_per_minute": round(self.cases / minutes, 1) if minutes else 0.0,
+            "errors": self.errors,
+            "signatures": [
+                {
+                    **dataclasses.asdict(s.finding),
+                    "count": s.count,
+                    "first_case": s.first_case,
+                    "new": s.finding.known is None,
+                    "directory": s.directory,
+                    "minimise_replays": s.minimised_in,
+                }
+                for s in self.seen.values()
+            ],
+            "coverage": coverage,
+            "pairs_exercised": len(self.pairs),
+        }
+
+
+def table(summary: dict[str, Any]) -> str:
+    sigs = summary["signatures"]
+    new = sum(1 for s in sigs if s["new"])
+    states = sorted(summary["coverage"])
+    requests = sorted({r for v in summary["coverage"].values() for r in v})
+    lines = [
+        f"arch {summary['arch']}  seed {summary['seed']}  QEMU {summary['version']}",
+        f"{'cases':>8} {'minutes':>8} {'cases/min':>10} {'signatures':>11} {'new':>5} "
+        f"{'known':>6} {'state x request':>16}",
+        f"{summary['cases']:>8} {summary['seconds'] / 60:>8.1f} "
+        f"{summary['cases_per_minute']:>10.1f} {len(sigs):>11} {new:>5} {len(sigs) - new:>6} "
+        f"{summary['pairs_exercised']:>16}",
+        "",
+        "signatures:",
+    ]
+    for s in sorted(sigs, key=lambda s: (s["known"] is not None, -s["count"])):
+        tag = f"known {s['known']}" if s["known"] else "NEW"
+        lines.append(f"  {s['count']:>5}x  [{tag}] {s['signature']}  (first at {s['where']})")
+    lines += ["", "coverage (state: request x count):"]
+    for state in states:
+        row = ", ".join(f"{r} {n}" for r, n in sorted(summary["coverage"][state].items()))
+        lines.append(f"  {state}: {row}")
+    del requests
+    return "\n".join(lines)
+
+
+def replay(case: Case, qemu: Path) -> list[Finding]:
+    return findings(play(case, qemu))
