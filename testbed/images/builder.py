@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from testbed import paths
 from testbed.errors import ConfigError, ProvisionError
-from testbed.images import elf, kernel, keys, kmod, stublib
+from testbed.images import elf, extra, kernel, keys, kmod, stublib
 from testbed.images.apt import AptState, PackageInfo, depends_names, extract_deb
 from testbed.images.cpio import CpioEntry, compress_initrd, write_cpio
 from testbed.images.recipe import Recipe, load_recipe, sha256_hex
@@ -345,6 +345,35 @@ def module_entries(tree: KernelTree, wanted: tuple[str, ...]) -> tuple[list[Cpio
     return entries, order
 
 
+def optional_module_entries(
+    tree: KernelTree, wanted: tuple[str, ...], at_boot: list[str]
+) -> tuple[list[CpioEntry], dict[str, list[str]]]:
+    """The optional modules under /extra (testbed.images.extra): each .ko once, and per
+    wanted module the load order of what it needs beyond the boot modules. Under a fresh
+    directory: an entry named lib would replace the image's lib -> usr/lib link."""
+    index: dict[str, Path] = {}
+    for dirpath, _dirs, files in os.walk(tree.root / "kernel"):
+        for name in files:
+            if ".ko" in name:
+                index[kmod.module_name(name)] = Path(dirpath) / name
+    builtin = kmod.parse_builtin(tree.builtin.read_text()) if tree.builtin else set()
+    depends = _ModuleDepends(index)
+    orders: dict[str, list[str]] = {}
+    carried: dict[str, bytes] = {}
+    for name in wanted:
+        order = [m for m in kmod.load_order([name], depends, builtin) if m not in at_boot]
+        orders[kmod.module_name(name)] = order
+        for m in order:
+            carried.setdefault(m, depends.module_bytes(m))
+    entries = [CpioEntry.directory(extra.EXTRA_DIR), CpioEntry.directory(extra.MODULES_DIR)]
+    entries += [CpioEntry.file(extra.module_path(m), data) for m, data in sorted(carried.items())]
+    entries += [
+        CpioEntry.file(extra.order_path(name), "".join(f"{m}\n" for m in order).encode())
+        for name, order in sorted(orders.items())
+    ]
+    return entries, orders
+
+
 # ---- assembling -------------------------------------------------------------------------
 
 
@@ -543,6 +572,12 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
     for entry in mod_entries:
         contents.add(entry)
     say(f"{arch}: modules to load: {' '.join(order) or '(none: all built in)'}")
+    optional: dict[str, list[str]] = {}
+    if recipe.optional_modules:
+        opt_entries, optional = optional_module_entries(ktree, recipe.optional_modules, order)
+        for entry in opt_entries:
+            contents.add(entry)
+        say(f"{arch}: optional modules under /{extra.MODULES_DIR}: {optional}")
     initrd = compress_initrd(write_cpio(contents.entries.values()), recipe.initrd_compression)
     kernel_bytes = kernel.guest_kernel(arch, ktree.vmlinuz.read_bytes())
     kernel_name = "vmlinux" if arch == "x86_64" else "Image"
@@ -560,6 +595,7 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
         "failed_mark": FAILED_MARK,
         "host_key_line": host_line,
         "modules": order,
+        "optional_modules": optional,
         "packages": dict(sorted(versions.items())),
         "files": {
             "kernel": kernel_name,

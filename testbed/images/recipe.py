@@ -38,6 +38,9 @@ class Recipe:
     stub_libraries: sonames to replace with a generated do-nothing library (see
       testbed.images.stublib), each with the functions that must return non-NULL;
     modules: kernel modules to load at boot (their dependencies are added);
+    optional_modules: drivers carried under /extra but loaded only when a scenario asks
+      (GuestVM.load_modules; their dependencies are added), so that a device they would
+      bind (virtio-fs at virtio-id 26) stays unbound in every other scenario;
     cmdline: the kernel command line; ready_line: what /init prints once sshd listens;
     initrd_compression: "gzip" or "none" (see INITRD_COMPRESSIONS).
     """
@@ -56,6 +59,7 @@ class Recipe:
     cmdline: str
     ready_line: str
     initrd_compression: str = "gzip"
+    optional_modules: tuple[str, ...] = ()
 
     def canonical(self) -> str:
         """A stable text form for hashing."""
@@ -104,6 +108,7 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         "symlinks",
         "stub_libraries",
         "modules",
+        "optional_modules",
         "cmdline",
         "ready_line",
         "initrd_compression",
@@ -179,6 +184,11 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         cmdline=cmdline,
         ready_line=ready,
         initrd_compression=compression,
+        optional_modules=(
+            _str_list(data, "optional_modules", where, allow_empty=True)
+            if "optional_modules" in data
+            else ()
+        ),
     )
 
 

@@ -1,0 +1,60 @@
+"""Optional guest modules: where the image carries them and the command that loads them.
+
+The recipe's ``optional_modules`` (e.g. virtiofs, virtio_blk) go under /extra, not into the
+boot list, so a device they would bind stays unbound unless a scenario asks for the driver
+(GuestVM.load_modules). Not under /lib: an initramfs entry for a directory named lib would
+replace the image's lib -> usr/lib link and break every module load. Pure.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable
+
+from testbed.errors import ConfigError
+
+EXTRA_DIR = "extra"
+MODULES_DIR = f"{EXTRA_DIR}/modules"
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _checked(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"module name {name!r}: use letters, digits, '-' and '_'")
+    return name.replace("-", "_")
+
+
+def module_path(name: str) -> str:
+    """The .ko inside the image (relative to /)."""
+    return f"{MODULES_DIR}/{_checked(name)}.ko"
+
+
+def order_path(name: str) -> str:
+    """The load order for ``name`` (itself last, after what it needs), one per line."""
+    return f"{MODULES_DIR}/{_checked(name)}.order"
+
+
+def load_command(names: Iterable[str], params: dict[str, str] | None = None) -> str:
+    """A guest shell command that insmods each module of ``names`` with what it needs, in
+    order, skipping what is already loaded; fails naming a module the image lacks.
+
+    ``params``: module name -> parameters for its insmod (e.g. {"virtiofs": "dyndbg=+p"}).
+    """
+    params = params or {}
+    steps: list[str] = []
+    for name in names:
+        mod = _checked(name)
+        order = "/" + order_path(mod)
+        steps.append(
+            f"[ -f {order} ] || {{ echo 'no optional module {mod} in this image "
+            f"(recipe optional_modules)' >&2; exit 1; }}"
+        )
+        ko = f"/{MODULES_DIR}/$m.ko"
+        with_params = f"insmod {ko} {shlex.quote(params[mod])}" if mod in params else f"insmod {ko}"
+        steps.append(
+            f"for m in $(cat {order}); do "
+            f'grep -q "^$m " /proc/modules && continue; '
+            f'if [ "$m" = {mod} ]; then {with_params}; else insmod {ko}; fi; done'
+        )
+    return "set -e; " + "; ".join(steps)
