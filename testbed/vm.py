@@ -162,17 +162,38 @@ class GuestVM:
         boot_timeout: float = 90.0,
         allow_overfull: bool = False,
         reconnect_ms: int | None = None,
+        backend_cmd: str | Sequence[str] | None = None,
+        backend_socket: Path | str | None = None,
+        virtio_id: int = DEFAULT_VIRTIO_ID,
+        num_vqs: int = 1,
+        vq_size: int | None = None,
+        config_size: int | None = None,
+        backend_ready_timeout: float = 15.0,
     ) -> None:
         self.arch = arch
+        # A back-end we did not write: started from ``backend_cmd`` ('PROGRAM ARGS...
+        # {socket}') or already listening on ``backend_socket``; QEMU reaches it through
+        # the relay (trace, conformance checks), which injects ``regions`` if given.
+        if backend_cmd is not None and backend_socket is not None:
+            raise ConfigError("give a back-end command or a back-end socket, not both")
+        self.backend_cmd = backend_cmd
+        self.backend_socket = None if backend_socket is None else Path(backend_socket)
+        self.backend_ready_timeout = backend_ready_timeout
+        self.foreign: Any = None
+        foreign = backend_cmd is not None or backend_socket is not None
         # The device, parsed and checked here, at the edge; its socket is placed at start.
         # None: no vhost-user device at all; an empty layout: a device without regions.
         self.device: VhostUserDevice | None = (
             None
-            if regions is None
+            if regions is None and not foreign
             else VhostUserDevice(
                 BACKEND_CHARDEV,
                 Path(BACKEND_SOCKET),
                 ShmemLayout.of(regions),
+                virtio_id=virtio_id,
+                num_vqs=num_vqs,
+                vq_size=vq_size,
+                config_size=config_size,
                 reconnect_ms=reconnect_ms,
                 allow_overfull=allow_overfull,
             )
@@ -303,10 +324,54 @@ class GuestVM:
             raise
         return self
 
+    @property
+    def foreign_backend(self) -> bool:
+        """The device's back-end is not ours: QEMU talks to it through the relay."""
+        return self.backend_cmd is not None or self.backend_socket is not None
+
+    def _start_foreign_backend(self) -> None:
+        from testbed.vhost_user.foreign import ForeignBackend
+        from testbed.vhost_user.relay import Relay
+
+        assert self.device is not None and self.logdir is not None and self.run_dir is not None
+        target = self.backend_socket
+        if self.backend_cmd is not None:
+            self.foreign = ForeignBackend(
+                self.backend_cmd,
+                self.run_dir / "foreign.sock",
+                self.logdir,
+                ready_timeout=self.backend_ready_timeout,
+            )
+            self.foreign.start()
+            target = self.foreign.socket
+        assert target is not None
+        # The relay stands where our back-end would: same socket, same trace file, and
+        # `violations` like Backend's, so the plugin's checks apply unchanged.
+        self.backend = Relay(
+            self.device.socket,
+            target,
+            trace_path=self.logdir / TRACE_NAME,
+            inject=self.device.layout or None,
+        )
+        self.backend.start()
+
+    def load_modules(
+        self, *names: str, params: Mapping[str, str] | None = None, timeout: float = 60.0
+    ) -> CommandResult:
+        """insmod the image's optional modules (under /extra, with their dependencies, in
+        order) for ``names`` (e.g. "virtiofs", "virtio_blk"), ``params`` by module name
+        (e.g. {"virtiofs": "dyndbg=+p"}); see testbed.images.extra."""
+        from testbed.images.extra import load_command
+
+        return self.run(load_command(names, dict(params or {})), check=True, timeout=timeout)
+
     def _start_backend(self, layout: ShmemLayout | None = None) -> None:
         from testbed.vhost_user.backend import Backend
 
         assert self.device is not None and self.logdir is not None
+        if self.foreign_backend:
+            self._start_foreign_backend()
+            return
         # Each back-end keeps its own trace: a restarted one must not overwrite the first.
         trace = TRACE_NAME
         if self._backend_generation:
@@ -326,6 +391,8 @@ class GuestVM:
         chardev reconnects (GuestVM(reconnect_ms=...))."""
         if self.backend is None:
             raise ConfigError("this GuestVM has no back-end (regions=None): nothing to restart")
+        if self.foreign_backend:
+            raise ConfigError("restart_backend serves our own back-end, not a foreign one")
         layout = None if regions is None else ShmemLayout.of(regions)
         self.backend.close()
         if self.machine is not None:
@@ -343,7 +410,9 @@ class GuestVM:
             for w in argv
         ]
         script = self.logdir / "qemu-by-hand.sh"
-        script.write_text(by_hand_script(argv, self.run_dir, self.device))
+        # A foreign back-end is not ours to replay: the script then starts QEMU only.
+        device = None if self.foreign_backend else self.device
+        script.write_text(by_hand_script(argv, self.run_dir, device))
         script.chmod(0o755)
 
     def close(self, failed: bool = False) -> None:
@@ -393,6 +462,8 @@ class GuestVM:
             step("killing QEMU", machine.close)
         if self.backend is not None:
             step("closing the back-end", self.backend.close)
+        if self.foreign is not None:
+            step("stopping the foreign back-end", self.foreign.close)
         if failed and self.artifacts_dir is None and self.logdir is not None:
             step("keeping artifacts", self._keep_artifacts)
         if self.run_dir is not None:

@@ -28,6 +28,37 @@ def _add_vm_options(parser: argparse.ArgumentParser) -> None:
         help="a shared memory region served by our vhost-user back-end (repeatable; "
         "e.g. --region 0=4M --region 1=4M); without it no vhost-user device is added",
     )
+    foreign = parser.add_mutually_exclusive_group()
+    foreign.add_argument(
+        "--backend-cmd",
+        metavar="'PROGRAM ARGS... {socket}'",
+        help="a vhost-user back-end we did not write: started by the test bed (split like a "
+        "shell would, but no shell runs it; {socket} is replaced by the socket path), "
+        "stopped at the end, its output kept; QEMU reaches it through the relay, which "
+        "traces and checks both sides and, with --region, offers those regions itself",
+    )
+    foreign.add_argument(
+        "--backend-socket",
+        type=Path,
+        metavar="PATH",
+        help="an already running vhost-user back-end listening on PATH (through the relay)",
+    )
+    parser.add_argument(
+        "--virtio-id", type=int, default=None, help="the device's virtio id (default 26)"
+    )
+    parser.add_argument("--num-vqs", type=int, default=1, help="virtqueues (default 1)")
+    parser.add_argument("--vq-size", type=int, default=None, help="virtqueue size")
+    parser.add_argument(
+        "--config-size", type=int, default=None, help="bytes of device config space"
+    )
+    parser.add_argument(
+        "--load-modules",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="insmod an optional guest driver before COMMAND (repeatable; e.g. virtiofs, "
+        "virtio_blk; the image carries them under /extra)",
+    )
     parser.add_argument(
         "--keep-artifacts",
         type=Path,
@@ -71,6 +102,7 @@ def _regions(specs: list[str]) -> Any:
 
 
 def _vm(args: argparse.Namespace) -> Any:
+    from testbed.device import DEFAULT_VIRTIO_ID
     from testbed.vm import GuestVM
 
     return GuestVM(
@@ -80,7 +112,18 @@ def _vm(args: argparse.Namespace) -> Any:
         qemu=explicit_qemu(args, args.arch),
         artifacts_dir=args.keep_artifacts,
         boot_timeout=args.boot_timeout,
+        backend_cmd=args.backend_cmd,
+        backend_socket=args.backend_socket,
+        virtio_id=DEFAULT_VIRTIO_ID if args.virtio_id is None else args.virtio_id,
+        num_vqs=args.num_vqs,
+        vq_size=args.vq_size,
+        config_size=args.config_size,
     )
+
+
+def _load_modules(vm: Any, args: argparse.Namespace) -> None:
+    if args.load_modules:
+        vm.load_modules(*args.load_modules)
 
 
 def run_exec(args: argparse.Namespace) -> int:
@@ -92,6 +135,7 @@ def run_exec(args: argparse.Namespace) -> int:
     # One word is taken as a shell command line (`-- 'ls | wc -l'`); several as argv.
     command: str | list[str] = argv[0] if len(argv) == 1 else argv
     with _vm(args) as vm:
+        _load_modules(vm, args)
         result = vm.run(command, timeout=args.timeout)
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.buffer.flush()
@@ -102,4 +146,5 @@ def run_exec(args: argparse.Namespace) -> int:
 
 def run_shell(args: argparse.Namespace) -> int:
     with _vm(args) as vm:
+        _load_modules(vm, args)
         return int(vm.ssh.interactive())
