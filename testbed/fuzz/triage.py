@@ -54,8 +54,7 @@ def crash_site(stderr: str, segfault: dict[str, str]) -> str:
     for regex in (_ASSERT, _GASSERT):
         found = regex.search(stderr)
         if found:
-            kind = "Assertion" if regex is _ASSERT else "assertion failed:"
-            return f"{found[1]}: {kind} {found[2]}"
+            return found[0]
     if segfault:
         return f"{segfault['binary']}+0x{segfault['offset']}"
     return ""
