@@ -25,6 +25,10 @@ SOAK_HOTPLUG_CYCLES ?=
 SOAK_MAP_CYCLES ?=
 # e.g. BENCH_ARGS='--quick --runs 3'
 BENCH_ARGS ?=
+# The fuzzer (not part of make test): one campaign per arch in FUZZ_ARCH, e.g.
+# make fuzz FUZZ_ARGS='--time 20m --seed 7'; results in $(RESULTS)/fuzz/<run>/.
+FUZZ_ARCH ?= x86_64 aarch64
+FUZZ_ARGS ?= --time 10m --seed 1
 
 export TESTBED_RESULTS := $(abspath $(RESULTS))
 export PYTHONDONTWRITEBYTECODE := 1
@@ -59,6 +63,10 @@ bench: setup
 soak: setup
 	SOAK_HOTPLUG_CYCLES=$(SOAK_HOTPLUG_CYCLES) SOAK_MAP_CYCLES=$(SOAK_MAP_CYCLES) \
 	  $(BIN)/pytest scenarios/soak -p no:randomly -v --arch $(SOAK_ARCH) $(PYTEST_ARGS)
+
+.PHONY: fuzz
+fuzz: setup
+	for arch in $(FUZZ_ARCH); do $(BIN)/testbed fuzz --arch $$arch $(FUZZ_ARGS) || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check testbed tests scenarios scripts
