@@ -1,0 +1,157 @@
+"""Back-ends and guest drivers we did not write: virtiofsd and qemu-storage-daemon behind
+the relay (testbed/vhost_user/relay.py), driven by the guest kernel's own virtio-fs and
+virtio_blk drivers (optional modules, loaded only here).
+
+virtiofsd (Debian 1.14) has no shared memory: the relay offers SHMEM and answers
+GET_SHMEM_CONFIG with a 64 MiB region 0, the virtio-fs DAX cache window. The x86_64 guest
+kernel (6.1, FUSE_DAX=y) finds it at probe and prints its length and address, which must be
+the region and BAR 4 as our reader and lspci see them. The arm64 kernel has no ZONE_DEVICE,
+hence no FUSE_DAX: its driver never looks for a cache window, so on aarch64 the scenario
+asserts what is true there -- the share mounts, reads and writes, and no cache line shows.
+Every message of both back-ends passes the relay's conformance checks (violations fail the
+test, as for our own back-end), and teardown leaves no process, socket or pid file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from testbed.errors import HostCapabilityError
+from testbed.vm import GuestVM
+
+M = 1 << 20
+CACHE = {0: 64 * M}  # shmid 0 is virtio-fs's cache (VIRTIO_FS_SHMCAP_ID_CACHE)
+TAG = "testbedfs"
+DISK_SIZE = 16 * M
+BLOCK = 512
+# virtio_fs_setup_dax reports the window with dev_dbg: +p turns those lines on.
+VIRTIOFS_PARAMS = {"virtiofs": "dyndbg=+p"}
+# "virtiofs virtio2: Cache len: 0x4000000 @ 0xf8000000", then the mapped window.
+CACHE_LINE = re.compile(r"virtiofs \S+: Cache len: 0x([0-9a-f]+) @ 0x([0-9a-f]+)")
+WINDOW_LINE = re.compile(
+    r"virtio_fs_setup_dax: window kaddr \S+ phys_addr 0x([0-9a-f]+) len 0x([0-9a-f]+)"
+)
+
+
+def _host_tool(which: str) -> Path:
+    from testbed.host import backends
+
+    try:
+        if which == "virtiofsd":
+            return backends.ensure_virtiofsd(log=lambda _: None)
+        return backends.ensure_storage_daemon(log=lambda _: None)
+    except HostCapabilityError as exc:
+        pytest.skip(f"host capability missing: {exc}")
+
+
+def _assert_left_nothing(vm: GuestVM) -> None:
+    """After close(): the back-end process reaped, its socket and pid file gone."""
+    foreign: Any = vm.foreign
+    assert foreign is not None and foreign.pid is None and foreign.stopped is not None
+    assert not foreign.pid_file.exists(), f"{foreign.pid_file} left behind"
+    assert not foreign.socket.exists(), f"{foreign.socket} left behind"
+    assert vm.run_dir is not None and not vm.run_dir.exists()
+
+
+def test_virtiofs_cache_window(boot: Callable[..., GuestVM], arch: str, run_dir: Path) -> None:
+    virtiofsd = _host_tool("virtiofsd")
+    share = run_dir / "share"
+    share.mkdir()
+    (share / "from-host.txt").write_text("written by the host\n")
+    cmd = [
+        str(virtiofsd),
+        "--socket-path={socket}",
+        f"--shared-dir={share}",
+        "--tag",
+        TAG,
+        # No namespaces: the test bed may run unprivileged; the share is a private dir.
+        "--sandbox",
+        "none",
+    ]
+    # config_size 40: virtio-fs's config (tag[36], num_request_queues); 2 queues: hiprio
+    # and one request queue.
+    vm = boot(backend_cmd=cmd, regions=CACHE, num_vqs=2, config_size=40)
+    vm.load_modules("virtiofs", params=VIRTIOFS_PARAMS)
+    dmesg = vm.run("dmesg", check=True).stdout.decode(errors="replace")
+
+    device = vm.test_device()  # virtio-id 26, now bound to virtio-fs
+    assert device.driver == "virtio-pci"
+    bar4 = device.resources.bar(4)
+    assert bar4 is not None and bar4.size == CACHE[0]
+    view = vm.inspect_pci()
+    assert view.lspci is not None
+    region = view.lspci[device.bdf].regions[4]
+    assert (region.address, region.size) == (bar4.start, bar4.size)
+    vm.check_guest_sees(CACHE)
+
+    found = CACHE_LINE.search(dmesg)
+    if arch == "x86_64":
+        assert found, f"no 'Cache len' line from virtio_fs_setup_dax in dmesg:\n{dmesg[-2000:]}"
+        length, address = int(found.group(1), 16), int(found.group(2), 16)
+        # Region 0 is the only one, so it starts at BAR 4's base.
+        assert (length, address) == (CACHE[0], bar4.start)
+        assert (length, address) == (region.size, region.address)
+        window = WINDOW_LINE.search(dmesg)
+        assert window, "the driver found the cache but did not map it (no 'window' line)"
+        assert (int(window.group(1), 16), int(window.group(2), 16)) == (address, length)
+    else:
+        # arm64 6.1: no FUSE_DAX, the driver never looks for the window.
+        assert found is None and "No cache capability" not in dmesg
+        assert WINDOW_LINE.search(dmesg) is None
+
+    vm.run(f"mkdir -p /mnt/fs && mount -t virtiofs {TAG} /mnt/fs", check=True)
+    read = vm.run("cat /mnt/fs/from-host.txt", check=True).stdout
+    assert read == b"written by the host\n"
+    vm.run("echo written by the guest > /mnt/fs/from-guest.txt && sync", check=True)
+    assert (share / "from-guest.txt").read_text() == "written by the guest\n"
+    vm.run("umount /mnt/fs", check=True)
+
+    relay: Any = vm.backend
+    assert "GET_SHMEM_CONFIG" in relay.trace.names()
+    vm.close()
+    _assert_left_nothing(vm)
+    assert vm.foreign.stopped.returncode == 0  # virtiofsd ends by itself when QEMU goes
+
+
+def test_storage_daemon_disk(boot: Callable[..., GuestVM], arch: str, run_dir: Path) -> None:
+    qsd = _host_tool("qemu-storage-daemon")
+    disk = run_dir / "disk.img"
+    with disk.open("wb") as fh:
+        fh.truncate(DISK_SIZE)
+        fh.seek(200 * BLOCK)
+        fh.write(b"TESTBED-HOST-BLOCK")
+    cmd = [
+        str(qsd),
+        "--blockdev",
+        f"driver=file,node-name=f0,filename={disk}",
+        "--export",
+        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={socket},writable=on",
+    ]
+    # virtio-blk: device id 2, one request queue, 60 bytes of config (virtio_blk_config).
+    vm = boot(backend_cmd=cmd, virtio_id=2, num_vqs=1, config_size=60)
+    vm.load_modules("virtio_blk")
+    device = vm.test_device(virtio_id=2)
+    assert device.driver == "virtio-pci"
+    sectors = int(vm.run("cat /sys/block/vda/size", check=True).stdout)
+    assert sectors * BLOCK == DISK_SIZE
+
+    got = vm.run("dd if=/dev/vda bs=512 skip=200 count=1 2>/dev/null | head -c 18", check=True)
+    assert got.stdout == b"TESTBED-HOST-BLOCK"
+    vm.run(
+        "printf TESTBED-GUEST-BLOCK | dd of=/dev/vda bs=512 seek=300 conv=notrunc 2>/dev/null"
+        " && sync && echo 1 > /proc/sys/vm/drop_caches",
+        check=True,
+    )
+    with disk.open("rb") as fh:
+        fh.seek(300 * BLOCK)
+        assert fh.read(19) == b"TESTBED-GUEST-BLOCK"
+
+    vm.close()
+    _assert_left_nothing(vm)
+    # qemu-storage-daemon keeps serving after QEMU leaves: SIGTERM ends it, no SIGKILL.
+    assert not vm.foreign.stopped.killed
