@@ -55,9 +55,10 @@ def _add_vm_options(parser: argparse.ArgumentParser) -> None:
         "--load-modules",
         action="append",
         default=[],
-        metavar="NAME",
+        metavar="NAME[:PARAMS]",
         help="insmod an optional guest driver before COMMAND (repeatable; e.g. virtiofs, "
-        "virtio_blk; the image carries them under /extra)",
+        "virtio_blk, or virtiofs:dyndbg=+p for its debug lines; the image carries them "
+        "under /extra)",
     )
     parser.add_argument(
         "--keep-artifacts",
@@ -123,7 +124,9 @@ def _vm(args: argparse.Namespace) -> Any:
 
 def _load_modules(vm: Any, args: argparse.Namespace) -> None:
     if args.load_modules:
-        vm.load_modules(*args.load_modules)
+        specs = [spec.partition(":") for spec in args.load_modules]
+        params = {name: extra for name, _, extra in specs if extra}
+        vm.load_modules(*(name for name, _, _ in specs), params=params)
 
 
 def run_exec(args: argparse.Namespace) -> int:
