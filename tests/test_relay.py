@@ -266,3 +266,72 @@ def test_relay_in_front_of_a_foreign_process(sockdir: Path) -> None:
         assert bar4 is not None and bar4["size"] == 4 * M
     assert relay.violations == []
     assert fb.stopped is not None and not fb.stopped.killed
+
+
+# --- the pieces around it: CLI, GuestVM options, optional guest modules -----------------
+
+
+def test_exec_takes_a_foreign_backend_and_modules() -> None:
+    from testbed.cli import build_parser
+    from testbed.commands.run import _vm
+
+    args = build_parser().parse_args(
+        [
+            "exec",
+            "--arch",
+            "x86_64",
+            "--backend-cmd",
+            "virtiofsd --socket-path={socket} --shared-dir=/srv",
+            "--num-vqs",
+            "2",
+            "--config-size",
+            "40",
+            "--region",
+            "0=64M",
+            "--load-modules",
+            "virtiofs:dyndbg=+p",
+            "--",
+            "true",
+        ]
+    )
+    vm = _vm(args)
+    assert vm.foreign_backend and vm.device is not None
+    assert (vm.device.virtio_id, vm.device.num_vqs, vm.device.config_size) == (26, 2, 40)
+    assert vm.device.layout == ShmemLayout({0: 64 * M})
+    with pytest.raises(SystemExit):  # argparse: one or the other
+        build_parser().parse_args(
+            ["exec", "--backend-cmd", "x {socket}", "--backend-socket", "/s", "--", "true"]
+        )
+
+
+def test_guest_vm_without_regions_still_has_the_foreign_device() -> None:
+    from testbed.vm import GuestVM
+
+    vm = GuestVM("x86_64", backend_socket="/run/x.sock", virtio_id=2, config_size=60)
+    assert vm.device is not None and not vm.device.layout and vm.device.virtio_id == 2
+    with pytest.raises(ConfigError, match="not both"):
+        GuestVM("x86_64", backend_cmd="x {socket}", backend_socket="/s")
+    assert GuestVM("x86_64").device is None  # unchanged without a back-end
+
+
+def test_optional_modules_load_command() -> None:
+    from testbed.images.extra import load_command, module_path, order_path
+
+    assert module_path("virtio-blk") == "extra/modules/virtio_blk.ko"
+    assert order_path("virtiofs") == "extra/modules/virtiofs.order"
+    command = load_command(["virtiofs"], {"virtiofs": "dyndbg=+p"})
+    assert "/extra/modules/virtiofs.order" in command
+    assert "insmod /extra/modules/$m.ko dyndbg=+p" in command
+    assert "/lib/" not in command  # never under lib: it would shadow the lib -> usr/lib link
+    with pytest.raises(ConfigError):
+        load_command(["x; reboot"])
+
+
+def test_recipes_carry_optional_modules_apart_from_the_boot_list() -> None:
+    from testbed.images.recipe import load_recipe
+
+    for arch in ("x86_64", "aarch64"):
+        recipe, _ = load_recipe(arch)
+        assert set(recipe.optional_modules) == {"virtiofs", "virtio_blk"}
+        # Loaded at boot, virtio-fs would bind every test device (virtio-id 26).
+        assert not set(recipe.optional_modules) & set(recipe.modules)
