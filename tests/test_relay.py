@@ -335,3 +335,14 @@ def test_recipes_carry_optional_modules_apart_from_the_boot_list() -> None:
         assert set(recipe.optional_modules) == {"virtiofs", "virtio_blk"}
         # Loaded at boot, virtio-fs would bind every test device (virtio-id 26).
         assert not set(recipe.optional_modules) & set(recipe.modules)
+
+
+def test_outside_backends_run_through_the_sysroot_loader() -> None:
+    from testbed.host.backends import loader_wrapper
+
+    text = loader_wrapper(Path("/c/backends/v/usr/libexec/virtiofsd"), Path("/c/sysroot"), "x86_64")
+    assert text.startswith("#!/bin/sh\n")
+    assert (
+        'exec "/c/sysroot/usr/lib64/ld-linux-x86-64.so.2" --library-path '
+        '"/c/sysroot/usr/lib/x86_64-linux-gnu" "/c/backends/v/usr/libexec/virtiofsd" "$@"'
+    ) in text

@@ -85,9 +85,11 @@ def ensure_virtiofsd(log: Log = print) -> Path:
     base = _sysroot_dir()
     wrapper = backends_root() / "bin" / "virtiofsd"
     if wrapper.is_file():
-        words = wrapper.read_text().split('"')
-        if len(words) > 5 and Path(words[5]).is_file():
-            return wrapper  # the binary it runs is there: nothing to do, no apt call
+        text = wrapper.read_text()
+        for tree in backends_root().glob("virtiofsd-*"):
+            binary = tree / VIRTIOFSD_BINARY
+            if binary.is_file() and text == loader_wrapper(binary, base, arch):
+                return wrapper  # it runs an unpacked tree: nothing to do, no apt call
     apt = AptState(images_root() / "apt" / arch / "sid", arch, "sid")
     if not apt.has_lists():
         log(f"virtiofsd: apt-get update (sid, {apt.deb_arch})")

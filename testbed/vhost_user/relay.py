@@ -499,7 +499,8 @@ class Relay(Closeable):
         fds = [f.fileno() for f in msg.fds]
         if request is Request.SET_BACKEND_REQ_FD and len(msg.fds) == 1:
             fds = self._split_channel(s, msg)
-        if expects_reply(header, s.acked_protocol):
+        # REPLY_ACK counts only if the back-end itself offered it (not an injected bit).
+        if expects_reply(header, s.acked_protocol & s.backend_protocol):
             s.pending.append(header)
         s.backend.send(header, body, fds)
         if request is Request.SET_BACKEND_REQ_FD and fds:
@@ -544,7 +545,7 @@ class Relay(Closeable):
         agreed = s.acked_protocol & s.backend_protocol
         found = check_channel_request(header, body, len(msg.fds), agreed, s.served)
         self._record(CHANNEL_TO_QEMU, header, body, len(msg.fds), found)
-        if header.need_reply and s.acked_protocol & ProtocolFeature.REPLY_ACK:
+        if header.need_reply and agreed & ProtocolFeature.REPLY_ACK:
             s.channel_pending.append(header)
         assert s.qemu_channel is not None
         s.qemu_channel.send(header, body, [f.fileno() for f in msg.fds], allow_size_mismatch=True)
