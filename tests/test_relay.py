@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from testbed.device import ShmemLayout, VhostUserDevice
-from testbed.errors import ConfigError, TestbedError
+from testbed.errors import ConfigError, QemuExited, TestbedError
 from testbed.host.qemu import resolve_qemu
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.probe import pci_bar
@@ -346,3 +346,32 @@ def test_outside_backends_run_through_the_sysroot_loader() -> None:
         'exec "/c/sysroot/usr/lib64/ld-linux-x86-64.so.2" --library-path '
         '"/c/sysroot/usr/lib/x86_64-linux-gnu" "/c/backends/v/usr/libexec/virtiofsd" "$@"'
     ) in text
+
+
+@pytest.mark.qemu
+def test_relay_serves_one_qemu_after_another(sockdir: Path) -> None:
+    """Each QEMU connection gets its own back-end connection and a fresh negotiation."""
+    layout = ShmemLayout({0: 4 * M})
+    with (
+        Backend(sockdir / "be.sock", layout) as backend,
+        Relay(sockdir / "vu.sock", sockdir / "be.sock") as relay,
+    ):
+        for n in (1, 2):
+            with _machine(sockdir / "vu.sock").start() as qemu:
+                relay.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT, count=n)
+                bar4 = pci_bar(qemu.pci_device(), 4)
+                assert bar4 is not None and bar4["size"] == layout.total
+            relay.wait_disconnected(TIMEOUT, count=n)
+            backend.wait_disconnected(TIMEOUT, count=n)
+    assert relay.violations == [] and backend.violations == []
+
+
+@pytest.mark.qemu
+def test_relay_without_a_backend_lets_qemu_fail_as_it_would(sockdir: Path) -> None:
+    """No back-end behind the relay: QEMU's connection is dropped, QEMU refuses to start
+    (exit 1), as it does with no back-end at all; the relay waited a bounded time."""
+    with Relay(sockdir / "vu.sock", sockdir / "nobody.sock", backend_timeout=0.5):
+        qemu = _machine(sockdir / "vu.sock")
+        with pytest.raises(QemuExited) as info:
+            qemu.start()
+        assert info.value.returncode == 1
