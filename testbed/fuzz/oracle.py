@@ -23,6 +23,8 @@ class MapModel:
     behind_root_port: bool = False
     started: bool = False
     mapped: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    uncertain: bool = False
+    """A request went without NEED_REPLY: what is mapped is no longer known."""
 
     @property
     def regions(self) -> dict[int, int]:
@@ -37,6 +39,7 @@ class MapModel:
         """A device reset drops every mapping (the spec: without telling the back-end)."""
         self.mapped.clear()
         self.started = False
+        self.uncertain = False
 
     def offset_of(self, action: Action) -> int | None:
         """Where the action's region sits in BAR 4."""
@@ -77,7 +80,7 @@ class MapModel:
                 out.append(f"SHMEM_MAP of a {fds[0]} fd accepted")
             if f.get("fd_offset", 0) + length >= U64:
                 out.append("SHMEM_MAP whose fd_offset + length overflows accepted")
-            if length and offset + length <= region:
+            if length and offset + length <= region and not self.uncertain:
                 for start, size in self.mapped.get(shmid, []):
                     if offset < start + size and start < offset + length:
                         out.append("SHMEM_MAP overlapping a live mapping accepted")
@@ -89,7 +92,7 @@ class MapModel:
     def judgeable(self, action: Action) -> bool:
         """A well-formed, page-aligned MAP of a big enough memfd into free space, or an
         UNMAP of exactly a live mapping: QEMU must take it."""
-        if not self.sound or not self.started or action.flags != 0x9:
+        if not self.sound or not self.started or self.uncertain or action.flags != 0x9:
             return False
         f = action.fields
         offset, length = f.get("shm_offset", 0), f.get("length", 0)
