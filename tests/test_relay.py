@@ -3,9 +3,11 @@ Backend without a guest, where the relay must change nothing QEMU sees."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,15 +15,18 @@ from typing import Any
 import pytest
 
 from testbed.device import ShmemLayout, VhostUserDevice
-from testbed.errors import ConfigError, QemuExited, TestbedError
+from testbed.errors import ConfigError, PeerClosed, QemuExited, TestbedError
 from testbed.host.qemu import resolve_qemu
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.probe import pci_bar
 from testbed.paths import make_private_dir, remove_tree
+from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.connection import Listener
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.foreign import ForeignBackend, build_argv
 from testbed.vhost_user.protocol import (
+    REPLY_REQUESTS,
     U64,
     BackendRequest,
     Header,
@@ -375,3 +380,57 @@ def test_relay_without_a_backend_lets_qemu_fail_as_it_would(sockdir: Path) -> No
         with pytest.raises(QemuExited) as info:
             qemu.start()
         assert info.value.returncode == 1
+
+
+# --- both sides judged, with a scripted front-end and back-end ----------------------------
+
+
+def test_request_44_before_shmem_is_flagged_on_the_front_end_side(sockdir: Path) -> None:
+    """The relay judges QEMU's requests with the back-end's own rule table."""
+    faults = Faults(no_shmem=True)
+    with (
+        Backend(sockdir / "be.sock", ShmemLayout(), faults=faults) as backend,
+        Relay(sockdir / "vu.sock", sockdir / "be.sock") as relay,
+    ):
+        front = conn_mod.connect(sockdir / "vu.sock", TIMEOUT)
+        with front:
+            for request, body in [
+                (Request.GET_FEATURES, b""),
+                (Request.GET_PROTOCOL_FEATURES, b""),
+                (Request.SET_PROTOCOL_FEATURES, U64(int(ProtocolFeature.REPLY_ACK)).pack()),
+                (Request.GET_SHMEM_CONFIG, b""),
+            ]:
+                front.send(Header.make(request, len(body)), body)
+                if request in REPLY_REQUESTS:
+                    with front.recv() as reply:
+                        assert reply.header.is_reply_for(request)
+        relay.wait_disconnected(TIMEOUT)
+    assert [(v.request, v.rule) for v in relay.violations] == [("GET_SHMEM_CONFIG", "feature")]
+    assert [(v.request, v.rule) for v in backend.violations] == [("GET_SHMEM_CONFIG", "feature")]
+
+
+def test_a_bad_reply_is_flagged_and_passed_on_unchanged(sockdir: Path) -> None:
+    """A back-end answering GET_FEATURES with 4 bytes: the front-end gets those 4 bytes
+    (the relay changes nothing), the relay records a reply-size violation."""
+    listener = Listener(sockdir / "be.sock")
+
+    def scripted_backend() -> None:
+        with listener.accept() as conn, conn.recv() as msg:
+            assert msg.header.request == Request.GET_FEATURES
+            conn.send(Header.make(Request.GET_FEATURES, 4, reply=True), b"\1\0\0\0")
+            conn.settimeout(TIMEOUT)
+            with contextlib.suppress(PeerClosed):
+                conn.recv()  # until the relay hangs up
+
+    thread = threading.Thread(target=scripted_backend, daemon=True)
+    with listener, Relay(sockdir / "vu.sock", sockdir / "be.sock") as relay:
+        thread.start()
+        with conn_mod.connect(sockdir / "vu.sock", TIMEOUT) as front:
+            front.send(Header.make(Request.GET_FEATURES, 0))
+            front.settimeout(TIMEOUT)
+            with front.recv() as reply:
+                assert reply.body == b"\1\0\0\0"
+        relay.wait_disconnected(TIMEOUT)
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert [(v.request, v.rule) for v in relay.violations] == [("GET_FEATURES", "reply-size")]
