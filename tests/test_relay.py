@@ -43,6 +43,7 @@ from testbed.vhost_user.relay import (
     check_offer,
     check_reply,
     expects_reply,
+    recv_any,
 )
 from testbed.vhost_user.shmem import Memfd
 from testbed.vhost_user.trace import TraceEntry
@@ -434,3 +435,36 @@ def test_a_bad_reply_is_flagged_and_passed_on_unchanged(sockdir: Path) -> None:
         thread.join(TIMEOUT)
     assert not thread.is_alive()
     assert [(v.request, v.rule) for v in relay.violations] == [("GET_FEATURES", "reply-size")]
+
+
+def test_an_unknown_request_is_passed_on_and_flagged(sockdir: Path) -> None:
+    """Request 99 is in no spec we know: the relay still passes it on (the back-end may
+    know it), flags it, and the connection carries on."""
+    listener = Listener(sockdir / "be.sock")
+    got: list[int] = []
+
+    def scripted_backend() -> None:
+        with listener.accept() as conn:
+            conn.settimeout(TIMEOUT)
+            with recv_any(conn) as odd:
+                got.append(odd.header.request)
+            with conn.recv() as msg:
+                got.append(msg.header.request)
+                conn.send(Header.make(Request.GET_FEATURES, 8, reply=True), U64(1).pack())
+            with contextlib.suppress(PeerClosed):
+                conn.recv()
+
+    thread = threading.Thread(target=scripted_backend, daemon=True)
+    with listener, Relay(sockdir / "vu.sock", sockdir / "be.sock") as relay:
+        thread.start()
+        with conn_mod.connect(sockdir / "vu.sock", TIMEOUT) as front:
+            front.send(Header(99, 1, 4), b"abcd")
+            front.send(Header.make(Request.GET_FEATURES, 0))
+            front.settimeout(TIMEOUT)
+            with front.recv() as reply:
+                assert U64.unpack(reply.body).value == 1
+        relay.wait_disconnected(TIMEOUT)
+        thread.join(TIMEOUT)
+    assert got == [99, Request.GET_FEATURES]
+    assert [(v.request, v.rule) for v in relay.violations] == [("UNKNOWN_99", "unknown-request")]
+    assert relay.trace.entries()[0].name == "UNKNOWN_99"

@@ -38,12 +38,17 @@ from testbed.resource import Closeable
 from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import rules
 from testbed.vhost_user.backend.rules import Negotiation, Violation
-from testbed.vhost_user.connection import Connection, Listener, Message
+from testbed.vhost_user.connection import Connection, Listener, Message, OwnedFd, close_all
 from testbed.vhost_user.protocol import (
     F_SHMEM,
     FLAG_NEED_REPLY,
+    FLAG_RESERVED_MASK,
+    FLAG_VERSION_MASK,
+    HEADER_SIZE,
+    MAX_PAYLOAD_SIZE,
     REPLY_REQUESTS,
     U64,
+    VERSION,
     BackendRequest,
     Header,
     MMap,
@@ -51,6 +56,7 @@ from testbed.vhost_user.protocol import (
     Request,
     ShMemConfig,
     decode_payload,
+    request_name,
 )
 from testbed.vhost_user.trace import (
     CHANNEL_FROM_QEMU,
@@ -71,7 +77,48 @@ OLD_SHMEM_DETAIL = (
 )
 
 # Replies that carry an fd of their own; every other reply carries none.
-_REPLY_FDS = {Request.GET_INFLIGHT_FD: 1}
+_REPLY_FDS = {int(Request.GET_INFLIGHT_FD): 1}
+
+
+# --- framing that passes on what it cannot name -------------------------------------------
+
+
+def recv_any(conn: Connection) -> Message:
+    """One message, whatever its request code, version or flags: where Connection.recv()
+    refuses what it cannot name, the relay passes it on (the peer may know it) and flags it
+    (header_violations). Only a size beyond MAX_PAYLOAD_SIZE stays fatal: no peer frames
+    such a message, so the stream is lost. Uses Connection's own exact reader, so fds are
+    owned and closed the same way."""
+    fds: list[OwnedFd] = []
+    try:
+        raw = conn._recv_exact(HEADER_SIZE, fds, "header")
+        request, flags, size = Header.FORMAT.unpack(raw)
+        if size > MAX_PAYLOAD_SIZE:
+            raise ProtocolError(
+                f"{conn.name}: payload size {size} exceeds {MAX_PAYLOAD_SIZE}", bytes(raw)
+            )
+        body = conn._recv_exact(size, fds, "payload") if size else b""
+    except BaseException:
+        close_all(fds)
+        raise
+    return Message(Header(request, flags, size), body, fds)
+
+
+def header_violations(header: Header, backend_channel: bool) -> list[Violation]:
+    """What Header.unpack would have refused: an unknown request, a version, flag bits."""
+    name = request_name(header.request, backend_channel)
+    found: list[Violation] = []
+    if name.startswith("UNKNOWN_"):
+        found.append(
+            Violation(name, "unknown-request", f"request {header.request} is not in the spec")
+        )
+    if header.flags & FLAG_VERSION_MASK != VERSION:
+        found.append(
+            Violation(name, "header", f"version {header.flags & FLAG_VERSION_MASK}, not {VERSION}")
+        )
+    if header.flags & FLAG_RESERVED_MASK:
+        found.append(Violation(name, "header", f"reserved flag bits set (0x{header.flags:x})"))
+    return found
 
 
 # --- the checks (pure) ------------------------------------------------------------------
@@ -100,7 +147,7 @@ def check_offer(protocol_features: int) -> list[Violation]:
 def check_reply(request: Header | None, reply: Header, body: bytes, nfds: int) -> list[Violation]:
     """A message the back-end sent on the front-end socket, where only replies belong;
     ``request`` is the request it should answer (None: none was outstanding)."""
-    name = Request(reply.request).name
+    name = request_name(reply.request)
     found: list[Violation] = []
 
     def flag(rule: str, detail: str) -> None:
@@ -129,7 +176,7 @@ def check_reply(request: Header | None, reply: Header, body: bytes, nfds: int) -
             "shmem-config",
             f"nregions {payload.nregions} but {len(payload.regions)} non-zero sizes",
         )
-    expected = _REPLY_FDS.get(Request(reply.request), 0)
+    expected = _REPLY_FDS.get(reply.request, 0)
     if nfds != expected:
         flag("fds", f"reply carries {nfds} fd(s), the spec wants {expected}")
     return found
@@ -140,7 +187,7 @@ def check_channel_request(
 ) -> list[Violation]:
     """A back-end request on the back-end channel, given the negotiated protocol features
     and the shared-memory config QEMU was served (None: no GET_SHMEM_CONFIG answered)."""
-    name = BackendRequest(header.request).name
+    name = request_name(header.request, backend_channel=True)
     found: list[Violation] = []
 
     def flag(rule: str, detail: str) -> None:
@@ -178,7 +225,7 @@ def check_channel_reply(
     request: Header | None, reply: Header, body: bytes, nfds: int
 ) -> list[Violation]:
     """QEMU's answer on the back-end channel."""
-    name = BackendRequest(reply.request).name
+    name = request_name(reply.request, backend_channel=True)
     found: list[Violation] = []
     if request is None:
         return [Violation(name, "unsolicited", "QEMU answered a request nobody sent")]
@@ -421,7 +468,7 @@ class Relay(Closeable):
 
     def _relay_one(self, s: RelaySession, conn: Connection) -> None:
         try:
-            msg = conn.recv()
+            msg = recv_any(conn)
         except (PeerClosed, ProtocolError, OSError) as exc:
             if not isinstance(exc, PeerClosed):
                 self._flag(Violation("?", "framing", f"{conn.name}: {exc}"))
@@ -461,6 +508,12 @@ class Relay(Closeable):
 
     def _from_qemu(self, s: RelaySession, msg: Message) -> None:
         header, body = msg.header, msg.body
+        odd = header_violations(header, backend_channel=False)
+        if odd:
+            # Not ours to judge further: passed on as it came, no reply expected of it.
+            self._record(FROM_QEMU, header, body, len(msg.fds), odd)
+            s.backend.send(header, body, [f.fileno() for f in msg.fds], allow_size_mismatch=True)
+            return
         request = Request(header.request)
         try:
             payload = decode_payload(request, body)
@@ -521,11 +574,12 @@ class Relay(Closeable):
     def _from_backend(self, s: RelaySession, msg: Message) -> None:
         header, body = msg.header, msg.body
         owed = s.pending.popleft() if s.pending else None
-        found = check_reply(owed, header, body, len(msg.fds))
-        request = Request(header.request)
-        if request is Request.GET_FEATURES and len(body) == 8:
+        found = header_violations(header, backend_channel=False)
+        found += check_reply(owed, header, body, len(msg.fds))
+        request = header.request
+        if request == Request.GET_FEATURES and len(body) == 8:
             s.offered_features = U64.unpack(body).value
-        elif request is Request.GET_PROTOCOL_FEATURES and len(body) == 8:
+        elif request == Request.GET_PROTOCOL_FEATURES and len(body) == 8:
             value = U64.unpack(body).value
             s.backend_protocol = value
             found += check_offer(value)
@@ -533,7 +587,7 @@ class Relay(Closeable):
                 value |= SHMEM
                 body = U64(value).pack()
             s.offered_protocol = value
-        elif request is Request.GET_SHMEM_CONFIG:
+        elif request == Request.GET_SHMEM_CONFIG:
             with contextlib.suppress(ProtocolError):
                 s.served = ShMemConfig.unpack(body).regions
         self._record(TO_QEMU, header, body, len(msg.fds), found)
@@ -543,7 +597,8 @@ class Relay(Closeable):
         header, body = msg.header, msg.body
         # What both sides agreed on: QEMU's ack of what the back-end itself offered.
         agreed = s.acked_protocol & s.backend_protocol
-        found = check_channel_request(header, body, len(msg.fds), agreed, s.served)
+        found = header_violations(header, backend_channel=True)
+        found += check_channel_request(header, body, len(msg.fds), agreed, s.served)
         self._record(CHANNEL_TO_QEMU, header, body, len(msg.fds), found)
         if header.need_reply and agreed & ProtocolFeature.REPLY_ACK:
             s.channel_pending.append(header)
@@ -553,7 +608,8 @@ class Relay(Closeable):
     def _channel_from_qemu(self, s: RelaySession, msg: Message) -> None:
         header, body = msg.header, msg.body
         owed = s.channel_pending.popleft() if s.channel_pending else None
-        found = check_channel_reply(owed, header, body, len(msg.fds))
+        found = header_violations(header, backend_channel=True)
+        found += check_channel_reply(owed, header, body, len(msg.fds))
         self._record(CHANNEL_FROM_QEMU, header, body, len(msg.fds), found)
         assert s.backend_channel is not None
         s.backend_channel.send(
