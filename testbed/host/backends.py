@@ -98,14 +98,18 @@ def ensure_virtiofsd(log: Log = print) -> Path:
     tree = backends_root() / f"virtiofsd-{info.version.replace(':', '_')}"
     if not (tree / VIRTIOFSD_BINARY).is_file():
         (deb,) = apt.download([info], backends_root() / "debs", log)
-        tmp = Path(tempfile.mkdtemp(prefix=".virtiofsd-", dir=backends_root()))
-        try:
-            extract_deb(deb, tmp)
-            tmp.chmod(0o755)
-            remove_tree(tree)  # a half-written tree from an interrupted run
-            os.replace(tmp, tree)
-        finally:
-            remove_tree(tmp)
+        # Under apt's lock (download() has released it): two workers installing at once
+        # must not swap a tree away under the other's running virtiofsd.
+        with apt.locked():
+            if not (tree / VIRTIOFSD_BINARY).is_file():
+                tmp = Path(tempfile.mkdtemp(prefix=".virtiofsd-", dir=backends_root()))
+                try:
+                    extract_deb(deb, tmp)
+                    tmp.chmod(0o755)
+                    remove_tree(tree)  # a half-written tree from an interrupted run
+                    os.replace(tmp, tree)
+                finally:
+                    remove_tree(tmp)
     _write_wrapper(wrapper, loader_wrapper(tree / VIRTIOFSD_BINARY, base, arch))
     log(f"virtiofsd {info.version}: {wrapper}")
     return wrapper
