@@ -12,6 +12,7 @@ from typing import Any
 
 from testbed.commands.common import add_arch_option
 from testbed.errors import ConfigError
+from testbed.fuzz import corpus
 from testbed.fuzz.grammar import Case
 from testbed.fuzz.run import Campaign, replay, table
 from testbed.host.qemu import resolve_qemu
@@ -46,6 +47,12 @@ def register(sub: Any) -> None:
     parser.add_argument(
         "--replay", type=Path, metavar="CASE.json", help="play one case; exit 1 on a finding"
     )
+    parser.add_argument(
+        "--record",
+        type=Path,
+        metavar="ENTRY.json",
+        help="with --replay: save the case and the signatures it showed as a corpus entry",
+    )
     parser.set_defaults(func=run)
 
 
@@ -63,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{tag}] {f.signature}  (at {f.where})")
         if not found:
             print("no finding: QEMU ran the case clean")
+        if args.record is not None:
+            corpus.save(args.record, case, found)
+            print(f"corpus entry: {args.record}")
         return 1 if found else 0
     binary = resolve_qemu(args.arch, args.qemu)
     version = ".".join(str(v) for v in binary.version)

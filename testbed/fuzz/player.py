@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 STEP_TIMEOUT = 3.0
 """Deadline of every wait inside a case: a channel reply, QMP, a state transition."""
 START_TIMEOUT = 10.0
+DRIVER_OK_TIMEOUT = 1.0
 ROOT_PORT_SLOT = 0x08
 ACPI_PCIHP_ICH9 = 0xCC0  # q35's ACPI PCI hot-plug registers (see testbed.bugs.recipes)
 _PREF_WINDOW = ((0xEFF1 << 16) | 0xC001, 0, 0)
@@ -481,7 +483,9 @@ class Player:
             if state is State.AFTER_DRIVER_OK:
                 self.pci = self._driver()
                 self.pci.start_device()
-                b.wait_driver_ok(STEP_TIMEOUT)
+                # QEMU starts the vhost device inside the qtest write of DRIVER_OK: what
+                # is left to arrive comes at once, or never (a start that failed).
+                self._wait_backend(lambda t: b.wait_driver_ok(t), DRIVER_OK_TIMEOUT)
                 self.model.started = True
             elif state is State.DEVICE_RESET:
                 assert self.pci is not None
@@ -497,7 +501,9 @@ class Player:
                 self.old_backends.append(b)
                 b.close()
                 nb = self._new_backend(())
-                nb.wait_for_request(Request.SET_BACKEND_REQ_FD, STEP_TIMEOUT)
+                self._wait_backend(
+                    lambda t: nb.wait_for_request(Request.SET_BACKEND_REQ_FD, t), STEP_TIMEOUT
+                )
                 self.model.reset()
                 self.channel_broken = False
         except QemuExited:
@@ -507,6 +513,22 @@ class Player:
                 raise self._dead() from None
             raise _Unreached(f"{state.value} not reached: {exc}") from None
         self.where = state.value
+
+    def _wait_backend(self, wait: Callable[[float], None], timeout: float) -> None:
+        """``wait`` (a back-end wait taking a timeout) in short slices, so that QEMU dying
+        meanwhile ends it at once: QemuExited, or WaitTimeout at the deadline."""
+        m = self.machine
+        assert m is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                wait(min(0.05, max(0.0, deadline - time.monotonic())))
+                return
+            except WaitTimeout:
+                if m.wait_exited(0.0) is not None:
+                    raise self._dead() from None
+                if time.monotonic() >= deadline:
+                    raise
 
     def _leave(self, state: State) -> None:
         m = self.machine

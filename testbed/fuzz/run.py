@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.fuzz import corpus
 from testbed.fuzz.generator import generate
 from testbed.fuzz.grammar import Case
 from testbed.fuzz.player import PlayResult, play
@@ -105,8 +106,7 @@ class Campaign:
             minimal, used = minimise(case, f.signature, self.replay_signatures, seconds=budget)
             seen.minimised_in = used
         (directory / "minimal.json").write_text(minimal.dumps() + "\n")
-        corpus_entry = {"case": minimal.to_json(), "signatures": [f.signature]}
-        (directory / "corpus.json").write_text(json.dumps(corpus_entry, indent=1) + "\n")
+        corpus.save(directory / "corpus.json", minimal, [f])
         argv = [sys.executable, "-m", "testbed", "fuzz", "--arch", case.arch]
         argv += ["--qemu", str(self.qemu), "--replay", str((directory / "minimal.json").resolve())]
         script = (
