@@ -45,4 +45,12 @@ fi
 
 # 4. Guest images (cached by content hash).
 "$VENV/bin/testbed" images build --arch all
+
+# 5. Back-ends from outside the project for the foreign-back-end scenarios: virtiofsd (sid)
+#    and qemu-storage-daemon, run through the QEMU sysroot's loader. Needs the provisioned
+#    sysroot: skipped when the user brought both QEMUs.
+if [[ -z "${TESTBED_QEMU_X86_64:-}" || -z "${TESTBED_QEMU_AARCH64:-}" ]]; then
+    say "outside back-ends (virtiofsd, qemu-storage-daemon): installed if missing"
+    "$VENV/bin/python" -m testbed.host.backends
+fi
 say "done"

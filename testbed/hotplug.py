@@ -47,6 +47,7 @@ UNPLUG_TIMEOUT = 45.0
 DISCONNECT_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 15.0
 
+
 def slot_power_off_script(bdf: str) -> str:
     """A guest script powering off the hot-plug slot that holds ``bdf`` (pciehp's software
     eject); fails when no slot has that address."""

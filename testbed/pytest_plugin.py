@@ -145,7 +145,7 @@ def boot(
         request.node.user_properties.append(("vhost-user-violations", "; ".join(violations)))
         if request.node.get_closest_marker("expect_violations") is None and not failed:
             pytest.fail(
-                "QEMU sent vhost-user requests it had not negotiated:\n  "
+                "vhost-user spec violations (front-end or back-end side, see the trace):\n  "
                 + "\n  ".join(violations),
                 pytrace=False,
             )

@@ -54,9 +54,7 @@ def _dq(word: str) -> str:
     return f'"{escaped}"'
 
 
-def by_hand_script(
-    qemu_argv: Sequence[str], run_dir: Path, device: VhostUserDevice | None
-) -> str:
+def by_hand_script(qemu_argv: Sequence[str], run_dir: Path, device: VhostUserDevice | None) -> str:
     """qemu-by-hand.sh: `testbed backend` serving the device's layout, then QEMU with the
     same command line in the foreground, for gdb. It serves the layout only: a scenario's
     faults and steps are replayed by its reproduce.sh (testbed bugs reproduce), not here.

@@ -202,9 +202,7 @@ def check_init(init: bytes, recipe: Recipe, where: str) -> None:
 
 def recipe_path(arch: str, recipes_dir: Path | None = None) -> Path:
     if arch not in ARCHES:
-        raise ConfigError(
-            f"unknown architecture {arch!r}; use one of {', '.join(ARCHES)}"
-        )
+        raise ConfigError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHES)}")
     return (recipes_dir or paths.RECIPES_DIR) / f"{arch}.json"
 
 
