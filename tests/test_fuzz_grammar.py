@@ -196,3 +196,11 @@ def test_draft_entry_is_a_valid_registry_entry(kind: str) -> None:
     from testbed.bugs import Evidence
 
     assert bug.matches(Evidence(f.text, f.exit, bug.id if bug.observable else None))
+
+
+def test_map_oracle_without_shmem_negotiated() -> None:
+    model = MapModel(ShmemConfig({0: 2 * M}), started=True, negotiated=False)
+    assert not model.judgeable(_map())  # a refusal is right
+    assert _problems(model, _map()) == ["SHMEM_MAP accepted without SHMEM negotiated"]
+    untrusted = MapModel(ShmemConfig({0: 2 * M}), started=True, negotiated=False, trusted=False)
+    assert _problems(untrusted, _map()) == []

@@ -23,6 +23,10 @@ class MapModel:
     behind_root_port: bool = False
     started: bool = False
     mapped: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    negotiated: bool = True
+    """SHMEM was offered at bit 22 and the replies that negotiate it were not bent."""
+    trusted: bool = True
+    """False when a realize reply was bent: what QEMU took is not known."""
     uncertain: bool = False
     """A request went without NEED_REPLY: what is mapped is no longer known."""
 
@@ -51,9 +55,13 @@ class MapModel:
 
     def problems(self, action: Action, header: Header, body: bytes) -> list[str]:
         """Why QEMU must refuse this SHMEM_MAP/UNMAP; [] = nothing the spec forbids."""
-        if not self.sound or action.body != BodyKind.MMAP:
+        if action.body != BodyKind.MMAP:
             return []
         name = action.name
+        if not self.negotiated:
+            return [f"{name} accepted without SHMEM negotiated"] if self.trusted else []
+        if not self.sound:
+            return []
         mapping = action.request == BackendRequest.SHMEM_MAP
         f = action.fields
         out: list[str] = []
@@ -92,7 +100,9 @@ class MapModel:
     def judgeable(self, action: Action) -> bool:
         """A well-formed, page-aligned MAP of a big enough memfd into free space, or an
         UNMAP of exactly a live mapping: QEMU must take it."""
-        if not self.sound or not self.started or self.uncertain or action.flags != 0x9:
+        if not (self.sound and self.negotiated and self.trusted and self.started):
+            return False
+        if self.uncertain or action.flags != 0x9:
             return False
         f = action.fields
         offset, length = f.get("shm_offset", 0), f.get("length", 0)

@@ -275,7 +275,18 @@ class Player:
         self.old_backends: list[FuzzBackend] = []
         self.machine: QtestMachine | None = None
         self.pci: PciFunctionDriver | None = None
-        self.model = MapModel(case.config, case.behind_root_port)
+        bent = {m.request for m in case.replies} & {
+            Request.GET_FEATURES,
+            Request.GET_PROTOCOL_FEATURES,
+            Request.SET_PROTOCOL_FEATURES,
+            Request.GET_SHMEM_CONFIG,
+        }
+        self.model = MapModel(
+            case.config,
+            case.behind_root_port,
+            negotiated=case.offer.shmem_negotiable,
+            trusted=not bent,
+        )
         self.where = f"{REALIZE}:start"
         self.mems: dict[int, int] = {}
         self.channel_broken = False
