@@ -71,6 +71,7 @@ def test_a_crash_matches_by_stderr_and_exit() -> None:
     wrapped.__cause__ = crash
     assert bug.matches(Evidence.of(wrapped)), "the evidence follows the exception chain"
     assert "Assertion" in Evidence.of(crash).headline()
+    assert bug.seen(Evidence.of(wrapped)) == f"{stderr} [signal:SIGABRT]"
 
 
 def test_a_silent_bug_matches_only_when_the_scenario_names_it() -> None:

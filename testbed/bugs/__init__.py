@@ -119,6 +119,12 @@ class Bug:
             return False
         return self.exit == "any" or evidence.exit == self.exit
 
+    def seen(self, evidence: Evidence) -> str:
+        """The evidence's line that shows this bug (for reports), with the exit."""
+        lines = [ln.strip() for ln in evidence.text.splitlines() if ln.strip()]
+        hit = next((ln for ln in lines if self.pattern.search(ln)), None)
+        return f"{hit} [{evidence.exit}]" if hit and self.pattern.pattern else evidence.headline()
+
     def signature(self) -> str:
         what = self.stderr or (f"observable: {self.observable}" if self.observable else "")
         return f"{what} [{self.exit}]".strip()

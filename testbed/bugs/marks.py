@@ -99,8 +99,9 @@ def judge_known_bug(
     evidence = Evidence.of(call.excinfo.value)
     if bug.matches(evidence):
         report.outcome = "skipped"
-        report.wasxfail = f"known bug {bug.id} on QEMU {version}: {evidence.headline()}"
-        item.user_properties.append(("known-bug-signature", evidence.headline()))
+        seen = bug.seen(evidence)
+        report.wasxfail = f"known bug {bug.id} on QEMU {version}: {seen}"
+        item.user_properties.append(("known-bug-signature", seen))
         return
     report.outcome = "failed"
     report.sections.append(
