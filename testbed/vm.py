@@ -328,7 +328,7 @@ class GuestVM:
         return self.backend_cmd is not None or self.backend_socket is not None
 
     def _start_foreign_backend(self) -> None:
-        from testbed.vhost_user.foreign import ForeignBackend
+        from testbed.host.foreign import ForeignBackend
         from testbed.vhost_user.relay import Relay
 
         assert self.device is not None and self.logdir is not None and self.run_dir is not None

@@ -16,6 +16,7 @@ import pytest
 
 from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, PeerClosed, QemuExited, TestbedError
+from testbed.host.foreign import ForeignBackend, build_argv
 from testbed.host.qemu import resolve_qemu
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.probe import pci_bar
@@ -24,7 +25,6 @@ from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.connection import Listener
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.foreign import ForeignBackend, build_argv
 from testbed.vhost_user.protocol import (
     REPLY_REQUESTS,
     U64,
@@ -210,7 +210,7 @@ def test_back_end_channel_is_relayed_and_checked(sockdir: Path) -> None:
     assert backend.violations == []
 
 
-# --- a back-end we did not start ourselves (testbed.vhost_user.foreign) ------------------
+# --- a back-end we did not start ourselves (testbed.host.foreign) ------------------
 
 
 def test_build_argv_substitutes_the_socket_without_a_shell() -> None:
