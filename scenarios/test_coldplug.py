@@ -30,6 +30,7 @@ LAYOUTS: dict[str, dict[int, int]] = {
 }
 
 
+@pytest.mark.foreign_backend
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout(boot: Callable[..., GuestVM], name: str) -> None:
     boot(regions=LAYOUTS[name]).check_guest_sees()

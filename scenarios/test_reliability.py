@@ -19,6 +19,7 @@ M = 1 << 20
 PROMPT = 10.0  # seconds: far below every timeout involved (SSH command 60 s, QMP 10 s)
 
 
+@pytest.mark.foreign_backend
 def test_qemu_killed_is_reported_as_killed(boot: Callable[..., GuestVM]) -> None:
     vm = boot(regions={0: 4 * M})
     assert vm.machine is not None and vm.machine.pid is not None

@@ -57,6 +57,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="accelerator (default: auto = KVM only where it really works; env TESTBED_ACCEL)",
     )
     group.addoption(
+        "--backend-cmd",
+        default=os.environ.get("TESTBED_BACKEND_CMD"),
+        metavar="'PROGRAM ARGS... {socket}'",
+        help="run the scenarios that make sense for it against your back-end (started by us, "
+        "behind the relay); the others are deselected (env TESTBED_BACKEND_CMD)",
+    )
+    group.addoption(
+        "--backend-socket",
+        default=os.environ.get("TESTBED_BACKEND_SOCKET"),
+        metavar="PATH",
+        help="the same with a back-end already listening on PATH (env TESTBED_BACKEND_SOCKET)",
+    )
+    group.addoption(
+        "--backend-device",
+        default=os.environ.get("TESTBED_BACKEND_DEVICE", ""),
+        metavar="virtio_id=N,num_vqs=N,vq_size=N,config_size=N",
+        help="what the device must look like for your back-end (env TESTBED_BACKEND_DEVICE)",
+    )
+    group.addoption(
         "--keep-artifacts",
         action="store_true",
         default=bool(os.environ.get("TESTBED_KEEP_ARTIFACTS")),
@@ -83,8 +102,46 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.xmlpath = str(results / "junit.xml")
     config.addinivalue_line("markers", "arches(*names): run only on these architectures")
     config.addinivalue_line(
+        "markers",
+        "foreign_backend: makes sense for a back-end we did not write (no fault injection, "
+        "nothing asked of our back-end's internals); run with --backend-cmd/--backend-socket",
+    )
+    config.addinivalue_line(
         "markers", "expect_violations: QEMU is meant to break a vhost-user rule in this test"
     )
+
+
+def foreign_backend_options(config: pytest.Config) -> dict[str, Any]:
+    """GuestVM options for the user's own back-end, or {} when none was given."""
+    cmd, sock = config.getoption("--backend-cmd"), config.getoption("--backend-socket")
+    if not cmd and not sock:
+        return {}
+    if cmd and sock:
+        raise pytest.UsageError("give --backend-cmd or --backend-socket, not both")
+    options: dict[str, Any] = {"backend_cmd": cmd} if cmd else {"backend_socket": sock}
+    spec = str(config.getoption("--backend-device") or "")
+    for item in filter(None, (word.strip() for word in spec.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("virtio_id", "num_vqs", "vq_size", "config_size"):
+            raise pytest.UsageError(
+                f"--backend-device {item!r}: use virtio_id=, num_vqs=, vq_size=, config_size="
+            )
+        try:
+            options[key] = int(value, 0)
+        except ValueError:
+            raise pytest.UsageError(
+                f"--backend-device {item!r}: {value!r} is not a number"
+            ) from None
+    return options
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With a foreign back-end, only the scenarios marked foreign_backend make sense."""
+    if not foreign_backend_options(config):
+        return
+    keep = [i for i in items if i.get_closest_marker("foreign_backend") is not None]
+    config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+    items[:] = keep
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -117,9 +174,11 @@ def boot(
 
     vms: list[GuestVM] = []
 
+    foreign = foreign_backend_options(request.config)
+
     def _boot(**options: Any) -> GuestVM:
         logdir = artifacts if not vms else artifacts / f"vm{len(vms)}"
-        vm = GuestVM(arch, accel=accel, artifacts_dir=logdir, **options)
+        vm = GuestVM(arch, accel=accel, artifacts_dir=logdir, **{**options, **foreign})
         vms.append(vm)
         try:
             vm.start()

@@ -503,8 +503,14 @@ class GuestVM:
 
     # -- the verdict -----------------------------------------------------------------------
 
-    def test_device(self, virtio_id: int = DEFAULT_VIRTIO_ID) -> GuestPciDevice:
+    @property
+    def virtio_id(self) -> int:
+        """The device type the guest sees for our device (its virtio-id)."""
+        return self.device.virtio_id if self.device is not None else DEFAULT_VIRTIO_ID
+
+    def test_device(self, virtio_id: int | None = None) -> GuestPciDevice:
         """The guest's one vhost-user test device (AssertionError unless exactly one)."""
+        virtio_id = self.virtio_id if virtio_id is None else virtio_id
         devices = self.inspect_pci().virtio_devices_of(virtio_id)
         if len(devices) != 1:
             raise AssertionError(
@@ -522,7 +528,7 @@ class GuestVM:
             if self.device is None:
                 raise ConfigError("this GuestVM has no device: name the layout to expect")
             layout = self.device.layout
-        return verdict_for(self.inspect_pci(), layout, bdf)
+        return verdict_for(self.inspect_pci(), layout, bdf, self.virtio_id)
 
     def check_guest_sees(
         self, layout: ShmemLayout | Mapping[int, int] | None = None, bdf: str | None = None
