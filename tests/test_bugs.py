@@ -45,6 +45,12 @@ def test_every_mark_names_a_registered_bug_and_every_bug_is_marked() -> None:
         text = path.read_text()
         marked |= set(MARK.findall(text)) | set(BUG_ARG.findall(text))
         named |= {bug for bug in registry() if f'"{bug}"' in text}
+    # A bug the fuzzer found is shown by its minimised case in the replayed corpus.
+    corpus = ROOT / "tests" / "data" / "fuzz-corpus"
+    for bug in registry().values():
+        cases = [s.partition("[")[2].rstrip("]") for s in bug.scenarios if "test_corpus_case" in s]
+        if any((corpus / f"{case}.json").is_file() for case in cases):
+            named.add(bug.id)
     assert marked <= set(registry()), f"unregistered ids: {marked - set(registry())}"
     assert set(registry()) <= named, f"bugs no test shows: {set(registry()) - named}"
 

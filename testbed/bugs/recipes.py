@@ -29,7 +29,7 @@ from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import GUESTLESS_SLOT, build_qtest_command, device_options
 from testbed.machine.probe import pci_bar
 from testbed.machine.qtest import PciFunctionDriver, QtestClient
-from testbed.paths import make_private_dir, remove_tree
+from testbed.paths import PROJECT_ROOT, make_private_dir, remove_tree
 from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.faults import Faults
@@ -563,6 +563,8 @@ def run_recipe(bug_id: str, arch: str, qemu: Path, *, trace_path: Path | None = 
     if arch not in bug.arches:
         return Recorded(Outcome(bug.id, arch, DOES_NOT_APPLY, None, 0.0), None)
     recipe = RECIPES.get(bug.id)
+    if recipe is None and any(CORPUS_TEST in scenario for scenario in bug.scenarios):
+        return Recorded(_replay_corpus(bug, arch, qemu, started), None)
     if recipe is None:
         return Recorded(_rerun(bug, arch, started), None)
     workdir = make_private_dir("bug")
@@ -586,6 +588,34 @@ def run_recipe(bug_id: str, arch: str, qemu: Path, *, trace_path: Path | None = 
     status = REPRODUCED if bug.matches(evidence) else NOT_REPRODUCED
     outcome = Outcome(bug.id, arch, status, evidence, time.monotonic() - started, detail)
     return Recorded(outcome, script)
+
+
+CORPUS_TEST = "tests/test_fuzz_corpus.py::test_corpus_case["
+CORPUS_DIR = PROJECT_ROOT / "tests" / "data" / "fuzz-corpus"
+
+
+def _replay_corpus(bug: Bug, arch: str, qemu: Path, started: float) -> Outcome:
+    """A bug the fuzzer found: replay its minimised corpus case (this arch's, else the
+    first one, moved to this arch) through the fuzzer's player."""
+    import dataclasses
+
+    from testbed.fuzz.corpus import load
+    from testbed.fuzz.run import replay
+
+    names = [s.removeprefix(CORPUS_TEST).rstrip("]") for s in bug.scenarios if CORPUS_TEST in s]
+    name = next((n for n in names if n.startswith(f"{arch}-")), names[0])
+    case, _recorded = load(CORPUS_DIR / f"{name}.json")
+    if case.arch != arch:
+        case = dataclasses.replace(case, arch=arch)
+    found = replay(case, qemu)
+    exits = [f.exit for f in found if f.exit != "running"]
+    evidence = Evidence(
+        "\n".join(f"{f.signature}\n{f.text}" for f in found) or "(no finding)",
+        exits[0] if exits else "running",
+        bug.id if bug.observable and any(f.kind == "silent" for f in found) else None,
+    )
+    status = REPRODUCED if bug.matches(evidence) else NOT_REPRODUCED
+    return Outcome(bug.id, arch, status, evidence, time.monotonic() - started, f"corpus {name}")
 
 
 def _rerun(bug: Bug, arch: str, started: float) -> Outcome:
