@@ -56,7 +56,11 @@ def test_check_command_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.skipif(not SYSTEM_PYTHON.exists(), reason="no /usr/bin/python3")
-@pytest.mark.parametrize("bug_id", ["shmem-caps-overflow-abort", "readonly-map-writable"])
+@pytest.mark.parametrize(
+    "bug_id",
+    # An assertion, a silent acceptance, and a segfault that prints nothing.
+    ["shmem-caps-overflow-abort", "readonly-map-writable", "shmem-map-stopped-device-segfault"],
+)
 def test_exported_repro_runs_with_system_python(bug_id: str, tmp_path: Path) -> None:
     qemu = _qemu("x86_64")
     done = export(bug_id, tmp_path / bug_id, "x86_64", qemu.path, qemu.version_str)

@@ -289,7 +289,8 @@ def judge(signature: dict[str, str], stderr: str, exit_kind: str, observed: list
     message; its observable pattern in what the checks saw for a silent acceptance."""
     if signature.get("observable"):
         return any(re.search(signature["observable"], text) for text in observed)
-    if not re.search(signature["stderr"], stderr):
+    # An empty pattern (a segfault prints nothing) leaves the exit alone to decide.
+    if not re.search(signature.get("stderr") or "", stderr):
         return False
     return signature.get("exit", "any") in ("any", exit_kind)
 
@@ -421,7 +422,8 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
         except TimeoutError as exc:
             print(f"  step timed out: {exc}")
         # A crash may still be on its way (abort after the step's answer): give it a moment.
-        code = qemu.wait_exit(2.0) if script["signature"].get("stderr") else qemu.proc.poll()
+        crash = not script["signature"].get("observable")
+        code = qemu.wait_exit(2.0) if crash else qemu.proc.poll()
         exit_kind = exit_text(code)
         # A SIGSEGV prints nothing: the exit itself is the message (the registry's words).
         stderr = qemu.stderr_text() + ("" if code is None else f"\nQEMU exited ({exit_kind})")
@@ -429,9 +431,12 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
             print("  QEMU's stderr:\n" + "".join(f"    {ln}\n" for ln in stderr.splitlines()))
         reproduced = judge(script["signature"], stderr, exit_kind, runner.observed)
         sig = script["signature"]
-        wanted = sig.get("stderr") or f"observable: {sig.get('observable')}"
+        wanted = sig.get("stderr") or (
+            f"observable: {sig['observable']}" if sig.get("observable") else "a crash"
+        )
         if reproduced:
-            lines = [ln for ln in stderr.splitlines() if re.search(sig.get("stderr") or "$^", ln)]
+            pattern = sig.get("stderr") or "$^"
+            lines = [ln for ln in stderr.splitlines() if ln.strip() and re.search(pattern, ln)]
             seen = runner.observed[0] if sig.get("observable") else (lines or [wanted])[-1]
             print(f"REPRODUCED: {seen} [QEMU {exit_kind}]")
             return 0
