@@ -10,8 +10,9 @@ results.html, results.json and results.xml under --results (results.xml then get
 reasons and WARN messages that avocado's xunit writer leaves out).
 
 The job's own data, in <job>/testbed/: job.json (per arch: the QEMU binary and version, the
-accelerator decision and why, the guest image hash) and the tables of
-`testbed bugs check` (every known bug against the QEMU at hand).
+accelerator decision and why, the guest image hash), the tables of `testbed bugs check`
+(every known bug against the QEMU at hand) and of `testbed fuzz` run for a fixed time per
+arch (fuzz-<arch>.txt, fuzz-<arch>/summary.json and its findings).
 
 Usage: scripts/nightly.py [--results DIR] [--arch x86_64,aarch64] [--accel kvm,tcg] [-k EXPR]
 """
@@ -86,6 +87,18 @@ def bugs_check(out: Path, arches: list[str]) -> None:
             (out / name).write_text(done.stdout + done.stderr)
 
 
+def fuzz(out: Path, arches: list[str], minutes: float) -> None:
+    """`testbed fuzz` for a fixed time per arch: its table, summary.json and findings."""
+    for arch in arches:
+        run_dir = out / f"fuzz-{arch}"
+        done = subprocess.run(
+            [sys.executable, "-m", "testbed", "fuzz", "--arch", arch, "--time", f"{minutes}m",
+             "--seed", "1", "--output", str(run_dir)],
+            cwd=ROOT, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        (out / f"fuzz-{arch}.txt").write_text(done.stdout + done.stderr)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(ROOT / "results" / "nightly"))
@@ -94,6 +107,9 @@ def main() -> int:
     parser.add_argument("-k", dest="keyword", help="pytest -k expression to select scenarios")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "2")))
     parser.add_argument("--no-bugs-check", dest="bugs_check", action="store_false")
+    parser.add_argument(
+        "--fuzz-minutes", type=float, default=10.0, help="testbed fuzz per arch (0: none)"
+    )
     args = parser.parse_args()
 
     # Imported here so that --help works without avocado installed.
@@ -137,6 +153,8 @@ def main() -> int:
     (data_dir / "job.json").write_text(json.dumps(job_data(arches, accels), indent=2) + "\n")
     if args.bugs_check:
         bugs_check(data_dir, arches)
+    if args.fuzz_minutes > 0:
+        fuzz(data_dir, arches, args.fuzz_minutes)
     annotated = annotate_xunit(job_dir)
     print(f"nightly: avocado results in {job_dir} (results.html, results.xml, "
           f"{annotated} SKIP/WARN reasons added to results.xml; testbed/job.json)")  # fmt: skip
