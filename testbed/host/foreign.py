@@ -6,6 +6,10 @@ split with shlex (never a shell), ``{socket}`` substituted in every word. The pr
 its own process group (a Ctrl-C on the terminal reaches us, not it; killpg reaches what it
 forks) and SIGKILL when the thread that started it dies (our abrupt death, where no
 ``finally`` runs). It never starts QEMU: that is testbed.machine's job.
+
+``start_behind_relay`` is the one way the test bed puts such a back-end in front of QEMU
+(cold-plug in GuestVM, hot-plug in testbed.hotplug): the back-end, and the relay
+(testbed.vhost_user.relay) listening where QEMU connects, recording and checking.
 """
 
 from __future__ import annotations
@@ -22,10 +26,14 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from testbed.errors import ConfigError, HostCapabilityError, TestbedError, WaitTimeout
 from testbed.resource import Closeable
+
+if TYPE_CHECKING:
+    from testbed.device import VhostUserDevice
+    from testbed.vhost_user.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -217,3 +225,45 @@ class ForeignBackend(Closeable):
 
     def __repr__(self) -> str:
         return f"ForeignBackend({shlex.join(self.argv)})"
+
+
+def start_behind_relay(
+    device: VhostUserDevice,
+    *,
+    command: str | Sequence[str] | None,
+    socket: Path | None,
+    foreign_socket: Path,
+    logdir: Path,
+    trace_path: Path,
+    name: str = "backend",
+    ready_timeout: float = 15.0,
+) -> tuple[Relay, ForeignBackend | None]:
+    """A foreign back-end with the relay in front of it, listening on ``device.socket``.
+
+    The back-end is started from ``command`` ('PROGRAM ARGS... {socket}', on
+    ``foreign_socket``; output in ``<logdir>/<name>-std*.log``) or is already listening on
+    ``socket`` (not ours: it is neither started nor stopped). The relay records the trace
+    to ``trace_path``, checks both sides, and offers SHMEM with ``device.layout`` when that
+    has regions. Returns (relay, the started back-end or None); the caller closes the
+    relay first, then the back-end. On failure nothing started here is left running.
+    """
+    from testbed.vhost_user.relay import Relay
+
+    if (command is None) == (socket is None):
+        raise ConfigError("give a back-end command or a back-end socket (one of them)")
+    foreign: ForeignBackend | None = None
+    target = socket
+    if command is not None:
+        foreign = ForeignBackend(
+            command, foreign_socket, logdir, name=name, ready_timeout=ready_timeout
+        ).start()
+        target = foreign.socket
+    assert target is not None
+    relay = Relay(device.socket, target, trace_path=trace_path, inject=device.layout or None)
+    try:
+        relay.start()
+    except BaseException:
+        if foreign is not None:
+            foreign.close()
+        raise
+    return relay, foreign
