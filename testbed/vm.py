@@ -328,30 +328,20 @@ class GuestVM:
         return self.backend_cmd is not None or self.backend_socket is not None
 
     def _start_foreign_backend(self) -> None:
-        from testbed.host.foreign import ForeignBackend
-        from testbed.vhost_user.relay import Relay
+        from testbed.host.foreign import start_behind_relay
 
         assert self.device is not None and self.logdir is not None and self.run_dir is not None
-        target = self.backend_socket
-        if self.backend_cmd is not None:
-            self.foreign = ForeignBackend(
-                self.backend_cmd,
-                self.run_dir / "foreign.sock",
-                self.logdir,
-                ready_timeout=self.backend_ready_timeout,
-            )
-            self.foreign.start()
-            target = self.foreign.socket
-        assert target is not None
         # The relay stands where our back-end would: same socket, same trace file, and
         # `violations` like Backend's, so the plugin's checks apply unchanged.
-        self.backend = Relay(
-            self.device.socket,
-            target,
+        self.backend, self.foreign = start_behind_relay(
+            self.device,
+            command=self.backend_cmd,
+            socket=self.backend_socket,
+            foreign_socket=self.run_dir / "foreign.sock",
+            logdir=self.logdir,
             trace_path=self.logdir / TRACE_NAME,
-            inject=self.device.layout or None,
+            ready_timeout=self.backend_ready_timeout,
         )
-        self.backend.start()
 
     def load_modules(
         self, *names: str, params: Mapping[str, str] | None = None, timeout: float = 60.0
