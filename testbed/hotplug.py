@@ -14,6 +14,14 @@ pciehp waits 5 s (the operator's chance to cancel) before it powers the slot off
 DEVICE_DELETED comes ~6 s later. A guest that ejects the device itself powers the slot off
 at once (`echo 0 > /sys/bus/pci/slots/N/power`, what an OS does for a software eject): that
 is the default here (`guest_ejects=True`); `guest_ejects=False` keeps the button path.
+
+A back-end we did not write (``plug(backend_cmd=...)`` or ``plug(backend_socket=...)``) is
+hot-plugged the way GuestVM cold-plugs one (testbed.host.foreign.start_behind_relay): the
+foreign process, the relay in front of it (trace, conformance checks, the layout injected
+when it has regions), then chardev-add/device_add with the device's virtio-id, queues and
+config size. Unplug also closes the relay and stops and reaps the process (its socket and
+pid file removed). The relays' violations fail a pytest scenario like a cold-plugged one's
+(``hotplugged_relays``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,11 +38,13 @@ from typing import TYPE_CHECKING
 from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, QemuExited, StateError, TestbedError, WaitTimeout
 from testbed.guest.inspect import GuestPciDevice, inspect_pci
+from testbed.host.foreign import ForeignBackend, start_behind_relay
 from testbed.machine.cmdline import root_port_id
 from testbed.machine.profiles import profile_for
 from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.faults import Faults
+from testbed.vhost_user.relay import Relay
 
 if TYPE_CHECKING:
     from testbed.vm import GuestVM
@@ -46,6 +57,16 @@ SEE_TIMEOUT = 30.0
 UNPLUG_TIMEOUT = 45.0
 DISCONNECT_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 15.0
+FOREIGN_READY_TIMEOUT = 15.0
+
+# The relays hot-plugged into each VM, kept past unplug: their violations are the test's.
+_RELAYS: weakref.WeakKeyDictionary[GuestVM, list[Relay]] = weakref.WeakKeyDictionary()
+
+
+def hotplugged_relays(vm: GuestVM) -> list[Relay]:
+    """The relays Hotplug put in front of foreign back-ends hot-plugged into ``vm`` (all
+    of them, unplugged ones too), for the violation check GuestVM.backend gets."""
+    return list(_RELAYS.get(vm, ()))
 
 
 def slot_power_off_script(bdf: str) -> str:
@@ -64,12 +85,21 @@ def slot_power_off_script(bdf: str) -> str:
 
 @dataclass
 class PluggedDevice:
-    """One hot-plugged device and its back-end; ``bdf`` is where the guest sees it."""
+    """One hot-plugged device and its back-end; ``bdf`` is where the guest sees it.
+
+    ``backend`` is our Backend, or the Relay in front of a foreign back-end; ``foreign``
+    is then the process we started for it (None when it was already listening)."""
 
     spec: VhostUserDevice
-    backend: Backend
+    backend: Backend | Relay
     bdf: str
     timings: dict[str, float] = field(default_factory=dict)
+    foreign: ForeignBackend | None = None
+
+    @property
+    def relayed(self) -> bool:
+        """Its back-end is not ours: QEMU reaches it through the relay."""
+        return isinstance(self.backend, Relay)
 
     @property
     def name(self) -> str:
@@ -95,7 +125,8 @@ class PluggedDevice:
 
 @dataclass(frozen=True)
 class UnplugResult:
-    disconnect: DisconnectKind
+    disconnect: DisconnectKind | None
+    """How our back-end saw QEMU go; None for a relayed (foreign) back-end."""
     deleted_after: float
     """Seconds from device_del to DEVICE_DELETED."""
     gone_after: float
@@ -119,24 +150,30 @@ class Hotplug(Closeable):
         self.logdir: Path = vm.logdir or vm.run_dir
         self.virtio_id = virtio_id
         self.plugged: dict[str, PluggedDevice] = {}
-        self._backends: list[Backend] = []
+        self._backends: list[Backend | Relay | ForeignBackend] = []
         self._count = 0
         self._closed = False
 
     # -- guest view ------------------------------------------------------------------------
 
-    def guest_test_devices(self) -> dict[str, GuestPciDevice]:
-        """The test devices the guest lists right now, by BDF (the one guest reader)."""
+    def guest_test_devices(self, virtio_id: int | None = None) -> dict[str, GuestPciDevice]:
+        """The test devices (``virtio_id``, default this Hotplug's) the guest lists right
+        now, by BDF (the one guest reader)."""
         view = inspect_pci(self.vm.ssh, lspci=False, dmesg=False, timeout=20)
-        return {d.bdf: d for d in view.virtio_devices_of(self.virtio_id)}
+        wanted = self.virtio_id if virtio_id is None else virtio_id
+        return {d.bdf: d for d in view.virtio_devices_of(wanted)}
 
     def _poll_guest(
-        self, done: Callable[[dict[str, GuestPciDevice]], bool], timeout: float, what: str
+        self,
+        done: Callable[[dict[str, GuestPciDevice]], bool],
+        timeout: float,
+        what: str,
+        virtio_id: int | None = None,
     ) -> dict[str, GuestPciDevice]:
         deadline = time.monotonic() + timeout
         while True:
             self.machine.check_alive(f"while waiting for {what}")
-            current = self.guest_test_devices()
+            current = self.guest_test_devices(virtio_id)
             if done(current):
                 return current
             if time.monotonic() > deadline:
@@ -157,15 +194,27 @@ class Hotplug(Closeable):
 
     def plug(
         self,
-        layout: ShmemLayout | Mapping[int, int],
+        layout: ShmemLayout | Mapping[int, int] | None = None,
         *,
         faults: Faults | None = None,
         port: str | None = None,
         see_timeout: float = SEE_TIMEOUT,
         allow_overfull: bool = False,
         reconnect_ms: int | None = None,
+        backend_cmd: str | Sequence[str] | None = None,
+        backend_socket: Path | str | None = None,
+        virtio_id: int | None = None,
+        num_vqs: int = 1,
+        vq_size: int | None = None,
+        config_size: int | None = None,
+        backend_ready_timeout: float = FOREIGN_READY_TIMEOUT,
     ) -> PluggedDevice:
-        """Start a back-end serving ``layout`` and hot-plug a device for it.
+        """Start a back-end serving ``layout`` (None: no regions) and hot-plug a device for
+        it (``virtio_id`` default this Hotplug's; ``num_vqs``, ``vq_size``, ``config_size``).
+
+        ``backend_cmd`` ('PROGRAM ARGS... {socket}') or ``backend_socket`` (already
+        listening): a back-end we did not write, reached through the relay, which injects
+        ``layout`` when it has regions (as GuestVM does for a cold-plugged one).
 
         Returns once the guest lists the new function. A refused device_add raises
         QmpCommandFailed (chardev and back-end cleaned up); QEMU dying raises QemuExited.
@@ -173,26 +222,53 @@ class Hotplug(Closeable):
         """
         if self._closed:
             raise StateError("closed", "open", "Hotplug.plug")
+        foreign = backend_cmd is not None or backend_socket is not None
+        if foreign and faults is not None:
+            raise ConfigError("faults are our back-end's: a foreign back-end takes none")
         self._count += 1
         name = f"hp{self._count}"
         spec = VhostUserDevice(
             name,
             self.run_dir / f"{name}.sock",
             ShmemLayout.of(layout),
-            virtio_id=self.virtio_id,
+            virtio_id=self.virtio_id if virtio_id is None else virtio_id,
+            num_vqs=num_vqs,
+            vq_size=vq_size,
+            config_size=config_size,
             bus=port or self.free_port(),
             reconnect_ms=reconnect_ms,
             allow_overfull=allow_overfull,
         )
-        backend = Backend(
-            spec.socket,
-            spec.layout,
-            trace_path=self.logdir / f"{name}-vhost-user-trace.jsonl",
-            faults=faults,
-        )
-        self._backends.append(backend)
-        backend.start()
-        before = self.guest_test_devices()
+        trace_path = self.logdir / f"{name}-vhost-user-trace.jsonl"
+        backend: Backend | Relay
+        started: ForeignBackend | None = None
+        if foreign:
+            backend, started = start_behind_relay(
+                spec,
+                command=backend_cmd,
+                socket=None if backend_socket is None else Path(backend_socket),
+                foreign_socket=self.run_dir / f"{name}-foreign.sock",
+                logdir=self.logdir,
+                trace_path=trace_path,
+                name=f"{name}-backend",
+                ready_timeout=backend_ready_timeout,
+            )
+            # The relay first: close() closes it before it stops the process behind it.
+            self._backends.append(backend)
+            if started is not None:
+                self._backends.append(started)
+            _RELAYS.setdefault(self.vm, []).append(backend)
+        else:
+            backend = Backend(spec.socket, spec.layout, trace_path=trace_path, faults=faults)
+            self._backends.append(backend)
+            backend.start()
+
+        def drop_backend() -> None:
+            backend.close()
+            if started is not None:
+                started.close()
+
+        before = self.guest_test_devices(spec.virtio_id)
         t0 = time.monotonic()
         self.machine.qmp("chardev-add", spec.chardev_add_arguments())
         if reconnect_ms is not None:
@@ -204,12 +280,12 @@ class Hotplug(Closeable):
         try:
             self.machine.qmp("device_add", spec.device_add_arguments())
         except QemuExited:
-            backend.close()
+            drop_backend()
             raise
         except TestbedError:
             with contextlib.suppress(TestbedError):
                 self.machine.qmp("chardev-remove", id=name)
-            backend.close()
+            drop_backend()
             raise
         added = time.monotonic()
         # Sysfs lists a hot-added function before the kernel has assigned its BARs; the
@@ -218,9 +294,10 @@ class Hotplug(Closeable):
             lambda now: any(f.driver for b, f in now.items() if b not in before),
             see_timeout,
             f"the guest adding {name} on {spec.bus} (function listed, driver bound)",
+            spec.virtio_id,
         )
         (bdf,) = set(seen) - set(before)
-        device = PluggedDevice(spec, backend, bdf)
+        device = PluggedDevice(spec, backend, bdf, foreign=started)
         device.timings = {
             "device_add": round(added - t0, 3),
             "guest_sees": round(time.monotonic() - added, 3),
@@ -252,13 +329,18 @@ class Hotplug(Closeable):
         self.machine.wait_event("DEVICE_DELETED", timeout, match={"device": device.device_id})
         deleted = time.monotonic() - t0
         self._poll_guest(
-            lambda now: device.bdf not in now, timeout, f"{device.bdf} leaving the guest"
+            lambda now: device.bdf not in now,
+            timeout,
+            f"{device.bdf} leaving the guest",
+            device.spec.virtio_id,
         )
         gone = time.monotonic() - t0
         del self.plugged[device.name]
         self.machine.qmp("chardev-remove", id=device.chardev_id)
         kind = device.backend.wait_disconnected(disconnect_timeout)
         device.backend.close()
+        if device.foreign is not None:
+            device.foreign.close()  # stopped and reaped; its socket and pid file removed
         result = UnplugResult(kind, round(deleted, 3), round(gone, 3))
         device.timings.update(device_deleted=result.deleted_after, guest_gone=result.gone_after)
         log.info("unplugged %s: %s", device.name, result)
@@ -271,12 +353,17 @@ class Hotplug(Closeable):
         ``layout`` (default: the same). Only a chardev plugged with reconnect_ms finds it."""
         if self.plugged.get(device.name) is not device:
             raise StateError("not plugged", "plugged", f"Hotplug.restart_backend({device.name})")
+        if not isinstance(device.backend, Backend):
+            raise ConfigError("restart_backend serves our own back-end, not a foreign one")
         layout = device.layout if layout is None else ShmemLayout.of(layout)
         device.backend.close()
         # QEMU takes the hang-up in on its main loop, later: until it has, query-chardev
         # still says connected, and a wait for "connected again" would pass at once.
         self.machine.wait_chardev(device.chardev_id, connected=False, timeout=DISCONNECT_TIMEOUT)
-        generation = sum(b.socket_path == device.backend.socket_path for b in self._backends)
+        generation = sum(
+            isinstance(b, Backend) and b.socket_path == device.backend.socket_path
+            for b in self._backends
+        )
         backend = Backend(
             device.backend.socket_path,
             layout,
