@@ -170,6 +170,7 @@ def boot(
     the reason: a missing host capability, not a missing feature.
     """
     from testbed.errors import HostCapabilityError
+    from testbed.hotplug import hotplugged_relays
     from testbed.vm import GuestVM
 
     vms: list[GuestVM] = []
@@ -197,8 +198,9 @@ def boot(
     violations = [
         f"{v.request}: {v.rule}: {v.detail}"
         for vm in vms
-        if vm.backend is not None
-        for v in vm.backend.violations
+        for backend in (vm.backend, *hotplugged_relays(vm))  # cold- and hot-plugged
+        if backend is not None
+        for v in backend.violations
     ]
     if violations:
         request.node.user_properties.append(("vhost-user-violations", "; ".join(violations)))
