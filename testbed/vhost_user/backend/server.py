@@ -35,6 +35,10 @@ class Backend(Waits, ChannelRequests, Closeable):
     Listen mode (default): we own ``socket_path`` (in a 0700 dir); QEMU connects as client,
     and may reconnect after a disconnect (hot-plug cycles). Connect mode (``connect=True``):
     QEMU listens (chardev server=on) and we connect once.
+
+    ``wrap_dispatcher``, if given, is called once with the dispatcher built for this
+    back-end and returns the one that serves every request instead (a subclass or wrapper
+    that bends replies: the fuzzer's hook). Default: the dispatcher as built.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class Backend(Waits, ChannelRequests, Closeable):
         num_queues: int = 1,
         connect_timeout: float = 30.0,
         on_message: Callable[[TraceEntry], None] | None = None,
+        wrap_dispatcher: Callable[[Dispatcher], Dispatcher] | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.layout = layout
@@ -58,7 +63,8 @@ class Backend(Waits, ChannelRequests, Closeable):
         self._on_message = on_message
         self._cond = threading.Condition()
         device = DeviceHandler(layout, self.faults, num_queues)
-        self._dispatcher = Dispatcher(device, self.trace, self._cond, self._notify)
+        dispatcher = Dispatcher(device, self.trace, self._cond, self._notify)
+        self._dispatcher = dispatcher if wrap_dispatcher is None else wrap_dispatcher(dispatcher)
         self._channel_lock = threading.Lock()
         self._stop = threading.Event()
         self._finished = threading.Event()
