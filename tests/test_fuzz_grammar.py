@@ -3,7 +3,9 @@ encoding, the oracles, triage (signatures, the registry), delta debugging, draft
 
 from __future__ import annotations
 
+import json
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,7 +194,8 @@ def test_draft_entry_is_a_valid_registry_entry(kind: str) -> None:
         f = Finding("silent", "bar4: x", "@realize", "device realized with BAR 4 size None")
     text = draft_entry(f, generate("x86_64", 1, 3), "11.1.3", slug(f.signature))
     [raw] = tomllib.loads(text)["bug"]
-    bug = Bug(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    bug = Bug(**fields)
     from testbed.bugs import Evidence
 
     assert bug.matches(Evidence(f.text, f.exit, bug.id if bug.observable else None))
@@ -204,3 +207,45 @@ def test_map_oracle_without_shmem_negotiated() -> None:
     assert _problems(model, _map()) == ["SHMEM_MAP accepted without SHMEM negotiated"]
     untrusted = MapModel(ShmemConfig({0: 2 * M}), started=True, negotiated=False, trusted=False)
     assert _problems(untrusted, _map()) == []
+
+
+def test_after_reconnect_is_entered_every_way_and_round_trips() -> None:
+    from testbed.fuzz.grammar import RECONNECT_MODES, RECONNECT_PATHS
+
+    cases = [generate("aarch64", 5, i) for i in range(600)]
+    reconnects = [c for c in cases if c.reconnects]
+    assert {c.reconnect for c in reconnects} == set(RECONNECT_MODES)
+    assert any(a.state == State.AFTER_RECONNECT for c in reconnects for a in c.actions)
+    for c in reconnects:
+        assert c.path == RECONNECT_PATHS[c.reconnect]
+        assert Case.from_json(json.loads(c.dumps())) == c
+    # A case written before the modes existed hung up under the started device.
+    old = reconnects[0].to_json()
+    del old["reconnect"]
+    assert Case.from_json(old).reconnect == "live"
+
+
+def test_fd_growth_is_a_leak_finding_and_summed(tmp_path: Path) -> None:
+    from testbed.fuzz.run import Campaign, table
+
+    campaign = Campaign("x86_64", Path("/q"), "11.1.3", 1, 60.0, tmp_path, minimise=False)
+    clean = generate("x86_64", 1, 0)
+    campaign._account(clean, PlayResult(clean, fds_before=20, fds_after=20), 0.0)
+    grown = generate("x86_64", 1, 1)
+    text = "QEMU holds 2 more fd(s) after a case ending in after-driver-ok (last request X)"
+    result = PlayResult(grown, fds_before=20, fds_after=22)
+    result.observations.append(Observation("leak", text, "after-driver-ok", "X"))
+    campaign._account(grown, result, 0.0)
+    summary = campaign.summary()
+    assert summary["fds"] == {
+        "cases_counted": 2,
+        "before_total": 40,
+        "after_total": 42,
+        "growth_total": 2,
+        "cases_grown": 1,
+        "max_growth": 2,
+    }
+    [sig] = summary["signatures"]
+    assert sig["kind"] == "leak" and "N more fd(s)" in sig["signature"]
+    assert json.loads((Path(sig["directory"]) / "finding.json").read_text())["fds_after"] == 22
+    assert "growth +2 in 1 case(s)" in table(summary)

@@ -15,6 +15,7 @@ from testbed.fuzz.grammar import (
     CHANNEL_REQUESTS,
     MUTABLE_REQUESTS,
     PAGE,
+    RECONNECT_MODES,
     Action,
     BodyKind,
     Case,
@@ -71,8 +72,12 @@ STATE_WEIGHTS: dict[State, int] = {
     State.DEVICE_RESET: 2,
     State.AFTER_SYSTEM_RESET: 2,
     State.DURING_DEVICE_DEL: 2,
-    State.AFTER_RECONNECT: 2,
+    State.AFTER_RECONNECT: 3,
 }
+
+# How after-reconnect is entered: mostly on a device that then starts again; "live" (the
+# known abort) keeps counting up.
+RECONNECT_WEIGHTS = (6, 2, 1, 1)
 
 
 def _pick(rng: random.Random, items: Sequence[T]) -> T:
@@ -91,7 +96,10 @@ def generate(arch: str, seed: int, index: int) -> Case:
     config = gen_config(rng, behind_port)
     offer = gen_offer(rng)
     replies = gen_replies(rng) if rng.random() < 0.3 else ()
-    path = Case(arch, seed, index, last_state=last).path
+    reconnect = "live"
+    if last is State.AFTER_RECONNECT:
+        reconnect = rng.choices(RECONNECT_MODES, RECONNECT_WEIGHTS)[0]
+    path = Case(arch, seed, index, last_state=last, reconnect=reconnect).path
     actions: list[Action] = []
     for _ in range(rng.choice((1, 1, 2, 3, 4, 6))):
         # Mostly in the last state; sometimes on the way.
@@ -100,7 +108,7 @@ def generate(arch: str, seed: int, index: int) -> Case:
     # Actions follow the path's order.
     order = {s.value: i for i, s in enumerate(path)}
     actions.sort(key=lambda a: order[a.state])
-    return Case(arch, seed, index, offer, config, replies, last.value, tuple(actions))
+    return Case(arch, seed, index, offer, config, replies, last.value, tuple(actions), reconnect)
 
 
 def gen_config(rng: random.Random, behind_port: bool) -> ShmemConfig:

@@ -14,6 +14,17 @@ States (the moment a back-end request is sent):
                                                     │                      sent, not ejected)
                                                     └─► after-reconnect    (our hang-up, then
                                                                            a new connection)
+
+after-reconnect is entered four ways (``Case.reconnect``, ``RECONNECT_MODES``); in each
+only the front-end socket is hung up, the back-end channel is kept:
+
+    reset    after-driver-ok, hang-up (the started device survives it), device reset
+             (status 0) with no back-end connected, a new connection: requests go to the
+             reconnected, stopped device (over the new channel, or the kept one)
+    restart  reset, then DRIVER_OK again over the new connection
+    stopped  before-driver-ok, hang-up, a new connection, DRIVER_OK
+    live     after-driver-ok, hang-up, a new connection under the started device
+             (QEMU 11.1.3 aborts: backend-reconnect-vhost-dev-start-abort)
 """
 
 from __future__ import annotations
@@ -61,6 +72,13 @@ PATHS: dict[State, tuple[State, ...]] = {
         State.DURING_DEVICE_DEL,
     ),
     State.AFTER_RECONNECT: (State.BEFORE_DRIVER_OK, State.AFTER_DRIVER_OK, State.AFTER_RECONNECT),
+}
+RECONNECT_MODES: tuple[str, ...] = ("reset", "restart", "stopped", "live")
+RECONNECT_PATHS: dict[str, tuple[State, ...]] = {
+    "reset": PATHS[State.AFTER_RECONNECT],
+    "restart": PATHS[State.AFTER_RECONNECT],
+    "stopped": (State.BEFORE_DRIVER_OK, State.AFTER_RECONNECT),
+    "live": PATHS[State.AFTER_RECONNECT],
 }
 STOPPED_STATES = frozenset({State.BEFORE_DRIVER_OK, State.DEVICE_RESET, State.AFTER_SYSTEM_RESET})
 
@@ -273,9 +291,14 @@ class Case:
     replies: tuple[ReplyMutation, ...] = ()
     last_state: str = State.AFTER_DRIVER_OK
     actions: tuple[Action, ...] = ()
+    reconnect: str = "live"
+    """How after-reconnect is entered (RECONNECT_MODES); "live" is what a case without
+    the key meant (version-1 cases and corpus entries)."""
 
     @property
     def path(self) -> tuple[State, ...]:
+        if self.reconnects:
+            return RECONNECT_PATHS[self.reconnect]
         return PATHS[State(self.last_state)]
 
     @property
@@ -315,6 +338,7 @@ class Case:
             replies=tuple(ReplyMutation(**m) for m in data.get("replies", [])),
             last_state=data.get("last_state", State.AFTER_DRIVER_OK),
             actions=actions,
+            reconnect=data.get("reconnect", "live"),
         )
 
     def dumps(self) -> str:

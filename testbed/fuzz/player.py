@@ -43,7 +43,7 @@ from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.backend.dispatch import Dispatcher
 from testbed.vhost_user.backend.handlers import Reply
 from testbed.vhost_user.backend.session import Session
-from testbed.vhost_user.connection import Message
+from testbed.vhost_user.connection import Connection, Message
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
@@ -61,6 +61,7 @@ STEP_TIMEOUT = 3.0
 """Deadline of every wait inside a case: a channel reply, QMP, a state transition."""
 START_TIMEOUT = 10.0
 DRIVER_OK_TIMEOUT = 1.0
+FD_SETTLE = 0.3
 ROOT_PORT_SLOT = 0x08
 ACPI_PCIHP_ICH9 = 0xCC0  # q35's ACPI PCI hot-plug registers (see testbed.bugs.recipes)
 _PREF_WINDOW = ((0xEFF1 << 16) | 0xC001, 0, 0)
@@ -111,6 +112,17 @@ class PlayResult:
     """(state, request) pairs exercised (reply mutations as ("realize", "reply:..."))."""
     error: str = ""
     """A failure of ours (not QEMU's), if any."""
+    fds_before: int = -1
+    """QEMU's open fds (/proc/PID/fd) once the device is realized, before the case's path."""
+    fds_after: int = -1
+    """QEMU's open fds at the end of the case, the device stopped again (-1: QEMU died,
+    hung, or the device could not be brought back to stopped)."""
+
+    @property
+    def fd_growth(self) -> int | None:
+        if self.fds_before < 0 or self.fds_after < 0:
+            return None
+        return self.fds_after - self.fds_before
 
 
 # -- the back-end, bent per case ------------------------------------------------------------
@@ -206,9 +218,13 @@ class FuzzBackend(Backend):
             extra_features=offer.extra,
             withhold_features=offer.withhold,
         )
-        super().__init__(path, ShmemLayout(), faults=faults, **kwargs)
-        self.fuzz = FuzzDispatcher(self._dispatcher, case, mutations)
-        self._dispatcher = self.fuzz
+        self.fuzz: FuzzDispatcher | None = None
+
+        def wrap(base: Dispatcher) -> Dispatcher:
+            self.fuzz = FuzzDispatcher(base, case, mutations)
+            return self.fuzz
+
+        super().__init__(path, ShmemLayout(), faults=faults, wrap_dispatcher=wrap, **kwargs)
 
 
 def _memfd(size: int) -> int:
@@ -290,6 +306,8 @@ class Player:
         self.where = f"{REALIZE}:start"
         self.mems: dict[int, int] = {}
         self.channel_broken = False
+        self.kept_channel: Connection | None = None
+        """The first connection's back-end channel, kept over a reconnect."""
 
     @property
     def socket(self) -> Path:
@@ -303,6 +321,8 @@ class Player:
             for b in [*self.old_backends, self.backend]:
                 if b is not None:
                     b.close()
+            if self.kept_channel is not None:
+                self.kept_channel.close()
 
     # -- the steps --------------------------------------------------------------------------
 
@@ -310,6 +330,7 @@ class Player:
         try:
             self._realize()
             self._check_config()
+            self.result.fds_before = qemu_fds(self.machine.pid if self.machine else None)
             for state in self.case.path:
                 self._enter(state)
                 self.result.reached.append(state.value)
@@ -318,6 +339,7 @@ class Player:
                         self._send(action)
                 self._leave(state)
             self._ping("the end of the case")
+            self._count_fds()
             self._collect_violations()
         except _Died:
             pass
@@ -335,6 +357,48 @@ class Player:
                     self._record_death(code)
             if m is not None:
                 self.result.stderr = m.stderr_text()[-4000:]
+
+    def _count_fds(self) -> None:
+        """QEMU's fds at the end of the case, the device stopped as it was when counted
+        before (a started device is reset first, as a guest would): what the case left
+        behind. The count may lag a close by a moment: polled down to the count before,
+        within a deadline; what stays above it is growth."""
+        m = self.machine
+        assert m is not None and m.qtest is not None
+        started = self.result.reached and self.result.reached[-1] in (
+            State.AFTER_DRIVER_OK,
+            State.AFTER_RECONNECT,
+        )
+        if self.case.behind_root_port:
+            return  # ejected: the device (and its chardev's fds) are gone, nothing to compare
+        if started and self.pci is not None:
+            self.where = "settle:device-reset"
+            try:
+                m.qtest.write_int(self.pci.bars[2] + DEVICE_STATUS, 8, 0)
+            except QemuExited:
+                raise self._dead() from None
+            self._ping("after the settling device reset")
+            self.where = "settled"
+        before = self.result.fds_before
+        deadline = time.monotonic() + FD_SETTLE
+        while True:
+            after = qemu_fds(m.pid)
+            if after <= before or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)  # bounded poll for a close in flight
+        self.result.fds_after = after
+        if before >= 0 and after > before:
+            self._observe(
+                "leak",
+                f"QEMU holds {after - before} more fd(s) after a case ending in "
+                f"{self.case.last_state} (last request {self._last_sent()}) than before it "
+                f"(device stopped both times)",
+                self.case.last_state,
+                self._last_sent(),
+            )
+
+    def _last_sent(self) -> str:
+        return self.result.sent[-1].request if self.result.sent else "none"
 
     def _record_death(self, code: int) -> None:
         self.result.returncode = code
@@ -509,14 +573,7 @@ class Player:
             elif state is State.DURING_DEVICE_DEL:
                 m.qmp("device_del", {"id": "vu0-dev"})
             elif state is State.AFTER_RECONNECT:
-                self.old_backends.append(b)
-                b.close()
-                nb = self._new_backend(())
-                self._wait_backend(
-                    lambda t: nb.wait_for_request(Request.SET_BACKEND_REQ_FD, t), STEP_TIMEOUT
-                )
-                self.model.reset()
-                self.channel_broken = False
+                self._reconnect(b)
         except QemuExited:
             raise self._dead() from None
         except (WaitTimeout, TestbedError, OSError) as exc:
@@ -524,6 +581,42 @@ class Player:
                 raise self._dead() from None
             raise _Unreached(f"{state.value} not reached: {exc}") from None
         self.where = state.value
+
+    def _reconnect(self, b: FuzzBackend) -> None:
+        """Hang up the front-end socket and connect a new back-end (Case.reconnect).
+
+        "reset": hang up under the started device (QEMU 11.1.3 survives that), reset the
+        device (status 0) while no back-end is connected, connect again; the device stays
+        stopped. "restart": the same, then DRIVER_OK again over the new connection.
+        "stopped": hang up before DRIVER_OK, connect, then DRIVER_OK. "live": connect
+        again under the started device. The old back-end channel is kept open (only the
+        front-end socket is hung up): requests in after-reconnect go over the new
+        connection's channel, or over the old one when QEMU set none up."""
+        m = self.machine
+        assert m is not None and m.qtest is not None
+        mode = self.case.reconnect
+        self.where = "enter:after-reconnect"
+        session = b.session
+        if session is not None and session.channel is not None and not self.channel_broken:
+            self.kept_channel, session.channel = session.channel, None
+        self.old_backends.append(b)
+        b.close()
+        if mode in ("reset", "restart") and self.pci is not None:
+            self.where = "enter:after-reconnect:reset"
+            m.qtest.write_int(self.pci.bars[2] + DEVICE_STATUS, 8, 0)
+            self.where = "enter:after-reconnect"
+        nb = self._new_backend(())
+        self._wait_backend(lambda t: nb.wait_connected(t), STEP_TIMEOUT)
+        self.model.reset()
+        self._ping("after the reconnect")
+        if mode in ("reset", "live"):
+            return
+        self.where = "enter:after-reconnect:driver-ok"
+        if self.pci is None:
+            self.pci = self._driver()
+        self.pci.start_device()
+        self._wait_backend(lambda t: nb.wait_driver_ok(t), DRIVER_OK_TIMEOUT)
+        self.model.started = True
 
     def _wait_backend(self, wait: Callable[[float], None], timeout: float) -> None:
         """``wait`` (a back-end wait taking a timeout) in short slices, so that QEMU dying
@@ -586,7 +679,10 @@ class Player:
         m = self.machine
         assert b is not None and m is not None
         session = b.session
-        if session is None or session.channel is None or self.channel_broken:
+        channel = session.channel if session is not None else None
+        if channel is None and action.state == State.AFTER_RECONNECT:
+            channel = self.kept_channel
+        if channel is None or self.channel_broken:
             return  # no (usable) back-end channel in this case: the pair is not exercised
         self.where = f"{action.name}@{action.state}"
         self.result.pairs.append((action.state, action.name))
@@ -597,7 +693,6 @@ class Player:
         try:
             fds = self._fds(action.fds, keep)
             before = qemu_fds(m.pid) if fds else -1
-            channel = session.channel
             try:
                 channel.settimeout(STEP_TIMEOUT)
                 channel.send(header, body, fds, allow_size_mismatch=True)

@@ -45,12 +45,23 @@ class Campaign:
     elapsed: float = 0.0
     seen: dict[str, Seen] = field(default_factory=dict)
     pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
+    fds: dict[str, int] = field(
+        default_factory=lambda: {
+            "cases_counted": 0,
+            "before_total": 0,
+            "after_total": 0,
+            "growth_total": 0,
+            "cases_grown": 0,
+            "max_growth": 0,
+        }
+    )
 
     def replay_signatures(self, case: Case) -> set[str]:
         return {f.signature for f in findings(play(case, self.qemu))}
 
     def run(self, progress: bool = True) -> dict[str, Any]:
         self.outdir.mkdir(parents=True, exist_ok=True)
+        self._cases_log = (self.outdir / "cases.jsonl").open("w")
         started = time.monotonic()
         deadline = started + self.seconds
         index = 0
@@ -72,6 +83,7 @@ class Campaign:
                         flush=True,
                     )
         finally:
+            self._cases_log.close()
             self.elapsed = time.monotonic() - started
             summary = self.summary()
             (self.outdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -82,7 +94,30 @@ class Campaign:
             self.errors += 1
         for pair in result.pairs:
             self.pairs[pair] += 1
-        for f in findings(result):
+        growth = result.fd_growth
+        if growth is not None:
+            fds = self.fds
+            fds["cases_counted"] += 1
+            fds["before_total"] += result.fds_before
+            fds["after_total"] += result.fds_after
+            if growth > 0:
+                fds["growth_total"] += growth
+                fds["cases_grown"] += 1
+                fds["max_growth"] = max(fds["max_growth"], growth)
+        found = findings(result)
+        line = {
+            "index": case.index,
+            "last_state": case.last_state,
+            "reconnect": case.reconnect if case.reconnects else None,
+            "seconds": round(result.seconds, 3),
+            "fds_before": result.fds_before,
+            "fds_after": result.fds_after,
+            "fd_growth": growth,
+            "signatures": [f.signature for f in found],
+        }
+        if hasattr(self, "_cases_log"):
+            self._cases_log.write(json.dumps(line) + "\n")
+        for f in found:
             seen = self.seen.get(f.signature)
             if seen is not None:
                 seen.count += 1
@@ -99,7 +134,8 @@ class Campaign:
         seen.directory = str(directory)
         (directory / "case.json").write_text(case.dumps() + "\n")
         (directory / "stderr.txt").write_text(result.stderr)
-        (directory / "finding.json").write_text(json.dumps(f.to_json(), indent=1) + "\n")
+        data = {**f.to_json(), "fds_before": result.fds_before, "fds_after": result.fds_after}
+        (directory / "finding.json").write_text(json.dumps(data, indent=1) + "\n")
         minimal = case
         if self.minimise and f.known is None and f.kind != "hang":
             budget = min(60.0, max(0.0, deadline - time.monotonic()))
@@ -148,6 +184,7 @@ class Campaign:
             ],
             "coverage": coverage,
             "pairs_exercised": len(self.pairs),
+            "fds": dict(self.fds),
         }
 
 
@@ -163,9 +200,15 @@ def table(summary: dict[str, Any]) -> str:
         f"{summary['cases']:>8} {summary['seconds'] / 60:>8.1f} "
         f"{summary['cases_per_minute']:>10.1f} {len(sigs):>11} {new:>5} {len(sigs) - new:>6} "
         f"{summary['pairs_exercised']:>16}",
-        "",
-        "signatures:",
     ]
+    fds = summary.get("fds")
+    if fds:
+        lines.append(
+            f"fds (QEMU, before/after each case, device stopped): {fds['cases_counted']} cases "
+            f"counted, total {fds['before_total']} -> {fds['after_total']}, growth "
+            f"+{fds['growth_total']} in {fds['cases_grown']} case(s) (max +{fds['max_growth']})"
+        )
+    lines += ["", "signatures:"]
     for s in sorted(sigs, key=lambda s: (s["known"] is not None, -s["count"])):
         tag = f"known {s['known']}" if s["known"] else "NEW"
         lines.append(f"  {s['count']:>5}x  [{tag}] {s['signature']}  (first at {s['where']})")
