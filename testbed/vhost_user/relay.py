@@ -271,6 +271,18 @@ class RelaySession:
             if c is not None
         ]
 
+    def is_channel(self, conn: Connection) -> bool:
+        return conn is self.qemu_channel or conn is self.backend_channel
+
+    def close_channel(self) -> None:
+        """End the back-end channel only: each side sees its end hang up, as it would
+        without the relay; the main connection goes on."""
+        for conn in (self.qemu_channel, self.backend_channel):
+            if conn is not None:
+                conn.shutdown()
+                conn.close()
+        self.qemu_channel = self.backend_channel = None
+
     def close(self) -> None:
         for conn in self.connections():
             conn.shutdown()
@@ -473,8 +485,7 @@ class Relay(Closeable):
             if not isinstance(exc, PeerClosed):
                 self._flag(Violation("?", "framing", f"{conn.name}: {exc}"))
             log.info("relay: %s ended the connection (%s)", conn.name, exc)
-            with self._cond:
-                self._end_session()
+            self._hang_up(s, conn)
             return
         try:
             with msg:
@@ -488,8 +499,19 @@ class Relay(Closeable):
                     self._channel_from_qemu(s, msg)
         except (PeerClosed, ProtocolError, OSError) as exc:
             log.info("relay: connection ended while passing a message on (%s)", exc)
-            with self._cond:
-                self._end_session()
+            self._hang_up(s, conn)
+
+    def _hang_up(self, s: RelaySession, conn: Connection) -> None:
+        """``conn`` ended (or its message could not be passed on). A back-end channel's end
+        ends the channel only: QEMU closes its end on unrealize before the main socket,
+        and a relay that dropped the main connection then would hang up under QEMU's
+        cleanup, which no direct back-end does (QEMU 11.1.3 segfaults on it). Any other
+        connection ends the session."""
+        if s.is_channel(conn):
+            s.close_channel()
+            return
+        with self._cond:
+            self._end_session()
 
     def _record(
         self, direction: str, header: Header, body: bytes, nfds: int, found: list[Violation]
