@@ -232,7 +232,7 @@ def test_fd_growth_is_a_leak_finding_and_summed(tmp_path: Path) -> None:
     clean = generate("x86_64", 1, 0)
     campaign._account(clean, PlayResult(clean, fds_before=20, fds_after=20), 0.0)
     grown = generate("x86_64", 1, 1)
-    text = "QEMU holds 2 more fd(s) after a case ending in after-driver-ok (last request X)"
+    text = "QEMU holds 2 more fd(s) after the case than before it (replies bent: X)"
     result = PlayResult(grown, fds_before=20, fds_after=22)
     result.observations.append(Observation("leak", text, "after-driver-ok", "X"))
     campaign._account(grown, result, 0.0)

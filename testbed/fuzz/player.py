@@ -390,15 +390,23 @@ class Player:
         if before >= 0 and after > before:
             self._observe(
                 "leak",
-                f"QEMU holds {after - before} more fd(s) after a case ending in "
-                f"{self.case.last_state} (last request {self._last_sent()}) than before it "
-                f"(device stopped both times)",
+                f"QEMU holds {after - before} more fd(s) after the case than before it, "
+                f"the device stopped both times ({self._leak_context()})",
                 self.case.last_state,
-                self._last_sent(),
+                self.result.sent[-1].request if self.result.sent else "",
             )
 
-    def _last_sent(self) -> str:
-        return self.result.sent[-1].request if self.result.sent else "none"
+    def _leak_context(self) -> str:
+        """What the case did that can leave fds behind, for the leak's signature: the
+        front-end requests whose replies were bent, else the back-end requests sent."""
+        fired = self.backend.fuzz.fired if self.backend and self.backend.fuzz else []
+        for b in self.old_backends:
+            fired = [*(b.fuzz.fired if b.fuzz else []), *fired]
+        if fired:
+            names = sorted({frontend_name(m.request) for m in fired})
+            return "replies bent: " + ", ".join(names)
+        sent = sorted({s.request for s in self.result.sent})
+        return "sent: " + (", ".join(sent) if sent else "nothing")
 
     def _record_death(self, code: int) -> None:
         self.result.returncode = code
@@ -721,7 +729,10 @@ class Player:
             except (OSError, PeerClosed, ProtocolError) as exc:
                 sent.reply = "closed"
                 self.channel_broken = True
-                if m.wait_exited(1.0) is not None:
+                # A kept channel closed by QEMU at the hang-up is the expected end of it:
+                # a short look for a death (the QMP ping below catches a later one).
+                grace = 0.2 if channel is self.kept_channel else 1.0
+                if m.wait_exited(grace) is not None:
                     raise self._dead() from None
                 self._alive_or_raise(f"after {action.name} closed the channel ({exc})")
                 return
