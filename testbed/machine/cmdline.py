@@ -48,6 +48,9 @@ class MachineConfig:
     rng: bool = True
     """virtio-rng: without it dropbear waits ~1 s for entropy under TCG."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
+    incoming: Path | None = None
+    """Restore the guest from this file (QEMU's migration stream, see testbed.snapshot)
+    instead of booting it: every other field must equal those of the QEMU that saved it."""
 
     @property
     def profile(self) -> ArchProfile:
@@ -222,6 +225,9 @@ def build_command(
             bus, addr = dev.bus or root, dev.addr or 0
         argv += device_options(dev, bus, addr)
     argv += list(config.extra_args)
+    if config.incoming is not None:
+        # The file comes over QMP (migrate-incoming) once its format is set: GuestMachine.
+        argv += ["-incoming", "defer"]
     if paused:
         argv.append("-S")
     return argv
