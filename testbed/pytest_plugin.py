@@ -76,6 +76,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="what the device must look like for your back-end (env TESTBED_BACKEND_DEVICE)",
     )
     group.addoption(
+        "--fresh-boot",
+        action="store_true",
+        default=os.environ.get("TESTBED_FRESH_BOOT", "") not in ("", "0"),
+        help="boot every guest; by default a scenario without a cold-plugged device starts "
+        "from a saved, booted guest (testbed.snapshot) and hot-plugs its device (env "
+        "TESTBED_FRESH_BOOT=1)",
+    )
+    group.addoption(
         "--keep-artifacts",
         action="store_true",
         default=bool(os.environ.get("TESTBED_KEEP_ARTIFACTS")),
@@ -176,9 +184,14 @@ def boot(
     vms: list[GuestVM] = []
 
     foreign = foreign_backend_options(request.config)
+    fresh = bool(request.config.getoption("--fresh-boot"))
 
     def _boot(**options: Any) -> GuestVM:
         logdir = artifacts if not vms else artifacts / f"vm{len(vms)}"
+        # Boot once, restore many: a guest without a cold-plugged device is restored from
+        # its snapshot unless the scenario or the user asks for a real boot.
+        if options.get("regions") is None and not foreign and not fresh:
+            options.setdefault("restore", True)
         vm = GuestVM(arch, accel=accel, artifacts_dir=logdir, **{**options, **foreign})
         vms.append(vm)
         try:
@@ -225,6 +238,9 @@ def record_run_inputs(node: pytest.Item, vm: GuestVM) -> None:
         ]
     if vm.image is not None:
         found.append(("image-hash", vm.image.content_hash))
+    found.append(("guest-start", "restored" if vm.restore else "booted"))
+    if vm.snapshot is not None:
+        found.append(("snapshot", str(vm.snapshot.state)))
     node.user_properties.extend((k, v) for k, v in found if k not in have)
 
 

@@ -54,7 +54,12 @@ def _dq(word: str) -> str:
     return f'"{escaped}"'
 
 
-def by_hand_script(qemu_argv: Sequence[str], run_dir: Path, device: VhostUserDevice | None) -> str:
+def by_hand_script(
+    qemu_argv: Sequence[str],
+    run_dir: Path,
+    device: VhostUserDevice | None,
+    incoming: Path | None = None,
+) -> str:
     """qemu-by-hand.sh: `testbed backend` serving the device's layout, then QEMU with the
     same command line in the foreground, for gdb. It serves the layout only: a scenario's
     faults and steps are replayed by its reproduce.sh (testbed bugs reproduce), not here.
@@ -86,6 +91,20 @@ def by_hand_script(qemu_argv: Sequence[str], run_dir: Path, device: VhostUserDev
             f'while [ ! -S "$RUN/{BACKEND_SOCKET}" ]; do sleep 0.1; done',
         ]
     lines.append('echo "console: $RUN/console.log  QMP: $RUN/qmp.sock" >&2')
+    if incoming is not None:
+        # -incoming defer: the guest comes from a snapshot (testbed.snapshot), loaded
+        # once the file's format is set; say how, since nothing else here does it.
+        steps = [
+            '{"execute": "qmp_capabilities"}',
+            '{"execute": "migrate-set-capabilities", "arguments": {"capabilities": '
+            '[{"capability": "mapped-ram", "state": true}]}}',
+            f'{{"execute": "migrate-incoming", "arguments": {{"uri": "file:{incoming}"}}}}',
+            '{"execute": "cont"}',
+        ]
+        lines.append(
+            "echo 'restored guest: send these on QMP ($RUN/qmp.sock), e.g. with socat:' >&2"
+        )
+        lines += [f"echo {shlex.quote(step)} >&2" for step in steps]
     body = " \\\n    ".join(arg(w) for w in qemu_argv)
     lines.append("${GDB:-} " + body)
     return "\n".join(lines) + "\n"
@@ -167,6 +186,7 @@ class GuestVM:
         vq_size: int | None = None,
         config_size: int | None = None,
         backend_ready_timeout: float = 15.0,
+        restore: bool = False,
     ) -> None:
         self.arch = arch
         # A back-end we did not write: started from ``backend_cmd`` ('PROGRAM ARGS...
@@ -210,6 +230,16 @@ class GuestVM:
         self.extra_kernel_args = tuple(extra_kernel_args)
         self.extra_qemu_args = tuple(extra_qemu_args)
         self.boot_timeout = boot_timeout
+        # Boot once, restore many (testbed.snapshot): start from a saved, booted guest.
+        # Only without a cold-plugged device: the saved guest has none, a scenario
+        # hot-plugs its own after the restore.
+        if restore and self.device is not None:
+            raise ConfigError(
+                "restore=True starts from a saved guest without devices: cold-plug needs "
+                "a real boot (restore=False), or hot-plug the device after the restore"
+            )
+        self.restore = restore
+        self.snapshot: Any = None
         self._backend_generation = 0
 
         self.run_dir: Path | None = None
@@ -299,12 +329,16 @@ class GuestVM:
             )
             if self.root_port_pref64 is not None:
                 config = dataclasses.replace(config, root_port_pref64=self.root_port_pref64)
+            if self.restore:
+                config = self._restore_from(config)
+                t = self._step("snapshot", t)
             self._write_by_hand(config)
             self.machine = GuestMachine(config, self.logdir)
             self.machine.start()
-            t = self._step("qemu_start", t)
-            self.machine.wait_console(re.escape(self.image.ready_line), self.boot_timeout)
-            t = self._step("ready_line", t)
+            t = self._step("qemu_start" if not self.restore else "restore", t)
+            if not self.restore:
+                self.machine.wait_console(re.escape(self.image.ready_line), self.boot_timeout)
+                t = self._step("ready_line", t)
             remaining = max(self.boot_timeout - (time.monotonic() - t0), 5.0)
             self._ssh = SSHSession.connect(
                 "127.0.0.1",
@@ -321,6 +355,48 @@ class GuestVM:
             self.close(failed=True)
             raise
         return self
+
+    def _restore_from(self, config: MachineConfig) -> MachineConfig:
+        """``config`` set to restore the snapshot of its guest, made first if missing."""
+        from testbed.snapshot import SnapshotStore, qemu_identity, snapshot_key
+
+        assert self.logdir is not None
+        identity = qemu_identity(self.qemu_binary.path, self.qemu_binary.version_str)
+        key = snapshot_key(config, identity)
+
+        def make(snap: Any, partial: Path) -> None:
+            # The same guest, booted for real; it must come out with the same key, or
+            # the file would not fit the QEMU that restores it.
+            maker = GuestVM(
+                self.arch,
+                accel=self.accel.name,
+                qemu=str(self.qemu_binary.path),
+                artifacts_dir=snap.logdir,
+                memory_mib=self.memory_mib,
+                cpu=self.cpu,
+                phys_bits=self.phys_bits,
+                root_ports=self.root_ports,
+                root_port_pref64=self.root_port_pref64,
+                extra_kernel_args=self.extra_kernel_args,
+                extra_qemu_args=self.extra_qemu_args,
+                boot_timeout=self.boot_timeout,
+            )
+            with maker:
+                assert maker.machine is not None
+                made = snapshot_key(maker.machine.config, identity)
+                if made != key:
+                    raise ConfigError(f"snapshot boot has key {made}, wanted {key}: a bug")
+                maker.save_state(partial)
+
+        self.snapshot = SnapshotStore().get_or_make(key, make)
+        # The evidence of the boot this guest comes from, next to this run's own logs.
+        shutil.copyfile(self.snapshot.console, self.logdir / "console-boot.log")
+        (self.logdir / "restored-from.txt").write_text(
+            f"restored from {self.snapshot.state}\n"
+            f"snapshot boot logs: {self.snapshot.logdir}\n"
+            "console-boot.log: that boot's console (this QEMU's console.log starts after it)\n"
+        )
+        return dataclasses.replace(config, incoming=self.snapshot.state)
 
     @property
     def foreign_backend(self) -> bool:
@@ -400,7 +476,7 @@ class GuestVM:
         script = self.logdir / "qemu-by-hand.sh"
         # A foreign back-end is not ours to replay: the script then starts QEMU only.
         device = None if self.foreign_backend else self.device
-        script.write_text(by_hand_script(argv, self.run_dir, device))
+        script.write_text(by_hand_script(argv, self.run_dir, device, config.incoming))
         script.chmod(0o755)
 
     def close(self, failed: bool = False) -> None:
@@ -457,6 +533,17 @@ class GuestVM:
         if self.run_dir is not None:
             run_dir = self.run_dir
             step("removing the run dir", lambda: remove_tree(run_dir))
+
+    def save_state(self, path: Path) -> None:
+        """Save the guest to ``path`` (testbed.snapshot): its SSH session is closed first,
+        since a restored guest must not hold a connection to a QEMU that is gone; the
+        guest stays paused, good only for close() after this."""
+        if self.machine is None:
+            raise ConfigError("GuestVM is not started: nothing to save")
+        if self._ssh is not None:
+            self._ssh.close()
+            self._ssh = None
+        self.machine.save_state(path)
 
     @staticmethod
     def _save_dmesg(ssh: SSHSession, logdir: Path) -> None:
