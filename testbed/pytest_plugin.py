@@ -190,7 +190,8 @@ def boot(
         logdir = artifacts if not vms else artifacts / f"vm{len(vms)}"
         # Boot once, restore many: a guest without a cold-plugged device is restored from
         # its snapshot unless the scenario or the user asks for a real boot.
-        if options.get("regions") is None and not foreign and not fresh:
+        cold_device = options.get("regions") is not None or bool(foreign)
+        if (options.get("plug") == "hot" or not cold_device) and not fresh:
             options.setdefault("restore", True)
         vm = GuestVM(arch, accel=accel, artifacts_dir=logdir, **{**options, **foreign})
         vms.append(vm)

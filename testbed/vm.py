@@ -187,6 +187,7 @@ class GuestVM:
         config_size: int | None = None,
         backend_ready_timeout: float = 15.0,
         restore: bool = False,
+        plug: str = "cold",
     ) -> None:
         self.arch = arch
         # A back-end we did not write: started from ``backend_cmd`` ('PROGRAM ARGS...
@@ -223,7 +224,15 @@ class GuestVM:
         self.memory_mib = memory_mib
         self.cpu = cpu
         self.phys_bits = phys_bits
-        self.root_ports = root_ports
+        # How the device arrives: "cold" on the QEMU command line, seen by the firmware
+        # and the kernel's first enumeration; "hot" with device_add into a root port once
+        # the guest is up (testbed.hotplug), which lets the guest come from a snapshot.
+        if plug not in ("cold", "hot"):
+            raise ConfigError(f"plug={plug!r}: use 'cold' or 'hot'")
+        if plug == "hot" and self.device is None:
+            raise ConfigError("plug='hot' hot-plugs the device: give regions or a back-end")
+        self.plug = plug
+        self.root_ports = max(root_ports, 1) if plug == "hot" else root_ports
         # None: MachineConfig's default. The window holds BAR 2 as well as BAR 4, and
         # firmware aligns it only to 2 MiB: a 64M layout needs a 128M reserve.
         self.root_port_pref64 = root_port_pref64
@@ -233,7 +242,7 @@ class GuestVM:
         # Boot once, restore many (testbed.snapshot): start from a saved, booted guest.
         # Only without a cold-plugged device: the saved guest has none, a scenario
         # hot-plugs its own after the restore.
-        if restore and self.device is not None:
+        if restore and self.device is not None and plug == "cold":
             raise ConfigError(
                 "restore=True starts from a saved guest without devices: cold-plug needs "
                 "a real boot (restore=False), or hot-plug the device after the restore"
@@ -303,7 +312,7 @@ class GuestVM:
                 self.logdir.mkdir()
 
             devices: tuple[VhostUserDevice, ...] = ()
-            if self.device is not None:
+            if self.device is not None and self.plug == "cold":
                 self.device = dataclasses.replace(self.device, socket=self.run_dir / BACKEND_SOCKET)
                 self._start_backend()
                 devices = (self.device,)
@@ -348,13 +357,37 @@ class GuestVM:
                 time.monotonic() + remaining,
                 check_alive=self.machine.check_alive,
             )
-            self._step("ssh", t)
+            t = self._step("ssh", t)
+            if self.device is not None and self.plug == "hot":
+                self._plug_device()
+                self._step("hotplug", t)
             self.timings["total"] = round(time.monotonic() - t0, 3)
             log.info("guest %s up: %s", self.arch, self.timings)
         except BaseException:
             self.close(failed=True)
             raise
         return self
+
+    def _plug_device(self) -> None:
+        """Hot-plug this VM's device into its first root port; from then on it is this
+        VM's device and back-end, as a cold-plugged one would be (closed after QEMU)."""
+        from testbed.hotplug import Hotplug
+
+        assert self.device is not None
+        device = self.device
+        plugged = Hotplug(self, virtio_id=device.virtio_id).plug(
+            device.layout,
+            faults=self.faults,
+            allow_overfull=device.allow_overfull,
+            reconnect_ms=device.reconnect_ms,
+            backend_cmd=self.backend_cmd,
+            backend_socket=self.backend_socket,
+            num_vqs=device.num_vqs,
+            vq_size=device.vq_size,
+            config_size=device.config_size,
+            backend_ready_timeout=self.backend_ready_timeout,
+        )
+        self.device, self.backend, self.foreign = plugged.spec, plugged.backend, plugged.foreign
 
     def _restore_from(self, config: MachineConfig) -> MachineConfig:
         """``config`` set to restore the snapshot of its guest, made first if missing."""
@@ -389,12 +422,13 @@ class GuestVM:
                 maker.save_state(partial)
 
         self.snapshot = SnapshotStore().get_or_make(key, make)
-        # The evidence of the boot this guest comes from, next to this run's own logs.
-        shutil.copyfile(self.snapshot.console, self.logdir / "console-boot.log")
+        # The console log begins with the boot this guest comes from (QEMU appends to it):
+        # a failure's console tail and the artifacts tell the whole story.
+        shutil.copyfile(self.snapshot.console, config.console_log)
         (self.logdir / "restored-from.txt").write_text(
             f"restored from {self.snapshot.state}\n"
-            f"snapshot boot logs: {self.snapshot.logdir}\n"
-            "console-boot.log: that boot's console (this QEMU's console.log starts after it)\n"
+            f"the boot that made it: {self.snapshot.logdir} (its console is the start of "
+            "console.log here)\n"
         )
         return dataclasses.replace(config, incoming=self.snapshot.state)
 

@@ -198,7 +198,9 @@ def build_command(
     argv += ["-append", kernel_command_line(config)]
     argv += [
         "-chardev",
-        f"file,id=console,path={config.console_log}",
+        # A restored guest's console goes on after its boot's, copied there by the caller.
+        f"file,id=console,path={config.console_log}"
+        + (",append=on" if config.incoming is not None else ""),
         "-serial",
         "chardev:console",
         *qmp_option(config.qmp_socket, dial=dial_qmp),
