@@ -1,6 +1,10 @@
 """Feature negotiation: QEMU asks for the shared-memory configuration only when the
 back-end offers VHOST_USER_PROTOCOL_F_SHMEM at the bit QEMU 11.1 knows (22); a slow
-answer is waited for, not mistaken for a refusal."""
+answer is waited for, not mistaken for a refusal.
+
+The handshake is the device's realize, the same for a device on the command line and one
+added with device_add: the realize sequence at boot is checked cold-plugged, the rest is
+negotiated through hot-plug into a guest restored from its snapshot (testbed.snapshot)."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ WITHOUT_SHMEM = {
 
 @pytest.mark.parametrize("name", list(WITHOUT_SHMEM))
 def test_without_shmem_qemu_never_asks(boot: Callable[..., GuestVM], name: str) -> None:
-    vm = boot(regions={0: 4 * M}, faults=WITHOUT_SHMEM[name])
+    vm = boot(regions={0: 4 * M}, faults=WITHOUT_SHMEM[name], plug="hot")
     vm.check_guest_sees({})
     assert vm.backend is not None
     seen = vm.backend.requests_seen
@@ -33,7 +37,8 @@ def test_without_shmem_qemu_never_asks(boot: Callable[..., GuestVM], name: str) 
 
 
 def test_handshake_order(boot: Callable[..., GuestVM]) -> None:
-    """The realize sequence QEMU 11.1.3 sends, in order, ending with GET_SHMEM_CONFIG."""
+    """The realize sequence QEMU 11.1.3 sends at boot, in order, ending with
+    GET_SHMEM_CONFIG (cold-plugged: the device is on QEMU's command line)."""
     vm = boot(regions={0: 4 * M})
     assert vm.backend is not None
     seen = [r for r in vm.backend.requests_seen]
@@ -56,5 +61,6 @@ def test_slow_reply_is_waited_for(boot: Callable[..., GuestVM]) -> None:
     vm = boot(
         regions=layout,
         faults=Faults(delay_request=Request.GET_SHMEM_CONFIG, delay_seconds=2.0),
+        plug="hot",
     )
     vm.check_guest_sees()

@@ -1,6 +1,7 @@
 """Reliability: a QEMU that dies under a scenario is reported as that (signal, stderr and
 console tails), promptly, never as a hang or a generic timeout; a back-end that dies makes
-QEMU's side fail cleanly."""
+QEMU's side fail cleanly. The device is hot-plugged into a guest restored from its
+snapshot: how it arrived does not matter here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 from testbed.bugs.marks import known_bug
 from testbed.errors import QemuExited
-from testbed.vm import BACKEND_CHARDEV, GuestVM
+from testbed.vm import GuestVM
 
 M = 1 << 20
 PROMPT = 10.0  # seconds: far below every timeout involved (SSH command 60 s, QMP 10 s)
@@ -21,7 +22,7 @@ PROMPT = 10.0  # seconds: far below every timeout involved (SSH command 60 s, QM
 
 @pytest.mark.foreign_backend
 def test_qemu_killed_is_reported_as_killed(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions={0: 4 * M})
+    vm = boot(regions={0: 4 * M}, plug="hot")
     assert vm.machine is not None and vm.machine.pid is not None
     assert vm.run("echo up").returncode == 0
     os.kill(vm.machine.pid, signal.SIGKILL)
@@ -41,12 +42,12 @@ def test_qemu_killed_is_reported_as_killed(boot: Callable[..., GuestVM]) -> None
 
 @known_bug("backend-hangup-del-eventfd-abort")
 def test_backend_death_leaves_qemu_running(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions={0: 4 * M})
-    assert vm.backend is not None and vm.machine is not None
+    vm = boot(regions={0: 4 * M}, plug="hot")
+    assert vm.backend is not None and vm.machine is not None and vm.device is not None
     vm.backend.close()  # the back-end process dies: its end of the socket closes
     # QEMU takes the hang-up in on its main loop, in the background: the verdict waits
     # for that (query-chardev says disconnected), or it could pass before QEMU noticed.
-    vm.machine.wait_chardev(BACKEND_CHARDEV, connected=False, timeout=15.0)
+    vm.machine.wait_chardev(vm.device.id, connected=False, timeout=15.0)
     # QEMU should notice the disconnect, keep running and keep the guest usable.
     assert vm.run("echo alive").stdout.strip() == b"alive"
     assert vm.machine.qmp("query-status")["status"] == "running"
