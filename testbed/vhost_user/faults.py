@@ -32,6 +32,10 @@ class Faults:
     # Delay the reply to this request by ``delay_seconds``.
     delay_request: Request | None = None
     delay_seconds: float = 0.0
+    # Close the main connection as soon as QEMU closes its end of the back-end channel
+    # (SET_BACKEND_REQ_FD), as the relay did before 9d0b7d2: QEMU's unrealize closes the
+    # channel first, so this hangs up under QEMU's device_del cleanup.
+    hang_up_on_channel_close: bool = False
     # Extra protocol feature bits to offer (or withhold with ``withhold_features``).
     extra_features: int = 0
     withhold_features: int = 0

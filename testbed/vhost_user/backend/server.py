@@ -28,6 +28,9 @@ from testbed.vhost_user.trace import Trace, TraceEntry
 
 log = logging.getLogger(__name__)
 
+CHANNEL_POLL = 0.05
+"""Poll interval while a reply waits on the back-end channel (hang_up_on_channel_close)."""
+
 
 class Backend(Waits, ChannelRequests, Closeable):
     """vhost-user back-end for vhost-user-test-device(-pci), serving ``layout``.
@@ -163,15 +166,32 @@ class Backend(Waits, ChannelRequests, Closeable):
                     return  # QEMU's server socket does not come back to us
                 want = session.conn if session else self._listener
                 assert want is not None
-                sel.register(want, selectors.EVENT_READ, "conn" if session else "listen")
+                watched = [(want, "conn" if session else "listen")]
+                # A reply waiting for map() on the channel keeps it readable: poll it then,
+                # do not spin on it.
+                channel = self._channel_to_watch(session)
+                pending = channel is not None and _peek(channel) == "data"
+                if channel is not None and not pending:
+                    watched.append((channel, "channel"))
+                for fileobj, data in watched:
+                    sel.register(fileobj, selectors.EVENT_READ, data)
                 try:
-                    events = sel.select()
+                    events = sel.select(CHANNEL_POLL if pending else None)
                 finally:
-                    sel.unregister(want)
+                    for fileobj, _ in watched:
+                        sel.unregister(fileobj)
+                if any(key.data == "wake" for key, _ in events):
+                    return
+                # The channel's hang-up ends the session: the main connection's own event
+                # (if any) is then the closed session's.
+                events.sort(key=lambda event: event[0].data != "channel")
                 for key, _ in events:
-                    if key.data == "wake":
-                        return
-                    if key.data == "listen":
+                    if key.data == "channel":
+                        assert session is not None and channel is not None
+                        if _peek(channel) == "eof":
+                            self._hang_up_on_channel_close()
+                            break
+                    elif key.data == "listen":
                         assert self._listener is not None
                         self._begin_session(self._listener.accept())
                     else:
@@ -233,6 +253,17 @@ class Backend(Waits, ChannelRequests, Closeable):
                 if ended is not None:
                     self._end_session(ended)
 
+    def _channel_to_watch(self, session: Session | None) -> Connection | None:
+        """The back-end channel, when a fault waits for QEMU to close it."""
+        if session is None or not self.faults.hang_up_on_channel_close:
+            return None
+        return session.channel
+
+    def _hang_up_on_channel_close(self) -> None:
+        log.warning("fault: QEMU closed the back-end channel; closing the connection")
+        with self._cond:
+            self._end_session(DisconnectKind.LOCAL)
+
     def _fault_once(self, name: str, condition: bool) -> bool:
         if not condition or name in self._fault_fired:
             return False
@@ -246,3 +277,13 @@ class Backend(Waits, ChannelRequests, Closeable):
     def __repr__(self) -> str:
         mode = "connect" if self.connect_mode else "listen"
         return f"Backend({self.socket_path}, {self.layout.describe()}, {mode})"
+
+
+def _peek(conn: Connection) -> str:
+    """Without reading: "eof" (the peer closed its end), "data" or "empty"."""
+    try:
+        return "data" if conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) else "eof"
+    except BlockingIOError:
+        return "empty"
+    except (OSError, StateError):
+        return "eof"
