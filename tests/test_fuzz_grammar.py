@@ -249,3 +249,12 @@ def test_fd_growth_is_a_leak_finding_and_summed(tmp_path: Path) -> None:
     assert sig["kind"] == "leak" and "N more fd(s)" in sig["signature"]
     assert json.loads((Path(sig["directory"]) / "finding.json").read_text())["fds_after"] == 22
     assert "growth +2 in 1 case(s)" in table(summary)
+
+
+def test_fd_kinds_name_what_grew_without_numbers() -> None:
+    from testbed.fuzz.player import fd_kind
+
+    assert fd_kind("/memfd:testbed-fuzz (deleted)") == "the back-end's memfd"
+    assert fd_kind("anon_inode:[eventfd]") == "eventfd"
+    assert fd_kind("socket:[1234]") == "socket"
+    assert fd_kind("/memfd:pc.ram (deleted)") == "/memfd:pc.ram"

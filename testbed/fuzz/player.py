@@ -242,6 +242,34 @@ def qemu_fds(pid: int | None) -> int:
         return -1
 
 
+def qemu_fd_links(pid: int | None) -> dict[str, str]:
+    """QEMU's open fds: number -> what it is (/proc/PID/fd links)."""
+    out: dict[str, str] = {}
+    if pid is None:
+        return out
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        with contextlib.suppress(OSError):
+            out[name] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return out
+
+
+def fd_kind(target: str) -> str:
+    """What an fd is, without its numbers: "eventfd", "socket", "the back-end's memfd"."""
+    if target.startswith("/memfd:testbed-fuzz"):
+        return "the back-end's memfd"
+    found = re.fullmatch(r"anon_inode:\[?([\w-]+)\]?", target)
+    if found:
+        return found[1]
+    found = re.fullmatch(r"(\w+):\[\d+\]", target)  # socket:[123], pipe:[456]
+    if found:
+        return found[1]
+    return re.sub(r"\d+", "N", target.removesuffix(" (deleted)"))
+
+
 def segfault_site(pid: int | None, timeout: float = 2.0) -> dict[str, str]:
     """The kernel's "segfault at ... ip ... in qemu-system-X[offset,...]" line for ``pid``
     (dmesg; empty when the kernel log is not readable)."""
@@ -307,6 +335,7 @@ class Player:
         self.mems: dict[int, int] = {}
         self.channel_broken = False
         self.kept_channel: Connection | None = None
+        self.links_before: dict[str, str] = {}
         """The first connection's back-end channel, kept over a reconnect."""
 
     @property
@@ -330,7 +359,8 @@ class Player:
         try:
             self._realize()
             self._check_config()
-            self.result.fds_before = qemu_fds(self.machine.pid if self.machine else None)
+            self.links_before = qemu_fd_links(self.machine.pid if self.machine else None)
+            self.result.fds_before = len(self.links_before) if self.links_before else -1
             for state in self.case.path:
                 self._enter(state)
                 self.result.reached.append(state.value)
@@ -388,10 +418,13 @@ class Player:
             time.sleep(0.02)  # bounded poll for a close in flight
         self.result.fds_after = after
         if before >= 0 and after > before:
+            links = qemu_fd_links(m.pid)
+            grown = [t for n, t in links.items() if self.links_before.get(n) != t]
+            kinds = ", ".join(sorted({fd_kind(t) for t in grown})) or "?"
             self._observe(
                 "leak",
                 f"QEMU holds {after - before} more fd(s) after the case than before it, "
-                f"the device stopped both times ({self._leak_context()})",
+                f"the device stopped both times: {kinds} ({self._leak_context()})",
                 self.case.last_state,
                 self.result.sent[-1].request if self.result.sent else "",
             )
