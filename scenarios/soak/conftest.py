@@ -5,9 +5,9 @@ soak test gets a timeout of its own, generous (a hang guard, not a speed check).
 
 The defaults keep `make soak` at a few minutes per arch, with enough hot-plug cycles on
 both for the memory rule to decide (aarch64's guest ejects the device itself, ~2 s a cycle,
-instead of waiting out pciehp's 5 s attention button). The nightly job runs hundreds of hot-plug cycles
-(SOAK_HOTPLUG_CYCLES=400): memory is only judged over runs of at least the rule's
-min_cycles (test_soak.py), shorter runs report their slopes as "too short to decide".
+instead of waiting out pciehp's 5 s attention button). The nightly job runs hundreds of
+hot-plug cycles (SOAK_HOTPLUG_CYCLES=400): memory is only judged over runs of at least the
+rule's min_cycles (test_soak.py), shorter runs report their slopes as "too short to decide".
 """
 
 from __future__ import annotations
