@@ -189,10 +189,9 @@ def boot(
     def _boot(**options: Any) -> GuestVM:
         logdir = artifacts if not vms else artifacts / f"vm{len(vms)}"
         # Boot once, restore many: a guest without a cold-plugged device is restored from
-        # its snapshot unless the scenario or the user asks for a real boot.
-        cold_device = options.get("regions") is not None or bool(foreign)
-        if (options.get("plug") == "hot" or not cold_device) and not fresh:
-            options.setdefault("restore", True)
+        # its snapshot (restore=None: GuestVM decides) unless the scenario or the user asks
+        # for a real boot.
+        options.setdefault("restore", False if fresh else None)
         vm = GuestVM(arch, accel=accel, artifacts_dir=logdir, **{**options, **foreign})
         vms.append(vm)
         try:

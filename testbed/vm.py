@@ -186,7 +186,7 @@ class GuestVM:
         vq_size: int | None = None,
         config_size: int | None = None,
         backend_ready_timeout: float = 15.0,
-        restore: bool = False,
+        restore: bool | None = False,
         plug: str = "cold",
     ) -> None:
         self.arch = arch
@@ -241,13 +241,14 @@ class GuestVM:
         self.boot_timeout = boot_timeout
         # Boot once, restore many (testbed.snapshot): start from a saved, booted guest.
         # Only without a cold-plugged device: the saved guest has none, a scenario
-        # hot-plugs its own after the restore.
-        if restore and self.device is not None and plug == "cold":
+        # hot-plugs its own after the restore. None: restore whenever that holds.
+        cold_device = self.device is not None and plug == "cold"
+        if restore and cold_device:
             raise ConfigError(
                 "restore=True starts from a saved guest without devices: cold-plug needs "
                 "a real boot (restore=False), or hot-plug the device after the restore"
             )
-        self.restore = restore
+        self.restore = not cold_device if restore is None else restore
         self.snapshot: Any = None
         self._backend_generation = 0
 

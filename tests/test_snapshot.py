@@ -97,3 +97,29 @@ def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
     assert store.prune(keep=2) == ["a"]
     assert sorted(p.stem for p in tmp_path.glob("*.state")) == ["b", "c"]
     assert not (tmp_path / "a.boot").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "restored"),
+    [
+        ({}, True),  # no device at all: a hot-plug scenario's guest
+        ({"root_ports": 1}, True),
+        ({"regions": {0: 4 << 20}}, False),  # cold-plugged: firmware and kernel see it at boot
+        ({"backend_cmd": "virtiofsd --socket-path {socket}"}, False),
+        ({"regions": {0: 4 << 20}, "plug": "hot"}, True),
+    ],
+)
+def test_guest_restores_unless_a_device_is_cold_plugged(
+    options: dict[str, object], restored: bool
+) -> None:
+    from testbed.vm import GuestVM
+
+    assert GuestVM("x86_64", restore=None, **options).restore is restored  # type: ignore[arg-type]
+
+
+def test_restore_refuses_a_cold_plugged_device() -> None:
+    from testbed.errors import ConfigError
+    from testbed.vm import GuestVM
+
+    with pytest.raises(ConfigError, match="cold-plug needs a real boot"):
+        GuestVM("x86_64", regions={0: 4 << 20}, restore=True)
