@@ -612,7 +612,9 @@ def _replay_corpus(bug: Bug, arch: str, qemu: Path, started: float) -> Outcome:
     evidence = Evidence(
         "\n".join(f"{f.signature}\n{f.text}" for f in found) or "(no finding)",
         exits[0] if exits else "running",
-        bug.id if bug.observable and any(f.kind == "silent" for f in found) else None,
+        bug.id
+        if bug.observable and any(f.kind in ("silent", "leak", "hang") for f in found)
+        else None,
     )
     status = REPRODUCED if bug.matches(evidence) else NOT_REPRODUCED
     return Outcome(bug.id, arch, status, evidence, time.monotonic() - started, f"corpus {name}")
