@@ -65,7 +65,9 @@ def test_x86_base_command() -> None:
     assert option_values(argv, "-cpu") == ["max"]
     assert option_values(argv, "-kernel") == ["/k/vmlinux"]
     assert option_values(argv, "-initrd") == ["/k/initrd.gz"]
-    assert option_values(argv, "-append") == ["quiet rdinit=/init console=ttyS0"]
+    assert option_values(argv, "-append") == [
+        "quiet rdinit=/init console=ttyS0 noapictimer noreplace-smp"
+    ]
     assert option_values(argv, "-qmp") == ["unix:/run/x/qmp.sock,server=on,wait=off"]
     assert option_values(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:40022-:22"]
     devices = option_values(argv, "-device")
@@ -155,12 +157,25 @@ def test_cpu_override_and_phys_bits() -> None:
 
 
 def test_kernel_command_line_keeps_image_console_and_appends_extras() -> None:
-    cfg = config(kernel_cmdline="console=hvc0 quiet", extra_kernel_args=("iomem=relaxed",))
+    cfg = config(
+        kernel_cmdline="console=hvc0 quiet", accel="kvm", extra_kernel_args=("iomem=relaxed",)
+    )
     assert kernel_command_line(cfg) == "console=hvc0 quiet iomem=relaxed"
     # aarch64 has no firmware sizing hot-plug windows: pciehp takes the size from here.
     cfg = config("aarch64", root_ports=1, root_port_pref64=128 * 1024 * 1024)
     assert "pci=hpmmioprefsize=128M" in kernel_command_line(cfg).split()
     assert "hpmmioprefsize" not in kernel_command_line(config(root_ports=1))
+
+
+def test_tcg_only_kernel_args_come_before_extras_and_only_under_tcg() -> None:
+    tcg = kernel_command_line(config(extra_kernel_args=("initcall_debug",))).split()
+    assert tcg[-3:] == ["noapictimer", "noreplace-smp", "initcall_debug"]
+    kvm = kernel_command_line(config(accel="kvm")).split()
+    assert "noapictimer" not in kvm and "noreplace-smp" not in kvm
+    # an image that already asks for one does not get it twice
+    own = kernel_command_line(config(kernel_cmdline="console=ttyS0 noapictimer")).split()
+    assert own.count("noapictimer") == 1
+    assert "noapictimer" not in kernel_command_line(config("aarch64")).split()
 
 
 def test_root_ports_and_vhost_user_devices() -> None:

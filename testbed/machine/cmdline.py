@@ -62,7 +62,8 @@ def root_port_id(index: int) -> str:
 
 
 def kernel_command_line(config: MachineConfig) -> str:
-    """The image's command line plus our console and any extras, in that order."""
+    """The image's command line plus our console, the profile's TCG-only arguments (under
+    TCG) and any extras, in that order."""
     profile = config.profile
     words = shlex.split(config.kernel_cmdline) if config.kernel_cmdline else []
     if not any(w.startswith("console=") for w in words):
@@ -70,6 +71,8 @@ def kernel_command_line(config: MachineConfig) -> str:
     if config.root_ports and config.arch == "aarch64":
         # virt has no firmware to size hot-plug windows: pciehp takes them from here.
         words.append(f"pci=hpmmioprefsize={config.root_port_pref64 // MIB}M")
+    if config.accel == "tcg":
+        words.extend(a for a in profile.tcg_kernel_args if a not in words)
     words.extend(config.extra_kernel_args)
     return " ".join(words)
 
