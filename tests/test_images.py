@@ -434,3 +434,16 @@ def test_rebuild_from_cached_debs_is_byte_identical(
     stub = entries[f"{libdir}/libkmod.so.2"].data
     assert len(stub) < 4096 and b"LIBKMOD_5\0" in stub
     assert f"{libdir}/libcrypto.so.3" not in entries
+
+
+def test_strip_signature_removes_exactly_the_appended_signature() -> None:
+    body = b"\x7fELF" + b"\x00" * 60
+    signature = b"P" * 517
+    info = bytes([0, 0, 2, 0, 0, 0, 0, 0]) + struct.pack(">I", len(signature))
+    signed = body + signature + info + kmod.SIGNATURE_MAGIC
+    assert kmod.strip_signature(signed) == body
+    assert kmod.strip_signature(body) == body  # unsigned: unchanged
+    # a sig_len pointing before the start of the file is a broken module, said so
+    bad = body + bytes(8) + struct.pack(">I", 10_000)
+    with pytest.raises(ProvisionError, match=r"x\.ko: malformed module signature"):
+        kmod.strip_signature(bad + kmod.SIGNATURE_MAGIC, "x.ko")
