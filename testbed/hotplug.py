@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, QemuExited, StateError, TestbedError, WaitTimeout
-from testbed.guest.inspect import GuestPciDevice, inspect_pci
+from testbed.guest.inspect import VIRTIO_MODERN_BASE, GuestPciDevice, inspect_pci
 from testbed.host.foreign import ForeignBackend, start_behind_relay
 from testbed.machine.cmdline import root_port_id
 from testbed.machine.profiles import profile_for
@@ -77,6 +77,56 @@ def slot_power_off_script(bdf: str) -> str:
         "for s in /sys/bus/pci/slots/*; do "
         f'if [ "$(cat "$s/address")" = {address} ]; then echo 0 > "$s/power"; exit 0; fi; '
         f'done; echo "no hot-plug slot at {address}" >&2; exit 1'
+    )
+
+
+SYSFS_PCI_DEVICES = "/sys/bus/pci/devices"
+GUEST_WAIT_STEP = 0.02
+"""Seconds between two looks of a guest-side wait (the loop's only exec is the sleep)."""
+
+
+def _wait_steps(timeout: float) -> int:
+    return max(1, round(timeout / GUEST_WAIT_STEP))
+
+
+def _guest_sleep() -> str:
+    return f"usleep {round(GUEST_WAIT_STEP * 1e6)}"
+
+
+def wait_for_function_script(
+    device_id: int,
+    known: Sequence[str],
+    timeout: float,
+    *,
+    root: str = SYSFS_PCI_DEVICES,
+    sleep: str | None = None,
+) -> str:
+    """A guest script that exits 0 once a PCI function that is not in ``known`` (BDFs) and
+    has PCI device id ``device_id`` has a driver bound, or 1 after about ``timeout`` s.
+
+    Why in the guest: one SSH round trip instead of one per look, and the loop uses shell
+    built-ins only (read, [, case), where listing every function with od, cat and readlink
+    costs ~40 execs a look under TCG. The host confirms with one full listing after it."""
+    skip = " ".join(sorted(known))
+    return (
+        f"i=0; while [ $i -lt {_wait_steps(timeout)} ]; do "
+        f"for d in {root}/*; do "
+        f'case " {skip} " in *" ${{d##*/}} "*) continue;; esac; '
+        'read id < "$d/device" || continue; '
+        f'if [ "$id" = {device_id:#06x} ] && [ -e "$d/driver" ]; then exit 0; fi; '
+        f"done; {sleep or _guest_sleep()}; i=$((i + 1)); done; exit 1"
+    )
+
+
+def wait_gone_script(
+    bdf: str, timeout: float, *, root: str = SYSFS_PCI_DEVICES, sleep: str | None = None
+) -> str:
+    """A guest script that exits 0 once ``bdf`` is no longer listed, or 1 after about
+    ``timeout`` s (see wait_for_function_script for why the waiting is done in the guest)."""
+    return (
+        f"i=0; while [ -e {root}/{bdf} ]; do "
+        f"[ $i -ge {_wait_steps(timeout)} ] && exit 1; "
+        f"{sleep or _guest_sleep()}; i=$((i + 1)); done; exit 0"
     )
 
 
@@ -182,6 +232,18 @@ class Hotplug(Closeable):
                     f"{sorted(current) or 'none'}); see the guest's dmesg in the artifacts"
                 )
             time.sleep(GUEST_POLL_INTERVAL)  # poll interval of a deadline-bound wait
+
+    def _wait_in_guest(self, script: str, timeout: float) -> bool:
+        """Run a guest-side wait (wait_for_function_script, wait_gone_script): True when
+        its condition held. When it did not, the caller's _poll_guest has the last word
+        (and gives the error message)."""
+        try:
+            return self.vm.run(script, timeout=timeout + 10).returncode == 0
+        except QemuExited:
+            raise
+        except (TestbedError, OSError) as exc:  # SSH trouble: the host-side poll decides
+            log.warning("guest-side wait failed, polling from the host: %s", exc)
+            return False
 
     def free_port(self) -> str:
         used = {d.port for d in self.plugged.values()}
@@ -290,6 +352,9 @@ class Hotplug(Closeable):
         added = time.monotonic()
         # Sysfs lists a hot-added function before the kernel has assigned its BARs; the
         # driver bind (virtio-pci) comes after that, so it is the sign the add finished.
+        script = wait_for_function_script(VIRTIO_MODERN_BASE + spec.virtio_id, sorted(before),
+                                          see_timeout)  # fmt: skip
+        self._wait_in_guest(script, see_timeout)
         seen = self._poll_guest(
             lambda now: any(f.driver for b, f in now.items() if b not in before),
             see_timeout,
@@ -328,12 +393,14 @@ class Hotplug(Closeable):
             self.vm.run(slot_power_off_script(device.bdf), check=True, timeout=20)
         self.machine.wait_event("DEVICE_DELETED", timeout, match={"device": device.device_id})
         deleted = time.monotonic() - t0
-        self._poll_guest(
-            lambda now: device.bdf not in now,
-            timeout,
-            f"{device.bdf} leaving the guest",
-            device.spec.virtio_id,
-        )
+        # Gone from sysfs is gone: the listing is only needed when the guest says no.
+        if not self._wait_in_guest(wait_gone_script(device.bdf, timeout), timeout):
+            self._poll_guest(
+                lambda now: device.bdf not in now,
+                timeout,
+                f"{device.bdf} leaving the guest",
+                device.spec.virtio_id,
+            )
         gone = time.monotonic() - t0
         del self.plugged[device.name]
         self.machine.qmp("chardev-remove", id=device.chardev_id)

@@ -223,3 +223,48 @@ def test_guest_ejects_through_the_slot_holding_the_device() -> None:
     assert script.endswith("exit 1")
     assert profile_for("aarch64").native_pcie_hotplug
     assert not profile_for("x86_64").native_pcie_hotplug
+
+
+def _fake_function(root: Path, bdf: str, device_id: str, driver: bool) -> None:
+    d = root / bdf
+    d.mkdir()
+    (d / "device").write_text(f"{device_id}\n")
+    if driver:
+        (d / "driver").symlink_to(root)
+
+
+def _guest_wait(script: str) -> int:
+    import subprocess
+
+    return subprocess.run(["sh", "-c", script], timeout=30).returncode
+
+
+def test_guest_side_wait_for_a_new_bound_function(tmp_path: Path) -> None:
+    """The plug wait runs in the guest's shell; here in the host's sh, on a fake sysfs."""
+    from testbed.hotplug import wait_for_function_script
+
+    def script(known: list[str], timeout: float = 0.1) -> str:
+        return wait_for_function_script(
+            0x105A, known, timeout, root=str(tmp_path), sleep="sleep 0.02"
+        )
+
+    _fake_function(tmp_path, "0000:00:02.0", "0x1041", driver=True)  # the NIC
+    assert _guest_wait(script([])) == 1  # no test device at all: gives up
+    _fake_function(tmp_path, "0000:00:10.0", "0x105a", driver=True)  # one already there
+    assert _guest_wait(script(["0000:00:02.0", "0000:00:10.0"])) == 1
+    _fake_function(tmp_path, "0000:01:00.0", "0x105a", driver=False)  # listed, not bound
+    assert _guest_wait(script(["0000:00:02.0", "0000:00:10.0"])) == 1
+    (tmp_path / "0000:01:00.0" / "driver").symlink_to(tmp_path)
+    assert _guest_wait(script(["0000:00:02.0", "0000:00:10.0"], timeout=30)) == 0
+
+
+def test_guest_side_wait_for_a_function_to_go(tmp_path: Path) -> None:
+    from testbed.hotplug import wait_gone_script
+
+    _fake_function(tmp_path, "0000:01:00.0", "0x105a", driver=True)
+    gone = wait_gone_script("0000:01:00.0", 0.1, root=str(tmp_path), sleep="sleep 0.02")
+    assert _guest_wait(gone) == 1
+    (tmp_path / "0000:01:00.0" / "driver").unlink()
+    (tmp_path / "0000:01:00.0" / "device").unlink()
+    (tmp_path / "0000:01:00.0").rmdir()
+    assert _guest_wait(gone) == 0
