@@ -14,6 +14,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,23 @@ _NOT_YET = (
     EOFError,
     OSError,
 )
+
+
+def open_tcp(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection for SSH with Nagle's algorithm off.
+
+    Why: every request we make is a small packet that waits for an answer (channel open,
+    exec, exit status). With Nagle on, each waited for the guest's delayed ACK: opening a
+    channel took ~43 ms instead of ~1 ms, and every guest command paid it."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _close_quietly(sock: socket.socket | None) -> None:
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.close()
 
 
 @dataclass(frozen=True)
@@ -130,10 +148,13 @@ class SSHSession(Closeable):
             client.get_host_keys().add(known_host_name(host, port), host_key.get_name(), host_key)
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
             attempts += 1
+            sock: socket.socket | None = None
             try:
+                sock = open_tcp(host, port, min(remaining, 5.0))
                 client.connect(
                     host,
                     port=port,
+                    sock=sock,
                     username=user,
                     pkey=pkey,
                     look_for_keys=False,
@@ -146,18 +167,21 @@ class SSHSession(Closeable):
                 return cls(client, host, port)
             except paramiko.BadHostKeyException as exc:
                 client.close()
+                _close_quietly(sock)
                 raise ConfigError(
                     f"the guest at {host}:{port} offered a host key that is not the image's: "
                     "is another VM on that port? rebuild the image if it persists"
                 ) from exc
             except paramiko.AuthenticationException as exc:
                 client.close()
+                _close_quietly(sock)
                 raise ConfigError(
                     f"the guest at {host}:{port} refused the client key {client_key}: "
                     "rebuild the guest image"
                 ) from exc
             except _NOT_YET as exc:
                 client.close()
+                _close_quietly(sock)
                 last = exc
             time.sleep(RETRY_INTERVAL)
 
