@@ -3,7 +3,9 @@ run dir, and none fails (for lack of a free port or anything else).
 
 The four run as a real `pytest -n 4` in a child process (what `make e2e WORKERS=4` does),
 with their artifacts kept in a private results dir; their qemu-cmdline.txt files say
-which hostfwd port, QMP socket, back-end socket and run dir each one used.
+which hostfwd port, QMP socket, back-end socket and run dir each one used. Two boot with a
+cold-plugged device; two are restored from the same snapshot file at the same time and
+hot-plug theirs (their back-end sockets are made in their own run dirs, after the start).
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from testbed.paths import PROJECT_ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.arches("x86_64")]
 
-LAYOUTS = ("one", "two", "none", "sparse-1")
+COLD = [f"scenarios/test_coldplug.py::test_layout[{{arch}}-{name}]" for name in ("one", "two")]
+RESTORED = [
+    "scenarios/test_datapath.py::test_reset_drops_mappings[{arch}]",
+    "scenarios/test_negotiation.py::test_without_shmem_qemu_never_asks[{arch}-not-offered]",
+]
 WORKERS = 4
 # 4 TCG guests on 2 cores boot in ~10-20 s each; generous, but a hang must end.
 CHILD_TIMEOUT = 420.0
@@ -33,6 +39,7 @@ CHILD_TIMEOUT = 420.0
 _HOSTFWD = re.compile(r"hostfwd=tcp:127\.0\.0\.1:(\d+)-:22")
 _QMP = re.compile(r"-qmp '?unix:([^,']+)")
 _CHARDEV_SOCKET = re.compile(r"-chardev '?socket,id=[^,]+,path=([^,' ]+)")
+_INCOMING = re.compile(r"^\s*-incoming ", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class VmResources:
     ssh_port: int
     qmp_socket: Path
     backend_sockets: tuple[Path, ...]
+    restored: bool
+    """Started with -incoming (from a snapshot): its device comes later, by hot-plug."""
 
     @property
     def run_dir(self) -> Path:
@@ -57,7 +66,8 @@ def parse_cmdline(path: Path) -> VmResources:
     qmp = _QMP.search(text)
     assert port and qmp, f"{path}: no hostfwd port or QMP socket in\n{text}"
     sockets = tuple(Path(m) for m in _CHARDEV_SOCKET.findall(text))
-    return VmResources(path, int(port.group(1)), Path(qmp.group(1)), sockets)
+    restored = bool(_INCOMING.search(text))
+    return VmResources(path, int(port.group(1)), Path(qmp.group(1)), sockets, restored)
 
 
 def run_child(argv: list[str], env: dict[str, str], log: Path, timeout: float) -> int:
@@ -79,7 +89,7 @@ def run_child(argv: list[str], env: dict[str, str], log: Path, timeout: float) -
 
 def test_four_scenarios_at_once(arch: str, artifacts: Path) -> None:
     results = artifacts / "child-results"
-    node_ids = [f"scenarios/test_coldplug.py::test_layout[{arch}-{name}]" for name in LAYOUTS]
+    node_ids = [node.format(arch=arch) for node in COLD + RESTORED]
     junit = results / "junit.xml"
     argv = [
         sys.executable, "-m", "pytest", "-n", str(WORKERS), "-p", "no:randomly",
@@ -95,17 +105,19 @@ def test_four_scenarios_at_once(arch: str, artifacts: Path) -> None:
     suites = ET.parse(junit).getroot()
     cases = list(suites.iter("testcase"))
     bad = [c.get("name") for c in cases if any(e.tag in ("failure", "error", "skipped") for e in c)]
-    assert len(cases) == len(LAYOUTS) and not bad, f"not all passed: {bad}\n{output[-4000:]}"
+    assert len(cases) == len(node_ids) and not bad, f"not all passed: {bad}\n{output[-4000:]}"
 
     vms = [parse_cmdline(p) for p in sorted(results.glob("artifacts/*/qemu-cmdline.txt"))]
-    assert len(vms) == len(LAYOUTS), f"want {len(LAYOUTS)} qemu-cmdline.txt, got {vms}"
+    assert len(vms) == len(node_ids), f"want {len(node_ids)} qemu-cmdline.txt, got {vms}"
+    assert sum(vm.restored for vm in vms) == len(RESTORED), f"want {len(RESTORED)} restored: {vms}"
     ports = [vm.ssh_port for vm in vms]
     run_dirs = [vm.run_dir for vm in vms]
     sockets = [s for vm in vms for s in (vm.qmp_socket, *vm.backend_sockets)]
     assert len(set(ports)) == len(ports), f"two VMs shared a hostfwd port: {ports}"
     assert len(set(run_dirs)) == len(run_dirs), f"two VMs shared a run dir: {run_dirs}"
     assert len(set(sockets)) == len(sockets), f"two VMs shared a socket: {sockets}"
-    # Every one has a back-end ("none" too: a device that serves no region).
-    assert all(len(vm.backend_sockets) == 1 for vm in vms), vms
+    # Every cold-plugged one has its back-end on the command line; a restored one has none
+    # there (its hot-plugged back-end listens in its own run dir, which no other shares).
+    assert all(len(vm.backend_sockets) == (0 if vm.restored else 1) for vm in vms), vms
     leftovers = [d for d in run_dirs if d.exists()]
     assert not leftovers, f"run dirs outlived their VMs: {leftovers}"
