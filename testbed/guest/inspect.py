@@ -44,8 +44,10 @@ def inspect_script(
         f'  echo "{MARK}device ${{d##*/}}"',
         f'  echo "{MARK}config"; od -An -v -tx1 "$d/config"',
         f'  echo "{MARK}resource"; cat "$d/resource"',
+        # The driver's name with built-ins (cd -P resolves the link): readlink and
+        # basename in a command substitution cost a fork and two execs per function.
         f'  echo "{MARK}driver"',
-        '  if [ -e "$d/driver" ]; then basename "$(readlink "$d/driver")"; fi',
+        '  if cd -P "$d/driver" 2>/dev/null; then echo "${PWD##*/}"; cd /; fi',
         "done",
     ]
     if lspci:
