@@ -44,9 +44,7 @@ CACHE_LINE = re.compile(r"virtiofs \S+: Cache len: 0x([0-9a-f]+) @ 0x([0-9a-f]+)
 WINDOW_LINE = re.compile(
     r"virtio_fs_setup_dax: window kaddr \S+ phys_addr 0x([0-9a-f]+) len 0x([0-9a-f]+)"
 )
-# The root port's prefetchable window holds BAR 2 besides BAR 4 and firmware aligns it to
-# 2 MiB only: a 64M BAR 4 needs a 128M reserve (see scenarios/test_hotplug.py).
-PREF64_FOR_64M = 128 * M
+# A 64M BAR 4 fits the root port's default 128M reserve (see scenarios/test_hotplug.py).
 DRIVER_TIMEOUT = 30.0
 GUEST_POLL = 0.2
 
@@ -232,7 +230,7 @@ def test_virtiofs_hotplug_cache_window(
     (loaded before the device arrives) probes it on hot-add and finds the window (x86_64),
     the share works, and unplug leaves nothing."""
     cmd, share = _virtiofsd_cmd(run_dir)
-    vm = boot(root_ports=1, root_port_pref64=PREF64_FOR_64M)
+    vm = boot(root_ports=1)
     vm.load_modules("virtiofs", params=VIRTIOFS_PARAMS)
     with Hotplug(vm) as hp:
         plugged = hp.plug(CACHE, backend_cmd=cmd, **VIRTIOFS_DEVICE)

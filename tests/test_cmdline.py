@@ -186,8 +186,8 @@ def test_root_ports_and_vhost_user_devices() -> None:
     )
     argv = build_command(config(root_ports=2, vhost_user_devices=devs))
     devices = option_values(argv, "-device")
-    assert "pcie-root-port,id=rp0,bus=pcie.0,addr=0x8,chassis=1,pref64-reserve=64M" in devices
-    assert "pcie-root-port,id=rp1,bus=pcie.0,addr=0x9,chassis=2,pref64-reserve=64M" in devices
+    assert "pcie-root-port,id=rp0,bus=pcie.0,addr=0x8,chassis=1,pref64-reserve=128M" in devices
+    assert "pcie-root-port,id=rp1,bus=pcie.0,addr=0x9,chassis=2,pref64-reserve=128M" in devices
     assert (
         "vhost-user-test-device-pci,id=vu0-dev,chardev=vu0,virtio-id=26,num_vqs=1,"
         "bus=pcie.0,addr=0x10" in devices

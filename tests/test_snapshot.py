@@ -34,7 +34,7 @@ def test_key_ignores_what_differs_per_run() -> None:
     "change",
     [
         {"root_ports": 2},
-        {"root_port_pref64": 128 << 20},
+        {"root_port_pref64": 256 << 20},
         {"memory_mib": 1024},
         {"kernel": Path("/k/other-vmlinux")},
         {"extra_kernel_args": ("loglevel=8",)},

@@ -43,8 +43,11 @@ class MachineConfig:
     vhost_user_devices: tuple[VhostUserDevice, ...] = ()
     root_ports: int = 0
     """Empty pcie-root-ports for hot-plug, ids rp0, rp1, ..."""
-    root_port_pref64: int = 64 * MIB
-    """Prefetchable window reserved per root port: BAR 4 of a hot-plugged device must fit."""
+    root_port_pref64: int = 128 * MIB
+    """Prefetchable window reserved per root port: BAR 4 of a hot-plugged device must fit.
+    The window also holds BAR 2 and firmware aligns it to 2 MiB only, so 128M holds a 64M
+    layout (64M would not). One size for every scenario: restored guests that share a
+    machine share one snapshot (testbed.snapshot), made once per architecture."""
     rng: bool = True
     """virtio-rng: without it dropbear waits ~1 s for entropy under TCG."""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
