@@ -447,3 +447,14 @@ def test_strip_signature_removes_exactly_the_appended_signature() -> None:
     bad = body + bytes(8) + struct.pack(">I", 10_000)
     with pytest.raises(ProvisionError, match=r"x\.ko: malformed module signature"):
         kmod.strip_signature(bad + kmod.SIGNATURE_MAGIC, "x.ko")
+
+
+def test_hide_btf_leaves_the_module_loader_an_empty_btf_section() -> None:
+    btf = b"\x9f\xeb\x01\x00" + bytes(60)
+    module = _elf_with_section(".BTF", btf)
+    assert elf.section(module, ".BTF") == btf
+    hidden = kmod.hide_btf(module)
+    assert elf.section(hidden, ".BTF") == b""
+    assert len(hidden) == len(module)  # nothing moves: only sh_size changed
+    without = _elf_with_section(".modinfo", b"name=virtio\0")
+    assert kmod.hide_btf(without) == without

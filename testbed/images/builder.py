@@ -38,7 +38,7 @@ from testbed.images.apt import AptState, PackageInfo, depends_names, extract_deb
 from testbed.images.cpio import CpioEntry, compress_initrd, write_cpio
 from testbed.images.recipe import Recipe, load_recipe, sha256_hex
 
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 """Bump when the builder's output changes for the same inputs (it is part of the hash)."""
 
 FAILED_MARK = "TESTBED-GUEST-FAILED"
@@ -314,7 +314,8 @@ class _ModuleDepends(Mapping[str, list[str]]):
                 raw = lzma.decompress(raw)
             elif raw.startswith(kernel.ZSTD_MAGIC):
                 raise ProvisionError(f"{self.index[name]}: zstd modules are not supported yet")
-            self.data[name] = kmod.strip_signature(raw, str(self.index[name]))
+            where = str(self.index[name])
+            self.data[name] = kmod.hide_btf(kmod.strip_signature(raw, where), where)
         return self.data[name]
 
     def __getitem__(self, name: str) -> list[str]:

@@ -3,7 +3,8 @@
 - `needed_libraries`: DT_NEEDED sonames of a dynamically linked binary or library, so the
   image carries exactly the shared libraries its programs load;
 - `interpreter`: PT_INTERP (the dynamic loader's path);
-- `modinfo`: a kernel module's .modinfo key=value strings (name, depends, ...).
+- `modinfo`: a kernel module's .modinfo key=value strings (name, depends, ...);
+- `empty_section`: make a section look empty to the kernel's module loader.
 
 Only 64-bit ELF is handled (both guest architectures are 64-bit); either byte order.
 """
@@ -75,24 +76,53 @@ def needed_libraries(data: bytes, what: str = "binary") -> list[str]:
     return [_cstr(data, strtab_off + value) for tag, value in entries if tag == _DT_NEEDED]
 
 
-def section(data: bytes, name: str, what: str = "ELF file") -> bytes | None:
-    """The bytes of the named section, or None."""
-    elf = _open(data, what)
+@dataclass(frozen=True)
+class _Section:
+    name: str
+    header: int
+    """File offset of its section header."""
+    flags: int
+    offset: int
+    size: int
+
+
+def _sections(elf: _Elf) -> list[_Section]:
     (shoff,) = elf.unpack("Q", 0x28)
     shentsize, shnum, shstrndx = elf.unpack("HHH", 0x3A)
-    headers = []
+    raw = []
     for i in range(shnum):
-        sh_name, _type, _flags, _addr, sh_offset, sh_size = elf.unpack(
-            "IIQQQQ", shoff + i * shentsize
-        )
-        headers.append((sh_name, sh_offset, sh_size))
-    _n, str_off, _s = headers[shstrndx]
-    wanted = name.encode()
-    for sh_name, sh_offset, sh_size in headers:
-        end = data.index(b"\0", str_off + sh_name)
-        if data[str_off + sh_name : end] == wanted:
-            return data[sh_offset : sh_offset + sh_size]
+        header = shoff + i * shentsize
+        sh_name, _type, sh_flags, _addr, sh_offset, sh_size = elf.unpack("IIQQQQ", header)
+        raw.append((sh_name, header, sh_flags, sh_offset, sh_size))
+    str_off = raw[shstrndx][3]
+    return [
+        _Section(_cstr(elf.data, str_off + sh_name), header, flags, offset, size)
+        for sh_name, header, flags, offset, size in raw
+    ]
+
+
+def section(data: bytes, name: str, what: str = "ELF file") -> bytes | None:
+    """The bytes of the named section, or None."""
+    for sec in _sections(_open(data, what)):
+        if sec.name == name:
+            return data[sec.offset : sec.offset + sec.size]
     return None
+
+
+_SH_SIZE_AT = 32
+"""Offset of sh_size in an Elf64_Shdr (after name, type, flags, addr and offset)."""
+
+
+def empty_section(data: bytes, name: str, what: str = "ELF file") -> bytes:
+    """``data`` with the named section's size set to 0 (unchanged without one): readers
+    that go by the section headers, like the kernel's module loader, find it empty. The
+    bytes stay where they were; nothing else moves."""
+    elf = _open(data, what)
+    out = bytearray(data)
+    for sec in _sections(elf):
+        if sec.name == name:
+            struct.pack_into(elf.endian + "Q", out, sec.header + _SH_SIZE_AT, 0)
+    return bytes(out)
 
 
 def modinfo(data: bytes, what: str = "kernel module") -> dict[str, str]:

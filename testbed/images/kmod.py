@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from testbed.errors import ProvisionError
+from testbed.images import elf
 
 
 def module_name(path_or_name: str) -> str:
@@ -88,3 +89,13 @@ def strip_signature(data: bytes, where: str = "module") -> bytes:
     if len(info) != _SIGNATURE_INFO_SIZE or start < 0 or not data.startswith(b"\x7fELF"):
         raise ProvisionError(f"{where}: malformed module signature (sig_len {sig_len})")
     return data[:start]
+
+
+def hide_btf(data: bytes, where: str = "module") -> bytes:
+    """A module whose .BTF section the kernel finds empty, so it does not load it.
+
+    Why: the kernel parses its own BTF (~5 MB) the first time anything needs it, and a
+    module's BTF does (~60 ms of TCG per boot). The image's command line also blacklists
+    the built-in kfunc registrations that would parse it at boot; with both, no boot parses
+    it. The guest runs no BPF."""
+    return elf.empty_section(data, ".BTF", where)
