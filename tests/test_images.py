@@ -458,3 +458,21 @@ def test_hide_btf_leaves_the_module_loader_an_empty_btf_section() -> None:
     assert len(hidden) == len(module)  # nothing moves: only sh_size changed
     without = _elf_with_section(".modinfo", b"name=virtio\0")
     assert kmod.hide_btf(without) == without
+
+
+def test_busybox_applet_table_and_links() -> None:
+    from testbed.images import busybox
+
+    names = ["[", "[["] + [f"ap{i:03d}" for i in range(60)] + ["lspci", "zcat"]
+    binary = b"\x7fELF junk\0" + b"\0".join(n.encode() for n in names) + b"\0\0more"
+    assert busybox.applet_names(binary) == names
+    links = busybox.applet_links(names, ["usr/bin/lspci", "usr/bin/busybox"])
+    paths = {link.path for link in links}
+    assert "usr/bin/lspci" not in paths  # the real one wins, as with --install
+    assert {"usr/bin/[", "usr/bin/zcat"} <= paths and len(paths) == len(names) - 1
+    assert all(link.data == b"busybox" for link in links)
+    # a table that stops being sorted ends there; too short a table is not busybox's
+    with pytest.raises(ProvisionError, match="applet table has 3 names"):
+        busybox.applet_names(b"[\0[[\0ls\0cat\0")
+    with pytest.raises(ProvisionError, match="no single applet table"):
+        busybox.applet_names(b"\x7fELF no table here")

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from testbed import paths
 from testbed.errors import ConfigError, ProvisionError
-from testbed.images import elf, extra, kernel, keys, kmod, stublib
+from testbed.images import busybox, elf, extra, kernel, keys, kmod, stublib
 from testbed.images.apt import AptState, PackageInfo, depends_names, extract_deb
 from testbed.images.cpio import CpioEntry, compress_initrd, write_cpio
 from testbed.images.recipe import Recipe, load_recipe, sha256_hex
@@ -518,6 +518,18 @@ def load_image(arch: str) -> GuestImage | None:
     return max(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
+BUSYBOX = "usr/bin/busybox"
+
+
+def add_busybox_links(contents: ImageContents) -> None:
+    """The applet links /init used to make with `busybox --install -s` at every boot."""
+    entry = contents.entries.get(BUSYBOX)
+    if entry is None:
+        raise ProvisionError(f"the image has no {BUSYBOX}: /init runs on it; add it to 'files'")
+    for link in busybox.applet_links(busybox.applet_names(entry.data, BUSYBOX), contents.entries):
+        contents.add(link)
+
+
 def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> GuestImage:
     """Resolve package versions, and build the image unless it is already cached."""
     say = log or _silent
@@ -569,6 +581,7 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
     for rel in recipe.files:
         contents.add_from_tree(rel)
     contents.add_stubs()
+    add_busybox_links(contents)
     mod_entries, order = module_entries(ktree, recipe.modules)
     for entry in mod_entries:
         contents.add(entry)
