@@ -101,19 +101,21 @@ def wait_for_function_script(
     root: str = SYSFS_PCI_DEVICES,
     sleep: str | None = None,
 ) -> str:
-    """A guest script that exits 0 once a PCI function that is not in ``known`` (BDFs) and
-    has PCI device id ``device_id`` has a driver bound, or 1 after about ``timeout`` s.
+    """A guest script that prints the BDF and exits 0 once a PCI function that is not in
+    ``known`` (BDFs) and has PCI device id ``device_id`` has a driver bound, or exits 1
+    after about ``timeout`` s.
 
     Why in the guest: one SSH round trip instead of one per look, and the loop uses shell
     built-ins only (read, [, case), where listing every function with od, cat and readlink
-    costs ~40 execs a look under TCG. The host confirms with one full listing after it."""
+    costs ~40 execs a look under TCG."""
     skip = " ".join(sorted(known))
     return (
         f"i=0; while [ $i -lt {_wait_steps(timeout)} ]; do "
         f"for d in {root}/*; do "
         f'case " {skip} " in *" ${{d##*/}} "*) continue;; esac; '
         'read id < "$d/device" || continue; '
-        f'if [ "$id" = {device_id:#06x} ] && [ -e "$d/driver" ]; then exit 0; fi; '
+        f'if [ "$id" = {device_id:#06x} ] && [ -e "$d/driver" ]; then '
+        'echo "${d##*/}"; exit 0; fi; '
         f"done; {sleep or _guest_sleep()}; i=$((i + 1)); done; exit 1"
     )
 
@@ -239,17 +241,18 @@ class Hotplug(Closeable):
                 )
             time.sleep(GUEST_POLL_INTERVAL)  # poll interval of a deadline-bound wait
 
-    def _wait_in_guest(self, script: str, timeout: float) -> bool:
-        """Run a guest-side wait (wait_for_function_script, wait_gone_script): True when
-        its condition held. When it did not, the caller's _poll_guest has the last word
-        (and gives the error message)."""
+    def _wait_in_guest(self, script: str, timeout: float) -> str | None:
+        """Run a guest-side wait (wait_for_function_script, wait_gone_script): what it
+        printed when its condition held, else None; then the caller's _poll_guest has the
+        last word (and gives the error message)."""
         try:
-            return self.vm.run(script, timeout=timeout + 10).returncode == 0
+            result = self.vm.run(script, timeout=timeout + 10)
         except QemuExited:
             raise
         except (TestbedError, OSError) as exc:  # SSH trouble: the host-side poll decides
             log.warning("guest-side wait failed, polling from the host: %s", exc)
-            return False
+            return None
+        return result.text.strip() if result.returncode == 0 else None
 
     def free_port(self) -> str:
         used = {d.port for d in self.plugged.values()}
@@ -360,14 +363,15 @@ class Hotplug(Closeable):
         # driver bind (virtio-pci) comes after that, so it is the sign the add finished.
         script = wait_for_function_script(VIRTIO_MODERN_BASE + spec.virtio_id, sorted(before),
                                           see_timeout)  # fmt: skip
-        self._wait_in_guest(script, see_timeout)
-        seen = self._poll_guest(
-            lambda now: any(f.driver for b, f in now.items() if b not in before),
-            see_timeout,
-            f"the guest adding {name} on {spec.bus} (function listed, driver bound)",
-            spec.virtio_id,
-        )
-        (bdf,) = set(seen) - set(before)
+        bdf = self._wait_in_guest(script, see_timeout)
+        if not bdf or bdf in before:  # the guest gave up: list everything, and explain
+            seen = self._poll_guest(
+                lambda now: any(f.driver for b, f in now.items() if b not in before),
+                see_timeout,
+                f"the guest adding {name} on {spec.bus} (function listed, driver bound)",
+                spec.virtio_id,
+            )
+            (bdf,) = set(seen) - set(before)
         device = PluggedDevice(spec, backend, bdf, foreign=started)
         device.timings = {
             "device_add": round(added - t0, 3),
@@ -400,7 +404,7 @@ class Hotplug(Closeable):
         self.machine.wait_event("DEVICE_DELETED", timeout, match={"device": device.device_id})
         deleted = time.monotonic() - t0
         # Gone from sysfs is gone: the listing is only needed when the guest says no.
-        if not self._wait_in_guest(wait_gone_script(device.bdf, timeout), timeout):
+        if self._wait_in_guest(wait_gone_script(device.bdf, timeout), timeout) is None:
             self._poll_guest(
                 lambda now: device.bdf not in now,
                 timeout,

@@ -234,9 +234,14 @@ def _fake_function(root: Path, bdf: str, device_id: str, driver: bool) -> None:
 
 
 def _guest_wait(script: str) -> int:
+    return _guest_wait_output(script)[0]
+
+
+def _guest_wait_output(script: str) -> tuple[int, str]:
     import subprocess
 
-    return subprocess.run(["sh", "-c", script], timeout=30).returncode
+    done = subprocess.run(["sh", "-c", script], timeout=30, capture_output=True, text=True)
+    return done.returncode, done.stdout.strip()
 
 
 def test_guest_side_wait_for_a_new_bound_function(tmp_path: Path) -> None:
@@ -255,7 +260,8 @@ def test_guest_side_wait_for_a_new_bound_function(tmp_path: Path) -> None:
     _fake_function(tmp_path, "0000:01:00.0", "0x105a", driver=False)  # listed, not bound
     assert _guest_wait(script(["0000:00:02.0", "0000:00:10.0"])) == 1
     (tmp_path / "0000:01:00.0" / "driver").symlink_to(tmp_path)
-    assert _guest_wait(script(["0000:00:02.0", "0000:00:10.0"], timeout=30)) == 0
+    found = _guest_wait_output(script(["0000:00:02.0", "0000:00:10.0"], timeout=30))
+    assert found == (0, "0000:01:00.0")  # the host takes the BDF from it
 
 
 def test_guest_side_wait_for_a_function_to_go(tmp_path: Path) -> None:
