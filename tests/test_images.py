@@ -322,6 +322,16 @@ def test_recipe_initrd_compression() -> None:
         recipe.parse_recipe(data, "x.json", "x86_64")
 
 
+def test_recipe_pci_ids_vendors() -> None:
+    data = _recipe_data()
+    assert "8086" in recipe.parse_recipe(data, "x.json", "x86_64").pci_ids_vendors
+    del data["pci_ids_vendors"]
+    assert recipe.parse_recipe(data, "x.json", "x86_64").pci_ids_vendors == ()  # all of it
+    data["pci_ids_vendors"] = ["1af4", "Intel"]
+    with pytest.raises(ConfigError, match=r"\['Intel'\] are not vendor ids"):
+        recipe.parse_recipe(data, "x.json", "x86_64")
+
+
 def test_recipe_kernel_suite() -> None:
     data = _recipe_data()
     kernel = data["kernel"]
@@ -476,3 +486,38 @@ def test_busybox_applet_table_and_links() -> None:
         busybox.applet_names(b"[\0[[\0ls\0cat\0")
     with pytest.raises(ProvisionError, match="no single applet table"):
         busybox.applet_names(b"\x7fELF no table here")
+
+
+PCI_IDS_SAMPLE = """#
+#\tList of PCI IDs
+#
+1000  Broadcom / LSI
+\t0012  53c895a
+1af4  Red Hat, Inc.
+\t1041  Virtio 1.0 network device
+\t105a  Virtio file system
+# a comment inside the list
+8086  Intel Corporation
+\t29c0  82G33/G31/P35/P31 Express DRAM Controller
+\t\t1af4 1100  QEMU Virtual Machine
+abcd  Nobody
+\t0001  Thing
+# List of known device classes, subclasses and programming interfaces
+C 00  Unclassified device
+\t00  Non-VGA unclassified device
+C 02  Network controller
+"""
+
+
+def test_pci_ids_keep_the_named_vendors_and_every_class() -> None:
+    from testbed.images import pciids
+
+    out = pciids.trim_pci_ids(PCI_IDS_SAMPLE, ["1af4", "8086"])
+    assert out.startswith("#\n#\tList of PCI IDs")
+    assert "1af4  Red Hat, Inc.\n\t1041  Virtio 1.0 network device" in out
+    assert "\t\t1af4 1100  QEMU Virtual Machine" in out
+    assert "1000  " not in out and "53c895a" not in out and "abcd  Nobody" not in out
+    assert "\t0001  Thing" not in out
+    assert out.endswith("C 00  Unclassified device\n\t00  Non-VGA unclassified device\n"
+                        "C 02  Network controller\n")  # fmt: skip
+    assert pciids.valid_vendor_id("1af4") and not pciids.valid_vendor_id("1AF4")

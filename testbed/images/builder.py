@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from testbed import paths
 from testbed.errors import ConfigError, ProvisionError
-from testbed.images import busybox, elf, extra, kernel, keys, kmod, stublib
+from testbed.images import busybox, elf, extra, kernel, keys, kmod, pciids, stublib
 from testbed.images.apt import AptState, PackageInfo, depends_names, extract_deb
 from testbed.images.cpio import CpioEntry, compress_initrd, write_cpio
 from testbed.images.recipe import Recipe, load_recipe, sha256_hex
@@ -530,6 +530,19 @@ def add_busybox_links(contents: ImageContents) -> None:
         contents.add(link)
 
 
+PCI_IDS = "usr/share/misc/pci.ids"
+
+
+def trim_pci_ids(contents: ImageContents, vendors: tuple[str, ...]) -> None:
+    """The image's pci.ids cut down to ``vendors`` (testbed.images.pciids); all of it when
+    the recipe names none or the image has no pci.ids."""
+    entry = contents.entries.get(PCI_IDS)
+    if entry is None or not vendors:
+        return
+    text = pciids.trim_pci_ids(entry.data.decode("utf-8", errors="replace"), vendors)
+    contents.entries[PCI_IDS] = CpioEntry.file(PCI_IDS, text.encode(), entry.mode & 0o777)
+
+
 def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> GuestImage:
     """Resolve package versions, and build the image unless it is already cached."""
     say = log or _silent
@@ -582,6 +595,7 @@ def build_image(arch: str, log: Log | None = print, refresh: bool = False) -> Gu
         contents.add_from_tree(rel)
     contents.add_stubs()
     add_busybox_links(contents)
+    trim_pci_ids(contents, recipe.pci_ids_vendors)
     mod_entries, order = module_entries(ktree, recipe.modules)
     for entry in mod_entries:
         contents.add(entry)

@@ -13,6 +13,7 @@ from typing import Any
 
 from testbed import paths
 from testbed.errors import ConfigError
+from testbed.images import pciids
 from testbed.machine.profiles import ARCHES
 
 _PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
@@ -42,7 +43,9 @@ class Recipe:
       (GuestVM.load_modules; their dependencies are added), so that a device they would
       bind (virtio-fs at virtio-id 26) stays unbound in every other scenario;
     cmdline: the kernel command line; ready_line: what /init prints once sshd listens;
-    initrd_compression: "gzip" or "none" (see INITRD_COMPRESSIONS).
+    initrd_compression: "gzip" or "none" (see INITRD_COMPRESSIONS);
+    pci_ids_vendors: vendor ids whose names the image's pci.ids keeps (empty: all of it;
+      see testbed.images.pciids).
     """
 
     arch: str
@@ -60,6 +63,7 @@ class Recipe:
     ready_line: str
     initrd_compression: str = "gzip"
     optional_modules: tuple[str, ...] = ()
+    pci_ids_vendors: tuple[str, ...] = ()
 
     def canonical(self) -> str:
         """A stable text form for hashing."""
@@ -112,6 +116,7 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
         "cmdline",
         "ready_line",
         "initrd_compression",
+        "pci_ids_vendors",
         "comment",
     }
     unknown = sorted(set(data) - known)
@@ -169,6 +174,16 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
             f"{where}: 'initrd_compression' is {compression!r}; "
             f"use one of {', '.join(INITRD_COMPRESSIONS)}"
         )
+    vendors = (
+        _str_list(data, "pci_ids_vendors", where, allow_empty=True)
+        if "pci_ids_vendors" in data
+        else ()
+    )
+    bad = [v for v in vendors if not pciids.valid_vendor_id(v)]
+    if bad:
+        raise ConfigError(
+            f"{where}: 'pci_ids_vendors' {bad} are not vendor ids: use 4 lower-case hex digits"
+        )
     return Recipe(
         arch=arch,
         suite=suite,
@@ -189,6 +204,7 @@ def parse_recipe(data: Any, where: str, expected_arch: str) -> Recipe:
             if "optional_modules" in data
             else ()
         ),
+        pci_ids_vendors=vendors,
     )
 
 
