@@ -1,10 +1,11 @@
 """Hot-plug and hot-unplug of vhost-user test devices into a running GuestVM, over QMP.
 
 Per device: a Backend listening on its own socket in the VM's 0700 run dir, then
-chardev-add (socket client) -> device_add into a free root port -> poll the guest's
-/sys/bus/pci/devices until the new function shows up. Unplug walks it back: device_del ->
-DEVICE_DELETED -> poll until the guest no longer lists it -> chardev-remove -> the back-end
-sees the connection end. `Hotplug` is a context manager; close() unplugs (best effort) and
+chardev-add (socket client) -> device_add into a free root port -> wait, inside the guest
+(one SSH command looping on shell built-ins over /sys/bus/pci/devices), until the new
+function has its driver. Unplug walks it back: device_del -> DEVICE_DELETED -> wait until
+the guest no longer lists it -> chardev-remove -> the back-end sees the connection end.
+When a guest-side wait gives up, one full listing from the host says what the guest has. `Hotplug` is a context manager; close() unplugs (best effort) and
 closes every back-end it started, so nothing outlives the block, also on exceptions.
 
 Timing facts this has to allow (platform facts): q35 uses ACPI hot-plug, the guest sees a
@@ -130,6 +131,12 @@ def wait_gone_script(
         f"[ $i -ge {_wait_steps(timeout)} ] && exit 1; "
         f"{sleep or _guest_sleep()}; i=$((i + 1)); done; exit 0"
     )
+
+
+def _rest_of(started: float, timeout: float, at_least: float = 2.0) -> float:
+    """What is left of a wait begun at ``started``: the host-side look that follows a
+    guest-side wait that gave up must not wait the whole timeout a second time."""
+    return max(at_least, started + timeout - time.monotonic())
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -367,7 +374,7 @@ class Hotplug(Closeable):
         if not bdf or bdf in before:  # the guest gave up: list everything, and explain
             seen = self._poll_guest(
                 lambda now: any(f.driver for b, f in now.items() if b not in before),
-                see_timeout,
+                _rest_of(added, see_timeout),
                 f"the guest adding {name} on {spec.bus} (function listed, driver bound)",
                 spec.virtio_id,
             )
@@ -404,10 +411,11 @@ class Hotplug(Closeable):
         self.machine.wait_event("DEVICE_DELETED", timeout, match={"device": device.device_id})
         deleted = time.monotonic() - t0
         # Gone from sysfs is gone: the listing is only needed when the guest says no.
+        waited_from = time.monotonic()
         if self._wait_in_guest(wait_gone_script(device.bdf, timeout), timeout) is None:
             self._poll_guest(
                 lambda now: device.bdf not in now,
-                timeout,
+                _rest_of(waited_from, timeout),
                 f"{device.bdf} leaving the guest",
                 device.spec.virtio_id,
             )
