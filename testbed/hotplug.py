@@ -5,8 +5,9 @@ chardev-add (socket client) -> device_add into a free root port -> wait, inside 
 (one SSH command looping on shell built-ins over /sys/bus/pci/devices), until the new
 function has its driver. Unplug walks it back: device_del -> DEVICE_DELETED -> wait until
 the guest no longer lists it -> chardev-remove -> the back-end sees the connection end.
-When a guest-side wait gives up, one full listing from the host says what the guest has. `Hotplug` is a context manager; close() unplugs (best effort) and
-closes every back-end it started, so nothing outlives the block, also on exceptions.
+When a guest-side wait gives up, one full listing from the host says what the guest has.
+`Hotplug` is a context manager; close() unplugs (best effort) and closes every back-end it
+started, so nothing outlives the block, also on exceptions.
 
 Timing facts this has to allow (platform facts): q35 uses ACPI hot-plug, the guest sees a
 device ~0.15 s after device_add and DEVICE_DELETED follows device_del in ~15 ms. aarch64

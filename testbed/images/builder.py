@@ -537,8 +537,8 @@ def trim_pci_ids(contents: ImageContents, vendors: tuple[str, ...]) -> None:
     """The image's pci.ids cut down to ``vendors`` (testbed.images.pciids); all of it when
     the recipe names none or the image has no pci.ids."""
     entry = contents.entries.get(PCI_IDS)
-    if entry is None or not vendors:
-        return
+    if entry is None or not vendors or not stat.S_ISREG(entry.mode):
+        return  # (a link's data is its target, not the file)
     text = pciids.trim_pci_ids(entry.data.decode("utf-8", errors="replace"), vendors)
     contents.entries[PCI_IDS] = CpioEntry.file(PCI_IDS, text.encode(), entry.mode & 0o777)
 

@@ -4,7 +4,7 @@ lspci reads and parses the whole of pci.ids on every run that prints names: with
 1.7 MB file that is ~0.11 s of TCG per `lspci -vv`, with the vendors QEMU emulates ~0.06 s,
 and every boot unpacks 1.2 MB less initramfs. Names of the kept vendors' devices, and of
 every device class, are exactly lspci's usual ones; a device of another vendor prints as
-numbers ("Device 1af4:105a" style), which the parsers do not rely on.
+numbers ("Device 10de:1eb8" style), which the parsers do not rely on.
 """
 
 from __future__ import annotations
