@@ -315,6 +315,63 @@ def test_map_while_device_stopped_is_answered(case: str, arch: str, sockdir: Pat
         assert qemu.qmp("query-status")["status"] == "running"
 
 
+@pytest.mark.parametrize("queues", [1, 2])
+def test_get_queue_num_answers_the_device_queue_count(queues: int, sockdir: Path) -> None:
+    """GET_QUEUE_NUM is answered with the device's num_vqs; QEMU then sets up exactly those
+    rings, and none beyond the answer (no queue-count violation)."""
+    socket = sockdir / "vu.sock"
+    device = VhostUserDevice("vu0", socket, num_vqs=queues)
+    config = QtestConfig("x86_64", _qemu("x86_64"), (device,))
+    with (
+        Backend(socket, device.layout, num_queues=device.num_vqs) as backend,
+        QtestMachine(config).start(),
+    ):
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+    answers = [
+        e.payload["value"]
+        for e in backend.trace.entries()
+        if e.direction == TO_QEMU and e.name == "GET_QUEUE_NUM"
+    ]
+    assert answers == [queues]
+    rings = {
+        e.payload["index"]
+        for e in backend.trace.entries()
+        if e.name == "SET_VRING_CALL" and e.direction != TO_QEMU
+    }
+    assert rings == set(range(queues))
+    assert backend.violations == []
+
+
+@known_bug("queue-num-ignored")
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_backend_with_fewer_queues_is_refused(arch: str, sockdir: Path) -> None:
+    """A back-end that answers GET_QUEUE_NUM with 1 for a 2-queue device: QEMU should
+    refuse the device at realize (vhost-user-blk does: "The maximum number of queues
+    supported by the backend is 1"). QEMU 11.1.3's vhost-user-base sets up ring 1 anyway,
+    and our back-end flags every request for it (rule queue-count)."""
+    socket = sockdir / "vu.sock"
+    device = VhostUserDevice("vu0", socket, num_vqs=2)
+    config = QtestConfig(arch, _qemu(arch), (device,))
+    with (
+        Backend(socket, device.layout, num_queues=2, faults=Faults(queue_num=1)) as backend,
+        QtestMachine(config) as machine,
+    ):
+        try:
+            machine.start()
+        except QemuExited as exc:
+            assert exc.returncode == 1 and "maximum number of queues" in exc.stderr_tail, exc
+            return
+        backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
+    flagged = [v for v in backend.violations if v.rule == "queue-count"]
+    if flagged:
+        raise KnownBugSeen(
+            "queue-num-ignored",
+            f"QEMU set up ring 1 after the back-end answered GET_QUEUE_NUM with 1: "
+            f"{', '.join(v.request for v in flagged)}",
+        )
+    pytest.fail("QEMU realized a 2-queue device for a 1-queue back-end without using ring 1")
+
+
 def test_reconnect_gets_a_fresh_session(sockdir: Path) -> None:
     with Backend(sockdir / "vu.sock", ShmemLayout({0: 4 * M})) as backend:
         for round_ in (1, 2):

@@ -3,6 +3,7 @@ changing its answer (a scripted front-end over a real socket)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from testbed.vhost_user.protocol import (
     Request,
     ShMemConfig,
     VringFile,
+    VringState,
 )
 
 R = Request
@@ -136,6 +138,21 @@ def test_fd_counts() -> None:
     assert rules_broken(R.SET_LOG_BASE, nfds=0) == []
     logging = Negotiation(0, 0, int(P.LOG_SHMFD), int(P.LOG_SHMFD))
     assert rules_broken(R.SET_LOG_BASE, logging, nfds=1) == []
+
+
+def test_rings_beyond_the_queue_count_we_announced() -> None:
+    """Once the back-end answered GET_QUEUE_NUM with N, a request for ring N or above uses
+    a queue it said it does not have; before the question (or without MQ) nothing is
+    known, so nothing is flagged."""
+    two = dataclasses.replace(AGREED, queues=2)
+    assert rules_broken(R.SET_VRING_CALL, two, nfds=1, payload=VringFile(1, nofd=False)) == []
+    assert rules_broken(R.SET_VRING_NUM, two, payload=VringState(1, 64)) == []
+    assert rules_broken(R.SET_VRING_ENABLE, two, payload=VringState(2, 1)) == ["queue-count"]
+    assert rules_broken(R.SET_VRING_ERR, two, nfds=1, payload=VringFile(2, nofd=False)) == [
+        "queue-count"
+    ]
+    assert rules_broken(R.GET_VRING_BASE, two, payload=VringState(5, 0)) == ["queue-count"]
+    assert rules_broken(R.SET_VRING_ENABLE, AGREED, payload=VringState(9, 1)) == []
 
 
 def test_violation_json() -> None:

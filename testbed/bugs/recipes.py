@@ -292,6 +292,13 @@ class Run(Closeable):
         if self.results.get(result) == equals:
             self.observed.append(say)
 
+    def check_rings(self, queues: int, say: str) -> None:
+        """Observed when QEMU sent a per-ring request for a ring at or beyond ``queues``
+        (what our back-end flags as queue-count once it answered GET_QUEUE_NUM)."""
+        self.steps.append({"op": "check_rings", "queues": queues, "say": say})
+        if any(v.rule == "queue-count" for v in self._b().violations):
+            self.observed.append(say)
+
     def check_memfd(self, mem: Memfd, offset: int, was: bytes, say: str) -> None:
         name = self._memfd_names[mem.fileno()]
         self.steps.append(
@@ -398,6 +405,13 @@ def truncated_shmem_config_accepted(run: Run) -> None:
 def nregions_mismatch_accepted(run: Run) -> None:
     _realize_with(run, ShmemLayout({0: 4 * M}), Faults(shmem_nregions=2))
     run.check_bar4(4 * M, "nregions 2 with one non-zero size accepted: BAR 4 of 4 MiB")
+
+
+def queue_num_ignored(run: Run) -> None:
+    """A 2-queue device, a back-end that answers GET_QUEUE_NUM with 1: realize goes on and
+    QEMU sets up ring 1 (SET_VRING_CALL/ERR at realize)."""
+    _realize_with(run, ShmemLayout(), Faults(queue_num=1), num_vqs=2)
+    run.check_rings(1, "set up ring 1 after the back-end answered GET_QUEUE_NUM with 1")
 
 
 def _started(run: Run, layout: ShmemLayout) -> QtestMachine:
@@ -542,6 +556,7 @@ RECIPES: dict[str, Recipe] = {
     "shmem-map-payload-size-accepted": shmem_map_payload_size_accepted,
     "unplug-live-mapping-del-subregion-abort": unplug_live_mapping_del_subregion_abort,
     "shmem-map-stopped-device-segfault": shmem_map_stopped_device_segfault,
+    "queue-num-ignored": queue_num_ignored,
 }
 """Bugs without an entry here are rerun through their scenario (needs_guest ones)."""
 

@@ -37,6 +37,8 @@ FLAG_REPLY = 0x4
 FLAG_NEED_REPLY = 0x8
 VERSION = 0x1
 SET_BACKEND_REQ_FD = 21
+# The per-ring front-end requests (their payload starts with the ring index, a u32).
+RING_REQUESTS = {8, 9, 10, 11, 12, 13, 14, 18}
 POLL = 0.02
 START_TIMEOUT = 20.0
 STEP_TIMEOUT = 10.0
@@ -68,6 +70,7 @@ class ReplayBackend:
             self.replies.setdefault(request, []).append(reply)
         self.disconnect_at: int | None = spec.get("disconnect_at")
         self.counts: dict[int, int] = {}
+        self.rings: set[int] = set()  # ring indexes QEMU named in per-ring requests
         self.channel: socket.socket | None = None
         self.cond = threading.Condition()
         self.listener: socket.socket | None = None
@@ -102,8 +105,9 @@ class ReplayBackend:
                 return
             data += _recv_exact(conn, HEADER.size - len(data))
             request, flags, size = HEADER.unpack(data)
-            if size:
-                _recv_exact(conn, size)
+            body = _recv_exact(conn, size) if size else b""
+            if request in RING_REQUESTS and len(body) >= 4:
+                self.rings.add(struct.unpack_from("<I", body)[0] & 0xFF)
             if request == SET_BACKEND_REQ_FD and fds:
                 self.channel = socket.socket(fileno=fds.pop(0))
             for fd in fds:
@@ -380,6 +384,11 @@ class Runner:
 
     def op_check_result(self, step: dict[str, Any]) -> None:
         if self.results.get(step["result"]) == step["equals"]:
+            self.observed.append(step["say"])
+
+    def op_check_rings(self, step: dict[str, Any]) -> None:
+        print(f"  rings QEMU set up: {sorted(self.backend.rings)}")
+        if any(ring >= step["queues"] for ring in self.backend.rings):
             self.observed.append(step["say"])
 
     def op_check_memfd(self, step: dict[str, Any]) -> None:

@@ -36,6 +36,8 @@ class Faults:
     # (SET_BACKEND_REQ_FD), as the relay did before 9d0b7d2: QEMU's unrealize closes the
     # channel first, so this hangs up under QEMU's device_del cleanup.
     hang_up_on_channel_close: bool = False
+    # Answer GET_QUEUE_NUM with this many queues instead of the device's count.
+    queue_num: int | None = None
     # Extra protocol feature bits to offer (or withhold with ``withhold_features``).
     extra_features: int = 0
     withhold_features: int = 0
@@ -45,6 +47,8 @@ class Faults:
             raise ConfigError(f"shmem bit {self.shmem_bit} out of range 0..63")
         if self.shmem_truncate is not None and not 0 <= self.shmem_truncate < 2056:
             raise ConfigError(f"shmem_truncate {self.shmem_truncate}: expected 0..2055 bytes")
+        if self.queue_num is not None and not 0 <= self.queue_num < 1 << 64:
+            raise ConfigError(f"queue_num {self.queue_num}: a u64")
         if self.delay_seconds < 0:
             raise ConfigError(f"delay_seconds {self.delay_seconds} must be >= 0")
         if self.delay_request is not None and self.delay_seconds == 0:

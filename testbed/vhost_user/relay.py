@@ -258,10 +258,15 @@ class RelaySession:
     backend_protocol: int = 0  # as the back-end sent it
     acked_protocol: int = 0  # as QEMU sent it
     served: dict[int, int] | None = None  # the shared-memory config QEMU received
+    queues: int | None = None  # the back-end's answer to GET_QUEUE_NUM
 
     def negotiation(self) -> Negotiation:
         return Negotiation(
-            self.offered_features, self.acked_features, self.offered_protocol, self.acked_protocol
+            self.offered_features,
+            self.acked_features,
+            self.offered_protocol,
+            self.acked_protocol,
+            self.queues,
         )
 
     def connections(self) -> list[Connection]:
@@ -612,6 +617,8 @@ class Relay(Closeable):
         elif request == Request.GET_SHMEM_CONFIG:
             with contextlib.suppress(ProtocolError):
                 s.served = ShMemConfig.unpack(body).regions
+        elif request == Request.GET_QUEUE_NUM and len(body) == 8:
+            s.queues = U64.unpack(body).value
         self._record(TO_QEMU, header, body, len(msg.fds), found)
         s.qemu.send(header, body, [f.fileno() for f in msg.fds], allow_size_mismatch=True)
 

@@ -57,6 +57,7 @@ class Dispatcher:
             acked_features=s.features,
             offered_protocol=self.offered_protocol_features(),
             acked_protocol=s.protocol_features,
+            queues=s.queues,
         )
 
     def receive(self, s: Session, msg: Message) -> Request:

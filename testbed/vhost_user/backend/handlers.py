@@ -52,7 +52,9 @@ class DeviceHandler:
     # --- requests with a reply of their own ----------------------------------------------
 
     def get_queue_num(self, s: Session, msg: Message, p: None) -> Result:
-        return u64(self.num_queues)
+        # The device's own queue count, unless a fault announces another on purpose.
+        s.queues = self.num_queues if self.faults.queue_num is None else self.faults.queue_num
+        return u64(s.queues)
 
     def get_max_mem_slots(self, s: Session, msg: Message, p: None) -> Result:
         return u64(offer.MAX_MEM_SLOTS)

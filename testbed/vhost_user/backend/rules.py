@@ -44,6 +44,8 @@ class Negotiation:
     acked_features: int = 0
     offered_protocol: int = 0
     acked_protocol: int = 0
+    queues: int | None = None
+    """The back-end's answer to GET_QUEUE_NUM on this connection; None: not asked yet."""
 
     @property
     def protocol(self) -> int:
@@ -118,6 +120,14 @@ ONE_FD = frozenset(
     }
 )
 VRING_FILES = frozenset({R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR})
+# The requests that name one ring by index.
+RING_REQUESTS = VRING_FILES | {
+    R.SET_VRING_NUM,
+    R.SET_VRING_ADDR,
+    R.SET_VRING_BASE,
+    R.GET_VRING_BASE,
+    R.SET_VRING_ENABLE,
+}
 
 
 def expected_fds(request: Request, payload: Payload | None, n: Negotiation) -> int | None:
@@ -164,4 +174,21 @@ def check(
     expected = expected_fds(request, payload, n)
     if expected is not None and nfds != expected:
         flag("fds", f"carries {nfds} fd(s), the spec wants {expected}")
+    ring = ring_index(request, payload)
+    if ring is not None and n.queues is not None and ring >= n.queues:
+        # GET_QUEUE_NUM: "Query how many queues the back-end supports"; a front-end that
+        # asked and then sets up a ring beyond the answer uses a queue the back-end said it
+        # does not have (QEMU's vhost-user-blk refuses such a back-end at realize).
+        flag(
+            "queue-count",
+            f"ring {ring}, but the back-end answered GET_QUEUE_NUM with {n.queues}",
+        )
     return found
+
+
+def ring_index(request: Request, payload: Payload | None) -> int | None:
+    """The ring a per-ring request names; None for any other request (or no payload)."""
+    if request not in RING_REQUESTS or payload is None:
+        return None
+    index = getattr(payload, "index", None)
+    return index if isinstance(index, int) else None

@@ -22,6 +22,7 @@ class Session:
     conn: Connection
     features: int = 0  # acked by SET_FEATURES
     protocol_features: int = 0  # acked by SET_PROTOCOL_FEATURES
+    queues: int | None = None  # what we answered to GET_QUEUE_NUM
     owner: bool = False
     status: int = 0
     mappings: Mappings = field(default_factory=Mappings)
