@@ -20,7 +20,6 @@ file nor the relay's socket behind.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,10 @@ CACHE_LINE = re.compile(r"virtiofs \S+: Cache len: 0x([0-9a-f]+) @ 0x([0-9a-f]+)
 WINDOW_LINE = re.compile(
     r"virtio_fs_setup_dax: window kaddr \S+ phys_addr 0x([0-9a-f]+) len 0x([0-9a-f]+)"
 )
+# grep -E form of the window line, for the guest-side wait.
+WINDOW_LINE_GREP = "virtio_fs_setup_dax: window kaddr"
 # A 64M BAR 4 fits the root port's default 128M reserve (see scenarios/test_hotplug.py).
 DRIVER_TIMEOUT = 30.0
-GUEST_POLL = 0.2
 
 
 def _host_tool(which: str) -> Path:
@@ -83,16 +83,6 @@ def _assert_unplug_left_nothing(hp: Hotplug, device: PluggedDevice, pid: int) ->
     assert device.name not in hp.plugged
 
 
-def _wait_virtio_driver(vm: GuestVM, bdf: str, driver: str) -> None:
-    """Until the virtio device under PCI function ``bdf`` is bound to ``driver``."""
-    check = f'[ "$(basename "$(readlink /sys/bus/pci/devices/{bdf}/virtio*/driver)")" = {driver} ]'
-    deadline = time.monotonic() + DRIVER_TIMEOUT
-    while vm.run(check).returncode != 0:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{driver} did not bind the virtio device at {bdf} in time")
-        time.sleep(GUEST_POLL)  # poll interval of a deadline-bound wait
-
-
 def _virtiofsd_cmd(run_dir: Path) -> tuple[list[str], Path]:
     """virtiofsd's command template and its share (a private dir with one host file)."""
     virtiofsd = _host_tool("virtiofsd")
@@ -119,9 +109,21 @@ VIRTIOFS_DEVICE: dict[str, Any] = {"num_vqs": 2, "config_size": 40}
 BLK_DEVICE: dict[str, Any] = {"virtio_id": 2, "num_vqs": 1, "config_size": 60}
 
 
+def _virtiofs_probed(vm: GuestVM, arch: str, bdf: str) -> str:
+    """The guest's kernel log once virtio-fs has probed the device at ``bdf``: bound and
+    DRIVER_OK (the probe is over), and on x86_64 the driver's second line, the mapped
+    window, which comes tens of ms after its first ("Cache len"). Waited for, not read
+    once: a read right after the bind found the first line without the second."""
+    vm.wait_virtio_driver(bdf, "virtiofs", timeout=DRIVER_TIMEOUT)
+    if arch == "x86_64":
+        vm.wait_dmesg(WINDOW_LINE_GREP, timeout=DRIVER_TIMEOUT)
+    return vm.run("dmesg", check=True).stdout.decode(errors="replace")
+
+
 def _assert_cache_window(vm: GuestVM, arch: str, device: GuestPciDevice, dmesg: str) -> None:
     """Region 0 at BAR 4 as our reader and lspci see it; on x86_64 the virtio-fs driver's
-    own "Cache len ... @ ..." and mapped window are that same range."""
+    own "Cache len ... @ ..." and mapped window are that same range. ``dmesg`` is read
+    after _virtiofs_probed: on aarch64 the absence of the lines is then final."""
     bar4 = device.resources.bar(4)
     assert bar4 is not None and bar4.size == CACHE[0]
     view = vm.inspect_pci()
@@ -195,10 +197,9 @@ def test_virtiofs_cache_window(boot: Callable[..., GuestVM], arch: str, run_dir:
     cmd, share = _virtiofsd_cmd(run_dir)
     vm = boot(backend_cmd=cmd, regions=CACHE, **VIRTIOFS_DEVICE)
     vm.load_modules("virtiofs", params=VIRTIOFS_PARAMS)
-    dmesg = vm.run("dmesg", check=True).stdout.decode(errors="replace")
-
     device = vm.test_device()  # virtio-id 26, now bound to virtio-fs
     assert device.driver == "virtio-pci"
+    dmesg = _virtiofs_probed(vm, arch, device.bdf)
     _assert_cache_window(vm, arch, device, dmesg)
     _assert_share_works(vm, share)
 
@@ -215,6 +216,7 @@ def test_storage_daemon_disk(boot: Callable[..., GuestVM], arch: str, run_dir: P
     vm.load_modules("virtio_blk")
     device = vm.test_device(virtio_id=2)
     assert device.driver == "virtio-pci"
+    vm.wait_virtio_driver(device.bdf, "virtio_blk", timeout=DRIVER_TIMEOUT)
     _assert_disk_works(vm, disk)
 
     vm.close()
@@ -237,8 +239,7 @@ def test_virtiofs_hotplug_cache_window(
         assert plugged.relayed and plugged.foreign is not None
         pid = plugged.foreign.pid
         assert pid is not None
-        _wait_virtio_driver(vm, plugged.bdf, "virtiofs")
-        dmesg = vm.run("dmesg", check=True).stdout.decode(errors="replace")
+        dmesg = _virtiofs_probed(vm, arch, plugged.bdf)
         (device,) = hp.guest_test_devices().values()
         assert device.bdf == plugged.bdf and device.driver == "virtio-pci"
         _assert_cache_window(vm, arch, device, dmesg)
@@ -265,7 +266,7 @@ def test_storage_daemon_hotplug_disk(
         assert plugged.relayed and plugged.foreign is not None
         pid = plugged.foreign.pid
         assert pid is not None
-        _wait_virtio_driver(vm, plugged.bdf, "virtio_blk")
+        vm.wait_virtio_driver(plugged.bdf, "virtio_blk", timeout=DRIVER_TIMEOUT)
         (device,) = hp.guest_test_devices(virtio_id=2).values()
         assert device.bdf == plugged.bdf and device.driver == "virtio-pci"
         assert device.function.virtio_shm_caps == []

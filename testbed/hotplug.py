@@ -22,8 +22,8 @@ hot-plugged the way GuestVM cold-plugs one (testbed.host.foreign.start_behind_re
 foreign process, the relay in front of it (trace, conformance checks, the layout injected
 when it has regions), then chardev-add/device_add with the device's virtio-id, queues and
 config size. Unplug also closes the relay and stops and reaps the process (its socket and
-pid file removed). The relays' violations fail a pytest scenario like a cold-plugged one's
-(``hotplugged_relays``).
+pid file removed). Every back-end and relay Hotplug starts is recorded in the VM's
+``served_by``: their violations fail a pytest scenario like a cold-plugged one's.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING
 from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, QemuExited, StateError, TestbedError, WaitTimeout
 from testbed.guest.inspect import VIRTIO_MODERN_BASE, GuestPciDevice, inspect_pci
+from testbed.guest.waits import SYSFS_PCI_DEVICES, wait_for_function_script, wait_gone_script
 from testbed.host.foreign import ForeignBackend, start_behind_relay
 from testbed.machine.cmdline import root_port_id
 from testbed.machine.profiles import profile_for
@@ -61,15 +61,6 @@ DISCONNECT_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 15.0
 FOREIGN_READY_TIMEOUT = 15.0
 
-# The relays hot-plugged into each VM, kept past unplug: their violations are the test's.
-_RELAYS: weakref.WeakKeyDictionary[GuestVM, list[Relay]] = weakref.WeakKeyDictionary()
-
-
-def hotplugged_relays(vm: GuestVM) -> list[Relay]:
-    """The relays Hotplug put in front of foreign back-ends hot-plugged into ``vm`` (all
-    of them, unplugged ones too), for the violation check GuestVM.backend gets."""
-    return list(_RELAYS.get(vm, ()))
-
 
 def slot_power_off_script(bdf: str) -> str:
     """A guest script powering off the hot-plug slot that holds ``bdf`` (pciehp's software
@@ -79,58 +70,6 @@ def slot_power_off_script(bdf: str) -> str:
         "for s in /sys/bus/pci/slots/*; do "
         f'if [ "$(cat "$s/address")" = {address} ]; then echo 0 > "$s/power"; exit 0; fi; '
         f'done; echo "no hot-plug slot at {address}" >&2; exit 1'
-    )
-
-
-SYSFS_PCI_DEVICES = "/sys/bus/pci/devices"
-GUEST_WAIT_STEP = 0.02
-"""Seconds between two looks of a guest-side wait (the loop's only exec is the sleep)."""
-
-
-def _wait_steps(timeout: float) -> int:
-    return max(1, round(timeout / GUEST_WAIT_STEP))
-
-
-def _guest_sleep() -> str:
-    return f"usleep {round(GUEST_WAIT_STEP * 1e6)}"
-
-
-def wait_for_function_script(
-    device_id: int,
-    known: Sequence[str],
-    timeout: float,
-    *,
-    root: str = SYSFS_PCI_DEVICES,
-    sleep: str | None = None,
-) -> str:
-    """A guest script that prints the BDF and exits 0 once a PCI function that is not in
-    ``known`` (BDFs) and has PCI device id ``device_id`` has a driver bound, or exits 1
-    after about ``timeout`` s.
-
-    Why in the guest: one SSH round trip instead of one per look, and the loop uses shell
-    built-ins only (read, [, case), where listing every function with od, cat and readlink
-    costs ~40 execs a look under TCG."""
-    skip = " ".join(sorted(known))
-    return (
-        f"i=0; while [ $i -lt {_wait_steps(timeout)} ]; do "
-        f"for d in {root}/*; do "
-        f'case " {skip} " in *" ${{d##*/}} "*) continue;; esac; '
-        'read id < "$d/device" || continue; '
-        f'if [ "$id" = {device_id:#06x} ] && [ -e "$d/driver" ]; then '
-        'echo "${d##*/}"; exit 0; fi; '
-        f"done; {sleep or _guest_sleep()}; i=$((i + 1)); done; exit 1"
-    )
-
-
-def wait_gone_script(
-    bdf: str, timeout: float, *, root: str = SYSFS_PCI_DEVICES, sleep: str | None = None
-) -> str:
-    """A guest script that exits 0 once ``bdf`` is no longer listed, or 1 after about
-    ``timeout`` s (see wait_for_function_script for why the waiting is done in the guest)."""
-    return (
-        f"i=0; while [ -e {root}/{bdf} ]; do "
-        f"[ $i -ge {_wait_steps(timeout)} ] && exit 1; "
-        f"{sleep or _guest_sleep()}; i=$((i + 1)); done; exit 0"
     )
 
 
@@ -336,11 +275,18 @@ class Hotplug(Closeable):
             self._backends.append(backend)
             if started is not None:
                 self._backends.append(started)
-            _RELAYS.setdefault(self.vm, []).append(backend)
         else:
-            backend = Backend(spec.socket, spec.layout, trace_path=trace_path, faults=faults)
+            backend = Backend(
+                spec.socket,
+                spec.layout,
+                trace_path=trace_path,
+                faults=faults,
+                num_queues=spec.num_vqs,
+            )
             self._backends.append(backend)
             backend.start()
+        # Kept past unplug: what QEMU did to it is the scenario's (the plugin checks it).
+        self.vm.served_by.append(backend)
 
         def drop_backend() -> None:
             backend.close()
@@ -454,8 +400,10 @@ class Hotplug(Closeable):
             device.backend.socket_path,
             layout,
             trace_path=self.logdir / f"{device.name}-{generation}-vhost-user-trace.jsonl",
+            num_queues=device.spec.num_vqs,
         )
         self._backends.append(backend)
+        self.vm.served_by.append(backend)
         backend.start()
         device.backend = backend
         return backend

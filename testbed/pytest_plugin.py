@@ -178,7 +178,6 @@ def boot(
     the reason: a missing host capability, not a missing feature.
     """
     from testbed.errors import HostCapabilityError
-    from testbed.hotplug import hotplugged_relays
     from testbed.vm import GuestVM
 
     vms: list[GuestVM] = []
@@ -211,8 +210,7 @@ def boot(
     violations = [
         f"{v.request}: {v.rule}: {v.detail}"
         for vm in vms
-        for backend in (vm.backend, *hotplugged_relays(vm))  # cold- and hot-plugged
-        if backend is not None
+        for backend in vm.served_by  # cold- and hot-plugged, ours and relays, restarted too
         for v in backend.violations
     ]
     if violations:

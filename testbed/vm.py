@@ -29,9 +29,15 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout, VhostUserDevice
-from testbed.errors import ConfigError, QemuExited
+from testbed.errors import ConfigError, QemuExited, TestbedError, WaitTimeout
 from testbed.guest.inspect import GuestPciDevice, GuestPciView, inspect_pci
 from testbed.guest.ssh import CommandResult, SSHSession
+from testbed.guest.waits import (
+    dmesg_condition,
+    virtio_driver_condition,
+    virtio_driver_show,
+    wait_script,
+)
 from testbed.machine.cmdline import MachineConfig, build_command
 from testbed.machine.qemu import GuestMachine, free_tcp_port
 from testbed.paths import make_private_dir, remove_tree, results_dir, sanitize
@@ -256,6 +262,9 @@ class GuestVM:
         self.logdir: Path | None = None
         self.machine: GuestMachine | None = None
         self.backend: Any = None
+        # Every back-end and relay that served this VM, cold- or hot-plugged, restarted
+        # ones too: their violations are the scenario's (the pytest plugin checks them all).
+        self.served_by: list[Any] = []
         self._ssh: SSHSession | None = None
         self.image: Any = None
         self.qemu_binary: Any = None
@@ -453,6 +462,7 @@ class GuestVM:
             trace_path=self.logdir / TRACE_NAME,
             ready_timeout=self.backend_ready_timeout,
         )
+        self.served_by.append(self.backend)
 
     def load_modules(
         self, *names: str, params: Mapping[str, str] | None = None, timeout: float = 60.0
@@ -481,7 +491,9 @@ class GuestVM:
             layout or self.device.layout,
             trace_path=self.logdir / trace,
             faults=self.faults,
+            num_queues=self.device.num_vqs,
         )
+        self.served_by.append(self.backend)
         self.backend.start()
 
     def restart_backend(self, regions: ShmemLayout | Mapping[int, int] | None = None) -> Any:
@@ -612,6 +624,55 @@ class GuestVM:
 
     def inspect_pci(self) -> GuestPciView:
         return inspect_pci(self.ssh)
+
+    # -- waiting on the guest --------------------------------------------------------------
+
+    def wait_in_guest(
+        self,
+        condition: str,
+        what: str,
+        *,
+        timeout: float = 30.0,
+        show: str | None = None,
+        then: str = "",
+    ) -> str:
+        """Until the guest-side ``condition`` (sh) holds, looked at every few tens of ms by
+        a loop inside the guest (testbed.guest.waits): one SSH round trip. Returns what the
+        script printed (the condition's or ``then``'s finding). On timeout, WaitTimeout
+        naming ``what`` and what ``show`` (a guest command) prints at that moment."""
+        script = wait_script(condition, timeout, then=then)
+        result = self.run(script, timeout=timeout + 15)
+        if result.returncode == 0:
+            return result.text
+        seen = ""
+        if show is not None:
+            try:
+                seen = self.run(show, timeout=20).text.strip()
+            except TestbedError as exc:
+                seen = f"(could not look: {exc})"
+        tail = f"; last seen in the guest:\n{seen[-2000:]}" if seen else ""
+        raise WaitTimeout(f"{what} did not happen in the guest within {timeout:.0f} s{tail}")
+
+    def wait_dmesg(self, pattern: str, *, timeout: float = 30.0) -> list[str]:
+        """Until the guest's kernel log has a line matching ``pattern`` (grep -E); returns
+        every matching line."""
+        found = self.wait_in_guest(
+            dmesg_condition(pattern),
+            f"a kernel log line matching {pattern!r}",
+            timeout=timeout,
+            show="dmesg | tail -n 25",
+        )
+        return [line for line in found.splitlines() if line.strip()]
+
+    def wait_virtio_driver(self, bdf: str, driver: str, *, timeout: float = 30.0) -> None:
+        """Until the virtio device under PCI function ``bdf`` is bound to ``driver`` and its
+        probe is over (DRIVER_OK): what it printed while probing is in dmesg by then."""
+        self.wait_in_guest(
+            virtio_driver_condition(bdf, driver),
+            f"{driver} bound to the virtio device at {bdf}, probe done (DRIVER_OK)",
+            timeout=timeout,
+            show=virtio_driver_show(bdf),
+        )
 
     # -- the verdict -----------------------------------------------------------------------
 
