@@ -1,15 +1,19 @@
 """The device model: one typed description of a vhost-user device (pure, no I/O).
 
-A scenario (or a CLI option) names a device once; the same object then gives QEMU's
-command line, QMP's chardev-add/device_add, the back-end's layout, the verdict's
-expectation and reproduce.sh. A layout is parsed and checked here, at the edge, against
+A scenario (or a CLI option) names a device once, with what serves it (``backend``: our
+back-end with its faults, or one we did not write); the same object then travels whole to
+QEMU's command line or QMP's chardev-add/device_add, to the back-end, to the verdict's
+expectation and to reproduce.sh. Where it sits (chardev id, socket, bus) is filled in by
+the VM that plugs it (``placed``). A layout is parsed and checked here, at the edge, against
 QEMU's limits (testbed.limits), and travels as one immutable ShmemLayout from then on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -17,6 +21,7 @@ from typing import Any
 
 from testbed import limits
 from testbed.errors import ConfigError
+from testbed.vhost_user.faults import NO_FAULTS, Faults
 
 DEVICE_TYPE = "vhost-user-test-device-pci"
 # The test device needs a virtio-id from QEMU's own name table; ids outside it abort QEMU
@@ -116,16 +121,90 @@ class ShmemLayout:
         return isinstance(other, ShmemLayout) and dict(self.regions) == dict(other.regions)
 
 
+# -- what serves a device -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OurBackend:
+    """Our back-end (testbed.vhost_user.backend) serves the device, with the device's
+    faults."""
+
+
+@dataclass(frozen=True)
+class ForeignCommand:
+    """A back-end we did not write, started from a command template ('PROGRAM ARGS...
+    {socket}': split like a shell would, never run by one) and stopped at the end; QEMU
+    reaches it through the relay, which injects the device's layout when it has one."""
+
+    template: tuple[str, ...]
+    ready_timeout: float = 15.0
+
+    @classmethod
+    def of(cls, template: str | Sequence[str], ready_timeout: float = 15.0) -> ForeignCommand:
+        words = shlex.split(template) if isinstance(template, str) else list(template)
+        if not words:
+            raise ConfigError("empty back-end command: give 'PROGRAM ARGS... {socket}'")
+        return cls(tuple(words), ready_timeout)
+
+
+@dataclass(frozen=True)
+class ForeignSocket:
+    """A back-end we did not write, already listening on ``path`` (neither started nor
+    stopped by us); QEMU reaches it through the relay."""
+
+    path: Path
+
+
+BackendChoice = OurBackend | ForeignCommand | ForeignSocket
+
+
+def backend_choice(
+    command: str | Sequence[str] | None = None, socket: Path | str | None = None
+) -> BackendChoice:
+    """What serves a device, from the two ways a user names a back-end we did not write
+    (``--backend-cmd`` / ``--backend-socket``); neither: ours. The one place that says
+    they exclude each other."""
+    if command and socket:
+        raise ConfigError("give a back-end command or a back-end socket, not both")
+    if command:
+        return ForeignCommand.of(command)
+    if socket:
+        return ForeignSocket(Path(socket))
+    return OurBackend()
+
+
+DEVICE_OPTIONS = ("virtio_id", "num_vqs", "vq_size", "config_size")
+"""What a user may say about a device's shape: ``parse_device_options``' keys."""
+
+
+def parse_device_options(spec: str) -> dict[str, int]:
+    """'virtio_id=2,num_vqs=1,config_size=60' -> {...}: the one syntax for device options
+    (pytest's --backend-device, the CLI's --device). Values may be hex (0x...)."""
+    options: dict[str, int] = {}
+    for item in filter(None, (word.strip() for word in spec.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in DEVICE_OPTIONS:
+            raise ConfigError(
+                f"device option {item!r}: use {', '.join(k + '=N' for k in DEVICE_OPTIONS)}"
+            )
+        try:
+            options[key] = int(value, 0)
+        except ValueError:
+            raise ConfigError(f"device option {item!r}: {value!r} is not a number") from None
+    return options
+
+
 @dataclass(frozen=True)
 class VhostUserDevice:
-    """One vhost-user-test-device-pci, the chardev that connects it to its back-end, and
-    what that back-end serves. ``bus`` None is the root bus; a root port's id puts it
-    behind that port (hot-plug)."""
+    """One vhost-user-test-device-pci, the chardev that connects it to its back-end, what
+    that back-end serves (``layout``) and what the back-end is (``backend``, ``faults``).
+    ``bus`` None is the root bus; a root port's id puts it behind that port (hot-plug)."""
 
-    id: str
+    id: str = "vu0"
     """The chardev's id; the device's is ``<id>-dev``."""
-    socket: Path
-    """The back-end listens here; QEMU connects as client."""
+    socket: Path | None = None
+    """The back-end listens here; QEMU connects as client. Set when the VM places it."""
     layout: ShmemLayout = field(default_factory=ShmemLayout)
     virtio_id: int = DEFAULT_VIRTIO_ID
     num_vqs: int = 1
@@ -140,10 +219,19 @@ class VhostUserDevice:
     """The chardev's reconnect-ms: QEMU re-dials a back-end that went away. None: never."""
     allow_overfull: bool = False
     """Let more regions through than fit in config space, to reproduce QEMU's abort."""
+    backend: BackendChoice = field(default_factory=OurBackend)
+    faults: Faults = NO_FAULTS
+    """What our back-end bends on purpose (testbed.vhost_user.faults); ours only."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", ShmemLayout.of(self.layout))
-        object.__setattr__(self, "socket", Path(self.socket))
+        if self.socket is not None:
+            object.__setattr__(self, "socket", Path(self.socket))
+        if self.faults.active and not isinstance(self.backend, OurBackend):
+            raise ConfigError(
+                f"device {self.id}: faults are our back-end's; a back-end we did not write "
+                "takes none"
+            )
         if not re.fullmatch(r"[A-Za-z][\w-]*", self.id):
             raise ConfigError(f"device id {self.id!r}: use letters, digits, '-' and '_'")
         if self.virtio_id <= 0:
@@ -169,6 +257,26 @@ class VhostUserDevice:
         return f"{self.id}-dev"
 
     @property
+    def ours(self) -> bool:
+        """Served by our own back-end (else by one we did not write, through the relay)."""
+        return isinstance(self.backend, OurBackend)
+
+    @property
+    def socket_path(self) -> Path:
+        if self.socket is None:
+            raise ConfigError(f"device {self.id} has no socket yet: a VM places it first")
+        return self.socket
+
+    def placed(self, id: str, socket: Path, bus: str | None = None) -> VhostUserDevice:
+        """This device at its place in a VM: chardev ``id``, back-end ``socket``, ``bus``
+        (checked again: what fits on the root bus may not fit behind a root port)."""
+        return dataclasses.replace(self, id=id, socket=socket, bus=bus)
+
+    def with_options(self, **options: Any) -> VhostUserDevice:
+        """The same device with other DEVICE_OPTIONS values (parse_device_options)."""
+        return dataclasses.replace(self, **options)
+
+    @property
     def behind_root_port(self) -> bool:
         return self.bus is not None and not self.bus.startswith("pcie.")
 
@@ -176,7 +284,7 @@ class VhostUserDevice:
 
     def chardev_option(self) -> str:
         """The -chardev value."""
-        option = f"socket,id={self.id},path={self.socket}"
+        option = f"socket,id={self.id},path={self.socket_path}"
         if self.reconnect_ms is not None:
             option += f",reconnect-ms={self.reconnect_ms}"
         return option
@@ -204,7 +312,7 @@ class VhostUserDevice:
     def chardev_add_arguments(self) -> dict[str, Any]:
         """chardev-add's arguments: a UNIX socket client (the back-end listens)."""
         data: dict[str, Any] = {
-            "addr": {"type": "unix", "data": {"path": str(self.socket)}},
+            "addr": {"type": "unix", "data": {"path": str(self.socket_path)}},
             "server": False,
         }
         if self.reconnect_ms is not None:

@@ -277,7 +277,7 @@ class Hotplug(Closeable):
                 self._backends.append(started)
         else:
             backend = Backend(
-                spec.socket,
+                spec.socket_path,
                 spec.layout,
                 trace_path=trace_path,
                 faults=faults,

@@ -487,7 +487,7 @@ class GuestVM:
             trace = TRACE_NAME.replace(".jsonl", f"-{self._backend_generation}.jsonl")
         self._backend_generation += 1
         self.backend = Backend(
-            self.device.socket,
+            self.device.socket_path,
             layout or self.device.layout,
             trace_path=self.logdir / trace,
             faults=self.faults,

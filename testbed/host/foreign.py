@@ -3,9 +3,9 @@ from a command template, wait for its socket, stop and reap it, keep its output.
 
 The command is a template such as ``'virtiofsd --socket-path={socket} --shared-dir=/srv'``:
 split with shlex (never a shell), ``{socket}`` substituted in every word. The process gets
-its own process group (a Ctrl-C on the terminal reaches us, not it; killpg reaches what it
-forks) and SIGKILL when the thread that started it dies (our abrupt death, where no
-``finally`` runs). It never starts QEMU: that is testbed.machine's job.
+its own process group and SIGKILL when the thread that started it dies, like QEMU: both
+are started by testbed.process, the one launcher. It never starts QEMU: that is
+testbed.machine's job.
 
 ``start_behind_relay`` is the one way the test bed puts such a back-end in front of QEMU
 (cold-plug in GuestVM, hot-plug in testbed.hotplug): the back-end, and the relay
@@ -15,21 +15,18 @@ forks) and SIGKILL when the thread that started it dies (our abrupt death, where
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
-import os
 import shlex
-import signal
 import stat
 import subprocess
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from testbed.errors import ConfigError, HostCapabilityError, TestbedError, WaitTimeout
+from testbed.errors import ConfigError, HostCapabilityError, TestbedError
+from testbed.process import Stopped, launch, stop
 from testbed.resource import Closeable
+from testbed.waiting import wait_until
 
 if TYPE_CHECKING:
     from testbed.device import VhostUserDevice
@@ -39,8 +36,6 @@ log = logging.getLogger(__name__)
 
 SOCKET_PLACEHOLDER = "{socket}"
 POLL_INTERVAL = 0.02
-_PR_SET_PDEATHSIG = 1
-_HELD = {signal.SIGINT, signal.SIGTERM}
 
 
 def build_argv(template: str | Sequence[str], socket: Path) -> list[str]:
@@ -56,37 +51,11 @@ def build_argv(template: str | Sequence[str], socket: Path) -> list[str]:
     return [w.replace(SOCKET_PLACEHOLDER, str(socket)) for w in words]
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL when the starting thread dies; the default signal mask."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Ctrl-C/SIGTERM held back around the fork, so the process is on record before one
-    lands (it is then delivered as usual, and close() finds the process)."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
 def is_socket(path: Path) -> bool:
     try:
         return stat.S_ISSOCK(path.stat().st_mode)
     except FileNotFoundError:
         return False
-
-
-@dataclass(frozen=True)
-class Stopped:
-    """How the back-end ended: its exit status, and whether it needed SIGKILL."""
-
-    returncode: int
-    killed: bool
 
 
 class ForeignBackend(Closeable):
@@ -130,21 +99,17 @@ class ForeignBackend(Closeable):
             raise ConfigError(f"{self.socket} already exists: the back-end would not bind it")
         try:
             self._files = [open(p, "wb") for p in (self.stdout_path, self.stderr_path)]  # noqa: SIM115
-            with _signals_held():
-                try:
-                    self._proc = subprocess.Popen(
-                        self.argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=self._files[0],
-                        stderr=self._files[1],
-                        process_group=0,
-                        preexec_fn=_die_with_parent,
-                        close_fds=True,
-                    )
-                except OSError as exc:
-                    raise HostCapabilityError(
-                        f"cannot start the back-end {shlex.join(self.argv)}: {exc}"
-                    ) from exc
+
+            def record(proc: subprocess.Popen[bytes]) -> None:
+                self._proc = proc
+
+            try:
+                launch(self.argv, stdout=self._files[0], stderr=self._files[1], on=record)
+            except OSError as exc:
+                raise HostCapabilityError(
+                    f"cannot start the back-end {shlex.join(self.argv)}: {exc}"
+                ) from exc
+            assert self._proc is not None
             log.info("back-end started (pid %d): %s", self._proc.pid, shlex.join(self.argv))
             self._wait_socket()
         except BaseException:
@@ -158,22 +123,26 @@ class ForeignBackend(Closeable):
     def _wait_socket(self) -> None:
         # Only stat the path: connecting to see if it listens would use up the one
         # connection back-ends like virtiofsd accept (they exit when it closes).
-        assert self._proc is not None
-        deadline = time.monotonic() + self.ready_timeout
-        while not is_socket(self.socket):
-            code = self._proc.poll()
+        proc = self._proc
+        assert proc is not None
+
+        def alive() -> None:
+            code = proc.poll()
             if code is not None:
                 raise TestbedError(
                     f"the back-end exited with status {code} before creating {self.socket}; "
                     f"its stderr: {self.stderr_tail()!r} ({self.stderr_path})"
                 )
-            if time.monotonic() >= deadline:
-                raise WaitTimeout(
-                    f"the back-end did not create {self.socket} within {self.ready_timeout:.1f}s"
-                    f"; its stderr: {self.stderr_tail()!r} ({self.stderr_path})"
-                )
-            # Polling a path another process has yet to create: a short, bounded nap.
-            time.sleep(POLL_INTERVAL)
+
+        # A path another process has yet to create: polled, there is no event for it.
+        wait_until(
+            lambda: is_socket(self.socket),
+            self.ready_timeout,
+            f"the back-end creating {self.socket}",
+            interval=POLL_INTERVAL,
+            seen=lambda: f"its stderr: {self.stderr_tail()!r} ({self.stderr_path})",
+            alive=alive,
+        )
 
     def stderr_tail(self, lines: int = 10) -> str:
         try:
@@ -199,22 +168,9 @@ class ForeignBackend(Closeable):
         Idempotent."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            killed = False
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(self.grace)
-                except subprocess.TimeoutExpired:
-                    log.warning(
-                        "back-end %d ignored SIGTERM for %.1fs: SIGKILL", proc.pid, self.grace
-                    )
-                    killed = True
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(self.grace)
-            assert proc.returncode is not None
-            self.stopped = Stopped(proc.returncode, killed)
+            self.stopped = stop(proc, self.grace)
+            if self.stopped.killed:
+                log.warning("back-end %d ignored SIGTERM for %.1fs: killed", proc.pid, self.grace)
         for f in self._files:
             f.close()
         self._files = []
@@ -259,7 +215,7 @@ def start_behind_relay(
         ).start()
         target = foreign.socket
     assert target is not None
-    relay = Relay(device.socket, target, trace_path=trace_path, inject=device.layout or None)
+    relay = Relay(device.socket_path, target, trace_path=trace_path, inject=device.layout or None)
     try:
         relay.start()
     except BaseException:

@@ -20,20 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import enum
 import json
 import logging
-import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Self, TypeVar
 
@@ -51,7 +48,9 @@ from testbed.errors import (
 )
 from testbed.machine.cmdline import MachineConfig, build_command, format_command
 from testbed.paths import make_private_dir, remove_tree
+from testbed.process import kill, launch
 from testbed.resource import Closeable
+from testbed.waiting import wait_steps, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +69,6 @@ HOSTFWD_CLASH = "Could not set up host forwarding rule"
 PORT_ATTEMPTS = 4
 POLL_INTERVAL = 0.02
 TAIL_LINES = 20
-
-_PR_SET_PDEATHSIG = 1
 
 # A guest saved to a file (save_state, restore): mapped-ram puts each RAM page at a fixed
 # offset and skips zero pages, so a restore preads what is there instead of parsing a
@@ -111,60 +108,7 @@ def free_tcp_port() -> int:
     )
 
 
-# -- the launcher ------------------------------------------------------------------------------
-
-# Ctrl-C / SIGTERM are held back while QEMU is forked. One landing inside Popen (which runs
-# Python in the child for preexec_fn) was seen to get lost (the run carried on) or to end
-# up as a QMP connect failure instead of exit 130; one landing between the fork and
-# `self._proc = ...` would leave a QEMU we do not know about. Held back, it is delivered
-# right after Popen returns, with the process on record.
-_LAUNCH_BLOCKED = {signal.SIGINT, signal.SIGTERM}
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: QEMU gets SIGKILL when the thread that started it dies.
-
-    Covers our abrupt death (SIGKILL, crash) where no `finally` runs. The signal follows the
-    *thread*, so start machines from a long-lived thread (the main thread in practice).
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    # Held back around the fork (_signals_held); QEMU must start with the default mask.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _LAUNCH_BLOCKED)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back; the caller records the process *inside* the block, so a
-    signal (delivered on exit, as an exception) always finds it on record."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _LAUNCH_BLOCKED)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def _popen(argv: Sequence[str], stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
-    """The one place a QEMU process is started; call it inside _signals_held()."""
-    return subprocess.Popen(
-        list(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        # Own process group: a Ctrl-C on the terminal reaches us, not QEMU; we tear it
-        # down in order (and killpg reaches anything it forks).
-        process_group=0,
-        preexec_fn=_die_with_parent,
-        close_fds=True,
-    )
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> int:
-    """SIGKILL the process group of ``proc`` if it still runs; its exit status."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.wait()
+# -- running a QEMU that ends by itself -------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,15 +128,20 @@ def run_to_exit(argv: Sequence[str], timeout: float) -> QemuRun:
     """
     log.debug("running %s", " ".join(argv))
     proc: subprocess.Popen[bytes] | None = None
+
+    def record(started: subprocess.Popen[bytes]) -> None:
+        nonlocal proc
+        proc = started
+
     try:
-        with _signals_held():
-            proc = _popen(argv, subprocess.PIPE, subprocess.PIPE)
+        launch(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, on=record)
+        assert proc is not None
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise WaitTimeout(f"`{' '.join(argv)}` did not exit within {timeout:.0f} s") from None
     finally:
         if proc is not None:
-            _kill(proc)
+            kill(proc)
             for pipe in (proc.stdout, proc.stderr):
                 if pipe is not None:
                     pipe.close()
@@ -365,8 +314,11 @@ class QemuMachine(Closeable):
         self.cmdline_path.write_text(format_command(argv))
         log.debug("starting %s", " ".join(argv))
         self._returncode = None
-        with _signals_held():
-            self._proc = _popen(argv, self._stderr_file, self._stderr_file)
+
+        def record(proc: subprocess.Popen[bytes]) -> None:
+            self._proc = proc
+
+        launch(argv, stdout=self._stderr_file, stderr=self._stderr_file, on=record)
         self._ensure_loop()
         client = _RecordingClient("testbed", self._record_event)
         conn = self._accept(qmp_listener, "QMP", deadline)
@@ -389,12 +341,14 @@ class QemuMachine(Closeable):
 
     def _accept(self, listener: socket.socket, what: str, deadline: float) -> socket.socket:
         """QEMU's connection to ``listener``; QemuExited at once if QEMU exits first."""
-        while not select.select([listener], [], [], POLL_INTERVAL)[0]:
-            self._check_alive(f"before connecting {what}")
-            if time.monotonic() > deadline:
-                raise WaitTimeout(
-                    f"QEMU did not connect {what} before the deadline; see {self.stderr_path}"
-                )
+        wait_steps(
+            # Readable = QEMU dialled; a short select so that QEMU's death is seen at once.
+            lambda left: bool(select.select([listener], [], [], min(left, POLL_INTERVAL))[0]),
+            max(0.0, deadline - time.monotonic()),
+            f"QEMU connecting {what}",
+            seen=lambda: f"see {self.stderr_path}",
+            alive=lambda: self._check_alive(f"before connecting {what}"),
+        )
         conn, _ = listener.accept()
         conn.setblocking(True)
         self._close_listener(listener)
@@ -526,15 +480,14 @@ class QemuMachine(Closeable):
         """Until QEMU reports chardev ``chardev_id`` connected (or disconnected); seconds
         taken. QEMU dying meanwhile raises QemuExited at once, not a timeout."""
         started = time.monotonic()
-        deadline = started + timeout
         want = "connected" if connected else "disconnected"
-        while self.chardev_connected(chardev_id) != connected:
-            if time.monotonic() > deadline:
-                raise WaitTimeout(
-                    f"chardev {chardev_id} not {want} within {timeout:.0f} s (query-chardev); "
-                    f"see {self.qmp_log_path}"
-                )
-            time.sleep(POLL_INTERVAL)  # poll interval of a deadline-bound wait
+        wait_until(
+            lambda: self.chardev_connected(chardev_id) == connected,
+            timeout,
+            f"chardev {chardev_id} {want} (query-chardev)",
+            interval=POLL_INTERVAL,
+            seen=lambda: f"see {self.qmp_log_path}",
+        )
         return time.monotonic() - started
 
     def stderr_text(self) -> str:
@@ -544,16 +497,14 @@ class QemuMachine(Closeable):
     def wait_stderr(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
         """Until QEMU's stderr matches ``pattern`` (regex); QemuExited if QEMU dies first."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while (found := regex.search(self.stderr_text())) is None:
-            self._check_alive(f"while waiting for {regex.pattern!r} on stderr")
-            if time.monotonic() > deadline:
-                raise WaitTimeout(
-                    f"{regex.pattern!r} did not appear on QEMU's stderr within {timeout} s; "
-                    f"see {self.stderr_path}"
-                )
-            time.sleep(POLL_INTERVAL)  # poll interval of a deadline-bound wait
-        return found
+        return wait_until(
+            lambda: regex.search(self.stderr_text()),
+            timeout,
+            f"{regex.pattern!r} on QEMU's stderr",
+            interval=POLL_INTERVAL,
+            seen=lambda: f"see {self.stderr_path}",
+            alive=lambda: self._check_alive(f"while waiting for {regex.pattern!r} on stderr"),
+        )
 
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -568,26 +519,34 @@ class QemuMachine(Closeable):
 
         Events are collected from start, so one that arrived before this call counts.
         """
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def take(remaining: float) -> dict[str, Any] | None:
+            # Woken by the event itself; at most 0.1 s apart, for QEMU's death.
             with self._events_cond:
-                for i, event in enumerate(self._events):
-                    if i in self._consumed or event.get("event") != name:
-                        continue
-                    if match and not _data_matches(event.get("data", {}), match):
-                        continue
-                    self._consumed.add(i)
-                    return event
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    seen = sorted({str(e.get("event")) for e in self._events})
-                    raise WaitTimeout(
-                        f"no QMP event {name} matching {dict(match or {})} within "
-                        f"{timeout} s (events seen: {', '.join(seen) or 'none'})"
-                    )
-                self._events_cond.wait(min(remaining, 0.1))
+                for attempt in (1, 2):
+                    for i, event in enumerate(self._events):
+                        if i in self._consumed or event.get("event") != name:
+                            continue
+                        if match and not _data_matches(event.get("data", {}), match):
+                            continue
+                        self._consumed.add(i)
+                        return event
+                    if attempt == 1:
+                        self._events_cond.wait(min(remaining, 0.1))
+            return None
+
+        def seen() -> str:
+            with self._events_cond:
+                names = sorted({str(e.get("event")) for e in self._events})
+            return f"events {', '.join(names) or 'none'}"
+
+        def alive() -> None:
             if self.returncode is not None:
                 self._check_alive(f"while waiting for event {name}")
+
+        return wait_steps(
+            take, timeout, f"QMP event {name} matching {dict(match or {})}", seen=seen, alive=alive
+        )
 
     # -- guest state to and from a file (QEMU's migration) --------------------------------
 
@@ -603,21 +562,23 @@ class QemuMachine(Closeable):
     def wait_migration(self, doing: str, timeout: float) -> None:
         """Until query-migrate says completed (outgoing or incoming); a failed or
         cancelled migration raises with QEMU's reason, a QEMU that exits QemuExited."""
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self.qmp("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                return
+        last: dict[str, Any] = {}
+
+        def completed() -> bool:
+            last.update(self.qmp("query-migrate"))
+            status = last.get("status")
             if status in ("failed", "cancelled"):
-                reason = info.get("error-desc") or tail(self.stderr_text()) or "no reason given"
+                reason = last.get("error-desc") or tail(self.stderr_text()) or "no reason given"
                 raise TestbedError(f"migration {status} while {doing}: {reason}")
-            if time.monotonic() > deadline:
-                raise WaitTimeout(
-                    f"migration still {status!r} after {timeout} s while {doing}; see "
-                    f"{self.qmp_log_path}"
-                )
-            time.sleep(POLL_INTERVAL)  # poll interval of a deadline-bound wait
+            return status == "completed"
+
+        wait_until(
+            completed,
+            timeout,
+            f"migration completed while {doing}",
+            interval=POLL_INTERVAL,
+            seen=lambda: f"status {last.get('status')!r}; see {self.qmp_log_path}",
+        )
 
     # -- teardown --------------------------------------------------------------------------
 
@@ -660,7 +621,7 @@ class QemuMachine(Closeable):
         """Kill the process group of QEMU if it is still there and collect its status."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            self._returncode = _kill(proc)
+            self._returncode = kill(proc)
 
     def close(self) -> None:
         """Idempotent: disconnect QMP, kill -9 what is left, reap, remove the sockets (and
@@ -780,8 +741,8 @@ class GuestMachine(QemuMachine):
         QemuExited when QEMU exits; WaitTimeout at the deadline.
         """
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def look() -> re.Match[str] | None:
             self._pump_console()
             text = self._console_buf
             found = regex.search(text, self._console_cursor)
@@ -795,12 +756,19 @@ class GuestMachine(QemuMachine):
                     )
             if found is not None:
                 self._console_cursor = found.end()
-                return found
+            return found
+
+        def alive() -> None:
             if self.returncode is not None:
                 self._check_alive(f"while waiting for {regex.pattern!r} on the console")
-            if time.monotonic() > deadline:
-                raise WaitTimeout(
-                    f"{regex.pattern!r} did not appear on the console within {timeout} s; "
-                    f"last lines ({self.console_path}):\n" + tail(text[self._console_cursor :])
-                )
-            time.sleep(POLL_INTERVAL)  # poll interval of a deadline-bound wait
+
+        return wait_until(
+            look,
+            timeout,
+            f"{regex.pattern!r} on the console",
+            interval=POLL_INTERVAL,
+            seen=lambda: (
+                f"({self.console_path}):\n" + tail(self._console_buf[self._console_cursor :])
+            ),
+            alive=alive,
+        )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, WaitTimeout
 from testbed.resource import Closeable
-from testbed.vhost_user.protocol import HEADER_SIZE, MAX_FDS, Header
+from testbed.vhost_user.protocol import HEADER_SIZE, MAX_FDS, MAX_PAYLOAD_SIZE, Header
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,24 @@ class Connection(Closeable):
             buf += data
         return bytes(buf)
 
-    def recv(self) -> Message:
-        """Read exactly one message. PeerClosed on a clean EOF between messages."""
+    def recv(self, *, strict: bool = True) -> Message:
+        """Read exactly one message. PeerClosed on a clean EOF between messages.
+
+        ``strict=False``: whatever its request code, version or flags (the relay passes on
+        what it cannot name: the peer may know it); only a size beyond MAX_PAYLOAD_SIZE
+        stays fatal, as no peer frames such a message and the stream is lost."""
         fds: list[OwnedFd] = []
         try:
             raw = self._recv_exact(HEADER_SIZE, fds, "header")
-            header = Header.unpack(raw, backend_channel=self.backend_channel)
+            if strict:
+                header = Header.unpack(raw, backend_channel=self.backend_channel)
+            else:
+                header = Header(*Header.FORMAT.unpack(raw))
+                if header.size > MAX_PAYLOAD_SIZE:
+                    raise ProtocolError(
+                        f"{self.name}: payload size {header.size} exceeds {MAX_PAYLOAD_SIZE}",
+                        bytes(raw),
+                    )
             body = self._recv_exact(header.size, fds, "payload") if header.size else b""
         except BaseException:
             close_all(fds)

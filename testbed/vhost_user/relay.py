@@ -26,26 +26,22 @@ import logging
 import os
 import selectors
 import socket
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.device import ShmemLayout
-from testbed.errors import PeerClosed, ProtocolError, StateError, TestbedError, WaitTimeout
-from testbed.resource import Closeable
+from testbed.errors import PeerClosed, ProtocolError, TestbedError
 from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import rules
 from testbed.vhost_user.backend.rules import Negotiation, Violation
-from testbed.vhost_user.connection import Connection, Listener, Message, OwnedFd, close_all
+from testbed.vhost_user.connection import Connection, Listener, Message
+from testbed.vhost_user.endpoint import DisconnectKind, Endpoint
 from testbed.vhost_user.protocol import (
     F_SHMEM,
     FLAG_NEED_REPLY,
     FLAG_RESERVED_MASK,
     FLAG_VERSION_MASK,
-    HEADER_SIZE,
-    MAX_PAYLOAD_SIZE,
     REPLY_REQUESTS,
     U64,
     VERSION,
@@ -63,7 +59,6 @@ from testbed.vhost_user.trace import (
     CHANNEL_TO_QEMU,
     FROM_QEMU,
     TO_QEMU,
-    Trace,
     TraceEntry,
 )
 
@@ -81,27 +76,6 @@ _REPLY_FDS = {int(Request.GET_INFLIGHT_FD): 1}
 
 
 # --- framing that passes on what it cannot name -------------------------------------------
-
-
-def recv_any(conn: Connection) -> Message:
-    """One message, whatever its request code, version or flags: where Connection.recv()
-    refuses what it cannot name, the relay passes it on (the peer may know it) and flags it
-    (header_violations). Only a size beyond MAX_PAYLOAD_SIZE stays fatal: no peer frames
-    such a message, so the stream is lost. Uses Connection's own exact reader, so fds are
-    owned and closed the same way."""
-    fds: list[OwnedFd] = []
-    try:
-        raw = conn._recv_exact(HEADER_SIZE, fds, "header")
-        request, flags, size = Header.FORMAT.unpack(raw)
-        if size > MAX_PAYLOAD_SIZE:
-            raise ProtocolError(
-                f"{conn.name}: payload size {size} exceeds {MAX_PAYLOAD_SIZE}", bytes(raw)
-            )
-        body = conn._recv_exact(size, fds, "payload") if size else b""
-    except BaseException:
-        close_all(fds)
-        raise
-    return Message(Header(request, flags, size), body, fds)
 
 
 def header_violations(header: Header, backend_channel: bool) -> list[Violation]:
@@ -294,12 +268,14 @@ class RelaySession:
             conn.close()
 
 
-class Relay(Closeable):
+class Relay(Endpoint):
     """Listens on ``socket_path`` for QEMU, connects to ``backend_path`` per connection.
 
     ``inject``: offer SHMEM and answer GET_SHMEM_CONFIG with this layout (the back-end
     never sees request 44). Without it, nothing is changed on the way through.
     """
+
+    kind = "relay"
 
     def __init__(
         self,
@@ -311,121 +287,24 @@ class Relay(Closeable):
         backend_timeout: float = 10.0,
         on_message: Callable[[TraceEntry], None] | None = None,
     ) -> None:
-        self.socket_path = Path(socket_path)
+        super().__init__(socket_path, trace_path, on_message)
         self.backend_path = Path(backend_path)
         self.inject = inject
         self.backend_timeout = backend_timeout
-        self.trace = Trace(trace_path)
-        self._on_message = on_message
-        self._cond = threading.Condition()
-        self._violations: list[Violation] = []
-        self._seen: list[Request] = []
-        self._sessions = 0
-        self._ended = 0
         self._session: RelaySession | None = None
-        self._failure: BaseException | None = None
-        self._stop = threading.Event()
-        self._finished = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._listener: Listener | None = None
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> Relay:
-        if self._closed:
-            raise StateError("closed", "new", "relay")
-        if self._thread is not None:
-            return self
-        try:
-            self._listener = Listener(self.socket_path)
-            thread = threading.Thread(target=self._run, name="vhost-user-relay", daemon=True)
-            thread.start()
-            self._thread = thread
-        except BaseException:
-            self.close()
-            raise
+        super().start()
         return self
 
     def __enter__(self) -> Relay:
         return self.start()
 
-    def close(self) -> None:
-        """Stop relaying, close every socket and fd, remove the socket path. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-        if self._thread is not None and not self._finished.wait(timeout=10):
-            log.error("relay thread did not stop within 10 s; closing under it")
-        with self._cond:
-            self._end_session()
-        if self._listener is not None:
-            self._listener.close()
-        self._wake_r.close()
-        self._wake_w.close()
-        self.trace.close()
-
-    # --- what was observed, and waits -----------------------------------------------------
-
-    @property
-    def violations(self) -> list[Violation]:
-        """Every rule either side broke, in order."""
-        with self._cond:
-            return list(self._violations)
-
-    @property
-    def requests_seen(self) -> list[Request]:
-        with self._cond:
-            return list(self._seen)
-
     @property
     def session(self) -> RelaySession | None:
         return self._session
 
-    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                if self._failure is not None:
-                    raise TestbedError(f"relay thread failed: {self._failure}") from self._failure
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    seen = ", ".join(r.name for r in self._seen[-12:]) or "nothing"
-                    raise WaitTimeout(
-                        f"relay on {self.socket_path}: {what} did not happen within "
-                        f"{timeout:.1f}s (last requests: {seen}); is QEMU attached and the "
-                        f"back-end listening on {self.backend_path}?"
-                    )
-                self._cond.wait(remaining)
-
-    def wait_for_request(self, request: Request, timeout: float, count: int = 1) -> None:
-        """Until QEMU has sent ``request`` ``count`` times (all connections)."""
-        self._wait(lambda: self._seen.count(request) >= count, timeout, f"{request.name} x{count}")
-
-    def wait_connected(self, timeout: float, count: int = 1) -> None:
-        self._wait(lambda: self._sessions >= count, timeout, f"connection #{count}")
-
-    def wait_disconnected(self, timeout: float, count: int = 1) -> None:
-        self._wait(lambda: self._ended >= count, timeout, f"disconnect #{count}")
-
     # --- the relaying thread ---------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except BaseException as exc:
-            log.exception("vhost-user relay thread failed")
-            with self._cond:
-                self._failure = exc
-                self._cond.notify_all()
-        finally:
-            with self._cond:
-                self._end_session()
-            self._finished.set()
 
     def _serve(self) -> None:
         assert self._listener is not None
@@ -469,28 +348,27 @@ class Relay(Closeable):
         backend.name = "backend"
         qemu.name = "qemu"
         with self._cond:
-            self._sessions += 1
-            self._session = RelaySession(self._sessions, qemu, backend)
-            self._cond.notify_all()
+            self._session = RelaySession(self._sessions + 1, qemu, backend)
+        self._began()
         log.info("relay: QEMU connected, relaying to %s", self.backend_path)
 
-    def _end_session(self) -> None:
+    def _drop_session(self, kind: DisconnectKind) -> None:
         """Caller holds self._cond."""
         session, self._session = self._session, None
         if session is None:
             return
         session.close()
-        self._ended += 1
-        self._cond.notify_all()
+        self._ended(kind)
 
     def _relay_one(self, s: RelaySession, conn: Connection) -> None:
         try:
-            msg = recv_any(conn)
+            msg = conn.recv(strict=False)
         except (PeerClosed, ProtocolError, OSError) as exc:
             if not isinstance(exc, PeerClosed):
                 self._flag(Violation("?", "framing", f"{conn.name}: {exc}"))
             log.info("relay: %s ended the connection (%s)", conn.name, exc)
-            self._hang_up(s, conn)
+            clean = isinstance(exc, PeerClosed)
+            self._hang_up(s, conn, DisconnectKind.CLEAN if clean else DisconnectKind.ERROR)
             return
         try:
             with msg:
@@ -504,9 +382,9 @@ class Relay(Closeable):
                     self._channel_from_qemu(s, msg)
         except (PeerClosed, ProtocolError, OSError) as exc:
             log.info("relay: connection ended while passing a message on (%s)", exc)
-            self._hang_up(s, conn)
+            self._hang_up(s, conn, DisconnectKind.ERROR)
 
-    def _hang_up(self, s: RelaySession, conn: Connection) -> None:
+    def _hang_up(self, s: RelaySession, conn: Connection, kind: DisconnectKind) -> None:
         """``conn`` ended (or its message could not be passed on). A back-end channel's end
         ends the channel only: QEMU closes its end on unrealize before the main socket,
         and a relay that dropped the main connection then would hang up under QEMU's
@@ -516,7 +394,7 @@ class Relay(Closeable):
             s.close_channel()
             return
         with self._cond:
-            self._end_session()
+            self._drop_session(kind)
 
     def _record(
         self, direction: str, header: Header, body: bytes, nfds: int, found: list[Violation]
@@ -524,14 +402,7 @@ class Relay(Closeable):
         entry = self.trace.record(direction, header, body, nfds, [v.to_json() for v in found])
         for v in found:
             self._flag(v)
-        if self._on_message is not None:
-            self._on_message(entry)
-
-    def _flag(self, v: Violation) -> None:
-        log.warning("vhost-user rule broken: %s: %s: %s", v.request, v.rule, v.detail)
-        with self._cond:
-            self._violations.append(v)
-            self._cond.notify_all()
+        self._notify(entry)
 
     def _from_qemu(self, s: RelaySession, msg: Message) -> None:
         header, body = msg.header, msg.body
@@ -560,9 +431,7 @@ class Relay(Closeable):
             elif request is Request.SET_PROTOCOL_FEATURES:
                 s.acked_protocol = payload.value
         self._record(FROM_QEMU, header, body, len(msg.fds), found)
-        with self._cond:
-            self._seen.append(request)
-            self._cond.notify_all()
+        self._saw(request)
 
         injecting = self.inject is not None and not s.backend_protocol & SHMEM
         if injecting and request is Request.GET_SHMEM_CONFIG:

@@ -2,7 +2,8 @@
 
 Shaped after rust-vmm vhost's back-end, one job per module:
 
-- server.py    Backend: listen/connect, the serving thread, sessions, waits with deadlines
+- server.py    Backend: the serving thread and its sessions (lifecycle and waits: the
+               Endpoint's, testbed/vhost_user/endpoint.py, shared with the relay)
 - session.py   Session (one connection's state) and DisconnectKind
 - dispatch.py  the dispatcher: checks each request before dispatch, owns negotiation,
                answers replies and REPLY_ACK

@@ -1,9 +1,8 @@
-"""The back-end's lifecycle: listen (or connect), one serving thread with a session per
-front-end connection, and waits with deadlines on what that thread observed."""
+"""Our back-end: listen (or connect), one serving thread with a session per front-end
+connection (the lifecycle and the waits are the Endpoint's, shared with the relay)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import selectors
 import socket
@@ -13,18 +12,17 @@ from pathlib import Path
 
 from testbed.device import ShmemLayout
 from testbed.errors import PeerClosed, ProtocolError, StateError, TestbedError
-from testbed.resource import Closeable
 from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.channel import ChannelRequests
 from testbed.vhost_user.backend.dispatch import Dispatcher
 from testbed.vhost_user.backend.handlers import DeviceHandler
+from testbed.vhost_user.backend.rules import Violation
 from testbed.vhost_user.backend.session import DisconnectKind, Session
-from testbed.vhost_user.backend.waits import Waits
-from testbed.vhost_user.connection import Connection, Listener
+from testbed.vhost_user.connection import Connection
+from testbed.vhost_user.endpoint import Endpoint
 from testbed.vhost_user.faults import NO_FAULTS, Faults
-from testbed.vhost_user.protocol import Request
-from testbed.vhost_user.trace import Trace, TraceEntry
+from testbed.vhost_user.trace import TraceEntry
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +30,7 @@ CHANNEL_POLL = 0.05
 """Poll interval while a reply waits on the back-end channel (hang_up_on_channel_close)."""
 
 
-class Backend(Waits, ChannelRequests, Closeable):
+class Backend(Endpoint, ChannelRequests):
     """vhost-user back-end for vhost-user-test-device(-pci), serving ``layout``.
 
     Listen mode (default): we own ``socket_path`` (in a 0700 dir); QEMU connects as client,
@@ -57,67 +55,50 @@ class Backend(Waits, ChannelRequests, Closeable):
         on_message: Callable[[TraceEntry], None] | None = None,
         wrap_dispatcher: Callable[[Dispatcher], Dispatcher] | None = None,
     ) -> None:
-        self.socket_path = Path(socket_path)
+        super().__init__(socket_path, trace_path, on_message)
         self.layout = layout
         self.faults = faults or NO_FAULTS
         self.connect_mode = connect
         self.connect_timeout = connect_timeout
-        self.trace = Trace(trace_path)
-        self._on_message = on_message
-        self._cond = threading.Condition()
         device = DeviceHandler(layout, self.faults, num_queues)
         dispatcher = Dispatcher(device, self.trace, self._cond, self._notify)
         self._dispatcher = dispatcher if wrap_dispatcher is None else wrap_dispatcher(dispatcher)
         self._channel_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._finished = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._listener: Listener | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
         self._session: Session | None = None
-        self._sessions = 0
-        self._disconnects: list[DisconnectKind] = []
-        self._seen: list[Request] = []
-        self._failure: BaseException | None = None
         self._fault_fired: set[str] = set()
-        self._closed = False
+
+    kind = "back-end"
 
     def start(self) -> Backend:
-        """Listen (listen mode) and start serving on a thread. Idempotent."""
-        if self._closed:
-            raise StateError("closed", "new", "back-end")
-        if self._thread is not None:
-            return self
-        try:
-            if not self.connect_mode:
-                self._listener = Listener(self.socket_path)
-            thread = threading.Thread(target=self._run, name="vhost-user-backend", daemon=True)
-            thread.start()
-            self._thread = thread
-        except BaseException:
-            # `with Backend(...)` does not call __exit__ when __enter__ raises.
-            self.close()
-            raise
+        super().start()
         return self
 
-    def close(self) -> None:
-        """Stop serving, close every fd and socket, remove the socket path. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-        if self._thread is not None and not self._finished.wait(timeout=10):
-            log.error("back-end thread did not stop within 10 s; closing under it")
+    def _open(self) -> None:
+        if not self.connect_mode:
+            super()._open()
+
+    @property
+    def connected(self) -> bool:
         with self._cond:
-            self._end_session(DisconnectKind.LOCAL)
-            self._cond.notify_all()
-        if self._listener is not None:
-            self._listener.close()
-        self._wake_r.close()
-        self._wake_w.close()
-        self.trace.close()
+            return self._session is not None
+
+    @property
+    def session(self) -> Session | None:
+        return self._session
+
+    @property
+    def violations(self) -> list[Violation]:
+        """Every request QEMU sent against the spec's rules (backend/rules.py), in order."""
+        with self._cond:
+            return list(self._dispatcher.violations)
+
+    def wait_driver_ok(self, timeout: float) -> None:
+        """Until the current connection's device was started (the guest set DRIVER_OK)."""
+        self._wait(
+            lambda: self._session is not None and self._session.driver_ok,
+            timeout,
+            "DRIVER_OK (vhost device start)",
+        )
 
     def serve_forever(self) -> None:
         """Block until the serving thread ends (connect mode: QEMU went away), re-raising
@@ -140,19 +121,6 @@ class Backend(Waits, ChannelRequests, Closeable):
         return offer.shmem_config_body(self.layout, self.faults)
 
     # --- serving thread -----------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except BaseException as exc:
-            log.exception("vhost-user back-end thread failed")
-            with self._cond:
-                self._failure = exc
-                self._cond.notify_all()
-        finally:
-            with self._cond:
-                self._end_session(DisconnectKind.LOCAL)
-            self._finished.set()
 
     def _serve(self) -> None:
         with selectors.DefaultSelector() as sel:
@@ -200,19 +168,17 @@ class Backend(Waits, ChannelRequests, Closeable):
 
     def _begin_session(self, conn: Connection) -> None:
         with self._cond:
-            self._sessions += 1
-            self._session = Session(self._sessions, conn)
-            self._cond.notify_all()
+            self._session = Session(self._sessions + 1, conn)
+        self._began()
         log.info("QEMU connected on %s (connection %d)", self.socket_path, self._sessions)
 
-    def _end_session(self, kind: DisconnectKind) -> None:
+    def _drop_session(self, kind: DisconnectKind) -> None:
         """Caller holds self._cond. Nothing to do without a session."""
         session, self._session = self._session, None
         if session is None:
             return
         session.close()
-        self._disconnects.append(kind)
-        self._cond.notify_all()
+        self._ended(kind)
         log.info("connection %d on %s ended: %s", session.number, self.socket_path, kind.value)
 
     def _serve_one(self, session: Session) -> None:
@@ -226,7 +192,7 @@ class Backend(Waits, ChannelRequests, Closeable):
             ended = DisconnectKind.ERROR
         if ended is not None:
             with self._cond:
-                self._end_session(ended)
+                self._drop_session(ended)
             return
         with msg:
             request = self._dispatcher.receive(session, msg)
@@ -251,7 +217,7 @@ class Backend(Waits, ChannelRequests, Closeable):
                 self._seen.append(request)
                 self._cond.notify_all()
                 if ended is not None:
-                    self._end_session(ended)
+                    self._drop_session(ended)
 
     def _channel_to_watch(self, session: Session | None) -> Connection | None:
         """The back-end channel, when a fault waits for QEMU to close it."""
@@ -262,7 +228,7 @@ class Backend(Waits, ChannelRequests, Closeable):
     def _hang_up_on_channel_close(self) -> None:
         log.warning("fault: QEMU closed the back-end channel; closing the connection")
         with self._cond:
-            self._end_session(DisconnectKind.LOCAL)
+            self._drop_session(DisconnectKind.LOCAL)
 
     def _fault_once(self, name: str, condition: bool) -> bool:
         if not condition or name in self._fault_fired:

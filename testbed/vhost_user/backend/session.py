@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from testbed.vhost_user.backend.mappings import Mappings
 from testbed.vhost_user.connection import Connection
+from testbed.vhost_user.endpoint import DisconnectKind
 from testbed.vhost_user.protocol import STATUS_DRIVER_OK, Request, VringAddr
 
-
-class DisconnectKind(enum.Enum):
-    CLEAN = "clean"  # QEMU closed between messages
-    ERROR = "error"  # a malformed message or a broken socket
-    LOCAL = "local"  # we closed it (fault injection, or close())
+__all__ = ["DisconnectKind", "Session"]
 
 
 @dataclass
