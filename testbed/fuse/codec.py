@@ -15,7 +15,7 @@ Every decoding error is a :class:`testbed.errors.FuseProtocolError` with the byt
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar, Protocol, Self, TypeVar
+from typing import Protocol, Self, TypeVar
 
 from testbed.errors import FuseProtocolError
 from testbed.fuse.structs import (
@@ -308,8 +308,6 @@ class FuseRequest:
     header: InHeader
     args: Args
     extensions: bytes = b""
-
-    HEADER: ClassVar[int] = IN_HEADER_SIZE
 
     @property
     def opcode(self) -> int:

@@ -20,8 +20,10 @@ What Linux does (fs/fuse/dax.c, 5.10 .. 6.12), and therefore what the rules here
   is there first (each whole: SHMEM_UNMAP must cover a whole earlier mapping), then maps.
 * RELEASE leaves the inode's ranges mapped: they belong to the inode, not to the open file,
   and a later open reuses them without asking. Ranges go on reclaim and at inode eviction
-  (REMOVEMAPPING), but not at unmount: virtio_kill_sb() sends DESTROY first, and evict runs
-  after SB_ACTIVE is cleared, so fuse_evict_inode() skips fuse_dax_inode_cleanup(). DESTROY
+  (REMOVEMAPPING), but never at unmount: virtio_kill_sb() runs fuse_conn_destroy() (DESTROY,
+  then fuse_abort_conn()) before kill_anon_super() evicts the inodes, so the REMOVEMAPPINGs
+  and FORGETs eviction then tries fail with -ENOTCONN inside the guest
+  (inode_reclaim_dmap_range(): "if (err && err != -ENOTCONN)") and never arrive. DESTROY
   is the only word the server gets: it must unmap everything itself.
 """
 

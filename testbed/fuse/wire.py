@@ -37,7 +37,6 @@ INIT_EXT_MINOR = 36
 ROOT_ID = 1
 # fs/fuse/dax.c fuse_setup_one_mapping(): "inarg.fh = -1;" -- Linux never names a handle.
 NO_FH = (1 << 64) - 1
-U64_MAX = (1 << 64) - 1
 
 # fs/fuse/dax.c: "#define FUSE_DAX_SHIFT 21": the guest maps its window in 2 MiB ranges and
 # refuses a map_alignment above it (fuse_dax_check_alignment()).
