@@ -1,6 +1,8 @@
-"""A stand-in for a Linux virtio-fs guest in the FUSE tests: requests packed by hand from
-include/uapi/linux/fuse.h, replies unpacked by hand, independent of testbed.fuse's own
+"""Stand-ins for the FUSE tests. ``Guest`` plays a Linux virtio-fs guest: requests packed by
+hand from include/uapi/linux/fuse.h, replies unpacked by hand, independent of testbed.fuse's own
 encoders, so that a layout mistake there cannot hide behind the same mistake here.
+
+``FakeMapper`` plays QEMU's side of SHMEM_MAP/UNMAP and its rules.
 
 The INIT flag sets are what fs/fuse/inode.c fuse_send_init() offers in Linux 6.1 (7.37)
 and 6.12 (7.41) for a virtiofs mount (fc->auto_submounts is set by virtio_fs_get_tree()).
@@ -9,6 +11,8 @@ and 6.12 (7.41) for a virtiofs mount (fc->auto_submounts is set by virtio_fs_get
 from __future__ import annotations
 
 import errno
+import fcntl
+import os
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -209,3 +213,43 @@ class Guest:
 
     def destroy(self) -> None:
         assert self.ok(DESTROY, 0) == b""
+
+
+class FakeMapper:
+    """Plays QEMU's side: records each call (and what the fd holds), answers from the
+    queued results (0 once the queue is empty), and checks QEMU's rules in ``live()``."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.map_results: list[int] = []
+        self.unmap_results: list[int] = []
+
+    def map(self, fd: int, foffset: int, length: int, moffset: int, writable: bool) -> int:
+        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        head = os.pread(fd, 8, foffset)
+        result = self.map_results.pop(0) if self.map_results else 0
+        self.calls.append(("map", moffset, length, foffset, writable, access, head, result))
+        return result
+
+    def unmap(self, moffset: int, length: int) -> int:
+        result = self.unmap_results.pop(0) if self.unmap_results else 0
+        self.calls.append(("unmap", moffset, length, result))
+        return result
+
+    def live(self) -> dict[int, int]:
+        """What QEMU would have mapped after the successful calls: moffset -> length."""
+        live: dict[int, int] = {}
+        for call in self.calls:
+            if call[-1]:
+                continue
+            if call[0] == "map":
+                assert call[1] not in live, "SHMEM_MAP over a live mapping"
+                live[call[1]] = call[2]
+            else:
+                assert live.pop(call[1]) == call[2], "SHMEM_UNMAP not of a whole mapping"
+        return live
+
+
+def fd_count() -> int:
+    """This process's open fds: the tests compare it before and after a server's life."""
+    return len(os.listdir("/proc/self/fd"))

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fuse_guest import DESTROY, LINUX_6_12, MAP_ALIGNMENT, O_RDWR, Guest, MiB
+from fuse_guest import DESTROY, LINUX_6_12, MAP_ALIGNMENT, O_RDWR, FakeMapper, Guest, MiB, fd_count
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fuse_server import WINDOW, FakeMapper, fd_count
+from test_fuse_server import WINDOW
 
 from testbed.errors import StateError
 from testbed.fuse import FuseServer, LiveMapping

@@ -5,7 +5,6 @@ mappings through a fake mapper, error cases, escape attempts, and no fd left beh
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import struct
 from collections.abc import Iterator
@@ -43,8 +42,10 @@ from fuse_guest import (
     STATFS,
     SYNCFS,
     UNLINK,
+    FakeMapper,
     Guest,
     MiB,
+    fd_count,
     name_arg,
     read_in,
 )
@@ -58,45 +59,6 @@ from testbed.fuse.host import host_open_flags
 WINDOW = 8 * MiB
 DAX_61 = LINUX_6_1 | MAP_ALIGNMENT  # dax=always: no HAS_INODE_DAX
 DAX_612 = LINUX_6_12 | MAP_ALIGNMENT
-
-
-class FakeMapper:
-    """Plays QEMU's side: records each call (and what the fd holds), answers from the
-    queued results (0 once the queue is empty), and checks QEMU's rules in ``live()``."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-        self.map_results: list[int] = []
-        self.unmap_results: list[int] = []
-
-    def map(self, fd: int, foffset: int, length: int, moffset: int, writable: bool) -> int:
-        access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
-        head = os.pread(fd, 8, foffset)
-        result = self.map_results.pop(0) if self.map_results else 0
-        self.calls.append(("map", moffset, length, foffset, writable, access, head, result))
-        return result
-
-    def unmap(self, moffset: int, length: int) -> int:
-        result = self.unmap_results.pop(0) if self.unmap_results else 0
-        self.calls.append(("unmap", moffset, length, result))
-        return result
-
-    def live(self) -> dict[int, int]:
-        """What QEMU would have mapped after the successful calls: moffset -> length."""
-        live: dict[int, int] = {}
-        for call in self.calls:
-            if call[-1]:
-                continue
-            if call[0] == "map":
-                assert call[1] not in live, "SHMEM_MAP over a live mapping"
-                live[call[1]] = call[2]
-            else:
-                assert live.pop(call[1]) == call[2], "SHMEM_UNMAP not of a whole mapping"
-        return live
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
