@@ -9,6 +9,7 @@ what to do about it. Leaves keep the evidence (bytes, exit status, last console 
     ├── ProvisionError           provisioning QEMU or building a guest image failed
     │   └── AssetHashMismatch    a cached or downloaded file does not match its hash
     ├── ProtocolError            a vhost-user message is malformed (see vhost_user.protocol)
+    │   └── FuseProtocolError    a FUSE request or reply is malformed (see fuse.wire, fuse.codec)
     ├── ParseError               guest output (config space, sysfs, lspci) cannot be parsed
     ├── PeerClosed               the vhost-user peer closed the connection
     ├── StateError               an object was used in the wrong state
@@ -58,6 +59,11 @@ class ProtocolError(TestbedError):
         shown = self.data[:64].hex()
         more = "..." if len(self.data) > 64 else ""
         return f"{base} (got {len(self.data)} bytes: {shown}{more})"
+
+
+class FuseProtocolError(ProtocolError):
+    """A FUSE request (or reply) is malformed: a size that does not add up, a name without its
+    NUL, an argument list that does not fit its opcode. ``data`` keeps the offending bytes."""
 
 
 class ParseError(TestbedError):
