@@ -70,6 +70,12 @@ class Waits:
                     )
                 self._cond.wait(remaining)
 
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Until ``predicate()`` is true. It is re-checked whenever the back-end's state
+        moves: a request answered, a ring served, a deferred action done (a device model's
+        counters, say); ``what`` names the condition in the timeout's message."""
+        self._wait(predicate, timeout, what)
+
     def wait_connected(self, timeout: float, count: int = 1) -> None:
         """Until ``count`` connections have been accepted in total."""
         self._wait(lambda: self._sessions >= count, timeout, f"connection #{count}")
