@@ -212,7 +212,7 @@ class RingService:
     ) -> None:
         """A chain against the spec: flagged, and given back with used length 0 so the
         driver is not left waiting for it."""
-        found = [Violation(_request(index), exc.rule, str(exc))]
+        found = [Violation(_request(index), exc.rule, f"chain at head {head}: {exc.detail}")]
         self._record(
             QUEUE_REQUEST, index, head, -1, "BAD_CHAIN", 0, None, error=str(exc), violations=found
         )
@@ -221,9 +221,11 @@ class RingService:
         self._report(found)
 
     def _break(self, mappings: Mappings, ring: Vring, exc: RingError | GuestMemoryError) -> None:
-        rule = exc.rule if isinstance(exc, RingError) else "vring-addr"
-        ring.broken = str(exc)
-        found = [Violation(_request(ring.index), rule, f"queue no longer served: {exc}")]
+        rule, detail = (
+            (exc.rule, exc.detail) if isinstance(exc, RingError) else ("vring-addr", str(exc))
+        )
+        ring.broken = detail
+        found = [Violation(_request(ring.index), rule, f"queue no longer served: {detail}")]
         self._record(
             QUEUE_REQUEST, ring.index, None, -1, "BROKEN", 0, None, error=str(exc),
             violations=found,
