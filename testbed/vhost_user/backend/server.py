@@ -318,7 +318,7 @@ class Backend(Waits, ChannelRequests, Closeable):
             return []
         kicks = []
         for ring in session.rings.values():
-            fd = kick_fd(session.mappings, ring)
+            fd = kick_fd(session.mappings, session.features, ring)
             if fd is not None:
                 kicks.append((fd, ring.index))
         return kicks
@@ -329,7 +329,7 @@ class Backend(Waits, ChannelRequests, Closeable):
         if not self.device.serves_queues:
             return
         for ring in session.rings.values():
-            servable = kick_fd(session.mappings, ring) is not None
+            servable = kick_fd(session.mappings, session.features, ring) is not None
             if servable and not ring.caught_up:
                 ring.caught_up = True
                 self._rings.serve(session.mappings, session.features, ring)

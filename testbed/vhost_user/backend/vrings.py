@@ -24,7 +24,7 @@ from testbed.vhost_user.backend.mappings import Mappings
 from testbed.vhost_user.backend.rules import Violation
 from testbed.vhost_user.devices.base import DeviceModel
 from testbed.vhost_user.memory import MappedMemory
-from testbed.vhost_user.protocol import VringAddr
+from testbed.vhost_user.protocol import VhostUserFeature, VringAddr
 from testbed.vhost_user.trace import QUEUE_REPLY, QUEUE_REQUEST, Trace, TraceEntry
 from testbed.vhost_user.virtqueue import (
     F_EVENT_IDX,
@@ -64,19 +64,27 @@ class Vring:
     caught_up: bool = False
     """Served once since it became servable (the back-end looks before the first kick)."""
 
+    base_high: int = 0
+    """SET_VRING_BASE's bits above the split ring's 16-bit index (a packed ring's wrap
+    counter and used index: never served here), kept to be answered as they came."""
+
     def set_base(self, base: int) -> None:
         # Split rings: the low 16 bits are the next available index; we complete in order.
         self.last_avail = self.next_used = base & 0xFFFF
+        self.base_high = base & ~0xFFFF
 
     def stop(self) -> int:
         """GET_VRING_BASE: stop serving; the index to resume from."""
         self.started = False
-        return self.last_avail
+        return self.base_high | self.last_avail
 
 
-def kick_fd(mappings: Mappings, ring: Vring) -> int | None:
-    """The fd to watch for ``ring``'s kicks, if the ring is to be served now."""
-    if not (ring.started and ring.enabled) or ring.broken is not None:
+def kick_fd(mappings: Mappings, features: int, ring: Vring) -> int | None:
+    """The fd to watch for ``ring``'s kicks, if the ring is to be served now. Without
+    VHOST_USER_F_PROTOCOL_FEATURES acked (``features``: SET_FEATURES) a ring is enabled
+    from the start; with it, only after SET_VRING_ENABLE."""
+    enabled = ring.enabled or not features & VhostUserFeature.PROTOCOL_FEATURES
+    if not (ring.started and enabled) or ring.broken is not None:
         return None
     fd = mappings.vring_fds.get((KICK, ring.index))
     return None if fd is None else fd.fileno()
@@ -110,7 +118,7 @@ class RingService:
 
     def kicked(self, mappings: Mappings, features: int, ring: Vring) -> None:
         """Ring ``ring``'s kick fd is readable: consume the kick, serve the ring."""
-        fd = kick_fd(mappings, ring)
+        fd = kick_fd(mappings, features, ring)
         if fd is None:
             return
         try:
