@@ -109,8 +109,26 @@ def test_mapped_memory_maps_each_region_at_its_offset() -> None:
 
 
 def test_mapping_a_bad_fd_says_which_region() -> None:
-    with pytest.raises(GuestMemoryError, match="guest address 0x1000"):
+    with pytest.raises(GuestMemoryError, match="fd 987654"):
         MappedMemory([(MemoryRegion(0x1000, 0x1000, 0, 0), 987654)])
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(GuestMemoryError, match="guest address 0x1000"):
+            MappedMemory([(MemoryRegion(0x1000, 0x1000, 0, 0), read_end)])
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_region_past_the_end_of_its_file_is_refused_not_mapped() -> None:
+    fd = os.memfd_create("test-short", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 0x1000)
+        # Mapped, its second page would raise SIGBUS at the first touch.
+        with pytest.raises(GuestMemoryError, match="the file has 0x1000 bytes"):
+            MappedMemory([(MemoryRegion(0, 0x2000, 0, 0), fd)])
+    finally:
+        os.close(fd)
 
 
 # --- normal operation --------------------------------------------------------------------

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import os
+import stat
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -147,6 +149,22 @@ class MemoryImage(RegionMemory):
         super().__init__(table, [memoryview(bytearray(r.size)) for r in table.regions])
 
 
+def _check_file_size(fd: int, region: MemoryRegion) -> None:
+    """A region past the end of its file would map fine and then kill the whole process
+    with SIGBUS at the first access: refuse it here instead."""
+    try:
+        info = os.fstat(fd)
+    except OSError as exc:
+        raise GuestMemoryError(f"memory region fd {fd}: {exc}") from exc
+    needed = region.mmap_offset + region.size
+    if stat.S_ISREG(info.st_mode) and info.st_size < needed:
+        raise GuestMemoryError(
+            f"the memory region at guest address {region.guest_addr:#x} needs its file up to "
+            f"byte {needed:#x} (mmap_offset {region.mmap_offset:#x} + size {region.size:#x}); "
+            f"the file has {info.st_size:#x} bytes"
+        )
+
+
 class MappedMemory(RegionMemory, Closeable):
     """The memory table's regions mmapped (shared, read-write) from their fds.
 
@@ -164,6 +182,7 @@ class MappedMemory(RegionMemory, Closeable):
                 # mmap wants a page-aligned offset: map from the page below and skip ahead.
                 aligned = region.mmap_offset - region.mmap_offset % mmap.PAGESIZE
                 skip = region.mmap_offset - aligned
+                _check_file_size(fds[id(region)], region)
                 try:
                     mapped = mmap.mmap(
                         fds[id(region)],
