@@ -95,7 +95,8 @@ class Rig:
 
 
 @pytest.fixture(params=ARCHES)
-def rig(request: pytest.FixtureRequest, sockdir: Path) -> Iterator[Rig]:
+def rig(request: pytest.FixtureRequest, sockdir: Path, tmp_path: Path) -> Iterator[Rig]:
+    """The trace stays in tmp_path (pytest --basetemp=DIR keeps it where you want it)."""
     arch: str = request.param
     sock = sockdir / "pmem.sock"
     with PmemDevice(2 * M) as pmem:
@@ -105,7 +106,7 @@ def rig(request: pytest.FixtureRequest, sockdir: Path) -> Iterator[Rig]:
         )
         config = QtestConfig(arch, _qemu(arch), (device,), qtest=True)
         with (
-            Backend(sock, device=pmem, trace_path=sockdir / "trace.jsonl") as backend,
+            Backend(sock, device=pmem, trace_path=tmp_path / "trace.jsonl") as backend,
             QtestMachine(config).start() as qemu,
         ):
             backend.wait_for_request(Request.GET_SHMEM_CONFIG, TIMEOUT)
