@@ -10,6 +10,8 @@ what to do about it. Leaves keep the evidence (bytes, exit status, last console 
     │   └── AssetHashMismatch    a cached or downloaded file does not match its hash
     ├── ProtocolError            a vhost-user message is malformed (see vhost_user.protocol)
     │   └── FuseProtocolError    a FUSE request or reply is malformed (see fuse.wire, fuse.codec)
+    ├── GuestMemoryError         an address range is not inside one region of the memory table
+    ├── RingError                a virtqueue holds what the virtio spec forbids (rule, detail)
     ├── ParseError               guest output (config space, sysfs, lspci) cannot be parsed
     ├── PeerClosed               the vhost-user peer closed the connection
     ├── StateError               an object was used in the wrong state
@@ -64,6 +66,31 @@ class ProtocolError(TestbedError):
 class FuseProtocolError(ProtocolError):
     """A FUSE request (or reply) is malformed: a size that does not add up, a name without its
     NUL, an argument list that does not fit its opcode. ``data`` keeps the offending bytes."""
+
+
+class GuestMemoryError(TestbedError):
+    """A guest-physical (or QEMU user) address range lies outside every region of the
+    memory table, or crosses from one region into another; or a region cannot be mapped."""
+
+
+class RingError(TestbedError):
+    """A virtqueue holds what the virtio spec forbids, or a request the device cannot parse.
+
+    ``rule`` names the broken rule ("vring-desc-range", "vring-loop", "vring-direction",
+    "vring-indirect", "vring-index", "vring-addr", "vring-num", "device-request"); ``head``
+    is the chain's head index when one chain is concerned (it is then completed with used
+    length 0); ``broken``: the ring itself cannot be served any more.
+    """
+
+    def __init__(
+        self, rule: str, detail: str, *, head: int | None = None, broken: bool = False
+    ) -> None:
+        self.rule = rule
+        self.detail = detail
+        self.head = head
+        self.broken = broken
+        where = "" if head is None else f"chain at head {head}: "
+        super().__init__(f"{rule}: {where}{detail}")
 
 
 class ParseError(TestbedError):

@@ -33,6 +33,8 @@ class ArchProfile:
     first_device_slot: int = 0x10
     max_device_slot: int = 0x1E
     """q35 keeps 0x1f for the ICH9 LPC/SATA/SMBus functions."""
+    ram_base: int = 0
+    """Guest-physical address where RAM starts (q35: 0; virt: 1 GiB)."""
     native_pcie_hotplug: bool = False
     """Root ports use native PCIe hot-plug (pciehp, attention button) rather than ACPI."""
     tcg_kernel_args: tuple[str, ...] = ()
@@ -71,6 +73,7 @@ PROFILES: dict[str, ArchProfile] = {
         kvm_cpu="host",
         console="ttyAMA0",
         root_bus="pcie.0",
+        ram_base=0x4000_0000,
         native_pcie_hotplug=True,
     ),
 }

@@ -1,15 +1,19 @@
 """A guest-less QEMU: vhost-user devices and nothing else, optionally driven over qtest.
 
 With ``-accel qtest`` QEMU runs no guest code; the qtest line protocol lets us act as the
-guest's PCI core and virtio driver instead -- assign BARs, enable memory, walk device_status
-to DRIVER_OK (testbed.virtio's program) -- so SHMEM_MAP/UNMAP can be exercised without
-booting anything. With ``QtestConfig(qtest=False)`` it is ``-accel tcg -S``: QEMU realizes the
-devices (the vhost-user handshake happens) and never executes anything.
+guest's PCI core and virtio driver instead -- assign BARs, enable memory, negotiate
+features, place virtqueues in guest RAM, walk device_status to DRIVER_OK (testbed.virtio's
+program), notify a queue -- so SHMEM_MAP/UNMAP and a back-end's virtqueues can be exercised
+without booting anything. :class:`QtestMemory` lends guest RAM to the driver's side of a
+ring (testbed.vhost_user.driver_ring). With ``QtestConfig(qtest=False)`` it is ``-accel tcg
+-S``: QEMU realizes the devices (the vhost-user handshake happens) and never executes
+anything.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,29 @@ from testbed.errors import (
     TestbedError,
     WaitTimeout,
 )
+from testbed.guest.pci import PciFunction, VirtioCap, parse_config_space
 from testbed.machine.cmdline import GUESTLESS_SLOT, QtestConfig, build_qtest_command
+from testbed.machine.profiles import profile_for
 from testbed.machine.qemu import QemuMachine
-from testbed.virtio import DRIVER_OK_PROGRAM, Expect, Write, run_program
+from testbed.virtio import (
+    ACKNOWLEDGE_PROGRAM,
+    DEVICE_FEATURE,
+    DEVICE_FEATURE_SELECT,
+    DRIVER_OK_PROGRAM,
+    F_VERSION_1,
+    NOTIFY_OFF_MULTIPLIER,
+    QUEUE_NOTIFY_OFF,
+    QUEUE_SELECT,
+    VIRTIO_PCI_CAP_DEVICE_CFG,
+    VIRTIO_PCI_CAP_ISR_CFG,
+    VIRTIO_PCI_CAP_NOTIFY_CFG,
+    Expect,
+    QueueSetup,
+    Step,
+    Write,
+    negotiate_program,
+    run_program,
+)
 
 _WIDTH_SUFFIX = {8: "b", 16: "w", 32: "l", 64: "q"}
 
@@ -83,6 +107,24 @@ class QtestClient:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+class QtestMemory:
+    """Guest memory through qtest (a GuestMemory for the driver's side of a ring): what
+    the guest would read and write at a physical address, QEMU deciding what is there."""
+
+    def __init__(self, qtest: QtestClient) -> None:
+        self.qtest = qtest
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return self.qtest.read(gpa, length) if length else b""
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if data:
+            self.qtest.write(gpa, data)
+
+    def check(self, gpa: int, length: int) -> None:
+        """Nothing to check on this side: a guest may point anywhere."""
 
 
 # PCI config space access, per machine: q35 by the 0xcf8/0xcfc ports; virt by its ECAM
@@ -150,21 +192,92 @@ class PciFunctionDriver:
         # Memory space + bus master, as a guest's driver would.
         self.write32(0x04, command | 0x6)
 
-    def start_device(self, bar4_address: int | None = None) -> None:
-        """Assign BAR 2 (and BAR 4), enable, then play testbed.virtio's DRIVER_OK program
-        (VIRTIO_F_VERSION_1 only) on the common config -- as the guest's devmem recipe does."""
+    def start_device(
+        self,
+        bar4_address: int | None = None,
+        *,
+        features: int | None = None,
+        queues: Sequence[QueueSetup] = (),
+    ) -> int:
+        """Assign BAR 2 (and BAR 4), enable, then play testbed.virtio's program on the
+        common config to DRIVER_OK; returns the features accepted.
+
+        Default: VIRTIO_F_VERSION_1 only, no queue -- the guest's devmem recipe. With
+        ``features``: read the device's features and accept those of ``features`` it offers
+        (VERSION_1 among them); ``queues`` are set up and enabled before DRIVER_OK.
+        """
         bar2, bar4 = _BAR_PLACES[self.arch]
         self.assign_bar(_COMMON_CFG_BAR, bar2)
         self.assign_bar(4, bar4 if bar4_address is None else bar4_address)
         self.enable_memory()
+        if features is None and not queues:
+            self._play(DRIVER_OK_PROGRAM)
+            return F_VERSION_1
+        self._play(ACKNOWLEDGE_PROGRAM)
+        offered = self.device_features()
+        accepted = offered & (F_VERSION_1 if features is None else features)
+        if not accepted & F_VERSION_1:
+            raise StateError(
+                f"device features {offered:#x}", "VIRTIO_F_VERSION_1", f"00:{self.slot:02x}.0"
+            )
+        self._play(negotiate_program(accepted, queues))
+        return accepted
 
+    def _common(self, offset: int) -> int:
+        """The address of ``offset`` in the common config (BAR 2, offset 0: measured)."""
+        if _COMMON_CFG_BAR not in self.bars:
+            raise StateError("BAR 2 unassigned", "start_device() first", "virtio common config")
+        return self.bars[_COMMON_CFG_BAR] + offset
+
+    def _play(self, program: tuple[Step, ...]) -> None:
         def write(step: Write) -> None:
-            self.qtest.write_int(bar2 + step.offset, step.width, step.value)
+            self.qtest.write_int(self._common(step.offset), step.width, step.value)
 
         def read(step: Expect) -> int:
-            return self.qtest.read_int(bar2 + step.offset, step.width)
+            return self.qtest.read_int(self._common(step.offset), step.width)
 
-        run_program(DRIVER_OK_PROGRAM, write, read, f"00:{self.slot:02x}.0")
+        run_program(program, write, read, f"00:{self.slot:02x}.0")
+
+    def device_features(self) -> int:
+        """The 64 device feature bits, as a driver reads them (select 0, then 1)."""
+        words = []
+        for select in (0, 1):
+            self.qtest.write_int(self._common(DEVICE_FEATURE_SELECT), 32, select)
+            words.append(self.qtest.read_int(self._common(DEVICE_FEATURE), 32))
+        return words[0] | words[1] << 32
+
+    def config_space(self) -> PciFunction:
+        """The function's 256-byte config space, parsed (capabilities included)."""
+        data = b"".join(self.read32(reg).to_bytes(4, "little") for reg in range(0, 256, 4))
+        return parse_config_space(data)
+
+    def _virtio_cap(self, cfg_type: int) -> VirtioCap:
+        for cap in self.config_space().virtio_caps:
+            if cap.cfg_type == cfg_type:
+                if cap.bar not in self.bars:
+                    raise StateError(f"BAR {cap.bar} unassigned", "assigned", cap.type_name)
+                return cap
+        raise TestbedError(f"00:{self.slot:02x}.0 has no virtio capability of type {cfg_type}")
+
+    def notify(self, queue: int) -> None:
+        """Kick ``queue``: write its index at its notify address (the notify capability's
+        offset + queue_notify_off x notify_off_multiplier)."""
+        cap = self._virtio_cap(VIRTIO_PCI_CAP_NOTIFY_CFG)
+        multiplier = self.read32(cap.position + NOTIFY_OFF_MULTIPLIER)
+        self.qtest.write_int(self._common(QUEUE_SELECT), 16, queue)
+        notify_off = self.qtest.read_int(self._common(QUEUE_NOTIFY_OFF), 16)
+        address = self.bars[cap.bar] + cap.offset + notify_off * multiplier
+        self.qtest.write_int(address, 16, queue)
+
+    def isr(self) -> int:
+        """Read (and so clear) the ISR status byte: bit 0 = a queue interrupt is pending."""
+        cap = self._virtio_cap(VIRTIO_PCI_CAP_ISR_CFG)
+        return self.qtest.read_int(self.bars[cap.bar] + cap.offset, 8)
+
+    def device_config(self, offset: int, length: int) -> bytes:
+        """Bytes of the device-specific config space (QEMU asks the back-end: GET_CONFIG)."""
+        cap = self._virtio_cap(VIRTIO_PCI_CAP_DEVICE_CFG)
+        return self.qtest.read(self.bars[cap.bar] + cap.offset + offset, length)
 
 
 class QtestMachine(QemuMachine):
@@ -195,6 +308,17 @@ class QtestMachine(QemuMachine):
     def _post_launch(self, deadline: float) -> None:
         if self._qtest_listener is not None:
             self.qtest = QtestClient(self._accept(self._qtest_listener, "qtest", deadline))
+
+    @property
+    def ram_base(self) -> int:
+        """Where guest RAM starts (config.memory_mib of it): rings and buffers go there."""
+        return profile_for(self.config.arch).ram_base
+
+    def memory(self) -> QtestMemory:
+        """Guest memory over qtest, for the driver's side of a virtqueue."""
+        if self.qtest is None:
+            raise StateError("without qtest", "with qtest", "QtestMachine.memory")
+        return QtestMemory(self.qtest)
 
     def pci(self, slot: int = GUESTLESS_SLOT) -> PciFunctionDriver:
         """A PCI/virtio driver for the function at 00:<slot>.0, over qtest."""

@@ -198,6 +198,12 @@ class Endpoint(Closeable):
         wait_on(self._cond, predicate, timeout, f"{self.kind} on {self.socket_path}: {what}",
                 seen=seen, alive=alive)  # fmt: skip
 
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Until ``predicate()`` is true, re-checked whenever the serving thread's state
+        moves (a request answered, a ring served, a deferred action done; a device model's
+        counters, say); ``what`` names the condition in the timeout's message."""
+        self._wait(predicate, timeout, what)
+
     def wait_connected(self, timeout: float, count: int = 1) -> None:
         """Until ``count`` connections have been accepted in total."""
         self._wait(lambda: self._sessions >= count, timeout, f"connection #{count}")

@@ -4,6 +4,19 @@ Entries go to a file (optional, line-buffered so a crash keeps what came before)
 in-memory list that tests assert on. A request that breaks the spec carries its violations
 (rule and detail, from the back-end's dispatcher) on its own line. Thread-safe: the serving
 thread and a caller driving SHMEM_MAP both record.
+
+A served virtqueue chain is two entries, like a request and its reply on the socket:
+
+    {"time": ..., "direction": "queue:driver->device", "queue": 0, "head": 3, "request": 0,
+     "name": "FLUSH", "size": 4, "payload": {"type": 0}}
+    {"time": ..., "direction": "queue:device->driver", "queue": 0, "head": 3, "request": 0,
+     "name": "FLUSH", "size": 4, "payload": {"ret": 0}}
+
+``request`` is the device's request type (-1: unreadable), ``name`` the device's name for
+it, ``size`` the bytes the driver offered (request) or the used length (reply), ``payload``
+the decoded request or reply. A chain against the spec carries ``error`` and
+``violations`` on its request entry (and is answered with size 0); a queue the back-end
+stopped serving has one request entry with ``head`` null.
 """
 
 from __future__ import annotations
@@ -25,6 +38,9 @@ TO_QEMU = "backend->qemu"
 # On the back-end channel the back-end is the one asking.
 CHANNEL_TO_QEMU = "backend-channel:backend->qemu"
 CHANNEL_FROM_QEMU = "backend-channel:qemu->backend"
+# A virtqueue's chains: what the guest's driver asked, what the device answered.
+QUEUE_REQUEST = "queue:driver->device"
+QUEUE_REPLY = "queue:device->driver"
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,13 @@ class TraceEntry:
     fds: int
     error: str | None = None
     violations: tuple[Mapping[str, str], ...] = ()
+    queue: int | None = None
+    """Queue entries only: the queue index and the chain's head (None: the whole queue)."""
+    head: int | None = None
+
+    @property
+    def is_queue(self) -> bool:
+        return self.direction.startswith("queue:")
 
     def one_line(self) -> str:
         """A human log line: time, direction, request, flags, size, fds, payload."""
@@ -47,22 +70,26 @@ class TraceEntry:
         payload = "" if self.payload is None else " " + json.dumps(self.payload)
         error = f" ERROR: {self.error}" if self.error else ""
         error += "".join(f" VIOLATION {v['rule']}: {v['detail']}" for v in self.violations)
+        if self.is_queue:
+            return (
+                f"{stamp}.{millis:03d} {self.direction} queue={self.queue} head={self.head} "
+                f"{self.name}({self.request}) size={self.size}{payload}{error}"
+            )
         return (
             f"{stamp}.{millis:03d} {self.direction} {self.name}({self.request}) "
             f"flags=0x{self.flags:x} size={self.size} fds={self.fds}{payload}{error}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "time": round(self.time, 6),
-            "direction": self.direction,
-            "request": self.request,
-            "name": self.name,
-            "flags": self.flags,
-            "size": self.size,
-            "payload": self.payload,
-            "fds": self.fds,
-        }
+        data: dict[str, Any] = {"time": round(self.time, 6), "direction": self.direction}
+        if self.is_queue:
+            data |= {"queue": self.queue, "head": self.head}
+        data |= {"request": self.request, "name": self.name}
+        if not self.is_queue:
+            data["flags"] = self.flags
+        data |= {"size": self.size, "payload": self.payload}
+        if not self.is_queue:
+            data["fds"] = self.fds
         if self.error:
             data["error"] = self.error
         if self.violations:
@@ -110,6 +137,39 @@ class Trace(Closeable):
             error=error,
             violations=tuple(violations),
         )
+        return self._append(entry)
+
+    def record_queue(
+        self,
+        direction: str,
+        queue: int,
+        head: int | None,
+        request: int,
+        name: str,
+        size: int,
+        payload: dict[str, Any] | None,
+        *,
+        error: str | None = None,
+        violations: Sequence[Mapping[str, str]] = (),
+    ) -> TraceEntry:
+        """One side of a served chain (QUEUE_REQUEST or QUEUE_REPLY); see the module doc."""
+        entry = TraceEntry(
+            time=time.time(),
+            direction=direction,
+            request=request,
+            name=name,
+            flags=0,
+            size=size,
+            payload=payload,
+            fds=0,
+            error=error,
+            violations=tuple(violations),
+            queue=queue,
+            head=head,
+        )
+        return self._append(entry)
+
+    def _append(self, entry: TraceEntry) -> TraceEntry:
         with self._lock:
             self._entries.append(entry)
             if self._file is not None:

@@ -8,9 +8,12 @@ Shaped after rust-vmm vhost's back-end, one job per module:
 - dispatch.py  the dispatcher: checks each request before dispatch, owns negotiation,
                answers replies and REPLY_ACK
 - rules.py     the spec's rules for what QEMU may send (pure): Violation, check()
-- handlers.py  the device logic: one handler per front-end request, in a table by Request
+- handlers.py  one handler per front-end request, in a table by Request (device specifics
+               come from the device model, testbed.vhost_user.devices)
 - offer.py     what we offer: feature bits, the GET_SHMEM_CONFIG body (pure)
 - mappings.py  the memory-table and vring fds QEMU handed over, owned until replaced
+- vrings.py    each ring's state, and serving a kicked ring for the device model
+- deferred.py  a worker for what the serving thread must not wait for (a model's SHMEM_MAP)
 - channel.py   the back-end channel client: SHMEM_MAP/UNMAP and QEMU's u64 verdict
 """
 

@@ -48,12 +48,22 @@ class Dispatcher:
         self._notify = notify
         self.violations: list[Violation] = []  # guarded by the lock
 
+    def offered_features(self) -> int:
+        return offer.device_features(self.device.model.features)
+
     def offered_protocol_features(self) -> int:
-        return offer.protocol_features(self.faults)
+        return offer.protocol_features(self.faults, config=self.device.model.config_size > 0)
+
+    def add_violations(self, found: list[Violation]) -> None:
+        """Flag what the serving thread found outside a request (a virtqueue's content)."""
+        for v in found:
+            log.warning("the driver broke a virtio rule: %s: %s: %s", v.request, v.rule, v.detail)
+        with self._lock:
+            self.violations.extend(found)
 
     def negotiation(self, s: Session) -> Negotiation:
         return Negotiation(
-            offered_features=int(offer.DEVICE_FEATURES),
+            offered_features=self.offered_features(),
             acked_features=s.features,
             offered_protocol=self.offered_protocol_features(),
             acked_protocol=s.protocol_features,
@@ -112,7 +122,7 @@ class Dispatcher:
     def _negotiate(self, s: Session, request: Request, payload: object) -> Reply | bool | None:
         """The feature requests; None for any other. Caller holds the lock."""
         if request is Request.GET_FEATURES:
-            return u64(int(offer.DEVICE_FEATURES))
+            return u64(self.offered_features())
         if request is Request.GET_PROTOCOL_FEATURES:
             return u64(self.offered_protocol_features())
         if request is Request.SET_FEATURES:

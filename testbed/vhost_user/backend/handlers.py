@@ -1,14 +1,18 @@
-"""The device logic of vhost-user-test-device: one handler per front-end request.
+"""The back-end's side of each front-end request: one handler per request.
 
-A handler gets the connection's session, the message (its fds, already counted by the
-dispatcher, are the handler's to take) and the decoded payload. It returns a Reply for a
-request with a reply of its own, else True/False for REPLY_ACK. Handlers run on the serving
-thread under the back-end's lock; they never touch the socket (the dispatcher answers).
-Feature negotiation is not here: the dispatcher owns it.
+What is device-specific (queue count, config space) is the device model's
+(testbed.vhost_user.devices); the handlers keep the vhost-user state -- rings, memory
+table, fds -- in the session. A handler gets the connection's session, the message (its
+fds, already counted by the dispatcher, are the handler's to take) and the decoded
+payload. It returns a Reply for a request with a reply of its own, else True/False for
+REPLY_ACK. Handlers run on the serving thread under the back-end's lock; they never touch
+the socket (the dispatcher answers). Feature negotiation is not here: the dispatcher owns
+it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +20,9 @@ from typing import Any
 from testbed.device import ShmemLayout
 from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.session import Session
+from testbed.vhost_user.backend.vrings import KICK
 from testbed.vhost_user.connection import Connection, Message
+from testbed.vhost_user.devices.base import DeviceModel
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import (
     U64,
@@ -43,18 +49,25 @@ def u64(value: int) -> Reply:
     return Reply(U64(value).pack())
 
 
+log = logging.getLogger(__name__)
+
+
 class DeviceHandler:
-    def __init__(self, layout: ShmemLayout, faults: Faults, num_queues: int) -> None:
-        self.layout = layout
+    def __init__(self, model: DeviceModel, faults: Faults) -> None:
+        self.model = model
         self.faults = faults
-        self.num_queues = num_queues
+
+    @property
+    def layout(self) -> ShmemLayout:
+        return self.model.layout
 
     # --- requests with a reply of their own ----------------------------------------------
 
     def get_queue_num(self, s: Session, msg: Message, p: None) -> Result:
         # The device's own queue count, unless a fault announces another on purpose.
-        s.queues = self.num_queues if self.faults.queue_num is None else self.faults.queue_num
-        return u64(s.queues)
+        count = self.model.num_queues if self.faults.queue_num is None else self.faults.queue_num
+        s.queues = count
+        return u64(count)
 
     def get_max_mem_slots(self, s: Session, msg: Message, p: None) -> Result:
         return u64(offer.MAX_MEM_SLOTS)
@@ -70,12 +83,15 @@ class DeviceHandler:
 
     def get_vring_base(self, s: Session, msg: Message, p: VringState) -> Result:
         # GET_VRING_BASE stops the ring; report where it stands.
-        s.vring_enabled[p.index] = False
-        return Reply(VringState(p.index, s.vring_base.get(p.index, 0)).pack())
+        ring = s.ring(p.index)
+        ring.enabled = False
+        return Reply(VringState(p.index, ring.stop()).pack())
 
     def get_config(self, s: Session, msg: Message, p: ConfigSpace) -> Result:
-        # The test device has no config space of its own: answer zeros of the asked size.
-        return Reply(ConfigSpace(p.offset, p.flags, bytes(len(p.data))).pack())
+        # The model's config space; bytes past its end (or all, without one) read as zero.
+        space = self.model.config()
+        data = space[p.offset : p.offset + len(p.data)]
+        return Reply(ConfigSpace(p.offset, p.flags, data.ljust(len(p.data), b"\0")).pack())
 
     # --- requests answered by REPLY_ACK (when asked for) ---------------------------------
 
@@ -87,7 +103,7 @@ class DeviceHandler:
         """RESET_OWNER and RESET_DEVICE; only RESET_DEVICE keeps the owner."""
         s.owner = s.owner and msg.header.request == Request.RESET_DEVICE
         s.status = 0
-        s.vring_enabled.clear()
+        s.rings.clear()
         return True
 
     def set_backend_req_fd(self, s: Session, msg: Message, p: None) -> Result:
@@ -100,22 +116,28 @@ class DeviceHandler:
         """SET_VRING_KICK/CALL/ERR: keep the eventfd (closing the one it replaces)."""
         name = Request(msg.header.request).name
         s.mappings.set_vring_fd(name, p.index, None if p.nofd else msg.fds.pop())
+        if name == KICK:
+            # The spec: a ring starts when its kick arrives. Without an fd the driver's
+            # kicks never reach us (polling mode, which we do not do).
+            s.ring(p.index).started = True
+            if p.nofd:
+                log.warning("vring %d: SET_VRING_KICK without an fd; it is never served", p.index)
         return True
 
     def set_vring_num(self, s: Session, msg: Message, p: VringState) -> Result:
-        s.vring_num[p.index] = p.num
+        s.ring(p.index).num = p.num
         return True
 
     def set_vring_base(self, s: Session, msg: Message, p: VringState) -> Result:
-        s.vring_base[p.index] = p.num
+        s.ring(p.index).set_base(p.num)
         return True
 
     def set_vring_addr(self, s: Session, msg: Message, p: VringAddr) -> Result:
-        s.vring_addr[p.index] = p
+        s.ring(p.index).addr = p
         return True
 
     def set_vring_enable(self, s: Session, msg: Message, p: VringState) -> Result:
-        s.vring_enabled[p.index] = bool(p.num)
+        s.ring(p.index).enabled = bool(p.num)
         return True
 
     def set_mem_table(self, s: Session, msg: Message, p: MemoryTable) -> Result:
@@ -134,7 +156,7 @@ class DeviceHandler:
         return True
 
     def set_config(self, s: Session, msg: Message, p: ConfigSpace) -> Result:
-        return True  # no config space: accept and ignore, as the test device has none
+        return self.model.set_config(p.offset, p.data)
 
 
 Handler = Callable[[DeviceHandler, Session, Message, Any], Result]

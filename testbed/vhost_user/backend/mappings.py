@@ -1,6 +1,11 @@
 """The fds QEMU hands one connection: its memory regions (SET_MEM_TABLE, ADD/REM_MEM_REG)
 and the vring eventfds (SET_VRING_KICK/CALL/ERR). Each is owned here until it is replaced,
-removed, or the connection ends; none is ever closed twice."""
+removed, or the connection ends; none is ever closed twice.
+
+The memory table is mapped only when a ring is served (memory()), and the mapping is
+dropped whenever the table changes: a device that never serves a queue never maps guest
+RAM, and a served ring always sees the current table (QEMU re-sends it after a SHMEM_MAP).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import Sequence
 
 from testbed.resource import Closeable
 from testbed.vhost_user.connection import OwnedFd, close_all
+from testbed.vhost_user.memory import MappedMemory
 from testbed.vhost_user.protocol import MemoryRegion
 
 
@@ -15,18 +21,34 @@ class Mappings(Closeable):
     def __init__(self) -> None:
         self.mem_table: list[tuple[MemoryRegion, OwnedFd]] = []
         self.vring_fds: dict[tuple[str, int], OwnedFd] = {}
+        self._memory: MappedMemory | None = None
+
+    def memory(self) -> MappedMemory:
+        """The current memory table, mapped (once per table). GuestMemoryError if a
+        region cannot be mapped or the regions overlap."""
+        if self._memory is None:
+            self._memory = MappedMemory([(r, fd.fileno()) for r, fd in self.mem_table])
+        return self._memory
+
+    def _forget_memory(self) -> None:
+        memory, self._memory = self._memory, None
+        if memory is not None:
+            memory.close()
 
     def set_mem_table(self, regions: Sequence[MemoryRegion], fds: list[OwnedFd]) -> None:
         """Replace the whole table; takes the fds (one per region, in order)."""
+        self._forget_memory()
         close_all(fd for _, fd in self.mem_table)
         self.mem_table = list(zip(regions, fds, strict=True))
         fds.clear()
 
     def add_region(self, region: MemoryRegion, fd: OwnedFd) -> None:
+        self._forget_memory()
         self.mem_table.append((region, fd))
 
     def remove_region(self, region: MemoryRegion) -> bool:
         """Drop (and close) every region with this guest address and size; False if none."""
+        self._forget_memory()
         key = (region.guest_addr, region.size)
         keep = []
         for known, fd in self.mem_table:
@@ -47,6 +69,7 @@ class Mappings(Closeable):
             self.vring_fds[(request, index)] = fd
 
     def close(self) -> None:
+        self._forget_memory()
         close_all(fd for _, fd in self.mem_table)
         self.mem_table.clear()
         close_all(self.vring_fds.values())

@@ -1,5 +1,10 @@
 """What the device offers QEMU: feature bits and the shared-memory layout (the body of the
-GET_SHMEM_CONFIG reply), each bent by the run's faults. Pure."""
+GET_SHMEM_CONFIG reply), each bent by the run's faults. Pure.
+
+The device model adds its own virtio feature bits (QEMU's vhost-user-base passes the
+back-end's device features to the guest as they are) and, with a config space, protocol
+feature CONFIG: QEMU's test device with config_size > 0 refuses a back-end without it (and
+drops the bit when config_size is 0)."""
 
 from __future__ import annotations
 
@@ -21,8 +26,15 @@ BASE_PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = 32
 
 
-def protocol_features(faults: Faults) -> int:
+def device_features(model_features: int = 0) -> int:
+    """GET_FEATURES: VERSION_1 and PROTOCOL_FEATURES, plus the device model's bits."""
+    return int(DEVICE_FEATURES) | model_features
+
+
+def protocol_features(faults: Faults, *, config: bool = False) -> int:
     features = int(BASE_PROTOCOL_FEATURES) | faults.extra_features
+    if config:
+        features |= ProtocolFeature.CONFIG
     if not faults.no_shmem:
         features |= 1 << faults.shmem_bit
     return features & ~faults.withhold_features

@@ -26,10 +26,12 @@ P = ProtocolFeature
 
 @dataclass(frozen=True)
 class Violation:
-    """One request QEMU should not have sent as it did."""
+    """One request QEMU should not have sent as it did -- or one thing a guest driver put in
+    a virtqueue against the virtio spec (``request`` "VRING_<n>", a rule "vring-*" or
+    "device-request": backend/vrings.py, from testbed.vhost_user.virtqueue's RingError)."""
 
     request: str
-    rule: str  # "feature", "ack", "need-reply", "reply-flag" or "fds"
+    rule: str  # "feature", "ack", "need-reply", "reply-flag" or "fds"; "vring-..." on queues
     detail: str
 
     def to_json(self) -> dict[str, str]:

@@ -1,5 +1,11 @@
 """Our back-end: listen (or connect), one serving thread with a session per front-end
-connection (the lifecycle and the waits are the Endpoint's, shared with the relay)."""
+connection (the lifecycle and the waits are the Endpoint's, shared with the relay).
+
+The serving thread waits in one selector on the socket, the wake-up pair and the kick
+eventfd of every ring that is started and enabled; a kick serves that ring (backend/
+vrings.py) for the device model. The model is started when the vhost device starts
+(Session.driver_ok turns true) and stopped when it stops or the connection ends; what it
+must wait on QEMU for runs on the Deferred worker (backend/deferred.py)."""
 
 from __future__ import annotations
 
@@ -11,15 +17,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from testbed.device import ShmemLayout
-from testbed.errors import PeerClosed, ProtocolError, StateError, TestbedError
+from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, TestbedError
 from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.channel import ChannelRequests
+from testbed.vhost_user.backend.deferred import Deferred
 from testbed.vhost_user.backend.dispatch import Dispatcher
 from testbed.vhost_user.backend.handlers import DeviceHandler
 from testbed.vhost_user.backend.rules import Violation
 from testbed.vhost_user.backend.session import DisconnectKind, Session
-from testbed.vhost_user.connection import Connection
+from testbed.vhost_user.backend.vrings import RingService, kick_fd
+from testbed.vhost_user.connection import Connection, Listener
+from testbed.vhost_user.devices.base import DeviceModel
+from testbed.vhost_user.devices.test import TestDevice
 from testbed.vhost_user.endpoint import Endpoint
 from testbed.vhost_user.faults import NO_FAULTS, Faults
 from testbed.vhost_user.trace import TraceEntry
@@ -33,6 +43,12 @@ CHANNEL_POLL = 0.05
 class Backend(Endpoint, ChannelRequests):
     """vhost-user back-end for vhost-user-test-device(-pci), serving ``layout``.
 
+    ``device``: the device model behind it (features, config space, queues, requests;
+    testbed.vhost_user.devices). Default: the plain test device with ``layout`` and
+    ``num_queues`` queues (1), which never serves a kick. With a model, ``layout`` and
+    ``num_queues`` may be left out; given, they must agree with the model. The caller keeps
+    ownership of a model it passes (close it after the back-end).
+
     Listen mode (default): we own ``socket_path`` (in a 0700 dir); QEMU connects as client,
     and may reconnect after a disconnect (hot-plug cycles). Connect mode (``connect=True``):
     QEMU listens (chardev server=on) and we connect once.
@@ -45,24 +61,30 @@ class Backend(Endpoint, ChannelRequests):
     def __init__(
         self,
         socket_path: Path | str,
-        layout: ShmemLayout,
+        layout: ShmemLayout | None = None,
         *,
+        device: DeviceModel | None = None,
         trace_path: Path | None = None,
         faults: Faults | None = None,
         connect: bool = False,
-        num_queues: int = 1,
+        num_queues: int | None = None,
         connect_timeout: float = 30.0,
         on_message: Callable[[TraceEntry], None] | None = None,
         wrap_dispatcher: Callable[[Dispatcher], Dispatcher] | None = None,
     ) -> None:
         super().__init__(socket_path, trace_path, on_message)
-        self.layout = layout
+        self.device = _device_model(device, layout, num_queues)
+        self.layout = self.device.layout
         self.faults = faults or NO_FAULTS
         self.connect_mode = connect
         self.connect_timeout = connect_timeout
-        device = DeviceHandler(layout, self.faults, num_queues)
-        dispatcher = Dispatcher(device, self.trace, self._cond, self._notify)
+        handler = DeviceHandler(self.device, self.faults)
+        dispatcher = Dispatcher(handler, self.trace, self._cond, self._notify)
         self._dispatcher = dispatcher if wrap_dispatcher is None else wrap_dispatcher(dispatcher)
+        self._rings = RingService(
+            self.device, self.trace, self._notify, self._dispatcher.add_violations
+        )
+        self._deferred = Deferred(self._wake_waiters)
         self._channel_lock = threading.Lock()
         self._session: Session | None = None
         self._fault_fired: set[str] = set()
@@ -77,6 +99,11 @@ class Backend(Endpoint, ChannelRequests):
         if not self.connect_mode:
             super()._open()
 
+    def close(self) -> None:
+        super().close()
+        # After the session: its channel is closed, so a deferred map waiting on it ends.
+        self._deferred.close()
+
     @property
     def connected(self) -> bool:
         with self._cond:
@@ -88,7 +115,7 @@ class Backend(Endpoint, ChannelRequests):
 
     @property
     def violations(self) -> list[Violation]:
-        """Every request QEMU sent against the spec's rules (backend/rules.py), in order."""
+        """Every rule QEMU (or the guest's rings) broke (backend/rules.py), in order."""
         with self._cond:
             return list(self._dispatcher.violations)
 
@@ -115,7 +142,15 @@ class Backend(Endpoint, ChannelRequests):
         return self.start()
 
     def offered_protocol_features(self) -> int:
-        return offer.protocol_features(self.faults)
+        return self._dispatcher.offered_protocol_features()
+
+    def defer(self, what: str, action: Callable[[], None]) -> None:
+        """Run ``action`` on the back-end's worker thread (DeviceHost; see deferred.py)."""
+        self._deferred.submit(what, action)
+
+    def _wake_waiters(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def shmem_reply_body(self) -> bytes:
         return offer.shmem_config_body(self.layout, self.faults)
@@ -134,13 +169,16 @@ class Backend(Endpoint, ChannelRequests):
                     return  # QEMU's server socket does not come back to us
                 want = session.conn if session else self._listener
                 assert want is not None
-                watched = [(want, "conn" if session else "listen")]
+                watched: list[tuple[Connection | Listener | int, str | int]] = [
+                    (want, "conn" if session else "listen")
+                ]
                 # A reply waiting for map() on the channel keeps it readable: poll it then,
                 # do not spin on it.
                 channel = self._channel_to_watch(session)
                 pending = channel is not None and _peek(channel) == "data"
                 if channel is not None and not pending:
                     watched.append((channel, "channel"))
+                watched += self._kicks_to_watch(session)
                 for fileobj, data in watched:
                     sel.register(fileobj, selectors.EVENT_READ, data)
                 try:
@@ -162,6 +200,10 @@ class Backend(Endpoint, ChannelRequests):
                     elif key.data == "listen":
                         assert self._listener is not None
                         self._begin_session(self._listener.accept())
+                    elif isinstance(key.data, int):
+                        if session is self._session:  # not one that just ended
+                            assert session is not None
+                            self._serve_kick(session, key.data)
                     else:
                         assert session is not None
                         self._serve_one(session)
@@ -177,6 +219,9 @@ class Backend(Endpoint, ChannelRequests):
         session, self._session = self._session, None
         if session is None:
             return
+        if session.started:
+            session.started = False
+            self.device.stop()
         session.close()
         self._ended(kind)
         log.info("connection %d on %s ended: %s", session.number, self.socket_path, kind.value)
@@ -195,6 +240,7 @@ class Backend(Endpoint, ChannelRequests):
                 self._drop_session(ended)
             return
         with msg:
+            was_started = session.driver_ok
             request = self._dispatcher.receive(session, msg)
             if self._fault_once("disconnect", self.faults.disconnect_at == request):
                 log.warning("fault: closing the connection at %s", request.name)
@@ -215,9 +261,56 @@ class Backend(Endpoint, ChannelRequests):
             with self._cond:
                 session.requests.append(request)
                 self._seen.append(request)
+                if ended is None:
+                    self._start_or_stop(session, was_started)
                 self._cond.notify_all()
                 if ended is not None:
                     self._drop_session(ended)
+            if ended is None:
+                self._catch_up(session)
+
+    def _start_or_stop(self, session: Session, was_started: bool) -> None:
+        """Start or stop the device model as the vhost device did. Caller holds the lock."""
+        now = session.driver_ok
+        if now and not was_started and not session.started:
+            session.started = True
+            log.info("device %s started", self.device.describe())
+            self.device.start(self)
+        elif was_started and not now and session.started:
+            session.started = False
+            log.info("device %s stopped", self.device.describe())
+            self.device.stop()
+
+    def _kicks_to_watch(self, session: Session | None) -> list[tuple[int, int]]:
+        """(kick fd, ring index) of every ring to serve now."""
+        if session is None or not self.device.serves_queues:
+            return []
+        kicks = []
+        for ring in session.rings.values():
+            fd = kick_fd(session.mappings, session.features, ring)
+            if fd is not None:
+                kicks.append((fd, ring.index))
+        return kicks
+
+    def _catch_up(self, session: Session) -> None:
+        """Serve each ring once as it becomes servable: chains made available before its
+        kick fd was watched (a driver that kicked QEMU early) are not left waiting."""
+        if not self.device.serves_queues:
+            return
+        for ring in session.rings.values():
+            servable = kick_fd(session.mappings, session.features, ring) is not None
+            if servable and not ring.caught_up:
+                ring.caught_up = True
+                self._rings.serve(session.mappings, session.features, ring)
+                self._wake_waiters()
+            elif not servable:
+                ring.caught_up = False
+
+    def _serve_kick(self, session: Session, index: int) -> None:
+        ring = session.rings.get(index)
+        if ring is not None:
+            self._rings.kicked(session.mappings, session.features, ring)
+            self._wake_waiters()
 
     def _channel_to_watch(self, session: Session | None) -> Connection | None:
         """The back-end channel, when a fault waits for QEMU to close it."""
@@ -236,13 +329,29 @@ class Backend(Endpoint, ChannelRequests):
         self._fault_fired.add(name)
         return True
 
-    def _notify(self, entry: TraceEntry) -> None:
-        if self._on_message is not None:
-            self._on_message(entry)
-
     def __repr__(self) -> str:
         mode = "connect" if self.connect_mode else "listen"
         return f"Backend({self.socket_path}, {self.layout.describe()}, {mode})"
+
+
+def _device_model(
+    device: DeviceModel | None, layout: ShmemLayout | None, num_queues: int | None
+) -> DeviceModel:
+    """The model a Backend serves: ``device``, checked against what the caller also said,
+    or the plain test device."""
+    if device is None:
+        return TestDevice(layout or ShmemLayout(), 1 if num_queues is None else num_queues)
+    if layout is not None and layout != device.layout:
+        raise ConfigError(
+            f"back-end layout {layout.describe()} differs from the {device.name} device's "
+            f"{device.layout.describe()}: leave the layout out, the device decides it"
+        )
+    if num_queues is not None and num_queues != device.num_queues:
+        raise ConfigError(
+            f"{num_queues} queues asked, the {device.name} device has {device.num_queues}: "
+            "give QEMU's device num_vqs the model's queue count"
+        )
+    return device
 
 
 def _peek(conn: Connection) -> str:

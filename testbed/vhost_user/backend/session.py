@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from testbed.vhost_user.backend.mappings import Mappings
+from testbed.vhost_user.backend.vrings import Vring
 from testbed.vhost_user.connection import Connection
 from testbed.vhost_user.endpoint import DisconnectKind
-from testbed.vhost_user.protocol import STATUS_DRIVER_OK, Request, VringAddr
+from testbed.vhost_user.protocol import STATUS_DRIVER_OK, Request
 
 __all__ = ["DisconnectKind", "Session"]
 
@@ -22,12 +23,17 @@ class Session:
     owner: bool = False
     status: int = 0
     mappings: Mappings = field(default_factory=Mappings)
-    vring_num: dict[int, int] = field(default_factory=dict)
-    vring_base: dict[int, int] = field(default_factory=dict)
-    vring_addr: dict[int, VringAddr] = field(default_factory=dict)
-    vring_enabled: dict[int, bool] = field(default_factory=dict)
+    rings: dict[int, Vring] = field(default_factory=dict)
     channel: Connection | None = None  # the back-end channel (SET_BACKEND_REQ_FD)
     requests: list[Request] = field(default_factory=list)
+    started: bool = False  # the device model was started for this connection
+
+    def ring(self, index: int) -> Vring:
+        """Ring ``index``'s state (a fresh one the first time QEMU names it)."""
+        ring = self.rings.get(index)
+        if ring is None:
+            ring = self.rings[index] = Vring(index)
+        return ring
 
     def close(self) -> None:
         if self.channel is not None:
@@ -53,5 +59,5 @@ class Session:
         return (
             Request.SET_FEATURES in self.requests
             and self.mem_table_set
-            and any(self.vring_enabled.values())
+            and any(ring.enabled for ring in self.rings.values())
         )
