@@ -9,17 +9,17 @@ signature shows, a failure the day it does not.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from testbed.bugs import KnownBugSeen
 from testbed.bugs.marks import known_bug
+from testbed.device import VhostUserDevice
 from testbed.errors import QemuExited
+from testbed.pytest_plugin import Boot
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import Request
-from testbed.vm import GuestVM
 
 M = 1 << 20
 
@@ -85,10 +85,11 @@ CASES: dict[str, BadConfig] = {
         for name, case in CASES.items()
     ],
 )
-def test_bad_config_is_refused(boot: Callable[..., GuestVM], name: str) -> None:
+def test_bad_config_is_refused(boot: Boot, name: str) -> None:
     case = CASES[name]
     try:
-        boot(regions=case.regions, faults=case.faults, allow_overfull=True, boot_timeout=60)
+        device = VhostUserDevice.of(case.regions, faults=case.faults, allow_overfull=True)
+        boot(device, boot_timeout=60)
     except QemuExited as exc:
         assert exc.returncode == 1, f"QEMU exited {exc.returncode}, want 1 (refused): {exc}"
         stderr = exc.stderr_tail

@@ -19,13 +19,15 @@ Scenarios that use region 1 only restore a booted guest and hot-plug their devic
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from testbed.bugs import KnownBugSeen
 from testbed.bugs.marks import known_bug
+from testbed.device import VhostUserDevice
 from testbed.errors import TestbedError
 from testbed.guest.datapath import GuestDevice, looks_unmapped
+from testbed.pytest_plugin import Boot
 from testbed.vhost_user.protocol import U64, BackendRequest, Header, MMap
 from testbed.vhost_user.shmem import Memfd
 from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, CHANNEL_TO_QEMU
@@ -116,8 +118,8 @@ def _map(shm_offset: int = OFFSET) -> MMap:
 
 
 @known_bug(STOPPED_BUG)
-def test_map_before_driver_ok(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=HOT_LAYOUT, plug="hot")
+def test_map_before_driver_ok(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(HOT_LAYOUT), plug="hot")
     with Memfd(LENGTH) as memfd:
         r = rig(vm, memfd, start=False)
         session = vm.backend.session
@@ -130,8 +132,8 @@ def test_map_before_driver_ok(boot: Callable[..., GuestVM]) -> None:
 
 
 @known_bug(STOPPED_BUG)
-def test_map_after_guest_reset(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=HOT_LAYOUT, plug="hot")
+def test_map_after_guest_reset(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(HOT_LAYOUT), plug="hot")
     with Memfd(LENGTH) as memfd:
         r = rig(vm, memfd)
         assert vm.backend.map(SHMID, OFFSET, LENGTH, memfd.fileno()) == 0
@@ -145,8 +147,8 @@ def test_map_after_guest_reset(boot: Callable[..., GuestVM]) -> None:
 
 
 @known_bug(STOPPED_BUG)
-def test_map_after_system_reset(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=HOT_LAYOUT, plug="hot")
+def test_map_after_system_reset(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(HOT_LAYOUT), plug="hot")
     assert vm.machine is not None
     # The guest VM runs with -no-reboot: without this, system_reset makes QEMU quit. Set at
     # run time (not -action on the command line) so the guest comes from the shared snapshot.
@@ -187,8 +189,8 @@ REFUSED = {
 }
 
 
-def test_malformed_requests_change_nothing(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=SPARSE)
+def test_malformed_requests_change_nothing(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(SPARSE))
     with Memfd(LENGTH) as memfd, Memfd(4 * K) as short:
         r = rig(vm, memfd)
         # A live mapping in region 0 that no refused request may disturb.
@@ -208,8 +210,8 @@ def test_malformed_requests_change_nothing(boot: Callable[..., GuestVM]) -> None
 
 
 @known_bug("shmem-map-unknown-flags-accepted")
-def test_map_with_unknown_flags_is_refused(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=HOT_LAYOUT, plug="hot")
+def test_map_with_unknown_flags_is_refused(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(HOT_LAYOUT), plug="hot")
     with Memfd(LENGTH) as memfd:
         r = rig(vm, memfd)
         flags = 0xF0 | 1  # read-write plus bits the spec does not define

@@ -8,11 +8,10 @@ regions: no BAR 4 and no cfg_type 8 capability.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
-from testbed.vm import GuestVM
+from testbed.device import VhostUserDevice
+from testbed.pytest_plugin import Boot
 
 M = 1 << 20
 G = 1 << 30
@@ -32,14 +31,14 @@ LAYOUTS: dict[str, dict[int, int]] = {
 
 @pytest.mark.foreign_backend
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout(boot: Callable[..., GuestVM], name: str) -> None:
-    boot(regions=LAYOUTS[name]).check_guest_sees()
+def test_layout(boot: Boot, name: str) -> None:
+    boot(VhostUserDevice.of(LAYOUTS[name])).check_guest_sees()
 
 
-def test_one_tib_region_needs_address_bits(boot: Callable[..., GuestVM], arch: str) -> None:
+def test_one_tib_region_needs_address_bits(boot: Boot, arch: str) -> None:
     """1 TiB does not fit TCG's default 40 physical address bits (x86) or virt's default
     512 GiB high PCI window (aarch64): the guest leaves BAR 4 unassigned and says why."""
-    verdict = boot(regions={0: 1 * T}).verdict()
+    verdict = boot(VhostUserDevice.of({0: 1 * T})).verdict()
     assert verdict.bar4_unassigned, (
         f"want 'BAR 4 not assigned by the guest' for a 1 TiB region, got: {verdict.explain()}"
     )
@@ -48,14 +47,14 @@ def test_one_tib_region_needs_address_bits(boot: Callable[..., GuestVM], arch: s
     assert verdict.mismatches == ("BAR 4 not assigned by the guest (no address in its window)",)
 
 
-def test_one_tib_region_fits_with_room(boot: Callable[..., GuestVM], arch: str) -> None:
+def test_one_tib_region_fits_with_room(boot: Boot, arch: str) -> None:
     """With enough address space the same 1 TiB region is assigned and seen exactly:
     x86_64: a CPU with 44 physical address bits; aarch64: virt's high PCI MMIO window
     enlarged to 2 TiB (highmem-mmio-size)."""
-    layout = {0: 1 * T}
+    one_tib = VhostUserDevice.of({0: 1 * T})
     if arch == "x86_64":
-        vm = boot(regions=layout, phys_bits=44)
+        vm = boot(one_tib, phys_bits=44)
     else:
         # QEMU merges a second -machine option into the first.
-        vm = boot(regions=layout, extra_qemu_args=("-machine", "highmem-mmio-size=2T"))
+        vm = boot(one_tib, extra_qemu_args=("-machine", "highmem-mmio-size=2T"))
     vm.check_guest_sees()

@@ -20,16 +20,15 @@ from testbed.bugs.rerun import rerun_scenario
 M = 1 << 20
 
 CHILD = """
-from testbed.hotplug import Hotplug
+from testbed.device import VhostUserDevice
 from testbed.vhost_user.faults import Faults
 
 
 def test_hotplugged_backend_sees_a_violation(boot):
     vm = boot(root_ports=1)
-    with Hotplug(vm) as hp:
-        device = hp.plug({0: 4 << 20}, num_vqs=2, faults=Faults(queue_num=1))
-        vm.check_guest_sees(device.layout, device.bdf)
-        hp.unplug(device)
+    device = vm.plug(VhostUserDevice.of({0: 4 << 20}, num_vqs=2, faults=Faults(queue_num=1)))
+    vm.check_guest_sees(device)
+    vm.unplug(device)
 """
 
 

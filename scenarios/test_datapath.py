@@ -14,12 +14,13 @@ the back-end channel usable. Reset (device_status = 0) must drop every mapping.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from testbed.bugs import KnownBugSeen
 from testbed.bugs.marks import known_bug
+from testbed.device import VhostUserDevice
 from testbed.guest.datapath import GuestDevice, looks_unmapped
+from testbed.pytest_plugin import Boot
 from testbed.vhost_user.shmem import Memfd
 from testbed.vm import GuestVM
 
@@ -61,8 +62,8 @@ def rig(vm: GuestVM, memfd: Memfd) -> Rig:
     return Rig(vm, start(vm), memfd, pattern)
 
 
-def test_map_read_write_unmap(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=LAYOUT)
+def test_map_read_write_unmap(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(LAYOUT))
     with Memfd(LENGTH) as memfd:
         r = rig(vm, memfd)
         assert looks_unmapped(r.guest_sees()), "the region is not empty before any map"
@@ -88,8 +89,8 @@ def test_map_read_write_unmap(boot: Callable[..., GuestVM]) -> None:
         assert memfd.read(0, PROBE) == r.pattern[:PROBE], "a write after UNMAP reached the file"
 
 
-def test_refused_requests_change_nothing(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=LAYOUT)
+def test_refused_requests_change_nothing(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(LAYOUT))
     with Memfd(LENGTH) as memfd:
         r = rig(vm, memfd)
         assert vm.backend.map(SHMID, OFFSET, LENGTH, memfd.fileno()) == 0
@@ -115,8 +116,8 @@ def test_refused_requests_change_nothing(boot: Callable[..., GuestVM]) -> None:
 
 
 @known_bug("readonly-map-writable")
-def test_read_only_map_keeps_guest_writes_out(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=HOT_LAYOUT, plug="hot")
+def test_read_only_map_keeps_guest_writes_out(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(HOT_LAYOUT), plug="hot")
     with Memfd(LENGTH) as memfd:
         r = rig(vm, memfd)
         assert vm.backend.map(SHMID, OFFSET, LENGTH, memfd.fileno(), writable=False) == 0
@@ -129,8 +130,8 @@ def test_read_only_map_keeps_guest_writes_out(boot: Callable[..., GuestVM]) -> N
             )
 
 
-def test_reset_drops_mappings(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions=HOT_LAYOUT, plug="hot")
+def test_reset_drops_mappings(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of(HOT_LAYOUT), plug="hot")
     with Memfd(LENGTH) as memfd:
         r = rig(vm, memfd)
         assert vm.backend.map(SHMID, OFFSET, LENGTH, memfd.fileno()) == 0

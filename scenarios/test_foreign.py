@@ -11,24 +11,25 @@ asserts what is true there -- the share mounts, reads and writes, and no cache l
 Every message of both back-ends passes the relay's conformance checks (violations fail the
 test, as for our own back-end), and teardown leaves no process, socket or pid file.
 
-Both are also hot-plugged (testbed.hotplug.Hotplug.plug(backend_cmd=...)): the driver is
-loaded first, so it probes the device as it arrives; unplug (device_del, the guest's eject,
-chardev-remove) must stop and reap the back-end and leave neither its socket nor its pid
-file nor the relay's socket behind.
+Both are also hot-plugged (GuestVM.plug of a device whose back-end is a ForeignCommand): the
+driver is loaded first, so it probes the device as it arrives; unplug (device_del, the
+guest's eject, chardev-remove) must stop and reap the back-end and leave neither its socket
+nor its pid file nor the relay's socket behind.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from testbed.device import ForeignCommand, VhostUserDevice
 from testbed.errors import HostCapabilityError
 from testbed.guest.inspect import GuestPciDevice
-from testbed.hotplug import Hotplug, PluggedDevice
+from testbed.host.foreign import ForeignBackend
+from testbed.plugging import PluggedDevice
+from testbed.pytest_plugin import Boot
 from testbed.vm import GuestVM
 
 M = 1 << 20
@@ -60,27 +61,27 @@ def _host_tool(which: str) -> Path:
         pytest.skip(f"host capability missing: {exc}")
 
 
-def _assert_left_nothing(vm: GuestVM) -> None:
+def _assert_left_nothing(vm: GuestVM, foreign: ForeignBackend | None) -> None:
     """After close(): the back-end process reaped, its socket and pid file gone."""
-    foreign: Any = vm.foreign
     assert foreign is not None and foreign.pid is None and foreign.stopped is not None
     assert not foreign.pid_file.exists(), f"{foreign.pid_file} left behind"
     assert not foreign.socket.exists(), f"{foreign.socket} left behind"
     assert vm.run_dir is not None and not vm.run_dir.exists()
 
 
-def _assert_unplug_left_nothing(hp: Hotplug, device: PluggedDevice, pid: int) -> None:
-    """After Hotplug.unplug: the guest lists nothing, the back-end process is reaped, its
-    socket, its pid file and the relay's socket are gone."""
+def _assert_unplug_left_nothing(vm: GuestVM, device: PluggedDevice, pid: int) -> None:
+    """After unplug: the guest lists nothing, the back-end process is reaped, its socket,
+    its pid file and the relay's socket are gone."""
     foreign = device.foreign
     assert foreign is not None and foreign.pid is None and foreign.stopped is not None
     assert not foreign.stopped.killed, "the back-end needed SIGKILL"
     assert not Path(f"/proc/{pid}").exists(), f"back-end {pid} still running or unreaped"
     assert not foreign.pid_file.exists(), f"{foreign.pid_file} left behind"
     assert not foreign.socket.exists(), f"{foreign.socket} left behind"
-    assert not device.spec.socket.exists(), f"the relay's {device.spec.socket} left behind"
-    assert hp.guest_test_devices(device.spec.virtio_id) == {}
-    assert device.name not in hp.plugged
+    relay_socket = device.device.socket_path
+    assert not relay_socket.exists(), f"the relay's {relay_socket} left behind"
+    assert vm.guest.test_devices(device.device.virtio_id) == {}
+    assert device not in vm.plugged
 
 
 def _virtiofsd_cmd(run_dir: Path) -> tuple[list[str], Path]:
@@ -102,11 +103,18 @@ def _virtiofsd_cmd(run_dir: Path) -> tuple[list[str], Path]:
     return cmd, share
 
 
-# config_size 40: virtio-fs's config (tag[36], num_request_queues); 2 queues: hiprio and
-# one request queue.
-VIRTIOFS_DEVICE: dict[str, Any] = {"num_vqs": 2, "config_size": 40}
-# virtio-blk: device id 2, one request queue, 60 bytes of config (virtio_blk_config).
-BLK_DEVICE: dict[str, Any] = {"virtio_id": 2, "num_vqs": 1, "config_size": 60}
+def _virtiofs(cmd: list[str]) -> VhostUserDevice:
+    """virtiofsd's device with {0: 64M} injected by the relay. config_size 40: virtio-fs's
+    config (tag[36], num_request_queues); 2 queues: hiprio and one request queue."""
+    return VhostUserDevice.of(CACHE, backend=ForeignCommand.of(cmd), num_vqs=2, config_size=40)
+
+
+def _blk(cmd: list[str]) -> VhostUserDevice:
+    """virtio-blk: device id 2, one request queue, 60 bytes of config (virtio_blk_config),
+    no regions (nothing injected)."""
+    return VhostUserDevice.of(
+        None, backend=ForeignCommand.of(cmd), virtio_id=2, num_vqs=1, config_size=60
+    )
 
 
 def _virtiofs_probed(vm: GuestVM, arch: str, bdf: str) -> str:
@@ -114,9 +122,9 @@ def _virtiofs_probed(vm: GuestVM, arch: str, bdf: str) -> str:
     DRIVER_OK (the probe is over), and on x86_64 the driver's second line, the mapped
     window, which comes tens of ms after its first ("Cache len"). Waited for, not read
     once: a read right after the bind found the first line without the second."""
-    vm.wait_virtio_driver(bdf, "virtiofs", timeout=DRIVER_TIMEOUT)
+    vm.guest.wait_virtio_driver(bdf, "virtiofs", timeout=DRIVER_TIMEOUT)
     if arch == "x86_64":
-        vm.wait_dmesg(WINDOW_LINE_GREP, timeout=DRIVER_TIMEOUT)
+        vm.guest.wait_dmesg(WINDOW_LINE_GREP, timeout=DRIVER_TIMEOUT)
     return vm.run("dmesg", check=True).stdout.decode(errors="replace")
 
 
@@ -193,88 +201,84 @@ def _assert_disk_works(vm: GuestVM, disk: Path) -> None:
         assert fh.read(19) == b"TESTBED-GUEST-BLOCK"
 
 
-def test_virtiofs_cache_window(boot: Callable[..., GuestVM], arch: str, run_dir: Path) -> None:
+def test_virtiofs_cache_window(boot: Boot, arch: str, run_dir: Path) -> None:
     cmd, share = _virtiofsd_cmd(run_dir)
-    vm = boot(backend_cmd=cmd, regions=CACHE, **VIRTIOFS_DEVICE)
-    vm.load_modules("virtiofs", params=VIRTIOFS_PARAMS)
+    vm = boot(_virtiofs(cmd))
+    vm.guest.load_modules("virtiofs", params=VIRTIOFS_PARAMS)
     device = vm.test_device()  # virtio-id 26, now bound to virtio-fs
     assert device.driver == "virtio-pci"
     dmesg = _virtiofs_probed(vm, arch, device.bdf)
     _assert_cache_window(vm, arch, device, dmesg)
     _assert_share_works(vm, share)
 
-    relay: Any = vm.backend
-    assert "GET_SHMEM_CONFIG" in relay.trace.names()
+    assert "GET_SHMEM_CONFIG" in vm.endpoint.trace.names()
+    foreign = vm.plugged[0].foreign
     vm.close()
-    _assert_left_nothing(vm)
-    assert vm.foreign.stopped.returncode == 0  # virtiofsd ends by itself when QEMU goes
+    _assert_left_nothing(vm, foreign)
+    assert foreign is not None and foreign.stopped is not None
+    assert foreign.stopped.returncode == 0  # virtiofsd ends by itself when QEMU goes
 
 
-def test_storage_daemon_disk(boot: Callable[..., GuestVM], arch: str, run_dir: Path) -> None:
+def test_storage_daemon_disk(boot: Boot, arch: str, run_dir: Path) -> None:
     cmd, disk = _storage_daemon_cmd(run_dir)
-    vm = boot(backend_cmd=cmd, **BLK_DEVICE)
-    vm.load_modules("virtio_blk")
+    vm = boot(_blk(cmd))
+    vm.guest.load_modules("virtio_blk")
     device = vm.test_device(virtio_id=2)
     assert device.driver == "virtio-pci"
-    vm.wait_virtio_driver(device.bdf, "virtio_blk", timeout=DRIVER_TIMEOUT)
+    vm.guest.wait_virtio_driver(device.bdf, "virtio_blk", timeout=DRIVER_TIMEOUT)
     _assert_disk_works(vm, disk)
 
+    foreign = vm.plugged[0].foreign
     vm.close()
-    _assert_left_nothing(vm)
+    _assert_left_nothing(vm, foreign)
     # qemu-storage-daemon keeps serving after QEMU leaves: SIGTERM ends it, no SIGKILL.
-    assert not vm.foreign.stopped.killed
+    assert foreign is not None and foreign.stopped is not None and not foreign.stopped.killed
 
 
-def test_virtiofs_hotplug_cache_window(
-    boot: Callable[..., GuestVM], arch: str, run_dir: Path
-) -> None:
+def test_virtiofs_hotplug_cache_window(boot: Boot, arch: str, run_dir: Path) -> None:
     """virtiofsd hot-plugged behind the relay with {0: 64M} injected: the virtio-fs driver
     (loaded before the device arrives) probes it on hot-add and finds the window (x86_64),
     the share works, and unplug leaves nothing."""
     cmd, share = _virtiofsd_cmd(run_dir)
     vm = boot(root_ports=1)
-    vm.load_modules("virtiofs", params=VIRTIOFS_PARAMS)
-    with Hotplug(vm) as hp:
-        plugged = hp.plug(CACHE, backend_cmd=cmd, **VIRTIOFS_DEVICE)
-        assert plugged.relayed and plugged.foreign is not None
-        pid = plugged.foreign.pid
-        assert pid is not None
-        dmesg = _virtiofs_probed(vm, arch, plugged.bdf)
-        (device,) = hp.guest_test_devices().values()
-        assert device.bdf == plugged.bdf and device.driver == "virtio-pci"
-        _assert_cache_window(vm, arch, device, dmesg)
-        _assert_share_works(vm, share)
+    vm.guest.load_modules("virtiofs", params=VIRTIOFS_PARAMS)
+    plugged = vm.plug(_virtiofs(cmd))
+    assert plugged.relayed and plugged.foreign is not None and plugged.bdf is not None
+    pid = plugged.foreign.pid
+    assert pid is not None
+    dmesg = _virtiofs_probed(vm, arch, plugged.bdf)
+    device = vm.test_device(bdf=plugged.bdf)
+    assert device.driver == "virtio-pci"
+    _assert_cache_window(vm, arch, device, dmesg)
+    _assert_share_works(vm, share)
 
-        relay: Any = plugged.backend
-        assert "GET_SHMEM_CONFIG" in relay.trace.names()
-        hp.unplug(plugged)
-        _assert_unplug_left_nothing(hp, plugged, pid)
-    hp.machine.qmp("query-status")  # QEMU still answers after the cycle
+    assert "GET_SHMEM_CONFIG" in plugged.endpoint.trace.names()
+    vm.unplug(plugged)
+    _assert_unplug_left_nothing(vm, plugged, pid)
+    assert vm.machine is not None
+    vm.machine.qmp("query-status")  # QEMU still answers after the cycle
 
 
-def test_storage_daemon_hotplug_disk(
-    boot: Callable[..., GuestVM], arch: str, run_dir: Path
-) -> None:
+def test_storage_daemon_hotplug_disk(boot: Boot, arch: str, run_dir: Path) -> None:
     """qemu-storage-daemon hot-plugged behind the relay, nothing injected: virtio_blk sees
     the disk, blocks reach the host file, the guest sees no shared-memory capability (and
     QEMU never asks for a layout), and unplug leaves nothing."""
     cmd, disk = _storage_daemon_cmd(run_dir)
     vm = boot(root_ports=1)
-    vm.load_modules("virtio_blk")
-    with Hotplug(vm) as hp:
-        plugged = hp.plug(backend_cmd=cmd, **BLK_DEVICE)
-        assert plugged.relayed and plugged.foreign is not None
-        pid = plugged.foreign.pid
-        assert pid is not None
-        vm.wait_virtio_driver(plugged.bdf, "virtio_blk", timeout=DRIVER_TIMEOUT)
-        (device,) = hp.guest_test_devices(virtio_id=2).values()
-        assert device.bdf == plugged.bdf and device.driver == "virtio-pci"
-        assert device.function.virtio_shm_caps == []
-        vm.check_guest_sees({}, device.bdf)  # no caps, no BAR 4
-        _assert_disk_works(vm, disk)
+    vm.guest.load_modules("virtio_blk")
+    plugged = vm.plug(_blk(cmd))
+    assert plugged.relayed and plugged.foreign is not None and plugged.bdf is not None
+    pid = plugged.foreign.pid
+    assert pid is not None
+    vm.guest.wait_virtio_driver(plugged.bdf, "virtio_blk", timeout=DRIVER_TIMEOUT)
+    device = vm.test_device(virtio_id=2, bdf=plugged.bdf)
+    assert device.driver == "virtio-pci"
+    assert device.function.virtio_shm_caps == []
+    vm.check_guest_sees(plugged)  # no caps, no BAR 4
+    _assert_disk_works(vm, disk)
 
-        relay: Any = plugged.backend
-        assert "GET_SHMEM_CONFIG" not in relay.trace.names()
-        hp.unplug(plugged)
-        _assert_unplug_left_nothing(hp, plugged, pid)
-    hp.machine.qmp("query-status")
+    assert "GET_SHMEM_CONFIG" not in plugged.endpoint.trace.names()
+    vm.unplug(plugged)
+    _assert_unplug_left_nothing(vm, plugged, pid)
+    assert vm.machine is not None
+    vm.machine.qmp("query-status")

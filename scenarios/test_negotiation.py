@@ -8,13 +8,12 @@ negotiated through hot-plug into a guest restored from its snapshot (testbed.sna
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
+from testbed.device import VhostUserDevice
+from testbed.pytest_plugin import Boot
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import F_SHMEM, Request
-from testbed.vm import GuestVM
 
 M = 1 << 20
 
@@ -27,21 +26,19 @@ WITHOUT_SHMEM = {
 
 
 @pytest.mark.parametrize("name", list(WITHOUT_SHMEM))
-def test_without_shmem_qemu_never_asks(boot: Callable[..., GuestVM], name: str) -> None:
-    vm = boot(regions={0: 4 * M}, faults=WITHOUT_SHMEM[name], plug="hot")
+def test_without_shmem_qemu_never_asks(boot: Boot, name: str) -> None:
+    vm = boot(VhostUserDevice.of({0: 4 * M}, faults=WITHOUT_SHMEM[name]), plug="hot")
     vm.check_guest_sees({})
-    assert vm.backend is not None
     seen = vm.backend.requests_seen
     assert Request.GET_PROTOCOL_FEATURES in seen, f"the handshake did not happen: {seen}"
     assert Request.GET_SHMEM_CONFIG not in seen, f"QEMU asked for the config anyway: {seen}"
 
 
-def test_handshake_order(boot: Callable[..., GuestVM]) -> None:
+def test_handshake_order(boot: Boot) -> None:
     """The realize sequence QEMU 11.1.3 sends at boot, in order, ending with
     GET_SHMEM_CONFIG (cold-plugged: the device is on QEMU's command line)."""
-    vm = boot(regions={0: 4 * M})
-    assert vm.backend is not None
-    seen = [r for r in vm.backend.requests_seen]
+    vm = boot(VhostUserDevice.of({0: 4 * M}))
+    seen = vm.backend.requests_seen
     expected_prefix = [
         Request.GET_FEATURES,
         Request.GET_PROTOCOL_FEATURES,
@@ -55,12 +52,9 @@ def test_handshake_order(boot: Callable[..., GuestVM]) -> None:
     assert F_SHMEM == 22
 
 
-def test_slow_reply_is_waited_for(boot: Callable[..., GuestVM]) -> None:
+def test_slow_reply_is_waited_for(boot: Boot) -> None:
     """A GET_SHMEM_CONFIG answer delayed by 2 s: QEMU blocks for it and then uses it."""
     layout = {1: 8 * M}
-    vm = boot(
-        regions=layout,
-        faults=Faults(delay_request=Request.GET_SHMEM_CONFIG, delay_seconds=2.0),
-        plug="hot",
-    )
+    delayed = Faults(delay_request=Request.GET_SHMEM_CONFIG, delay_seconds=2.0)
+    vm = boot(VhostUserDevice.of(layout, faults=delayed), plug="hot")
     vm.check_guest_sees()

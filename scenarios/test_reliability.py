@@ -8,21 +8,21 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 
 import pytest
 
 from testbed.bugs.marks import known_bug
+from testbed.device import VhostUserDevice
 from testbed.errors import QemuExited
-from testbed.vm import GuestVM
+from testbed.pytest_plugin import Boot
 
 M = 1 << 20
 PROMPT = 10.0  # seconds: far below every timeout involved (SSH command 60 s, QMP 10 s)
 
 
 @pytest.mark.foreign_backend
-def test_qemu_killed_is_reported_as_killed(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions={0: 4 * M}, plug="hot")
+def test_qemu_killed_is_reported_as_killed(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of({0: 4 * M}), plug="hot")
     assert vm.machine is not None and vm.machine.pid is not None
     assert vm.run("echo up").returncode == 0
     os.kill(vm.machine.pid, signal.SIGKILL)
@@ -41,9 +41,9 @@ def test_qemu_killed_is_reported_as_killed(boot: Callable[..., GuestVM]) -> None
 
 
 @known_bug("backend-hangup-del-eventfd-abort")
-def test_backend_death_leaves_qemu_running(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions={0: 4 * M}, plug="hot")
-    assert vm.backend is not None and vm.machine is not None and vm.device is not None
+def test_backend_death_leaves_qemu_running(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of({0: 4 * M}), plug="hot")
+    assert vm.machine is not None
     vm.backend.close()  # the back-end process dies: its end of the socket closes
     # QEMU takes the hang-up in on its main loop, in the background: the verdict waits
     # for that (query-chardev says disconnected), or it could pass before QEMU noticed.

@@ -4,10 +4,10 @@ nothing is left -- no QEMU process, no socket, no run dir. Asserted, not assumed
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
+from testbed.device import VhostUserDevice
+from testbed.pytest_plugin import Boot
 from testbed.vhost_user.backend import DisconnectKind
-from testbed.vm import GuestVM
 
 
 def _alive(pid: int) -> bool:
@@ -28,9 +28,9 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_quit_leaves_nothing(boot: Callable[..., GuestVM]) -> None:
-    vm = boot(regions={0: 4 << 20})
-    assert vm.machine is not None and vm.backend is not None and vm.run_dir is not None
+def test_quit_leaves_nothing(boot: Boot) -> None:
+    vm = boot(VhostUserDevice.of({0: 4 << 20}))
+    assert vm.machine is not None and vm.run_dir is not None
     pid = vm.machine.pid
     assert pid is not None and _alive(pid)
     socket_path = vm.backend.socket_path

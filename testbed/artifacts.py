@@ -9,7 +9,10 @@ way and none is left half-written or without its execute bit.
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -29,3 +32,66 @@ def write_script(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _dq(word: str) -> str:
+    """Double-quote for sh, so that ${RUN} placeholders still expand."""
+    escaped = "".join("\\" + c if c in '\\$`"' else c for c in word)
+    return f'"{escaped}"'
+
+
+def by_hand_script(
+    qemu_argv: Sequence[str],
+    run_dir: Path,
+    backends: Sequence[tuple[Path, Sequence[str]]],
+    incoming: Path | None = None,
+) -> str:
+    """qemu-by-hand.sh: `testbed backend` serving each of our devices' layouts (socket,
+    --region options), then QEMU with the same command line in the foreground, for gdb.
+    It serves the layouts only: a scenario's faults and steps are replayed by its
+    reproduce.sh (testbed bugs reproduce), not here.
+
+    Paths under the run dir become ${RUN}, a fresh 0700 dir, so the script works after the
+    original run dir is gone; testbed runs from this venv, found by absolute path."""
+    prefix = str(run_dir)
+
+    def arg(word: str) -> str:
+        return _dq(word).replace(prefix, "${RUN}")
+
+    lines = [
+        "#!/bin/sh",
+        "# This VM's QEMU by hand, against a back-end serving the same layout (no faults:",
+        "# reproduce.sh reruns a failed scenario as it ran). GDB='gdb --args' sh qemu-by-hand.sh",
+        "set -eu",
+        "RUN=$(mktemp -d /tmp/testbed-repro-XXXXXX)",
+        'chmod 700 "$RUN"',
+        'PIDS=""',
+        'cleanup() { for p in $PIDS; do kill "$p" 2>/dev/null; done; rm -rf "$RUN"; }',
+        "trap cleanup EXIT INT TERM",
+    ]
+    for socket, region_args in backends:
+        sock = arg(str(socket))
+        lines += [
+            f"{shlex.quote(sys.executable)} -m testbed backend --socket {sock} "
+            f"{' '.join(region_args)} &",
+            'PIDS="$PIDS $!"',
+            f"while [ ! -S {sock} ]; do sleep 0.1; done",
+        ]
+    lines.append('echo "console: $RUN/console.log  QMP: $RUN/qmp.sock" >&2')
+    if incoming is not None:
+        # -incoming defer: the guest comes from a snapshot (testbed.snapshot), loaded
+        # once the file's format is set; say how, since nothing else here does it.
+        steps = [
+            '{"execute": "qmp_capabilities"}',
+            '{"execute": "migrate-set-capabilities", "arguments": {"capabilities": '
+            '[{"capability": "mapped-ram", "state": true}]}}',
+            f'{{"execute": "migrate-incoming", "arguments": {{"uri": "file:{incoming}"}}}}',
+            '{"execute": "cont"}',
+        ]
+        lines.append(
+            "echo 'restored guest: send these on QMP ($RUN/qmp.sock), e.g. with socat:' >&2"
+        )
+        lines += [f"echo {shlex.quote(step)} >&2" for step in steps]
+    body = " \\\n    ".join(arg(w) for w in qemu_argv)
+    lines.append("${GDB:-} " + body)
+    return "\n".join(lines) + "\n"

@@ -252,6 +252,15 @@ class VhostUserDevice:
         if problem and not self.allow_overfull:
             raise ConfigError(f"device {self.id}: {problem}")
 
+    @classmethod
+    def of(
+        cls, regions: ShmemLayout | Mapping[int, int] | None = None, **fields: Any
+    ) -> VhostUserDevice:
+        """A device serving ``regions`` ({shmid: size}; None: no regions), the other fields
+        by name: what a scenario writes, e.g. ``VhostUserDevice.of({0: 4 * M},
+        faults=Faults(no_shmem=True))``."""
+        return cls(layout=ShmemLayout.of(regions), **fields)
+
     @property
     def device_id(self) -> str:
         return f"{self.id}-dev"

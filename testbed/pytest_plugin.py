@@ -19,21 +19,30 @@ Loaded by scenarios/conftest.py. What it adds:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pytest
 
 from testbed import paths
+from testbed.artifacts import write_script
+from testbed.bugs.rerun import reproduce_script
+from testbed.device import (
+    BackendChoice,
+    OurBackend,
+    VhostUserDevice,
+    backend_choice,
+    parse_device_options,
+)
+from testbed.errors import ConfigError, HostCapabilityError
 from testbed.machine.profiles import ARCHES
-
-if TYPE_CHECKING:
-    from testbed.vm import GuestVM
+from testbed.vm import GuestOptions, GuestVM
 
 pytest_plugins = ("testbed.bugs.marks",)
 
@@ -119,33 +128,39 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def foreign_backend_options(config: pytest.Config) -> dict[str, Any]:
-    """GuestVM options for the user's own back-end, or {} when none was given."""
-    cmd, sock = config.getoption("--backend-cmd"), config.getoption("--backend-socket")
-    if not cmd and not sock:
-        return {}
-    if cmd and sock:
-        raise pytest.UsageError("give --backend-cmd or --backend-socket, not both")
-    options: dict[str, Any] = {"backend_cmd": cmd} if cmd else {"backend_socket": sock}
-    spec = str(config.getoption("--backend-device") or "")
-    for item in filter(None, (word.strip() for word in spec.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("virtio_id", "num_vqs", "vq_size", "config_size"):
-            raise pytest.UsageError(
-                f"--backend-device {item!r}: use virtio_id=, num_vqs=, vq_size=, config_size="
-            )
-        try:
-            options[key] = int(value, 0)
-        except ValueError:
-            raise pytest.UsageError(
-                f"--backend-device {item!r}: {value!r} is not a number"
-            ) from None
-    return options
+@dataclass(frozen=True)
+class UserBackend:
+    """The user's own back-end (--backend-cmd/--backend-socket, --backend-device): it
+    stands where ours would for every device a scenario plugs."""
+
+    choice: BackendChoice
+    options: dict[str, int]
+
+    def serve(self, device: VhostUserDevice) -> VhostUserDevice:
+        return dataclasses.replace(device, backend=self.choice, **self.options)  # type: ignore[arg-type]
+
+
+def user_backend(config: pytest.Config) -> UserBackend | None:
+    """The user's own back-end, or None when none was given (a usage error names what is
+    wrong with the options)."""
+    try:
+        choice = backend_choice(
+            config.getoption("--backend-cmd"), config.getoption("--backend-socket")
+        )
+        options = parse_device_options(str(config.getoption("--backend-device") or ""))
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if isinstance(choice, OurBackend):
+        if options:
+            raise pytest.UsageError("--backend-device describes your back-end's device: "
+                                    "give --backend-cmd or --backend-socket too")  # fmt: skip
+        return None
+    return UserBackend(choice, options)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With a foreign back-end, only the scenarios marked foreign_backend make sense."""
-    if not foreign_backend_options(config):
+    if user_backend(config) is None:
         return
     keep = [i for i in items if i.get_closest_marker("foreign_backend") is not None]
     config.hook.pytest_deselected(items=[i for i in items if i not in keep])
@@ -167,31 +182,50 @@ def accel(request: pytest.FixtureRequest) -> str:
     return str(request.config.getoption("--accel"))
 
 
+class Boot(Protocol):
+    def __call__(
+        self,
+        *devices: VhostUserDevice,
+        plug: str = "cold",
+        restore: bool | None = None,
+        **options: Any,
+    ) -> GuestVM: ...
+
+
 @pytest.fixture
 def boot(
     request: pytest.FixtureRequest, arch: str, accel: str, artifacts: Path
-) -> Generator[Callable[..., GuestVM], None, None]:
-    """``boot(**GuestVM options) -> GuestVM``: a started guest, torn down after the test.
+) -> Generator[Boot, None, None]:
+    """``boot(*devices, plug="cold", restore=None, **GuestOptions) -> GuestVM``: a started
+    guest with ``devices``, torn down after the test.
 
     Artifacts go to the test's artifacts dir (one sub-dir per VM when a test boots several).
-    A KVM that this host cannot run (kvm_pvm, foreign arch, no /dev/kvm) skips the test with
-    the reason: a missing host capability, not a missing feature.
+    With --backend-cmd/--backend-socket every device is served by the user's back-end. A KVM
+    that this host cannot run (kvm_pvm, foreign arch, no /dev/kvm) skips the test with the
+    reason: a missing host capability, not a missing feature.
     """
-    from testbed.errors import HostCapabilityError
-    from testbed.vm import GuestVM
-
     vms: list[GuestVM] = []
-
-    foreign = foreign_backend_options(request.config)
+    theirs = user_backend(request.config)
     fresh = bool(request.config.getoption("--fresh-boot"))
 
-    def _boot(**options: Any) -> GuestVM:
+    def _boot(
+        *devices: VhostUserDevice, plug: str = "cold", restore: bool | None = None, **options: Any
+    ) -> GuestVM:
         logdir = artifacts if not vms else artifacts / f"vm{len(vms)}"
+        if theirs is not None:
+            devices = tuple(theirs.serve(d) for d in devices)
         # Boot once, restore many: a guest without a cold-plugged device is restored from
         # its snapshot (restore=None: GuestVM decides) unless the scenario or the user asks
         # for a real boot.
-        options.setdefault("restore", False if fresh else None)
-        vm = GuestVM(arch, accel=accel, artifacts_dir=logdir, **{**options, **foreign})
+        vm = GuestVM(
+            arch,
+            *devices,
+            plug=plug,
+            options=GuestOptions(**options),
+            accel=accel,
+            artifacts_dir=logdir,
+            restore=False if fresh else restore,
+        )
         vms.append(vm)
         try:
             vm.start()
@@ -293,8 +327,6 @@ def pytest_runtest_makereport(
 
 def write_reproducer(path: Path, item: pytest.Item, report: pytest.TestReport) -> None:
     """reproduce.sh beside the evidence: reruns this very scenario (testbed.bugs.rerun)."""
-    from testbed.bugs.rerun import reproduce_script
-
     props = dict(item.user_properties)
     about = [f"QEMU {props.get('qemu-version', '?')} ({props.get('qemu-binary', '?')}), "
              f"{props.get('arch', '?')}, {props.get('accel', '?')}"]  # fmt: skip
@@ -302,9 +334,7 @@ def write_reproducer(path: Path, item: pytest.Item, report: pytest.TestReport) -
         about.append(f"Expected failure: {report.wasxfail}")
     else:
         about.append("Failed: " + str(report.longrepr).strip().splitlines()[-1][:300])
-    script = path / "reproduce.sh"
-    script.write_text(reproduce_script(item.nodeid, "\n".join(about)))
-    script.chmod(0o755)
+    write_script(path / "reproduce.sh", reproduce_script(item.nodeid, "\n".join(about)))
 
 
 # --- the pass/fail table by scenario x architecture -------------------------------------

@@ -14,7 +14,9 @@ images: the first run makes them, every later run, worker and scenario reuses th
 process makes a given snapshot while the others wait on its lock. Cold-plug scenarios keep
 booting: the firmware's and the kernel's first enumeration is what they test.
 
-This module is the store and the key (pure, no QEMU); testbed.vm boots and saves the guest.
+This module owns restore end to end: the key (pure), the store, the boot that makes a
+snapshot (``make_snapshot``), the save and the load over QMP (``save``, ``load``), and the
+config a restored VM starts with (``restored``). testbed.vm only asks for it.
 """
 
 from __future__ import annotations
@@ -26,13 +28,17 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.booting import boot_to_ssh
+from testbed.images import GuestImage
 from testbed.machine.cmdline import MachineConfig, build_command
-from testbed.paths import cache_dir, remove_tree
+from testbed.machine.qemu import GuestMachine, QemuMachine, free_tcp_port
+from testbed.paths import cache_dir, make_private_dir, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,11 @@ SNAPSHOT_FORMAT = 1
 """Bumped when what a snapshot holds changes in a way the key does not show."""
 KEEP = 8
 """Snapshots kept in the store; older ones (by last use) are removed when one is made."""
+# mapped-ram puts each RAM page at a fixed offset of the file and skips zero pages, so a
+# restore preads what is there instead of parsing a stream: 0.12 s instead of 0.8-1.3 s for
+# an idle 512 MiB guest (x86_64, TCG, 2 cores).
+STATE_FILE_CAPABILITIES = [{"capability": "mapped-ram", "state": True}]
+SAVE_TIMEOUT = 60.0
 
 
 def qemu_identity(binary: Path, version: str) -> str:
@@ -140,3 +151,67 @@ class SnapshotStore:
             (self.root / f"{key}.lock").unlink(missing_ok=True)
             removed.append(key)
         return removed
+
+
+# -- QEMU's side: save and load over QMP (QEMU's migration to and from a file) -------------
+
+
+def save(machine: QemuMachine, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
+    """Stop the guest and write its whole state (devices and RAM) to ``path``. QEMU stays
+    paused; a GuestMachine started with that file as ``incoming`` continues from here."""
+    machine.qmp("stop")
+    machine.qmp("migrate-set-capabilities", capabilities=STATE_FILE_CAPABILITIES)
+    machine.qmp("migrate", uri=f"file:{path}")
+    machine.wait_migration(f"saving the guest to {path}", timeout)
+
+
+def load(machine: GuestMachine, timeout: float) -> None:
+    """Load ``machine.config.incoming`` into a QEMU started with `-incoming defer` (its
+    GuestMachine's before-`cont` hook): the file's format must be set first. The saved guest
+    was stopped, so the restored one stays paused until `cont`."""
+    state = machine.config.incoming
+    assert state is not None
+    machine.qmp("migrate-set-capabilities", capabilities=STATE_FILE_CAPABILITIES)
+    machine.qmp("migrate-incoming", uri=f"file:{state}")
+    machine.wait_migration(f"restoring the guest from {state}", timeout)
+
+
+# -- making one, and restoring from it ------------------------------------------------------
+
+
+def make_snapshot(
+    config: MachineConfig, image: GuestImage, boot_timeout: float
+) -> Callable[[Snapshot, Path], None]:
+    """The maker of ``config``'s snapshot: the same guest booted for real (its own sockets
+    and port, which the key leaves out), logged in once so that it is fully up, saved."""
+
+    def make(snap: Snapshot, partial: Path) -> None:
+        run_dir = make_private_dir("snap")
+        try:
+            boot = dataclasses.replace(
+                config,
+                qmp_socket=run_dir / "qmp.sock",
+                console_log=snap.console,
+                ssh_port=free_tcp_port(),
+                incoming=None,
+            )
+            with GuestMachine(boot, snap.logdir) as machine:
+                machine.start()
+                boot_to_ssh(machine, image, boot_timeout).close()
+                save(machine, partial)
+        finally:
+            remove_tree(run_dir)
+
+    return make
+
+
+def restored(
+    config: MachineConfig, qemu_identity: str, image: GuestImage, boot_timeout: float
+) -> tuple[MachineConfig, Snapshot]:
+    """``config`` set to restore its guest's snapshot (made first if missing), and the
+    snapshot. The restored guest's console log begins with the boot it comes from (QEMU
+    appends to it), so a failure's console tail tells the whole story."""
+    key = snapshot_key(config, qemu_identity)
+    snap = SnapshotStore().get_or_make(key, make_snapshot(config, image, boot_timeout))
+    shutil.copyfile(snap.console, config.console_log)
+    return dataclasses.replace(config, incoming=snap.state), snap

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from testbed import limits
 from testbed.device import DEFAULT_VIRTIO_ID, ShmemLayout
-from testbed.guest.inspect import GuestPciDevice, GuestPciView
+from testbed.guest.inspect import DeviceNotFound, GuestPciDevice, GuestPciView
 from testbed.guest.lspci import LspciDevice
 from testbed.guest.pci import VirtioShmCap
 
@@ -137,18 +137,10 @@ def verdict_for(
     virtio_id: int = DEFAULT_VIRTIO_ID,
 ) -> LayoutVerdict:
     """The verdict on the test device at ``bdf``, or on the guest's only test device."""
-    if bdf is None:
-        devices = view.virtio_devices_of(virtio_id)
-        if len(devices) != 1:
-            found = [d.bdf for d in devices] or "none"
-            return LayoutVerdict(
-                "-", (f"want one test device (virtio-id {virtio_id}), have {found}",)
-            )
-        device = devices[0]
-    elif (found_device := view.devices.get(bdf)) is None:
-        return LayoutVerdict(bdf, (f"{bdf} is missing from the guest's PCI view",))
-    else:
-        device = found_device
+    try:
+        device = view.our_device(virtio_id, bdf)
+    except DeviceNotFound as not_found:
+        return LayoutVerdict(bdf or "-", (str(not_found),))
     verdict = compare_layout(layout, device, view.lspci_for(device), view.dmesg)
     if view.lspci is None:
         missing = "the guest image has no lspci: the second opinion is missing"

@@ -215,8 +215,8 @@ def test_device_options_and_qmp_arguments(tmp_path: Path) -> None:
 def test_guest_ejects_through_the_slot_holding_the_device() -> None:
     """pciehp's software eject: the guest powers off the slot whose address is the
     device's domain:bus:device (aarch64 virt; a script that finds no slot fails)."""
-    from testbed.hotplug import slot_power_off_script
     from testbed.machine.profiles import profile_for
+    from testbed.plugging import slot_power_off_script
 
     script = slot_power_off_script("0000:01:00.0")
     assert '= 0000:01:00 ]; then echo 0 > "$s/power"; exit 0' in script

@@ -272,10 +272,12 @@ SCENARIO = textwrap.dedent(
 
     import pytest
 
+    from testbed.device import VhostUserDevice
+
 
     @pytest.fixture
     def vm(boot):
-        return boot(regions={0: 4 << 20})
+        return boot(VhostUserDevice.of({0: 4 << 20}))
 
 
     def test_blocks_forever(vm):

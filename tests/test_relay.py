@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from testbed.device import ShmemLayout, VhostUserDevice
+from testbed.device import ForeignCommand, ForeignSocket, ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, PeerClosed, QemuExited, TestbedError
 from testbed.host.foreign import ForeignBackend, build_argv
 from testbed.host.qemu import resolve_qemu
@@ -287,10 +287,8 @@ def test_exec_takes_a_foreign_backend_and_modules() -> None:
             "x86_64",
             "--backend-cmd",
             "virtiofsd --socket-path={socket} --shared-dir=/srv",
-            "--num-vqs",
-            "2",
-            "--config-size",
-            "40",
+            "--backend-device",
+            "num_vqs=2,config_size=40",
             "--region",
             "0=64M",
             "--load-modules",
@@ -300,23 +298,30 @@ def test_exec_takes_a_foreign_backend_and_modules() -> None:
         ]
     )
     vm = _vm(args)
-    assert vm.foreign_backend and vm.device is not None
-    assert (vm.device.virtio_id, vm.device.num_vqs, vm.device.config_size) == (26, 2, 40)
-    assert vm.device.layout == ShmemLayout({0: 64 * M})
-    with pytest.raises(SystemExit):  # argparse: one or the other
-        build_parser().parse_args(
-            ["exec", "--backend-cmd", "x {socket}", "--backend-socket", "/s", "--", "true"]
-        )
+    (device,) = vm.wanted
+    assert isinstance(device.backend, ForeignCommand) and not device.ours
+    assert device.backend.template[0] == "virtiofsd"
+    assert (device.virtio_id, device.num_vqs, device.config_size) == (26, 2, 40)
+    assert device.layout == ShmemLayout({0: 64 * M})
+    both = build_parser().parse_args(
+        ["exec", "--backend-cmd", "x {socket}", "--backend-socket", "/s", "--", "true"]
+    )
+    with pytest.raises(ConfigError, match="not both"):  # the one place that says so
+        _vm(both)
 
 
-def test_guest_vm_without_regions_still_has_the_foreign_device() -> None:
-    from testbed.vm import GuestVM
+def test_a_foreign_device_without_regions_is_still_a_device() -> None:
+    from testbed.cli import build_parser
+    from testbed.commands.run import _vm
 
-    vm = GuestVM("x86_64", backend_socket="/run/x.sock", virtio_id=2, config_size=60)
-    assert vm.device is not None and not vm.device.layout and vm.device.virtio_id == 2
-    with pytest.raises(ConfigError, match="not both"):
-        GuestVM("x86_64", backend_cmd="x {socket}", backend_socket="/s")
-    assert GuestVM("x86_64").device is None  # unchanged without a back-end
+    args = build_parser().parse_args(
+        ["exec", "--backend-socket", "/run/x.sock", "--backend-device", "virtio_id=2,"
+         "config_size=60", "--", "true"]
+    )  # fmt: skip
+    (device,) = _vm(args).wanted
+    assert not device.layout and device.virtio_id == 2 and device.config_size == 60
+    assert device.backend == ForeignSocket(Path("/run/x.sock"))
+    assert _vm(build_parser().parse_args(["exec", "--", "true"])).wanted == ()
 
 
 def test_optional_modules_load_command() -> None:

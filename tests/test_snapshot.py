@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from test_cmdline import config, option_values
 
+from testbed.device import ForeignCommand, VhostUserDevice
+from testbed.errors import ConfigError
 from testbed.machine.cmdline import build_command
 from testbed.snapshot import Snapshot, SnapshotStore, snapshot_key
+from testbed.vm import GuestVM
 
 QEMU = "/q/qemu-system-x86_64:1:2:11.1.3"
 
@@ -99,27 +102,25 @@ def test_prune_keeps_the_most_recently_used(tmp_path: Path) -> None:
     assert not (tmp_path / "a.boot").exists()
 
 
+DEVICE = VhostUserDevice.of({0: 4 << 20})
+FOREIGN = VhostUserDevice.of(None, backend=ForeignCommand.of("virtiofsd --socket-path {socket}"))
+
+
 @pytest.mark.parametrize(
-    ("options", "restored"),
+    ("devices", "plug", "restored"),
     [
-        ({}, True),  # no device at all: a hot-plug scenario's guest
-        ({"root_ports": 1}, True),
-        ({"regions": {0: 4 << 20}}, False),  # cold-plugged: firmware and kernel see it at boot
-        ({"backend_cmd": "virtiofsd --socket-path {socket}"}, False),
-        ({"regions": {0: 4 << 20}, "plug": "hot"}, True),
+        ((), "cold", True),  # no device at all: a hot-plug scenario's guest
+        ((DEVICE,), "cold", False),  # cold-plugged: firmware and kernel see it at boot
+        ((FOREIGN,), "cold", False),
+        ((DEVICE,), "hot", True),
     ],
 )
 def test_guest_restores_unless_a_device_is_cold_plugged(
-    options: dict[str, object], restored: bool
+    devices: tuple[VhostUserDevice, ...], plug: str, restored: bool
 ) -> None:
-    from testbed.vm import GuestVM
-
-    assert GuestVM("x86_64", restore=None, **options).restore is restored  # type: ignore[arg-type]
+    assert GuestVM("x86_64", *devices, plug=plug, restore=None).restore is restored
 
 
 def test_restore_refuses_a_cold_plugged_device() -> None:
-    from testbed.errors import ConfigError
-    from testbed.vm import GuestVM
-
     with pytest.raises(ConfigError, match="cold-plug needs a real boot"):
-        GuestVM("x86_64", regions={0: 4 << 20}, restore=True)
+        GuestVM("x86_64", DEVICE, restore=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.device import VhostUserDevice
 from testbed.guest.pci import VirtioShmCap
 from testbed.vm import GuestVM
 
@@ -36,7 +37,8 @@ def qemu_children() -> list[int]:
 @pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
 def test_boot_run_and_leave_nothing_behind(arch: str, tmp_path: Path) -> None:
     artifacts = tmp_path / "artifacts"
-    with GuestVM(arch, regions={0: 4 << 20, 1: 4 << 20}, artifacts_dir=artifacts) as vm:
+    device = VhostUserDevice.of({0: 4 << 20, 1: 4 << 20})
+    with GuestVM(arch, device, artifacts_dir=artifacts) as vm:
         result = vm.run("uname -m")
         assert result.returncode == 0
         assert result.stdout.decode().strip() == UNAME[arch]

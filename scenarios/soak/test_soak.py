@@ -42,9 +42,12 @@ from pathlib import Path
 
 import pytest
 
+from testbed.device import VhostUserDevice
+from testbed.errors import WaitTimeout
 from testbed.guest.datapath import GuestDevice
-from testbed.hotplug import Hotplug, PluggedDevice
 from testbed.paths import results_dir
+from testbed.plugging import PluggedDevice
+from testbed.pytest_plugin import Boot
 from testbed.soak import (
     DECISIVE,
     MemoryRule,
@@ -58,6 +61,7 @@ from testbed.soak import (
 )
 from testbed.vhost_user.shmem import Memfd
 from testbed.vm import GuestVM
+from testbed.waiting import wait_until
 
 M = 1 << 20
 K = 1 << 10
@@ -123,30 +127,40 @@ def fds_on(pid: int | str, fd: int) -> int:
 def quiesce(pid: int, cycle: int, started: float, pending: Callable[[], str | None]) -> Sample:
     """The figures once nothing is in flight: ``pending()`` says None (else what is still
     pending) and both fd counts stayed the same over STABLE_POLLS polls in a row."""
-    deadline = time.monotonic() + QUIESCE_TIMEOUT
     history: list[tuple[int, int]] = []
-    while True:
-        waiting = pending()
+    waiting: list[str | None] = [None]
+
+    def settled() -> Sample | None:
+        nonlocal history
+        waiting[0] = pending()
         counts = (fd_count(pid), fd_count("self"))
-        history = [*history, counts] if waiting is None else []
-        if len(history) >= STABLE_POLLS and len(set(history[-STABLE_POLLS:])) == 1:
-            anon = parse_smaps(Path(f"/proc/{pid}/smaps").read_text())
-            return Sample(
-                cycle=cycle,
-                seconds=round(time.monotonic() - started, 2),
-                qemu_fds=counts[0],
-                backend_fds=counts[1],
-                qemu_rss_kib=_status_kib(pid, "VmRSS"),
-                qemu_rss_anon_kib=_status_kib(pid, "RssAnon"),
-                qemu_tcg_code_kib=anon.exec_anon_kib,
-                qemu_anon_excl_tcg_kib=anon.excl_exec_kib,
-            )
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"cycle {cycle}: still in flight after {QUIESCE_TIMEOUT:.0f} s: "
-                f"{waiting or f'fd counts (QEMU, back-end) not stable: {history[-STABLE_POLLS:]}'}"
-            )
-        time.sleep(QUIESCE_POLL)  # poll interval of a deadline-bound wait
+        history = [*history, counts] if waiting[0] is None else []
+        if len(history) < STABLE_POLLS or len(set(history[-STABLE_POLLS:])) != 1:
+            return None
+        anon = parse_smaps(Path(f"/proc/{pid}/smaps").read_text())
+        return Sample(
+            cycle=cycle,
+            seconds=round(time.monotonic() - started, 2),
+            qemu_fds=counts[0],
+            backend_fds=counts[1],
+            qemu_rss_kib=_status_kib(pid, "VmRSS"),
+            qemu_rss_anon_kib=_status_kib(pid, "RssAnon"),
+            qemu_tcg_code_kib=anon.exec_anon_kib,
+            qemu_anon_excl_tcg_kib=anon.excl_exec_kib,
+        )
+
+    try:
+        return wait_until(
+            settled,
+            QUIESCE_TIMEOUT,
+            f"cycle {cycle}: nothing in flight",
+            interval=QUIESCE_POLL,
+            seen=lambda: (
+                waiting[0] or f"fd counts (QEMU, back-end) not stable: {history[-STABLE_POLLS:]}"
+            ),
+        )
+    except WaitTimeout as exc:
+        raise AssertionError(str(exc)) from exc
 
 
 # -- report ------------------------------------------------------------------------------
@@ -209,15 +223,15 @@ def check(verdict: SoakVerdict) -> None:
 # -- the soaks ---------------------------------------------------------------------------
 
 
-def plug_cycle(vm: GuestVM, hp: Hotplug) -> PluggedDevice:
-    device: PluggedDevice = hp.plug(HOTPLUG_LAYOUT)
-    vm.check_guest_sees(device.layout, device.bdf)
-    hp.unplug(device)
+def plug_cycle(vm: GuestVM) -> PluggedDevice:
+    device = vm.plug(VhostUserDevice.of(HOTPLUG_LAYOUT))
+    vm.check_guest_sees(device)
+    vm.unplug(device)
     return device
 
 
 def test_hotplug_soak(
-    boot: Callable[..., GuestVM],
+    boot: Boot,
     arch: str,
     hotplug_cycles: int,
     capsys: pytest.CaptureFixture[str],
@@ -227,28 +241,27 @@ def test_hotplug_soak(
     vm = boot(root_ports=1)
     assert vm.machine is not None and vm.machine.pid is not None
     pid = vm.machine.pid
-    with Hotplug(vm) as hp:
-        last: list[PluggedDevice] = []
+    last: list[PluggedDevice] = []
 
-        def pending() -> str | None:
-            # unplug() returned only after DEVICE_DELETED, the guest dropping the function,
-            # chardev-remove and the back-end seeing the disconnect, and closed the back-end.
-            if hp.plugged:
-                return f"still plugged: {sorted(hp.plugged)}"
-            if last and last[-1].backend.running:
-                return f"{last[-1].name}'s back-end thread is still running"
-            return None
+    def pending() -> str | None:
+        # unplug() returned only after DEVICE_DELETED, the guest dropping the function,
+        # chardev-remove and the back-end seeing the disconnect, and closed the back-end.
+        if vm.plugged:
+            return f"still plugged: {[p.name for p in vm.plugged]}"
+        if last and last[-1].backend.running:
+            return f"{last[-1].name}'s back-end thread is still running"
+        return None
 
-        for _ in range(WARMUP):
-            last[:] = [plug_cycle(vm, hp)]
-        started = time.monotonic()
-        samples = [quiesce(pid, 0, started, pending)]
-        for n in range(1, cycles + 1):
-            last[:] = [plug_cycle(vm, hp)]
-            if n % every == 0 or n == cycles:
-                samples.append(quiesce(pid, n, started, pending))
-        seconds = samples[-1].seconds
-    assert hp.guest_test_devices() == {}
+    for _ in range(WARMUP):
+        last[:] = [plug_cycle(vm)]
+    started = time.monotonic()
+    samples = [quiesce(pid, 0, started, pending)]
+    for n in range(1, cycles + 1):
+        last[:] = [plug_cycle(vm)]
+        if n % every == 0 or n == cycles:
+            samples.append(quiesce(pid, n, started, pending))
+    seconds = samples[-1].seconds
+    assert vm.guest.test_devices(VhostUserDevice().virtio_id) == {}
     rule = rule_for(cycles, HOTPLUG_RULES)
     verdict = judge(samples, rule)
     with capsys.disabled():
@@ -257,12 +270,12 @@ def test_hotplug_soak(
 
 
 def test_map_soak(
-    boot: Callable[..., GuestVM], arch: str, map_cycles: int, capsys: pytest.CaptureFixture[str]
+    boot: Boot, arch: str, map_cycles: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cycles = map_cycles
     every = sample_every(cycles)
-    vm = boot(regions=MAP_LAYOUT)
-    assert vm.machine is not None and vm.machine.pid is not None and vm.backend is not None
+    vm = boot(VhostUserDevice.of(MAP_LAYOUT))
+    assert vm.machine is not None and vm.machine.pid is not None
     backend = vm.backend
     pid = vm.machine.pid
     guest = GuestDevice(vm.ssh, vm.test_device().bdf)

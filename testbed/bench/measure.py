@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from testbed.bench.report import RUN_INIT, BootObservation, dmesg_time, parse_dmesg
+from testbed.device import VhostUserDevice
 from testbed.errors import ProvisionError, QemuExited, StateError, WaitTimeout
 from testbed.machine.cmdline import MachineConfig, build_command
 from testbed.machine.qemu import free_tcp_port
 from testbed.paths import PROJECT_ROOT, cache_dir, make_private_dir, remove_tree
 from testbed.resource import Closeable
 from testbed.verdict import verdict_for
-from testbed.vm import GuestVM
+from testbed.vm import GuestOptions, GuestVM
 
 FLOOR_SCRIPT = PROJECT_ROOT / "scripts" / "floor.py"
 MIB = 1 << 20
@@ -175,7 +176,7 @@ def measure_restore(arch: str, accel: str) -> float:
     when missing (the caller runs one of these untimed so that none of the timed ones
     includes that boot)."""
     started = time.monotonic()
-    with GuestVM(arch, accel=accel, root_ports=1, restore=True) as vm:
+    with GuestVM(arch, options=GuestOptions(root_ports=1), accel=accel, restore=True) as vm:
         vm.run("true", check=True)
         return time.monotonic() - started
 
@@ -192,7 +193,7 @@ class ColdplugRun:
 def measure_coldplug(arch: str, accel: str) -> ColdplugRun:
     """The cold-plug scenario ('two' regions) end to end, instrumented for the phases."""
     started = time.monotonic()
-    with GuestVM(arch, regions=dict(COLDPLUG_LAYOUT), accel=accel) as vm:
+    with GuestVM(arch, VhostUserDevice.of(COLDPLUG_LAYOUT), accel=accel) as vm:
         before = time.monotonic()
         vm.run(f"echo {KMSG_MARK} > /dev/kmsg", check=True)
         after = time.monotonic()
@@ -230,14 +231,13 @@ DRIVER_OK_TIMEOUT = 20.0
 def measure_hotplug_cycles(arch: str, accel: str, cycles: int) -> list[float]:
     """`cycles` plug/unplug cycles in one boot: chardev-add, device_add, the guest binds
     it, device_del, DEVICE_DELETED, the guest no longer lists it, back-end disconnected."""
-    from testbed.hotplug import Hotplug
-
     seconds = []
-    with GuestVM(arch, accel=accel, root_ports=1, restore=True) as vm, Hotplug(vm) as hp:
+    options = GuestOptions(root_ports=1)
+    with GuestVM(arch, options=options, accel=accel, restore=True) as vm:
         for _ in range(cycles):
             started = time.monotonic()
-            device = hp.plug(dict(HOTPLUG_LAYOUT))
-            hp.unplug(device)
+            plugged = vm.plug(VhostUserDevice.of(HOTPLUG_LAYOUT))
+            vm.unplug(plugged)
             seconds.append(time.monotonic() - started)
     return seconds
 
@@ -249,7 +249,7 @@ def measure_map_unmap(arch: str, accel: str, rounds: int) -> list[float]:
     from testbed.vhost_user.shmem import Memfd
 
     seconds = []
-    with GuestVM(arch, regions=dict(DATAPATH_LAYOUT), accel=accel) as vm:
+    with GuestVM(arch, VhostUserDevice.of(DATAPATH_LAYOUT), accel=accel) as vm:
         device = vm.test_device()
         guest = GuestDevice(vm.ssh, device.bdf)
         guest.start()

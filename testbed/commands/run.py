@@ -13,7 +13,15 @@ from testbed.commands.common import (
     add_qemu_options,
     explicit_qemu,
 )
+from testbed.device import (
+    OurBackend,
+    ShmemLayout,
+    VhostUserDevice,
+    backend_choice,
+    parse_device_options,
+)
 from testbed.errors import ConfigError
+from testbed.vm import GuestOptions, GuestVM
 
 
 def _add_vm_options(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +36,7 @@ def _add_vm_options(parser: argparse.ArgumentParser) -> None:
         help="a shared memory region served by our vhost-user back-end (repeatable; "
         "e.g. --region 0=4M --region 1=4M); without it no vhost-user device is added",
     )
-    foreign = parser.add_mutually_exclusive_group()
-    foreign.add_argument(
+    parser.add_argument(
         "--backend-cmd",
         metavar="'PROGRAM ARGS... {socket}'",
         help="a vhost-user back-end we did not write: started by the test bed (split like a "
@@ -37,19 +44,18 @@ def _add_vm_options(parser: argparse.ArgumentParser) -> None:
         "stopped at the end, its output kept; QEMU reaches it through the relay, which "
         "traces and checks both sides and, with --region, offers those regions itself",
     )
-    foreign.add_argument(
+    parser.add_argument(
         "--backend-socket",
         type=Path,
         metavar="PATH",
         help="an already running vhost-user back-end listening on PATH (through the relay)",
     )
     parser.add_argument(
-        "--virtio-id", type=int, default=None, help="the device's virtio id (default 26)"
-    )
-    parser.add_argument("--num-vqs", type=int, default=1, help="virtqueues (default 1)")
-    parser.add_argument("--vq-size", type=int, default=None, help="virtqueue size")
-    parser.add_argument(
-        "--config-size", type=int, default=None, help="bytes of device config space"
+        "--backend-device",
+        default="",
+        metavar="virtio_id=N,num_vqs=N,vq_size=N,config_size=N",
+        help="what the device looks like (default virtio_id=26,num_vqs=1): the same syntax "
+        "as pytest's --backend-device",
     )
     parser.add_argument(
         "--load-modules",
@@ -94,39 +100,36 @@ def register(sub: Any) -> None:
     shell_parser.set_defaults(func=run_shell)
 
 
-def _regions(specs: list[str]) -> Any:
-    if not specs:
+def device_of(args: argparse.Namespace) -> VhostUserDevice | None:
+    """The device the options describe: --region served by our back-end, or the back-end
+    given by --backend-cmd/--backend-socket (with the regions injected by the relay); None
+    without either (a guest with no vhost-user device)."""
+    choice = backend_choice(args.backend_cmd, args.backend_socket)
+    options = parse_device_options(args.backend_device)
+    if not args.region and isinstance(choice, OurBackend):
+        if options:
+            raise ConfigError("--backend-device without --region or a back-end: no device")
         return None
-    from testbed.device import ShmemLayout
-
-    return ShmemLayout.parse(specs)
+    return VhostUserDevice.of(ShmemLayout.parse(args.region), backend=choice, **options)
 
 
-def _vm(args: argparse.Namespace) -> Any:
-    from testbed.device import DEFAULT_VIRTIO_ID
-    from testbed.vm import GuestVM
-
+def _vm(args: argparse.Namespace) -> GuestVM:
+    device = device_of(args)
     return GuestVM(
         args.arch,
-        regions=_regions(args.region),
+        *([device] if device is not None else []),
+        options=GuestOptions(boot_timeout=args.boot_timeout),
         accel=args.accel,
         qemu=explicit_qemu(args, args.arch),
         artifacts_dir=args.keep_artifacts,
-        boot_timeout=args.boot_timeout,
-        backend_cmd=args.backend_cmd,
-        backend_socket=args.backend_socket,
-        virtio_id=DEFAULT_VIRTIO_ID if args.virtio_id is None else args.virtio_id,
-        num_vqs=args.num_vqs,
-        vq_size=args.vq_size,
-        config_size=args.config_size,
     )
 
 
-def _load_modules(vm: Any, args: argparse.Namespace) -> None:
+def _load_modules(vm: GuestVM, args: argparse.Namespace) -> None:
     if args.load_modules:
         specs = [spec.partition(":") for spec in args.load_modules]
         params = {name: extra for name, _, extra in specs if extra}
-        vm.load_modules(*(name for name, _, _ in specs), params=params)
+        vm.guest.load_modules(*(name for name, _, _ in specs), params=params)
 
 
 def run_exec(args: argparse.Namespace) -> int:

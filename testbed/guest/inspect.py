@@ -27,6 +27,13 @@ from testbed.guest.pci import (
 from testbed.guest.ssh import CommandResult
 
 MARK = "@@testbed "
+
+
+class DeviceNotFound(AssertionError):
+    """The guest does not show the device a scenario expects (an assertion about the guest,
+    hence an AssertionError: the scenario fails with what the guest has)."""
+
+
 # Modern virtio-pci device ids are 0x1040 + the virtio device id.
 VIRTIO_MODERN_BASE = 0x1040
 
@@ -100,6 +107,27 @@ class GuestPciView:
     def virtio_devices_of(self, virtio_id: int) -> list[GuestPciDevice]:
         """The modern virtio functions of device type ``virtio_id`` (the test devices)."""
         return self.find(VIRTIO_VENDOR, VIRTIO_MODERN_BASE + virtio_id)
+
+    def our_device(self, virtio_id: int, bdf: str | None = None) -> GuestPciDevice:
+        """Which PCI function is our device: the one at ``bdf`` (it must be a virtio-id
+        ``virtio_id`` function), else the guest's only one of that type. The one place that
+        chooses; DeviceNotFound says why none could be."""
+        devices = {d.bdf: d for d in self.virtio_devices_of(virtio_id)}
+        if bdf is not None:
+            if bdf not in devices:
+                where = (
+                    "is missing from the guest's PCI view"
+                    if bdf not in self.devices
+                    else (f"is not a virtio-id {virtio_id} function")
+                )
+                raise DeviceNotFound(f"{bdf} {where}")
+            return devices[bdf]
+        if len(devices) != 1:
+            raise DeviceNotFound(
+                f"want one test device (virtio-id {virtio_id}) in the guest, have "
+                f"{sorted(devices) or 'none'}"
+            )
+        return next(iter(devices.values()))
 
     def lspci_for(self, device: GuestPciDevice) -> LspciDevice | None:
         """lspci's reading of ``device``, or None when the image has no lspci."""

@@ -25,8 +25,9 @@ from typing import Any
 
 import paramiko
 
-from testbed.errors import ConfigError, GuestCommandFailed, StateError, WaitTimeout
+from testbed.errors import ConfigError, GuestCommandFailed, StateError
 from testbed.resource import Closeable
+from testbed.waiting import wait_steps
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +136,11 @@ class SSHSession(Closeable):
         host_key = parse_host_key_line(host_key_line)
         last: BaseException | None = None
         attempts = 0
-        while True:
-            if check_alive is not None:
-                check_alive()
-            remaining = deadline - time.monotonic()
+
+        def attempt(remaining: float) -> SSHSession | None:
+            nonlocal last, attempts
             if remaining <= 0:
-                raise WaitTimeout(
-                    f"no SSH session with {host}:{port} after {attempts} attempts "
-                    f"(last error: {last!r}); look at the guest console log"
-                )
+                return None
             client = paramiko.SSHClient()
             client.get_host_keys().add(known_host_name(host, port), host_key.get_name(), host_key)
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -183,7 +180,18 @@ class SSHSession(Closeable):
                 client.close()
                 _close_quietly(sock)
                 last = exc
-            time.sleep(RETRY_INTERVAL)
+                return None
+
+        # Before dropbear listens, QEMU's user-net accepts and resets: retried, each try
+        # bounded by what is left of the deadline.
+        return wait_steps(
+            attempt,
+            max(0.0, deadline - time.monotonic()),
+            f"an SSH session with {host}:{port}",
+            interval=RETRY_INTERVAL,
+            seen=lambda: f"{attempts} attempts, last error {last!r}; look at the guest console log",
+            alive=check_alive,
+        )
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -209,7 +217,6 @@ class SSHSession(Closeable):
     ) -> CommandResult:
         """Run `command` (a shell string, or argv quoted for the guest shell)."""
         text = command if isinstance(command, str) else shlex.join(command)
-        deadline = time.monotonic() + timeout
         chan = self.transport.open_session()
         try:
             chan.exec_command(text)
@@ -217,13 +224,14 @@ class SSHSession(Closeable):
                 chan.sendall(stdin)
             chan.shutdown_write()
             out, err = bytearray(), bytearray()
-            while True:
+
+            def drained(remaining: float) -> bool:
                 progressed = False
                 while chan.recv_ready():
-                    out += chan.recv(CHUNK)
+                    out.extend(chan.recv(CHUNK))
                     progressed = True
                 while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(CHUNK)
+                    err.extend(chan.recv_stderr(CHUNK))
                     progressed = True
                 if (
                     chan.exit_status_ready()
@@ -231,14 +239,14 @@ class SSHSession(Closeable):
                     and not chan.recv_ready()
                     and not chan.recv_stderr_ready()
                 ):
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeout(f"guest command {text!r} still running after {timeout} s")
+                    return True
                 if not progressed:
                     # Wakes on stdout data or close; stderr data is picked up on the
                     # next short round.
                     select.select([chan], [], [], min(remaining, 0.05))
+                return False
+
+            wait_steps(drained, timeout, f"guest command {text!r} to finish")
             result = CommandResult(bytes(out), bytes(err), chan.recv_exit_status())
         finally:
             chan.close()

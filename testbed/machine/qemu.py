@@ -70,11 +70,6 @@ PORT_ATTEMPTS = 4
 POLL_INTERVAL = 0.02
 TAIL_LINES = 20
 
-# A guest saved to a file (save_state, restore): mapped-ram puts each RAM page at a fixed
-# offset and skips zero pages, so a restore preads what is there instead of parsing a
-# stream: 0.12 s instead of 0.8-1.3 s for an idle 512 MiB guest (x86_64, TCG, 2 cores).
-STATE_FILE_CAPABILITIES = [{"capability": "mapped-ram", "state": True}]
-
 
 # Ports handed out by this process. Between free_tcp_port() and QEMU's bind the port is
 # free again, so the kernel may offer it to the next caller (another VM started from
@@ -548,16 +543,7 @@ class QemuMachine(Closeable):
             take, timeout, f"QMP event {name} matching {dict(match or {})}", seen=seen, alive=alive
         )
 
-    # -- guest state to and from a file (QEMU's migration) --------------------------------
-
-    def save_state(self, path: Path, timeout: float = 60.0) -> None:
-        """Stop the guest and write its whole state (devices and RAM) to ``path`` with
-        QEMU's migration to a file. QEMU stays paused; a GuestMachine whose config has
-        that file as ``incoming`` continues from here."""
-        self.qmp("stop")
-        self.qmp("migrate-set-capabilities", capabilities=STATE_FILE_CAPABILITIES)
-        self.qmp("migrate", uri=f"file:{path}")
-        self.wait_migration(f"saving the guest to {path}", timeout)
+    # -- QEMU's migration (testbed.snapshot saves and loads guests with it) ------------------
 
     def wait_migration(self, doing: str, timeout: float) -> None:
         """Until query-migrate says completed (outgoing or incoming); a failed or
@@ -659,8 +645,8 @@ class QemuMachine(Closeable):
 
 class GuestMachine(QemuMachine):
     """A guest booted from a MachineConfig: started paused (-S), QMP, then `cont`; its
-    serial console in a file; ssh forwarded to config.ssh_port. With config.incoming the
-    guest is restored from that file first (testbed.snapshot), then continued."""
+    serial console in a file; ssh forwarded to config.ssh_port. ``before_cont`` runs once
+    QMP is up, before `cont` (testbed.snapshot loads a restored guest there)."""
 
     def __init__(
         self,
@@ -669,10 +655,12 @@ class GuestMachine(QemuMachine):
         *,
         qmp_timeout: float = 10.0,
         port_factory: Callable[[], int] = free_tcp_port,
+        before_cont: Callable[[GuestMachine, float], None] | None = None,
     ) -> None:
         super().__init__(logdir, qmp_socket=config.qmp_socket, qmp_timeout=qmp_timeout)
         self.config = config
         self._port_factory = port_factory
+        self.before_cont = before_cont
         self._console_buf = ""
         self._console_read = 0  # bytes of console.log consumed into _console_buf
         self._console_cursor = 0  # chars of _console_buf already matched by wait_console
@@ -703,15 +691,9 @@ class GuestMachine(QemuMachine):
                 self.config = dataclasses.replace(self.config, ssh_port=self._port_factory())
 
     def _post_launch(self, deadline: float) -> None:
-        if self.config.incoming is not None:
-            # -incoming defer: the file's format (mapped-ram) must be set before the load.
-            self.qmp("migrate-set-capabilities", capabilities=STATE_FILE_CAPABILITIES)
-            self.qmp("migrate-incoming", uri=f"file:{self.config.incoming}")
-            # The saved guest was stopped, so the restored one stays paused after the load.
-            self.wait_migration(
-                f"restoring the guest from {self.config.incoming}",
-                max(deadline - time.monotonic(), 1.0),
-            )
+        if self.before_cont is not None:
+            # e.g. testbed.snapshot.load: a restored guest is loaded before it runs.
+            self.before_cont(self, max(deadline - time.monotonic(), 1.0))
         self.qmp("cont")
 
     def _console_tail(self) -> str:
