@@ -15,9 +15,9 @@ import threading
 from collections.abc import Callable
 
 from testbed.errors import ProtocolError
-from testbed.vhost_user.backend import offer, rules
+from testbed.vhost_user import rules
+from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.handlers import HANDLERS, TAKES_FDS, DeviceHandler, Reply, u64
-from testbed.vhost_user.backend.rules import Negotiation, Violation
 from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.connection import Message
 from testbed.vhost_user.protocol import (
@@ -28,6 +28,7 @@ from testbed.vhost_user.protocol import (
     Request,
     decode_payload,
 )
+from testbed.vhost_user.rules import Negotiation, Violation
 from testbed.vhost_user.trace import FROM_QEMU, TO_QEMU, Trace, TraceEntry
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Dispatcher:
             payload = decode_payload(request, msg.body)
         except ProtocolError:
             payload = None  # dispatch() drops the connection; no rule needs the body then
-        found = rules.check(
+        found = rules.check_request(
             request,
             need_reply=msg.header.need_reply,
             is_reply=msg.header.is_reply,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from testbed.errors import TestbedError, WaitTimeout
 from testbed.vhost_user.backend.dispatch import Dispatcher
-from testbed.vhost_user.backend.rules import Violation
 from testbed.vhost_user.backend.session import DisconnectKind, Session
 from testbed.vhost_user.protocol import Request
+from testbed.vhost_user.rules import Violation
 
 
 class Waits:
@@ -44,7 +44,7 @@ class Waits:
 
     @property
     def violations(self) -> list[Violation]:
-        """Every request QEMU sent against the spec's rules (backend/rules.py), in order."""
+        """Every request QEMU sent against the spec's rules (testbed.vhost_user.rules), in order."""
         with self._cond:
             return list(self._dispatcher.violations)
 
