@@ -24,22 +24,25 @@ from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import PeerClosed, ProtocolError, QemuExited, TestbedError, WaitTimeout
 from testbed.fuzz.grammar import (
     REALIZE,
+    U64_MASK,
     Action,
     Case,
     ReplyKind,
     ReplyMutation,
+    ShmemConfig,
     State,
     fd_size,
     frontend_name,
 )
 from testbed.fuzz.grammar import encode as encode_action
 from testbed.fuzz.oracle import MapModel
+from testbed.limits import MAX_SHMEM_REGIONS
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import device_options
 from testbed.machine.probe import pci_bar
 from testbed.machine.qtest import PciFunctionDriver
 from testbed.paths import make_private_dir, remove_tree
-from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.backend import Backend, offer
 from testbed.vhost_user.backend.dispatch import Dispatcher
 from testbed.vhost_user.backend.handlers import Reply
 from testbed.vhost_user.backend.session import Session
@@ -152,7 +155,8 @@ class FuzzDispatcher(Dispatcher):
                 time.sleep(min(mutation.value, 1000) / 1000)
         try:
             if request is Request.GET_SHMEM_CONFIG:
-                self._reply(s, request, Reply(self._shmem_body(), self.case.config.flags))
+                config = self.case.config
+                self._reply(s, request, Reply(shmem_reply_body(config), config.flags))
             else:
                 super().dispatch(s, msg, request)
             if mutation is not None and mutation.kind == ReplyKind.ACK:
@@ -160,19 +164,6 @@ class FuzzDispatcher(Dispatcher):
                 s.conn.send(Header(int(request), VERSION | FLAG_REPLY, 8), body)
         finally:
             self._active = None
-
-    def _shmem_body(self) -> bytes:
-        c = self.case.config
-        sizes = [0] * 256
-        for shmid, size in c.sizes.items():
-            sizes[shmid & 0xFF] = size & ((1 << 64) - 1)
-        nregions = c.count if c.nregions is None else c.nregions
-        body = (nregions & 0xFFFFFFFF).to_bytes(4, "little")
-        body += (c.padding & 0xFFFFFFFF).to_bytes(4, "little")
-        body += b"".join(s.to_bytes(8, "little") for s in sizes)
-        if c.truncate is not None:
-            body = body[: c.truncate]
-        return body + bytes(c.extra)
 
     def _reply(self, s: Session, request: Request, reply: Reply) -> None:
         m = self._active
@@ -203,6 +194,21 @@ class FuzzDispatcher(Dispatcher):
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def shmem_reply_body(config: ShmemConfig) -> bytes:
+    """The case's GET_SHMEM_CONFIG reply body: its sizes (any, not a layout: shmids and
+    sizes cut to the wire's widths) encoded as our back-end encodes raw sizes, then bent
+    as the case says (nregions, padding, truncation, extra bytes)."""
+    sizes = {shmid % MAX_SHMEM_REGIONS: size & U64_MASK for shmid, size in config.sizes.items()}
+    body = offer.shmem_config_body(ShmemLayout(), Faults(shmem_raw_sizes=sizes))
+    return offer.bend_shmem_config(
+        body,
+        nregions=config.count if config.nregions is None else config.nregions,
+        padding=config.padding,
+        truncate=config.truncate,
+        extra=config.extra,
+    )
 
 
 class FuzzBackend(Backend):

@@ -37,7 +37,9 @@ from testbed.device import ShmemLayout
 from testbed.errors import PeerClosed, ProtocolError, StateError, TestbedError, WaitTimeout
 from testbed.resource import Closeable
 from testbed.vhost_user import connection as conn_mod
+from testbed.vhost_user.backend import offer
 from testbed.vhost_user.connection import Connection, Listener, Message, OwnedFd, close_all
+from testbed.vhost_user.faults import NO_FAULTS
 from testbed.vhost_user.protocol import (
     HEADER_SIZE,
     MAX_PAYLOAD_SIZE,
@@ -420,7 +422,7 @@ class Relay(Closeable):
         injecting = self.inject is not None and not s.backend_protocol & SHMEM
         if injecting and request is Request.GET_SHMEM_CONFIG:
             assert self.inject is not None
-            reply = ShMemConfig.from_regions(dict(self.inject.regions)).pack()
+            reply = offer.shmem_config_body(self.inject, NO_FAULTS)
             s.served = dict(self.inject.regions)
             out = Header.make(request, len(reply), reply=True)
             self._record(TO_QEMU, out, reply, 0, [])
