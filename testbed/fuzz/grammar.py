@@ -36,12 +36,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.vhost_user.protocol import BackendRequest, Header, ProtocolFeature, Request
+from testbed import limits
+from testbed.vhost_user.protocol import (
+    SHMEM_CONFIG_SIZE,
+    BackendRequest,
+    Header,
+    ProtocolFeature,
+    Request,
+)
 
 CASE_VERSION = 1
 U64_MASK = (1 << 64) - 1
-PAGE = 4096
 M = 1 << 20
+PCI_HOLE = 1 << 40
+"""A BAR 4 this large does not fit the guest-less machines' 64-bit PCI hole."""
 
 
 class State(enum.StrEnum):
@@ -224,24 +232,26 @@ class ShmemConfig:
         if self.flags != 0x5:
             out.append(f"reply flags 0x{self.flags:x}")
         if self.truncate is not None:
-            out.append(f"truncated GET_SHMEM_CONFIG reply ({self.truncate} of 2056 bytes)")
+            out.append(
+                f"truncated GET_SHMEM_CONFIG reply ({self.truncate} of {SHMEM_CONFIG_SIZE} bytes)"
+            )
         if self.extra:
-            out.append(f"oversized GET_SHMEM_CONFIG reply ({2056 + self.extra} bytes)")
+            out.append(f"oversized GET_SHMEM_CONFIG reply ({SHMEM_CONFIG_SIZE + self.extra} bytes)")
         nregions = self.count if self.nregions is None else self.nregions
-        if nregions > 256:
-            out.append(f"nregions {nregions} > 256")
+        if nregions > limits.MAX_SHMEM_REGIONS:
+            out.append(f"nregions {nregions} > {limits.MAX_SHMEM_REGIONS}")
         elif nregions != self.count:
             out.append(f"nregions {nregions} with {self.count} non-zero size")
         nonzero = {k: v for k, v in self.sizes.items() if v}
         for shmid, size in sorted(nonzero.items()):
-            if size % PAGE:
+            if size % limits.PAGE_SIZE:
                 out.append(f"region {shmid} size {size} not a page multiple")
         total = sum(nonzero.values())
-        if nonzero and total & (total - 1):
+        if nonzero and not limits.is_power_of_2(total):
             out.append(f"total {total} not a power of two")
-        if total >= 1 << 40:
+        if total >= PCI_HOLE:
             out.append(f"total {total} beyond the PCI hole")
-        fits = 1 if behind_root_port else 3
+        fits = limits.max_regions(behind_root_port)
         if len(nonzero) > fits:
             out.append(f"{len(nonzero)} regions, {fits} capabilities fit")
         return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from testbed import limits
-from testbed.fuzz.grammar import PAGE, Action, BodyKind, ShmemConfig
+from testbed.fuzz.grammar import Action, BodyKind, ShmemConfig
 from testbed.vhost_user.protocol import BackendRequest, Header, MMap
 from testbed.vhost_user.rules import MapRule, shmem_map_fds, shmem_map_problems
 
@@ -121,7 +121,7 @@ class MapModel:
             return False
         f = action.fields
         offset, length = f.get("shm_offset", 0), f.get("length", 0)
-        if offset % PAGE or length % PAGE or f.get("fd_offset", 0) % PAGE:
+        if any(v % limits.PAGE_SIZE for v in (offset, length, f.get("fd_offset", 0))):
             return False
         if action.request == BackendRequest.SHMEM_UNMAP:
             return (offset, length) in self.mapped.get(f.get("shmid", -1), [])

@@ -36,7 +36,7 @@ from testbed.fuzz.grammar import (
 )
 from testbed.fuzz.grammar import encode as encode_action
 from testbed.fuzz.oracle import MapModel
-from testbed.limits import MAX_SHMEM_REGIONS
+from testbed.limits import MAX_SHMEM_REGIONS, PAGE_SIZE
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import device_options
 from testbed.machine.probe import pci_bar
@@ -51,6 +51,7 @@ from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
+    SHMEM_CONFIG_SIZE,
     VERSION,
     BackendRequest,
     Header,
@@ -189,7 +190,7 @@ class FuzzDispatcher(Dispatcher):
         self._notify(self.trace.record("backend->qemu", header, body, 0))
         try:
             if m is not None and m.kind == ReplyKind.FDS:
-                fds = [_memfd(4096) for _ in range(max(1, min(m.value, 8)))]
+                fds = [_memfd(PAGE_SIZE) for _ in range(max(1, min(m.value, 8)))]
             s.conn.send(header, body, fds, allow_size_mismatch=True)
         finally:
             for fd in fds:
@@ -556,6 +557,7 @@ class Player:
                 self._observe("bar4", f"BAR 4 ({size} bytes) without SHMEM negotiated at bit 22")
             return
         problems = case.config.problems(False)
+        full = SHMEM_CONFIG_SIZE
         for m in case.replies:
             if m.request != Request.GET_SHMEM_CONFIG or m.nth != 1:
                 continue
@@ -566,9 +568,9 @@ class Player:
             elif m.kind == ReplyKind.FLAGS and m.value != 0x5:
                 problems.insert(0, f"reply flags 0x{m.value:x}")
             elif m.kind == ReplyKind.SIZE and m.value < 0:
-                problems.insert(0, f"truncated GET_SHMEM_CONFIG reply ({2056 + m.value} bytes)")
+                problems.insert(0, f"truncated GET_SHMEM_CONFIG reply ({full + m.value} bytes)")
             elif m.kind == ReplyKind.SIZE and m.value > 0:
-                problems.insert(0, f"oversized GET_SHMEM_CONFIG reply ({2056 + m.value} bytes)")
+                problems.insert(0, f"oversized GET_SHMEM_CONFIG reply ({full + m.value} bytes)")
         if problems and size is not None:
             self._observe("accepted", f"GET_SHMEM_CONFIG accepted: {problems[0]} (BAR 4 {size})")
         elif not problems:

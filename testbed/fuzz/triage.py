@@ -22,6 +22,7 @@ from testbed.fuzz.grammar import (
     ShmemConfig,
 )
 from testbed.fuzz.player import PlayResult
+from testbed.limits import PAGE_SIZE
 
 T = TypeVar("T")
 
@@ -165,7 +166,7 @@ def _simpler_actions(action: Action) -> list[Action]:
     if action.flags != 0x9:
         out.append(dataclasses.replace(action, flags=0x9))
     for key, value in action.fields.items():
-        for simple in (0, 4096):
+        for simple in (0, PAGE_SIZE):
             if value != simple and (key != "length" or simple):
                 out.append(dataclasses.replace(action, fields={**action.fields, key: simple}))
                 break
