@@ -9,11 +9,13 @@ the oracles' observations. testbed.fuzz.triage turns that into signatures.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +46,7 @@ from testbed.machine.qtest import PciFunctionDriver
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend, offer
 from testbed.vhost_user.backend.dispatch import Dispatcher
-from testbed.vhost_user.backend.handlers import Reply
+from testbed.vhost_user.backend.handlers import DeviceHandler, Reply
 from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.connection import Connection, Message
 from testbed.vhost_user.faults import Faults
@@ -57,6 +59,7 @@ from testbed.vhost_user.protocol import (
     Header,
     Request,
 )
+from testbed.vhost_user.trace import Trace, TraceEntry
 from testbed.virtio import DEVICE_STATUS
 
 log = logging.getLogger(__name__)
@@ -136,8 +139,17 @@ class FuzzDispatcher(Dispatcher):
     """The back-end's dispatcher with the case's reply mutations and its own
     GET_SHMEM_CONFIG reply (any nregions, sizes, padding, truncation, extra bytes, flags)."""
 
-    def __init__(self, base: Dispatcher, case: Case, mutations: tuple[ReplyMutation, ...]):
-        super().__init__(base.device, base.trace, base._lock, base._notify)
+    def __init__(
+        self,
+        device: DeviceHandler,
+        trace: Trace,
+        lock: threading.Condition,
+        notify: Callable[[TraceEntry], None],
+        *,
+        case: Case,
+        mutations: tuple[ReplyMutation, ...],
+    ) -> None:
+        super().__init__(device, trace, lock, notify)
         self.case = case
         self.mutations = {(m.request, m.nth): m for m in mutations}
         self.counts: dict[int, int] = {}
@@ -162,7 +174,7 @@ class FuzzDispatcher(Dispatcher):
                 super().dispatch(s, msg, request)
             if mutation is not None and mutation.kind == ReplyKind.ACK:
                 body = (mutation.value & ((1 << 64) - 1)).to_bytes(8, "little")
-                s.conn.send(Header(int(request), VERSION | FLAG_REPLY, 8), body)
+                self.send(s, Header(int(request), VERSION | FLAG_REPLY, 8), body)
         finally:
             self._active = None
 
@@ -187,11 +199,10 @@ class FuzzDispatcher(Dispatcher):
             elif m.kind == ReplyKind.REQUEST:
                 code = m.value
         header = Header(code, flags & 0xFFFFFFFF, max(0, len(body) + size_lie))
-        self._notify(self.trace.record("backend->qemu", header, body, 0))
         try:
             if m is not None and m.kind == ReplyKind.FDS:
                 fds = [_memfd(PAGE_SIZE) for _ in range(max(1, min(m.value, 8)))]
-            s.conn.send(header, body, fds, allow_size_mismatch=True)
+            self.send(s, header, body, fds, allow_size_mismatch=True)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -228,7 +239,9 @@ class FuzzBackend(Backend):
         self.fuzz: FuzzDispatcher | None = None
 
         def wrap(base: Dispatcher) -> Dispatcher:
-            self.fuzz = FuzzDispatcher(base, case, mutations)
+            self.fuzz = base.build_like(
+                functools.partial(FuzzDispatcher, case=case, mutations=mutations)
+            )
             return self.fuzz
 
         super().__init__(path, ShmemLayout(), faults=faults, wrap_dispatcher=wrap, **kwargs)

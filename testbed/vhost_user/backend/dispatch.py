@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from testbed.errors import ProtocolError
 from testbed.vhost_user import rules
@@ -33,6 +34,8 @@ from testbed.vhost_user.trace import FROM_QEMU, TO_QEMU, Trace, TraceEntry
 
 log = logging.getLogger(__name__)
 
+D = TypeVar("D", bound="Dispatcher")
+
 
 class Dispatcher:
     def __init__(
@@ -48,6 +51,31 @@ class Dispatcher:
         self._lock = lock  # the back-end's: waiters see a request's effects at once
         self._notify = notify
         self.violations: list[Violation] = []  # guarded by the lock
+
+    def build_like(
+        self,
+        make: Callable[
+            [DeviceHandler, Trace, threading.Condition, Callable[[TraceEntry], None]], D
+        ],
+    ) -> D:
+        """The dispatcher ``make(device, trace, lock, notify)`` builds, wired to this one's
+        device, trace, lock and waiters: how Backend's ``wrap_dispatcher`` hook puts a
+        subclass in this one's place (the fuzzer's, which bends replies)."""
+        return make(self.device, self.trace, self._lock, self._notify)
+
+    def send(
+        self,
+        s: Session,
+        header: Header,
+        body: bytes,
+        fds: Sequence[int] = (),
+        *,
+        allow_size_mismatch: bool = False,
+    ) -> None:
+        """Send one message to QEMU on ``s``: recorded in the trace and shown to waiters
+        first. Every reply leaves through here, a subclass's bent ones too."""
+        self._notify(self.trace.record(TO_QEMU, header, body, len(fds)))
+        s.conn.send(header, body, fds, allow_size_mismatch=allow_size_mismatch)
 
     def offered_protocol_features(self) -> int:
         return offer.protocol_features(self.faults)
@@ -132,7 +160,6 @@ class Dispatcher:
         header = Header.make(request, len(reply.body), reply=True)
         if reply.flags is not None:
             header = Header(header.request, reply.flags, header.size)
-        self._notify(self.trace.record(TO_QEMU, header, reply.body, 0))
         # A truncated GET_SHMEM_CONFIG reply is a fault we inject on purpose.
         truncating = self.faults.shmem_truncate is not None
-        s.conn.send(header, reply.body, allow_size_mismatch=truncating)
+        self.send(s, header, reply.body, allow_size_mismatch=truncating)
