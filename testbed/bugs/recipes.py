@@ -26,9 +26,14 @@ from testbed.bugs import Bug, Evidence, exit_of, lookup
 from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import PeerClosed, QemuExited, QmpCommandFailed, TestbedError, WaitTimeout
 from testbed.machine import QtestConfig, QtestMachine
-from testbed.machine.cmdline import GUESTLESS_SLOT, build_qtest_command, device_options
+from testbed.machine.cmdline import (
+    GUESTLESS_SLOT,
+    behind_root_port_options,
+    build_qtest_command,
+    root_port_id,
+)
 from testbed.machine.probe import pci_bar
-from testbed.machine.qtest import PciFunctionDriver, QtestClient
+from testbed.machine.qtest import PciFunctionDriver, QtestClient, acpi_eject, open_root_port
 from testbed.paths import PROJECT_ROOT, make_private_dir, remove_tree
 from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend
@@ -465,54 +470,23 @@ def backend_hangup_del_eventfd_abort(run: Run) -> None:
     run.wait_exit()
 
 
-# q35's ACPI PCI hot-plug registers (hw/acpi/ich9.c ACPI_PCIHP_ADDR_ICH9, hw/acpi/pcihp.c):
-# select a bus by its ACPI "bsel", then write a slot bitmap to the eject register -- what
-# the guest's _EJ0 method does. The root port's bus has bsel 0 (measured: q35's root bus
-# is not hot-pluggable and gets none).
-ACPI_PCIHP_ICH9 = 0xCC0
-PCIHP_EJECT = 0x08
-PCIHP_SELECT = 0x10
-ROOT_PORT_SLOT = 0x08
-# The root port's prefetchable window covers where PciFunctionDriver puts BAR 2 and BAR 4
-# (0xc0000000 and 0xe0000000 on q35); 64-bit type, upper halves 0.
-_PREF_WINDOW = ((0xEFF1 << 16) | 0xC001, 0, 0)
-
-
-@dataclass
-class BehindRootPort(PciFunctionDriver):
-    """A function on the root port's secondary bus (bus 1), by q35's 0xcf8/0xcfc."""
-
-    bus: int = 1
-
-    def _cfg_addr(self, reg: int) -> int:
-        return 0x80000000 | (self.bus << 16) | (self.slot << 11) | (reg & ~3)
-
-
 def unplug_live_mapping_del_subregion_abort(run: Run) -> None:
     """Cold-plugged behind a pcie-root-port (q35 hot-unplugs through ACPI there), started
     and mapped; then device_del and the eject a guest's ACPI _EJ0 would write, over qtest."""
     layout = ShmemLayout({0: 4 * M})
     run.start_backend(layout)
-    device = VhostUserDevice("vu0", run.socket, layout, bus="rp0", addr=0)
-    port = f"pcie-root-port,id=rp0,bus=pcie.0,addr={ROOT_PORT_SLOT:#x},chassis=1"
-    extra = ["-device", port, *device_options(device, "rp0", 0)]
-    machine = run.start_qemu([], extra_args=extra)
-    assert machine.qtest is not None
+    device = VhostUserDevice("vu0", run.socket, layout, bus=root_port_id(0), addr=0)
+    run.start_qemu([], extra_args=behind_root_port_options(run.arch, device))
     with run.recording_qtest() as client:
-        bridge = PciFunctionDriver(client, run.arch, ROOT_PORT_SLOT)
-        bridge.write32(0x18, 0x00010100)  # primary 0, secondary 1, subordinate 1
-        for reg, value in zip((0x24, 0x28, 0x2C), _PREF_WINDOW, strict=True):
-            bridge.write32(reg, value)
-        bridge.enable_memory()
-    run.start_device(BehindRootPort(machine.qtest, run.arch, 0))
+        function = open_root_port(client, run.arch)
+    run.start_device(function)
     mem = run.memfd(64 * 1024, bytes(range(256)) * 256)
     result = run.channel(BackendRequest.SHMEM_MAP, MMap(0, 0, M, 64 * 1024, 1).pack(), [mem])
     if run.results[result] != 0:
         raise RecipeFailed(f"QEMU refused the SHMEM_MAP (u64 {run.results[result]})")
     run.qmp("device_del", {"id": device.device_id})
     with run.recording_qtest() as client:
-        client.outl(ACPI_PCIHP_ICH9 + PCIHP_SELECT, 0)
-        client.outl(ACPI_PCIHP_ICH9 + PCIHP_EJECT, 1 << 0)
+        acpi_eject(client)
     run.wait_exit()
 
 

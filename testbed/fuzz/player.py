@@ -40,9 +40,9 @@ from testbed.fuzz.grammar import encode as encode_action
 from testbed.fuzz.oracle import MapModel
 from testbed.limits import MAX_SHMEM_REGIONS, PAGE_SIZE
 from testbed.machine import QtestConfig, QtestMachine
-from testbed.machine.cmdline import device_options
+from testbed.machine.cmdline import behind_root_port_options, root_port_id
 from testbed.machine.probe import pci_bar
-from testbed.machine.qtest import PciFunctionDriver
+from testbed.machine.qtest import PciFunctionDriver, acpi_eject, open_root_port
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend, offer
 from testbed.vhost_user.backend.dispatch import Dispatcher
@@ -69,9 +69,6 @@ STEP_TIMEOUT = 3.0
 START_TIMEOUT = 10.0
 DRIVER_OK_TIMEOUT = 1.0
 FD_SETTLE = 0.3
-ROOT_PORT_SLOT = 0x08
-ACPI_PCIHP_ICH9 = 0xCC0  # q35's ACPI PCI hot-plug registers (see testbed.bugs.recipes)
-_PREF_WINDOW = ((0xEFF1 << 16) | 0xC001, 0, 0)
 _SEGFAULT = re.compile(
     r"\[(?P<pid>\d+)\]: segfault at (?P<addr>[0-9a-f]+) ip (?P<ip>[0-9a-f]+) .*? in "
     r"(?P<binary>[\w.+-]+)\[(?P<offset>[0-9a-f]+)[,+]"
@@ -516,15 +513,14 @@ class Player:
         device = VhostUserDevice(
             "vu0",
             self.socket,
-            bus="rp0" if case.behind_root_port else None,
+            bus=root_port_id(0) if case.behind_root_port else None,
             addr=0 if case.behind_root_port else None,
             allow_overfull=True,
         )
         devices: tuple[VhostUserDevice, ...] = (device,)
         extra: tuple[str, ...] = ()
         if case.behind_root_port:
-            port = f"pcie-root-port,id=rp0,bus=pcie.0,addr={ROOT_PORT_SLOT:#x},chassis=1"
-            extra = ("-device", port, *device_options(device, "rp0", 0))
+            extra = tuple(behind_root_port_options(case.arch, device))
             devices = ()
         config = QtestConfig(
             case.arch, self.qemu_path, devices, qtest=True, listen=case.reconnects,
@@ -602,14 +598,7 @@ class Player:
         assert m is not None and m.qtest is not None
         if not self.case.behind_root_port:
             return PciFunctionDriver(m.qtest, self.case.arch)
-        from testbed.bugs.recipes import BehindRootPort
-
-        bridge = PciFunctionDriver(m.qtest, self.case.arch, ROOT_PORT_SLOT)
-        bridge.write32(0x18, 0x00010100)
-        for reg, value in zip((0x24, 0x28, 0x2C), _PREF_WINDOW, strict=True):
-            bridge.write32(reg, value)
-        bridge.enable_memory()
-        return BehindRootPort(m.qtest, self.case.arch, 0)
+        return open_root_port(m.qtest, self.case.arch)
 
     def _enter(self, state: State) -> None:
         m = self.machine
@@ -703,8 +692,7 @@ class Player:
             return
         self.where = "eject"
         try:
-            m.qtest.outl(ACPI_PCIHP_ICH9 + 0x10, 0)
-            m.qtest.outl(ACPI_PCIHP_ICH9 + 0x08, 1)
+            acpi_eject(m.qtest)
             m.wait_event("DEVICE_DELETED", STEP_TIMEOUT)
         except QemuExited:
             raise self._dead() from None
