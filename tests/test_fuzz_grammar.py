@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
-from testbed.bugs import Bug
+from testbed.bugs import Bug, lookup
+from testbed.bugs.signature import crash_site
 from testbed.fuzz.generator import generate
 from testbed.fuzz.grammar import (
     PATHS,
+    STOPPED_STATES,
     Action,
     BodyKind,
     Case,
@@ -25,7 +27,7 @@ from testbed.fuzz.grammar import (
 )
 from testbed.fuzz.oracle import MapModel
 from testbed.fuzz.player import Observation, PlayResult
-from testbed.fuzz.triage import crash_site, ddmin, draft_entry, findings, slug
+from testbed.fuzz.triage import ddmin, draft_entry, evidence, findings, slug
 from testbed.vhost_user.protocol import BackendRequest
 
 M = 1 << 20
@@ -196,9 +198,15 @@ def test_draft_entry_is_a_valid_registry_entry(kind: str) -> None:
     [raw] = tomllib.loads(text)["bug"]
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     bug = Bug(**fields)
-    from testbed.bugs import Evidence
+    assert bug.matches(evidence([f], bug))
 
-    assert bug.matches(Evidence(f.text, f.exit, bug.id if bug.observable else None))
+
+def test_the_registry_places_the_stopped_device_segfault_where_the_grammar_stops_it() -> None:
+    """The registry's fuzz_where (data the triage reads through Bug.matches) names the
+    stopped states the grammar has: a SHMEM_MAP/UNMAP to a device that is not started."""
+    places = set(lookup("shmem-map-stopped-device-segfault").fuzz_where)
+    requests = ("SHMEM_MAP", "SHMEM_UNMAP")
+    assert places == {f"{r}@{s.value}" for r in requests for s in STOPPED_STATES}
 
 
 def test_map_oracle_without_shmem_negotiated() -> None:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.bugs import Bug, Evidence, exit_of, lookup
+from testbed.bugs import Bug, lookup
+from testbed.bugs.signature import RUNNING, Evidence, exit_of, exited_line
 from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import PeerClosed, QemuExited, QmpCommandFailed, TestbedError, WaitTimeout
 from testbed.machine import QtestConfig, QtestMachine
@@ -315,13 +316,12 @@ class Run(Closeable):
             # A crash can land just after the answer that triggered it.
             code = machine.wait_exited(0.5)
         stderr = machine.stderr_text() if machine is not None else ""
-        exit_kind = "running" if code is None else exit_of(code)
         if self.bug.observable:
-            seen = "\n".join(self.observed)
-            return Evidence(seen or stderr, exit_kind, self.bug.id if seen else None)
-        # A SIGSEGV prints nothing: the exit itself is the message, as QemuExited words it.
-        exited = "" if code is None else f"\nQEMU exited ({exit_kind})"
-        return Evidence(stderr + exited, exit_kind)
+            seen = self.observed
+            return Evidence.gather(seen or [stderr], code, names=self.bug.id if seen else None)
+        # A SIGSEGV prints nothing: the exit itself is the message.
+        exited = [] if code is None else [exited_line(exit_of(code))]
+        return Evidence.gather([stderr, *exited], code)
 
     def script(self) -> dict[str, Any]:
         """The stand-alone script (see testbed.bugs.standalone): pure data, JSON-ready."""
@@ -575,21 +575,14 @@ def _replay_corpus(bug: Bug, arch: str, qemu: Path, started: float) -> Outcome:
 
     from testbed.fuzz.corpus import load
     from testbed.fuzz.run import replay
+    from testbed.fuzz.triage import evidence as finding_evidence
 
     names = [s.removeprefix(CORPUS_TEST).rstrip("]") for s in bug.scenarios if CORPUS_TEST in s]
     name = next((n for n in names if n.startswith(f"{arch}-")), names[0])
     case, _recorded = load(CORPUS_DIR / f"{name}.json")
     if case.arch != arch:
         case = dataclasses.replace(case, arch=arch)
-    found = replay(case, qemu)
-    exits = [f.exit for f in found if f.exit != "running"]
-    evidence = Evidence(
-        "\n".join(f"{f.signature}\n{f.text}" for f in found) or "(no finding)",
-        exits[0] if exits else "running",
-        bug.id
-        if bug.observable and any(f.kind in ("silent", "leak", "hang") for f in found)
-        else None,
-    )
+    evidence = finding_evidence(replay(case, qemu), bug)
     status = REPRODUCED if bug.matches(evidence) else NOT_REPRODUCED
     return Outcome(bug.id, arch, status, evidence, time.monotonic() - started, f"corpus {name}")
 
@@ -603,7 +596,7 @@ def _rerun(bug: Bug, arch: str, started: float) -> Outcome:
     # The scenario's known-bug mark already matched the signature when it says xfailed;
     # its message is "known bug <id> on QEMU <v>: <headline>".
     headline = result.message.partition(": ")[2] or result.message
-    evidence = Evidence(headline, bug.exit if result.outcome == "xfailed" else "running")
+    evidence = Evidence.gather([headline], bug.exit if result.outcome == "xfailed" else RUNNING)
     status = REPRODUCED if result.outcome == "xfailed" and bug.matches(evidence) else NOT_REPRODUCED
     log.info("rerun %s: %s", nodeid, result.summary())
     return Outcome(bug.id, arch, status, evidence, time.monotonic() - started, nodeid)

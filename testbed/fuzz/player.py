@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from testbed.fuzz.grammar import (
 )
 from testbed.fuzz.grammar import encode as encode_action
 from testbed.fuzz.oracle import MapModel
+from testbed.host.kernel_log import segfault_site
 from testbed.limits import MAX_SHMEM_REGIONS, PAGE_SIZE
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import behind_root_port_options, root_port_id
@@ -69,10 +69,6 @@ STEP_TIMEOUT = 3.0
 START_TIMEOUT = 10.0
 DRIVER_OK_TIMEOUT = 1.0
 FD_SETTLE = 0.3
-_SEGFAULT = re.compile(
-    r"\[(?P<pid>\d+)\]: segfault at (?P<addr>[0-9a-f]+) ip (?P<ip>[0-9a-f]+) .*? in "
-    r"(?P<binary>[\w.+-]+)\[(?P<offset>[0-9a-f]+)[,+]"
-)
 
 
 @dataclass
@@ -285,28 +281,6 @@ def fd_kind(target: str) -> str:
     if found:
         return found[1]
     return re.sub(r"\d+", "N", target.removesuffix(" (deleted)"))
-
-
-def segfault_site(pid: int | None, timeout: float = 2.0) -> dict[str, str]:
-    """The kernel's "segfault at ... ip ... in qemu-system-X[offset,...]" line for ``pid``
-    (dmesg; empty when the kernel log is not readable)."""
-    if pid is None:
-        return {}
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            out = subprocess.run(
-                ["dmesg"], capture_output=True, text=True, timeout=timeout, check=False
-            ).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return {}
-        for line in reversed(out.splitlines()):
-            found = _SEGFAULT.search(line)
-            if found and int(found["pid"]) == pid:
-                return {k: found[k] for k in ("binary", "offset", "ip", "addr")}
-        if time.monotonic() > deadline:
-            return {}
-        time.sleep(0.05)  # the kernel's line lands just after the signal: bounded poll
 
 
 # -- playing ---------------------------------------------------------------------------------
