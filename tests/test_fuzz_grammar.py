@@ -26,7 +26,8 @@ from testbed.fuzz.grammar import (
     states_for,
 )
 from testbed.fuzz.oracle import MapModel
-from testbed.fuzz.player import Observation, PlayResult
+from testbed.fuzz.player import fd_kind
+from testbed.fuzz.result import Observation, PlayResult
 from testbed.fuzz.triage import ddmin, draft_entry, evidence, findings, slug
 from testbed.vhost_user.protocol import BackendRequest
 
@@ -260,8 +261,6 @@ def test_fd_growth_is_a_leak_finding_and_summed(tmp_path: Path) -> None:
 
 
 def test_fd_kinds_name_what_grew_without_numbers() -> None:
-    from testbed.fuzz.player import fd_kind
-
     assert fd_kind("/memfd:testbed-fuzz (deleted)") == "the back-end's memfd"
     assert fd_kind("anon_inode:[eventfd]") == "eventfd"
     assert fd_kind("socket:[1234]") == "socket"

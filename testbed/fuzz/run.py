@@ -17,7 +17,8 @@ from typing import Any
 from testbed.fuzz import corpus
 from testbed.fuzz.generator import generate
 from testbed.fuzz.grammar import Case
-from testbed.fuzz.player import PlayResult, play
+from testbed.fuzz.player import play
+from testbed.fuzz.result import PlayResult
 from testbed.fuzz.triage import Finding, draft_entry, findings, minimise, slug
 
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from testbed.bugs import Bug, registry
 from testbed.bugs.signature import RUNNING, Evidence, assertion, crash_site, exit_of, exited_line
 from testbed.fuzz.grammar import Action, Case, Offer, ShmemConfig
-from testbed.fuzz.player import PlayResult
+from testbed.fuzz.result import PlayResult
 from testbed.limits import PAGE_SIZE
 
 T = TypeVar("T")
