@@ -18,7 +18,8 @@ from typing import Any
 
 from testbed.bugs import Bug, lookup
 from testbed.bugs import standalone as standalone_module
-from testbed.bugs.recipes import RECIPES, Outcome, run_recipe
+from testbed.bugs.recipes import RECIPES
+from testbed.bugs.runner import Outcome, run_recipe
 from testbed.errors import ConfigError, TestbedError
 from testbed.machine.cmdline import format_command
 
