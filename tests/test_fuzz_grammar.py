@@ -30,6 +30,7 @@ from testbed.fuzz.player import fd_kind
 from testbed.fuzz.result import Observation, PlayResult
 from testbed.fuzz.triage import ddmin, draft_entry, evidence, findings, slug
 from testbed.vhost_user.protocol import BackendRequest
+from testbed.waiting import Deadline
 
 M = 1 << 20
 MAP, UNMAP = int(BackendRequest.SHMEM_MAP), int(BackendRequest.SHMEM_UNMAP)
@@ -239,12 +240,13 @@ def test_fd_growth_is_a_leak_finding_and_summed(tmp_path: Path) -> None:
 
     campaign = Campaign("x86_64", Path("/q"), "11.1.3", 1, 60.0, tmp_path, minimise=False)
     clean = generate("x86_64", 1, 0)
-    campaign._account(clean, PlayResult(clean, fds_before=20, fds_after=20), 0.0)
+    no_time = Deadline(0.0)
+    campaign._account(clean, PlayResult(clean, fds_before=20, fds_after=20), no_time)
     grown = generate("x86_64", 1, 1)
     text = "QEMU holds 2 more fd(s) after the case than before it (replies bent: X)"
     result = PlayResult(grown, fds_before=20, fds_after=22)
     result.observations.append(Observation("leak", text, "after-driver-ok", "X"))
-    campaign._account(grown, result, 0.0)
+    campaign._account(grown, result, no_time)
     summary = campaign.summary()
     assert summary["fds"] == {
         "cases_counted": 2,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,6 +17,7 @@ from testbed.bugs.signature import RUNNING, Evidence, assertion, crash_site, exi
 from testbed.fuzz.grammar import Action, Case, Offer, ShmemConfig
 from testbed.fuzz.result import PlayResult
 from testbed.limits import PAGE_SIZE
+from testbed.waiting import Deadline
 
 T = TypeVar("T")
 
@@ -166,12 +166,12 @@ def minimise(
     case: Case, signature: str, replay: Replay, *, tries: int = 30, seconds: float = 60.0
 ) -> tuple[Case, int]:
     """The smallest case found that still shows ``signature``, and the replays it took."""
-    deadline = time.monotonic() + seconds
+    time_left = Deadline(seconds)
     budget = [tries]
     used = [0]
 
     def shows(candidate: Case) -> bool:
-        if time.monotonic() > deadline:
+        if time_left.expired:
             budget[0] = 0
             return False
         used[0] += 1
