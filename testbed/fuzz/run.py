@@ -5,6 +5,7 @@ signature (the case, the minimised case, reproduce.sh, a draft registry entry); 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shlex
 import sys
@@ -66,18 +67,17 @@ class Campaign:
         self.outdir.mkdir(parents=True, exist_ok=True)
         self._cases_log = (self.outdir / "cases.jsonl").open("w")
         started = time.monotonic()
-        budget = Deadline(self.seconds)  # the campaign's time, not a wait for anything
-        index = 0
+        # The campaign's time: cases are played until it is spent (not a wait for anything).
+        budget = Deadline(self.seconds)
         try:
-            while not budget.expired:
-                if self.max_cases is not None and index >= self.max_cases:
+            for index in itertools.count():
+                if budget.expired or (self.max_cases is not None and index >= self.max_cases):
                     break
                 case = generate(self.arch, self.seed, index)
                 result = play(case, self.qemu)
                 self.cases += 1
                 self._account(case, result, budget)
-                index += 1
-                if progress and index % 50 == 0:
+                if progress and self.cases % 50 == 0:
                     rate = self.cases / max(1e-9, time.monotonic() - started) * 60
                     print(
                         f"  {self.arch}: {self.cases} cases, {len(self.seen)} signatures, "
