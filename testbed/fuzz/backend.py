@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +16,11 @@ from testbed.fuzz.grammar import U64_MASK, Case, ReplyKind, ReplyMutation, Shmem
 from testbed.limits import MAX_SHMEM_REGIONS, PAGE_SIZE
 from testbed.vhost_user.backend import Backend, offer
 from testbed.vhost_user.backend.dispatch import Dispatcher
-from testbed.vhost_user.backend.handlers import DeviceHandler, Reply
+from testbed.vhost_user.backend.handlers import Reply
 from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.connection import Message
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import FLAG_REPLY, VERSION, Header, Request
-from testbed.vhost_user.trace import Trace, TraceEntry
 
 MEMFD_NAME = "testbed-fuzz"
 """The name of every memfd the fuzzer makes: /proc/PID/fd shows it as /memfd:testbed-fuzz."""
@@ -33,17 +30,9 @@ class FuzzDispatcher(Dispatcher):
     """The back-end's dispatcher with the case's reply mutations and its own
     GET_SHMEM_CONFIG reply (any nregions, sizes, padding, truncation, extra bytes, flags)."""
 
-    def __init__(
-        self,
-        device: DeviceHandler,
-        trace: Trace,
-        lock: threading.Condition,
-        notify: Callable[[TraceEntry], None],
-        *,
-        case: Case,
-        mutations: tuple[ReplyMutation, ...],
-    ) -> None:
-        super().__init__(device, trace, lock, notify)
+    def __init__(self, *wiring: Any, case: Case, mutations: tuple[ReplyMutation, ...]) -> None:
+        # ``wiring``: what the back-end built its own dispatcher with (Dispatcher.build_like).
+        super().__init__(*wiring)
         self.case = case
         self.mutations = {(m.request, m.nth): m for m in mutations}
         self.counts: dict[int, int] = {}

@@ -52,15 +52,11 @@ class Dispatcher:
         self._notify = notify
         self.violations: list[Violation] = []  # guarded by the lock
 
-    def build_like(
-        self,
-        make: Callable[
-            [DeviceHandler, Trace, threading.Condition, Callable[[TraceEntry], None]], D
-        ],
-    ) -> D:
-        """The dispatcher ``make(device, trace, lock, notify)`` builds, wired to this one's
-        device, trace, lock and waiters: how Backend's ``wrap_dispatcher`` hook puts a
-        subclass in this one's place (the fuzzer's, which bends replies)."""
+    def build_like(self, make: Callable[..., D]) -> D:
+        """The dispatcher ``make`` builds (a subclass, or a partial of one) from what this
+        one was built with -- its device, trace, lock and waiters: how Backend's
+        ``wrap_dispatcher`` hook puts a subclass in this one's place (the fuzzer's, which
+        bends replies), without knowing that list."""
         return make(self.device, self.trace, self._lock, self._notify)
 
     def send(
