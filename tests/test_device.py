@@ -145,6 +145,14 @@ def test_pack_is_the_one_packing_rule() -> None:
     assert limits.pack({}) == []
 
 
+def test_size_predicates() -> None:
+    assert limits.is_page_multiple(0) and limits.is_page_multiple(3 * PAGE_SIZE)
+    assert not limits.is_page_multiple(PAGE_SIZE + 1)
+    assert limits.is_power_of_2(4 * M) and not limits.is_power_of_2(3 * M)
+    assert not limits.is_power_of_2(0)
+    assert limits.max_regions(False) == 3 and limits.max_regions(True) == 1
+
+
 def test_capacity_by_bus_position(tmp_path: Path) -> None:
     sock = tmp_path / "vu.sock"
     three = {0: 2 * M, 1: 2 * M, 2: 4 * M}

@@ -246,7 +246,7 @@ class ShmemConfig:
             out.append(f"nregions {nregions} with {self.count} non-zero size")
         nonzero = {k: v for k, v in self.sizes.items() if v}
         for shmid, size in sorted(nonzero.items()):
-            if size % limits.PAGE_SIZE:
+            if not limits.is_page_multiple(size):
                 out.append(f"region {shmid} size {size} not a page multiple")
         total = sum(nonzero.values())
         if nonzero and not limits.is_power_of_2(total):
