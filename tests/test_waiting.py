@@ -72,7 +72,7 @@ def test_wait_on_is_woken_by_the_change() -> None:
     started = time.monotonic()
     wait_on(cond, lambda: state["done"], 5.0, "x")
     assert time.monotonic() - started < 2.0
-    with pytest.raises(WaitTimeout, match="never did not happen.*; last seen: nothing"):
+    with pytest.raises(WaitTimeout, match=r"never did not happen.*; last seen: nothing"):
         wait_on(cond, lambda: False, 0.05, "never", seen=lambda: "nothing")
 
 
