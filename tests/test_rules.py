@@ -142,19 +142,19 @@ def test_a_sound_map_and_unmap_break_no_range_rule() -> None:
     assert rules_of(shm_offset=0, length=8 * PAGE) == []  # the whole region
 
 
-@pytest.mark.parametrize("request_", [MAP, UNMAP])
+@pytest.mark.parametrize("request_", [MAP, UNMAP], ids=["map", "unmap"])
 def test_shmid_not_served(request_: int) -> None:
     (problem,) = shmem_map_problems(request_, 7, 0, 0, U64_MAX, REGIONS, {})
     assert problem.rule is MapRule.SHMID  # nothing else is judged without a region
     assert "shmid 7 is not in the served config" in problem.detail
 
 
-@pytest.mark.parametrize("request_", [MAP, UNMAP])
+@pytest.mark.parametrize("request_", [MAP, UNMAP], ids=["map", "unmap"])
 def test_length_zero(request_: int) -> None:
     assert rules_of(request_, length=0) == [MapRule.LENGTH]
 
 
-@pytest.mark.parametrize("request_", [MAP, UNMAP])
+@pytest.mark.parametrize("request_", [MAP, UNMAP], ids=["map", "unmap"])
 def test_range_past_the_region(request_: int) -> None:
     assert rules_of(request_, shm_offset=7 * PAGE, length=2 * PAGE) == [MapRule.RANGE]
     assert rules_of(request_, shm_offset=U64_MAX - PAGE + 1, length=PAGE) == [MapRule.RANGE]
