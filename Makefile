@@ -72,6 +72,7 @@ lint: setup
 	$(BIN)/ruff check testbed tests scenarios scripts
 	$(BIN)/ruff format --check testbed tests scenarios scripts
 	$(BIN)/mypy
+	$(BIN)/mypy scenarios/soak/conftest.py
 
 clean:
 	rm -rf $(RESULTS) .pytest_cache .mypy_cache .ruff_cache

@@ -16,11 +16,11 @@ from collections.abc import Callable
 import pytest
 
 from testbed.bugs.marks import known_bug
+from testbed.bugs.signature import crash_site
 from testbed.device import VhostUserDevice
 from testbed.errors import QemuExited, QmpCommandFailed
-from testbed.fuzz.player import segfault_site
-from testbed.fuzz.triage import crash_site
 from testbed.guest.datapath import GuestDevice, looks_unmapped
+from testbed.host.kernel_log import segfault_site
 from testbed.pytest_plugin import Boot
 from testbed.vhost_user.backend import DisconnectKind
 from testbed.vhost_user.faults import Faults
@@ -166,6 +166,6 @@ def test_backend_hangs_up_when_channel_closes_during_unplug(boot: Boot) -> None:
 def _crash_site(vm: GuestVM, exc: QemuExited) -> str:
     """Where QEMU died: its assertion, else the faulting instruction's offset in the binary
     from the host kernel log ("qemu-system-x86_64+0x..."; empty when dmesg is not
-    readable), as testbed fuzz's triage names a crash site."""
+    readable), as the registry and testbed fuzz's triage name a crash site."""
     segfault = segfault_site(vm.machine.pid) if vm.machine is not None else {}
     return crash_site(exc.stderr_tail, segfault)

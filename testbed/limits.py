@@ -1,7 +1,8 @@
 """What QEMU 11.1.3 accepts for a shared-memory layout, and how it packs BAR 4 (pure).
 
 The one home of these rules: the device model validates with them before anything starts,
-and the verdict computes what the guest should see with them. Each rule is a measured fact
+the verdict computes what the guest should see with them, and the fuzzer judges the configs
+it serves with them. Each rule is a measured fact
 (platform facts; hw/virtio/vhost-user-base.c and hw/virtio/virtio-pci.c):
 
 - BAR 4 is one 64-bit prefetchable memory BAR whose size is the sum of the regions; the
@@ -50,6 +51,11 @@ def is_power_of_2(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
 
+def is_page_multiple(size: int) -> bool:
+    """A region size QEMU takes: a whole number of pages."""
+    return size % PAGE_SIZE == 0
+
+
 def region_problems(regions: Mapping[int, int]) -> list[str]:
     """What QEMU 11.1.3 would refuse or abort on in a layout, one sentence each; [] = fine."""
     problems: list[str] = []
@@ -60,7 +66,7 @@ def region_problems(regions: Mapping[int, int]) -> list[str]:
             problems.append(f"shmid {shmid} out of range 0..{MAX_SHMEM_REGIONS - 1}")
         if size <= 0:
             problems.append(f"region {shmid}: size {size} must be > 0")
-        elif size % PAGE_SIZE:
+        elif not is_page_multiple(size):
             problems.append(
                 f"region {shmid}: size {size} is not a multiple of the page size "
                 f"({PAGE_SIZE}); QEMU refuses it"

@@ -237,11 +237,11 @@ class GuestVM:
     def close(self, failed: bool = False) -> None:
         """Idempotent teardown, in reverse order; keeps the evidence when ``failed``. A
         signal during it only cuts the graceful parts short (testbed.teardown)."""
-        if self._closed:
-            return
-        self._closed = True
-        log.info("tearing down %s guest (%s)", self.arch, "failed" if failed else "ok")
-        with Teardown(failed) as t:
+        with Teardown(failed) as t:  # first: a signal from here on is deferred
+            if self._closed:
+                return
+            self._closed = True
+            log.info("tearing down %s guest (%s)", self.arch, "failed" if failed else "ok")
             if failed and self._guest is not None and self.logdir is not None:
                 t.step("collecting dmesg", self._save_dmesg, graceful=True)
             if self._guest is not None:

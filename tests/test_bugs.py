@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from testbed.bugs import Bug, Evidence, KnownBugSeen, exit_of, lookup, registry
+from testbed.bugs.signature import crash_site, segfault_in_log
 from testbed.errors import ConfigError, QemuExited
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +65,44 @@ def test_exit_of() -> None:
     assert exit_of(-6) == "signal:SIGABRT"
     assert exit_of(-11) == "signal:SIGSEGV"
     assert exit_of(1) == "status:1"
+    assert exit_of(None) == "running"
+
+
+def test_the_kernel_log_gives_a_segfault_site() -> None:
+    log = (
+        "[  1.0] other[77]: segfault at 0 ip 0000 sp 0 error 4 in other[1234,5000+1000]\n"
+        "[  2.0] qemu-system-x86_64[4242]: segfault at 0 ip 00005555 sp 00007ffc error 4 in "
+        "qemu-system-x86_64[9cadd4,555555400000+a00000] likely on CPU 1\n"
+    )
+    site = segfault_in_log(log, 4242)
+    assert site == {
+        "binary": "qemu-system-x86_64", "offset": "9cadd4", "ip": "00005555", "addr": "0"
+    }  # fmt: skip
+    assert segfault_in_log(log, 4243) == {}
+    assert crash_site("", site) == "qemu-system-x86_64+0x9cadd4"
+    assert crash_site("vub_get_features: assertion failed: (backend_features)\n", site) == (
+        "vub_get_features: assertion failed: (backend_features)"
+    )
+    assert crash_site("", {}) == ""
+
+
+def test_evidence_is_gathered_one_way() -> None:
+    gathered = Evidence.gather(["stderr line", "QEMU exited (signal:SIGSEGV)"], -11)
+    assert gathered == Evidence("stderr line\nQEMU exited (signal:SIGSEGV)", "signal:SIGSEGV")
+    assert Evidence.gather(["x"]).exit == "running"
+    assert Evidence.gather(["x"], "status:1", names="a-bug", where="SHMEM_MAP@device-reset") == (
+        Evidence("x", "status:1", "a-bug", "SHMEM_MAP@device-reset")
+    )
+
+
+def test_fuzz_where_places_a_shared_signature() -> None:
+    bug = lookup("shmem-map-stopped-device-segfault")
+    seen = Evidence.gather(["in SHMEM_MAP", "QEMU exited (signal:SIGSEGV)"], -11)
+    assert bug.matches(seen), "outside the fuzzer no place is known: the signature decides"
+    there = Evidence.gather([seen.text], -11, where="SHMEM_MAP@before-driver-ok")
+    elsewhere = Evidence.gather([seen.text], -11, where="SHMEM_MAP@after-driver-ok")
+    assert bug.matches(there)
+    assert not bug.matches(elsewhere)
 
 
 def test_a_crash_matches_by_stderr_and_exit() -> None:

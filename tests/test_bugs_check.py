@@ -11,7 +11,7 @@ import pytest
 
 from testbed.bugs import lookup, registry
 from testbed.bugs.export import export
-from testbed.bugs.recipes import run_recipe
+from testbed.bugs.runner import run_recipe
 from testbed.cli import main
 from testbed.errors import TestbedError
 from testbed.host.qemu import QemuBinary, resolve_qemu

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,14 +26,17 @@ from testbed.machine import (
 from testbed.machine.cmdline import (
     attach_options,
     bare_command,
+    behind_root_port_options,
     build_qtest_command,
     kernel_command_line,
+    root_port_option,
 )
 from testbed.machine.probe import parse_mtree_shmem
+from testbed.machine.qtest import acpi_eject, open_root_port
 from testbed.paths import make_private_dir, remove_tree
 
 
-def config(arch: str = "x86_64", **kw: object) -> MachineConfig:
+def config(arch: str = "x86_64", **kw: Any) -> MachineConfig:
     base = MachineConfig(
         arch=arch,
         qemu=Path(f"/q/qemu-system-{arch}"),
@@ -44,7 +48,7 @@ def config(arch: str = "x86_64", **kw: object) -> MachineConfig:
         ssh_port=40022,
         kernel_cmdline="quiet rdinit=/init",
     )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def option_values(argv: list[str], option: str) -> list[str]:
@@ -178,6 +182,55 @@ def test_tcg_only_kernel_args_come_before_extras_and_only_under_tcg() -> None:
     assert "noapictimer" not in kernel_command_line(config("aarch64")).split()
 
 
+def test_root_port_option_is_the_same_for_guests_and_guest_less_qemus() -> None:
+    assert root_port_option(0, "pcie.0", 8) == "pcie-root-port,id=rp0,bus=pcie.0,addr=0x8,chassis=1"
+    assert (
+        root_port_option(1, "pcie.0", 9, 64 * 1024 * 1024)
+        == "pcie-root-port,id=rp1,bus=pcie.0,addr=0x9,chassis=2,pref64-reserve=64M"
+    )
+    device = VhostUserDevice("vu0", Path("/run/x/vu.sock"), bus="rp0", addr=0)
+    for arch in ("x86_64", "aarch64"):
+        assert behind_root_port_options(arch, device) == [
+            "-device",
+            "pcie-root-port,id=rp0,bus=pcie.0,addr=0x8,chassis=1",
+            "-chardev",
+            "socket,id=vu0,path=/run/x/vu.sock",
+            "-device",
+            "vhost-user-test-device-pci,id=vu0-dev,chardev=vu0,virtio-id=26,num_vqs=1,"
+            "bus=rp0,addr=0x0",
+        ]
+
+
+class PortsOnly:
+    """A qtest client that records port writes and reads every port as 0."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int]] = []
+
+    def outl(self, port: int, value: int) -> None:
+        self.writes.append((port, value))
+
+    def inl(self, port: int) -> int:
+        return 0
+
+
+def test_open_root_port_and_acpi_eject_write_what_a_q35_guest_writes() -> None:
+    qtest = PortsOnly()
+    function = open_root_port(qtest, "x86_64")  # type: ignore[arg-type]
+    port = 0x80000000 | (8 << 11)  # 00:08.0, the profile's first root-port slot
+    assert qtest.writes == [
+        (0xCF8, port | 0x18), (0xCFC, 0x00010100),  # buses: primary 0, secondary 1
+        (0xCF8, port | 0x24), (0xCFC, (0xEFF1 << 16) | 0xC001),  # prefetchable window
+        (0xCF8, port | 0x28), (0xCFC, 0),
+        (0xCF8, port | 0x2C), (0xCFC, 0),
+        (0xCF8, port | 0x04), (0xCF8, port | 0x04), (0xCFC, 0x6),  # memory + bus master
+    ]  # fmt: skip
+    assert function._cfg_addr(0x10) == 0x80000000 | (1 << 16) | 0x10  # 01:00.0
+    qtest.writes.clear()
+    acpi_eject(qtest)  # type: ignore[arg-type]
+    assert qtest.writes == [(0xCC0 + 0x10, 0), (0xCC0 + 0x08, 1)]
+
+
 def test_root_ports_and_vhost_user_devices() -> None:
     devs = (
         VhostUserDevice("vu0", Path("/run/x/vu0.sock")),
@@ -247,7 +300,7 @@ def test_explicit_slot_is_skipped_by_automatic_assignment() -> None:
         ),
     ],
 )
-def test_invalid_configs_are_refused(changes: dict[str, object], message: str) -> None:
+def test_invalid_configs_are_refused(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_command(config(**changes))
 
@@ -271,7 +324,7 @@ def rundir() -> Iterator[Path]:
     remove_tree(path)
 
 
-def spin_config(rundir: Path, **kw: object) -> MachineConfig:
+def spin_config(rundir: Path, **kw: Any) -> MachineConfig:
     """aarch64 virt boots a raw image at the kernel address: one `b .` spins forever."""
     if not AARCH64_QEMU.exists():
         pytest.skip(f"no provisioned QEMU at {AARCH64_QEMU}: run `testbed qemu provision`")
@@ -289,7 +342,7 @@ def spin_config(rundir: Path, **kw: object) -> MachineConfig:
         memory_mib=128,
         rng=False,
     )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def pid_alive(pid: int) -> bool:

@@ -145,16 +145,28 @@ def test_pack_is_the_one_packing_rule() -> None:
     assert limits.pack({}) == []
 
 
+def test_size_predicates() -> None:
+    assert limits.is_page_multiple(0) and limits.is_page_multiple(3 * PAGE_SIZE)
+    assert not limits.is_page_multiple(PAGE_SIZE + 1)
+    assert limits.is_power_of_2(4 * M) and not limits.is_power_of_2(3 * M)
+    assert not limits.is_power_of_2(0)
+    assert limits.max_regions(False) == 3 and limits.max_regions(True) == 1
+
+
 def test_capacity_by_bus_position(tmp_path: Path) -> None:
     sock = tmp_path / "vu.sock"
     three = {0: 2 * M, 1: 2 * M, 2: 4 * M}
-    VhostUserDevice("vu0", sock, three)  # the root bus takes three
+    two = ShmemLayout({0: 2 * M, 1: 2 * M})
+    VhostUserDevice("vu0", sock, ShmemLayout(three))  # the root bus takes three
     with pytest.raises(ConfigError, match="fits 3 on the root bus"):
-        VhostUserDevice("vu0", sock, {**three, 3: 8 * M})
+        VhostUserDevice("vu0", sock, ShmemLayout({**three, 3: 8 * M}))
     with pytest.raises(ConfigError, match="fits 1 behind a root port"):
-        VhostUserDevice("hp1", sock, {0: 2 * M, 1: 2 * M}, bus="rp0")
-    overfull = VhostUserDevice("hp1", sock, {0: 2 * M, 1: 2 * M}, bus="rp0", allow_overfull=True)
+        VhostUserDevice("hp1", sock, two, bus="rp0")
+    overfull = VhostUserDevice("hp1", sock, two, bus="rp0", allow_overfull=True)
     assert overfull.behind_root_port
+    # Placing a device checks again: two regions fit the root bus, not a root port.
+    with pytest.raises(ConfigError, match="fits 1 behind a root port"):
+        VhostUserDevice.of(two).placed("hp1", sock, "rp0")
 
 
 @pytest.mark.parametrize(
@@ -177,7 +189,7 @@ def test_device_rejects(tmp_path: Path, options: dict[str, object], message: str
 def test_device_options_and_qmp_arguments(tmp_path: Path) -> None:
     sock = tmp_path / "vu.sock"
     device = VhostUserDevice(
-        "hp1", sock, {0: 4 * M}, virtio_id=2, vq_size=128, config_size=60, bus="rp0",
+        "hp1", sock, ShmemLayout({0: 4 * M}), virtio_id=2, vq_size=128, config_size=60, bus="rp0",
         reconnect_ms=200,
     )  # fmt: skip
     assert device.device_id == "hp1-dev"

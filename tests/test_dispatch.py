@@ -12,9 +12,8 @@ import pytest
 
 from testbed.device import ShmemLayout
 from testbed.paths import make_private_dir, remove_tree
-from testbed.vhost_user.backend import Backend, Violation
+from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.backend.offer import BASE_PROTOCOL_FEATURES, DEVICE_FEATURES
-from testbed.vhost_user.backend.rules import NEEDS, Negotiation, check
 from testbed.vhost_user.connection import connect
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
@@ -30,6 +29,7 @@ from testbed.vhost_user.protocol import (
     VringFile,
     VringState,
 )
+from testbed.vhost_user.rules import NEEDS, Negotiation, Violation, check_request
 
 R = Request
 P = ProtocolFeature
@@ -48,7 +48,7 @@ def rules_broken(
     need_reply: bool = False,
     is_reply: bool = False,
 ) -> list[str]:
-    found = check(
+    found = check_request(
         request, need_reply=need_reply, is_reply=is_reply, nfds=nfds, payload=payload, n=n
     )
     assert all(v.request == request.name for v in found)

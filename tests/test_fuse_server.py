@@ -318,7 +318,7 @@ def test_configuration_is_checked(share: Path, tmp_path: Path) -> None:
         {"tag": "t", "max_pages": 0},
     ):
         with pytest.raises(ConfigError):
-            FuseServer(share, **kwargs)  # type: ignore[arg-type]
+            FuseServer(share, **kwargs)
     with pytest.raises(ConfigError, match="2097152"):
         FuseServer(share, mapper, tag="t", window_size=MiB)
     with pytest.raises(ConfigError, match="fuse_dax_check_alignment"):

@@ -189,7 +189,8 @@ def test_backend_survives_arbitrary_input_without_leaking_fds(sockdir: Path) -> 
 
 
 def test_backend_wrap_dispatcher_serves_every_request(sockdir: Path) -> None:
-    """The public hook the fuzzer bends replies through: the wrapped dispatcher answers."""
+    """The public hook the fuzzer bends replies through (Dispatcher.build_like): the
+    wrapped dispatcher answers."""
     from testbed.vhost_user.backend.dispatch import Dispatcher
 
     seen: list[Request] = []
@@ -200,7 +201,7 @@ def test_backend_wrap_dispatcher_serves_every_request(sockdir: Path) -> None:
             super().dispatch(s, msg, request)
 
     def wrap(base: Dispatcher) -> Dispatcher:
-        return Counting(base.device, base.trace, base._lock, base._notify)
+        return base.build_like(Counting)
 
     path = sockdir / "vu.sock"
     with Backend(path, ShmemLayout(), wrap_dispatcher=wrap) as backend:

@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
-from testbed.bugs import Bug
+from testbed.bugs import Bug, lookup
+from testbed.bugs.signature import crash_site
 from testbed.fuzz.generator import generate
 from testbed.fuzz.grammar import (
     PATHS,
+    STOPPED_STATES,
     Action,
     BodyKind,
     Case,
@@ -24,9 +26,11 @@ from testbed.fuzz.grammar import (
     states_for,
 )
 from testbed.fuzz.oracle import MapModel
-from testbed.fuzz.player import Observation, PlayResult
-from testbed.fuzz.triage import crash_site, ddmin, draft_entry, findings, slug
+from testbed.fuzz.player import fd_kind
+from testbed.fuzz.result import Observation, PlayResult
+from testbed.fuzz.triage import ddmin, draft_entry, evidence, findings, slug
 from testbed.vhost_user.protocol import BackendRequest
+from testbed.waiting import Deadline
 
 M = 1 << 20
 MAP, UNMAP = int(BackendRequest.SHMEM_MAP), int(BackendRequest.SHMEM_UNMAP)
@@ -196,9 +200,15 @@ def test_draft_entry_is_a_valid_registry_entry(kind: str) -> None:
     [raw] = tomllib.loads(text)["bug"]
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     bug = Bug(**fields)
-    from testbed.bugs import Evidence
+    assert bug.matches(evidence([f], bug))
 
-    assert bug.matches(Evidence(f.text, f.exit, bug.id if bug.observable else None))
+
+def test_the_registry_places_the_stopped_device_segfault_where_the_grammar_stops_it() -> None:
+    """The registry's fuzz_where (data the triage reads through Bug.matches) names the
+    stopped states the grammar has: a SHMEM_MAP/UNMAP to a device that is not started."""
+    places = set(lookup("shmem-map-stopped-device-segfault").fuzz_where)
+    requests = ("SHMEM_MAP", "SHMEM_UNMAP")
+    assert places == {f"{r}@{s.value}" for r in requests for s in STOPPED_STATES}
 
 
 def test_map_oracle_without_shmem_negotiated() -> None:
@@ -230,12 +240,13 @@ def test_fd_growth_is_a_leak_finding_and_summed(tmp_path: Path) -> None:
 
     campaign = Campaign("x86_64", Path("/q"), "11.1.3", 1, 60.0, tmp_path, minimise=False)
     clean = generate("x86_64", 1, 0)
-    campaign._account(clean, PlayResult(clean, fds_before=20, fds_after=20), 0.0)
+    no_time = Deadline(0.0)
+    campaign._account(clean, PlayResult(clean, fds_before=20, fds_after=20), no_time)
     grown = generate("x86_64", 1, 1)
     text = "QEMU holds 2 more fd(s) after the case than before it (replies bent: X)"
     result = PlayResult(grown, fds_before=20, fds_after=22)
     result.observations.append(Observation("leak", text, "after-driver-ok", "X"))
-    campaign._account(grown, result, 0.0)
+    campaign._account(grown, result, no_time)
     summary = campaign.summary()
     assert summary["fds"] == {
         "cases_counted": 2,
@@ -252,8 +263,6 @@ def test_fd_growth_is_a_leak_finding_and_summed(tmp_path: Path) -> None:
 
 
 def test_fd_kinds_name_what_grew_without_numbers() -> None:
-    from testbed.fuzz.player import fd_kind
-
     assert fd_kind("/memfd:testbed-fuzz (deleted)") == "the back-end's memfd"
     assert fd_kind("anon_inode:[eventfd]") == "eventfd"
     assert fd_kind("socket:[1234]") == "socket"

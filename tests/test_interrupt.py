@@ -70,6 +70,7 @@ class Watched:
                 continue
             if line is None:
                 self.fail(f"stderr closed before a line matching {pattern.pattern!r}")
+            assert line is not None
             self.lines.append(line)
             if pattern.search(line):
                 return line
@@ -129,7 +130,9 @@ class Watched:
             self.wait_exit_quietly()
         self._drain()
         tail = "".join(line for line in self.lines[-400:] if "qemu.qmp" not in line)
-        pytest.fail(f"{' '.join(map(str, self.proc.args))}: {why}\n--- stderr ---\n{tail}")
+        args = self.proc.args
+        words = args if isinstance(args, list | tuple) else [args]
+        pytest.fail(f"{' '.join(str(w) for w in words)}: {why}\n--- stderr ---\n{tail}")
 
 
 @pytest.fixture

@@ -28,73 +28,20 @@ from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import (
     REPLY_REQUESTS,
     U64,
-    BackendRequest,
     Header,
-    MMap,
     ProtocolFeature,
     Request,
-    ShMemConfig,
 )
-from testbed.vhost_user.relay import (
+from testbed.vhost_user.relay import Relay
+from testbed.vhost_user.rules import (
     OLD_SHMEM_DETAIL,
     SHMEM,
-    Relay,
-    check_channel_request,
-    check_offer,
-    check_reply,
-    expects_reply,
 )
 from testbed.vhost_user.shmem import Memfd
 from testbed.vhost_user.trace import TraceEntry
 
 M = 1 << 20
 TIMEOUT = 20.0
-
-
-# --- pure checks --------------------------------------------------------------------------
-
-
-def test_bit_21_is_reported_by_name() -> None:
-    (v,) = check_offer(1 << 21)
-    assert v.detail == OLD_SHMEM_DETAIL
-    assert check_offer(SHMEM) == []
-    assert check_offer((1 << 21) | SHMEM) == []
-
-
-def test_reply_checks() -> None:
-    req = Header.make(Request.GET_FEATURES, 0)
-    good = Header.make(Request.GET_FEATURES, 8, reply=True)
-    assert check_reply(req, good, U64(1).pack(), 0) == []
-    rules = {v.rule for v in check_reply(req, Header(1, 1, 4), b"\0" * 4, 1)}
-    assert rules == {"reply-flag", "reply-size", "fds"}
-    assert check_reply(None, good, U64(1).pack(), 0)[0].rule == "unsolicited"
-    other = Header.make(Request.GET_QUEUE_NUM, 8, reply=True)
-    assert check_reply(req, other, U64(1).pack(), 0)[0].rule == "reply-order"
-    bad_config = ShMemConfig(2, ShMemConfig.from_regions({0: 4096}).sizes).pack()
-    shm_req = Header.make(Request.GET_SHMEM_CONFIG, 0)
-    shm_reply = Header.make(Request.GET_SHMEM_CONFIG, len(bad_config), reply=True)
-    assert [v.rule for v in check_reply(shm_req, shm_reply, bad_config, 0)] == ["shmem-config"]
-
-
-def test_expects_reply() -> None:
-    assert expects_reply(Header.make(Request.GET_FEATURES, 0), 0)
-    set_owner = Header.make(Request.SET_OWNER, 0, need_reply=True)
-    assert not expects_reply(set_owner, 0)
-    assert expects_reply(set_owner, int(ProtocolFeature.REPLY_ACK))
-
-
-def test_shmem_map_checks() -> None:
-    acked = SHMEM | int(ProtocolFeature.REPLY_ACK)
-    body = MMap(0, 0, 0, 4096, 1).pack()
-    head = Header.make(BackendRequest.SHMEM_MAP, len(body), need_reply=True)
-    assert check_channel_request(head, body, 1, acked, {0: 8192}) == []
-    found = check_channel_request(head, body, 0, int(ProtocolFeature.REPLY_ACK), {1: 8192})
-    assert {v.rule for v in found} == {"feature", "fds", "shmem-map"}
-    beyond = MMap(0, 0, 4096, 8192, 1).pack()
-    (v,) = check_channel_request(head, beyond, 1, acked, {0: 8192})
-    assert v.rule == "shmem-map" and "beyond" in v.detail
-    unmap = Header.make(BackendRequest.SHMEM_UNMAP, len(body), need_reply=True)
-    assert [v.rule for v in check_channel_request(unmap, body, 1, acked, {0: 8192})] == ["fds"]
 
 
 # --- QEMU <-> relay <-> Backend -----------------------------------------------------------

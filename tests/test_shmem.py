@@ -1,4 +1,4 @@
-"""Memfds and fault-injection options."""
+"""Memfds, fault-injection options and the GET_SHMEM_CONFIG body they bend."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import os
 
 import pytest
 
+from testbed.device import ShmemLayout
 from testbed.errors import ConfigError
 from testbed.limits import PAGE_SIZE
+from testbed.vhost_user.backend import offer
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import Request
+from testbed.vhost_user.protocol import SHMEM_CONFIG_SIZE, Request, ShMemConfig
 from testbed.vhost_user.shmem import Memfd
 
 M = 1 << 20
@@ -40,3 +42,18 @@ def test_faults_validation() -> None:
         Faults(delay_seconds=-1)
     with pytest.raises(ConfigError, match="without delay_seconds"):
         Faults(delay_request=Request.GET_SHMEM_CONFIG)
+
+
+def test_shmem_config_body_is_encoded_once_and_bent_after() -> None:
+    body = offer.shmem_config_body(ShmemLayout({0: 2 * M, 3: 2 * M}), Faults())
+    assert body == ShMemConfig.from_regions({0: 2 * M, 3: 2 * M}).pack()
+    assert len(body) == SHMEM_CONFIG_SIZE
+    assert offer.bend_shmem_config(body) == body
+    bent = offer.bend_shmem_config(body, nregions=(1 << 32) + 7, padding=-1)
+    assert bent[:8] == (7).to_bytes(4, "little") + b"\xff" * 4  # cut to the wire's u32s
+    assert bent[8:] == body[8:]
+    assert offer.bend_shmem_config(body, truncate=100, extra=3) == body[:100] + bytes(3)
+    raw = offer.shmem_config_body(ShmemLayout(), Faults(shmem_raw_sizes={5: 3}))
+    assert ShMemConfig.unpack(raw).regions == {5: 3}
+    four = offer.shmem_config_body(ShmemLayout({0: 2 * M}), Faults(shmem_nregions=4))
+    assert ShMemConfig.unpack(four).nregions == 4

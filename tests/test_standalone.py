@@ -16,7 +16,7 @@ from testbed.bugs import Evidence
 from testbed.bugs import standalone as sa
 from testbed.bugs.check import Row, exit_code, format_table
 from testbed.bugs.export import cmdline_text, render_repro
-from testbed.bugs.recipes import DOES_NOT_APPLY, NOT_REPRODUCED, REPRODUCED, Outcome
+from testbed.bugs.runner import DOES_NOT_APPLY, NOT_REPRODUCED, REPRODUCED, Outcome
 from testbed.paths import make_private_dir, remove_tree
 
 CRASH = {"stderr": r"pci_add_capability: Assertion `offset' failed", "exit": "signal:SIGABRT"}

@@ -216,7 +216,7 @@ def measure_coldplug(arch: str, accel: str) -> ColdplugRun:
     return ColdplugRun(done - started, observation, verdict)
 
 
-# -- hot-plug and the data path (testbed.hotplug, testbed.guest.datapath) -------------------
+# -- hot-plug and the data path (testbed.plugging, testbed.guest.datapath) ------------------
 
 HOTPLUG_LAYOUT: Mapping[int, int] = {0: 4 * MIB}
 # scenarios/test_datapath.py's set-up: a 64 KiB memfd mapped at 1 MiB into region 1.

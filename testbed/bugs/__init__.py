@@ -3,13 +3,13 @@
 Pure: no QEMU, no I/O beyond reading the data file. A scenario names the bug it shows by
 id; the pytest plugin turns its failure into an expected failure only when the bug's
 signature is in the evidence (QEMU's stderr, its exit, the error text), and only on a QEMU
-version the registry lists.
+version the registry lists. The evidence and its words (exits, crash sites) are
+testbed.bugs.signature's: Evidence, KnownBugSeen and exit_of are re-exported here.
 """
 
 from __future__ import annotations
 
 import re
-import signal
 import tomllib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -17,57 +17,21 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from testbed.bugs.signature import Evidence, KnownBugSeen, exit_of
 from testbed.errors import ConfigError
+
+__all__ = [
+    "Bug",
+    "Evidence",
+    "KnownBugSeen",
+    "exit_of",
+    "lookup",
+    "registry",
+    "select",
+]
 
 REGISTRY = Path(__file__).with_name("registry.toml")
 _EXITS = re.compile(r"^(any|status:\d+|signal:SIG[A-Z0-9]+)$")
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """What a failed run showed: the text to match (error messages, QEMU's stderr tail)
-    and how QEMU ended ("signal:SIGABRT", "status:1", or "running")."""
-
-    text: str
-    exit: str = "running"
-    bug: str | None = None
-    """The registry id a scenario named when it raised KnownBugSeen."""
-
-    @classmethod
-    def of(cls, exc: BaseException) -> Evidence:
-        """Collect the evidence along an exception's chain (QemuExited keeps stderr)."""
-        from testbed.errors import QemuExited
-
-        texts: list[str] = []
-        exit_kind = "running"
-        seen: set[int] = set()
-        current: BaseException | None = exc
-        while current is not None and id(current) not in seen:
-            seen.add(id(current))
-            texts.append(str(current))
-            if isinstance(current, QemuExited):
-                texts.append(current.stderr_tail)
-                if current.returncode is not None and exit_kind == "running":
-                    exit_kind = exit_of(current.returncode)
-            current = current.__cause__ or current.__context__
-        named = exc.bug if isinstance(exc, KnownBugSeen) else None
-        return cls("\n".join(texts), exit_kind, named)
-
-    def headline(self) -> str:
-        """One line for reports: the most telling stderr/error line and the exit."""
-        lines = [ln.strip() for ln in self.text.splitlines() if ln.strip()]
-        telling = next((ln for ln in lines if "Assertion" in ln or "assertion" in ln), None)
-        return f"{telling or (lines[0] if lines else '(no message)')} [{self.exit}]"
-
-
-def exit_of(returncode: int) -> str:
-    """A Popen return code as the registry spells an exit."""
-    if returncode < 0:
-        try:
-            return f"signal:{signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"signal:{-returncode}"
-    return f"status:{returncode}"
 
 
 @dataclass(frozen=True)
@@ -88,6 +52,9 @@ class Bug:
     stderr: str = ""
     observable: str = ""
     source: tuple[str, ...] = field(default_factory=tuple)
+    fuzz_where: tuple[str, ...] = ()
+    """Where in a fuzz case ("<REQUEST>@<state>") this bug's trigger is: for a signature
+    others share (a segfault prints nothing), the fuzzer's finding elsewhere is not it."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", self.id):
@@ -109,11 +76,15 @@ class Bug:
         return version in self.versions
 
     def matches(self, evidence: Evidence) -> bool:
-        """The evidence shows this bug: its pattern and, if one is given, its exit. A silent
-        misbehaviour has no message of QEMU's to match: the scenario must name the bug."""
+        """The evidence shows this bug: its pattern and, if one is given, its exit (and, for
+        a fuzz finding, its place when ``fuzz_where`` names some). A silent misbehaviour has
+        no message of QEMU's to match: the scenario must name the bug."""
         if self.observable and evidence.bug != self.id:
             return False
         if evidence.bug is not None and evidence.bug != self.id:
+            return False
+        placed = self.fuzz_where and evidence.where is not None
+        if placed and evidence.where not in self.fuzz_where:
             return False
         if not self.pattern.search(evidence.text):
             return False
@@ -131,15 +102,6 @@ class Bug:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class KnownBugSeen(Exception):
-    """Raised by a scenario that observed a silent misbehaviour (QEMU accepted what it
-    should refuse): ``bug`` names the registry entry, the message says what was seen."""
-
-    def __init__(self, bug: str, seen: str) -> None:
-        super().__init__(f"{bug}: {seen}")
-        self.bug = bug
 
 
 def _load(path: Path) -> dict[str, Bug]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.bugs import lookup, select
-from testbed.bugs.recipes import DOES_NOT_APPLY, REPRODUCED, Outcome, run_recipe
+from testbed.bugs.runner import DOES_NOT_APPLY, REPRODUCED, Outcome, run_recipe
 
 
 @dataclass(frozen=True)

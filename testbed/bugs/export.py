@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed.artifacts import write_script
 from testbed.bugs import Bug, lookup
 from testbed.bugs import standalone as standalone_module
-from testbed.bugs.recipes import RECIPES, Outcome, run_recipe
+from testbed.bugs.recipes import RECIPES
+from testbed.bugs.runner import Outcome, run_recipe
 from testbed.errors import ConfigError, TestbedError
 from testbed.machine.cmdline import format_command
 
@@ -163,13 +165,9 @@ def export(bug_id: str, directory: Path, arch: str | None, qemu: Path, version: 
             f"{bug.id} did not reproduce on {qemu} ({arch}): saw {seen}; nothing exported"
         )
     script = recorded.script
-    files = {
-        "README.md": readme_text(bug, script, outcome, version),
-        "qemu-cmdline.txt": cmdline_text(script),
-        "repro.py": render_repro(script),
-    }
-    for name, text in files.items():
-        (directory / name).write_text(text)
-    (directory / "repro.py").chmod(0o755)
-    paths = (*(directory / name for name in files), trace)
-    return Exported(directory, outcome, paths)
+    readme = directory / "README.md"
+    cmdline = directory / "qemu-cmdline.txt"
+    readme.write_text(readme_text(bug, script, outcome, version))
+    cmdline.write_text(cmdline_text(script))
+    repro = write_script(directory / "repro.py", render_repro(script))
+    return Exported(directory, outcome, (readme, cmdline, repro, trace))

@@ -19,6 +19,7 @@ from collections.abc import Generator
 import pytest
 
 from testbed.bugs import Evidence, lookup, registry
+from testbed.host.qemu import resolve_qemu
 from testbed.machine.profiles import ARCHES
 
 
@@ -51,8 +52,6 @@ def _qemu_version(item: pytest.Item) -> str:
     for name, value in item.user_properties:
         if name == "qemu-version":
             return str(value)
-    from testbed.host.qemu import resolve_qemu
-
     params = getattr(item, "callspec", None)
     arch = params.params.get("arch", ARCHES[0]) if params is not None else ARCHES[0]
     try:

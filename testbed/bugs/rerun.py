@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.paths import PROJECT_ROOT, make_private_dir, remove_tree
+from testbed.paths import PROJECT_ROOT, cache_dir, make_private_dir, remove_tree
 
 RERUN_TIMEOUT = 900.0
 
@@ -58,8 +58,6 @@ def outcome_of(junit: Path) -> tuple[str, str]:
 def reproduce_script(nodeid: str, about: str) -> str:
     """The reproduce.sh of a failed or known-bug scenario: absolute paths only, so it
     runs from any directory, with no venv on PATH and an empty environment."""
-    from testbed.paths import cache_dir
-
     lines = [
         "#!/bin/sh",
         f"# Reproduce {nodeid}",

@@ -11,6 +11,11 @@ reproduced. QEMU is killed and the temp dir removed on every path (Ctrl-C includ
 The script (JSON) has: bug, title, arch, signature {stderr, exit, observable}, argv (with
 "{qemu}" and "{dir}" placeholders), qtest (bool), backend {socket, exchanges
 [[request, reply or null], ...], disconnect_at}, steps [{op: ...}, ...].
+
+This whole file is what repro.py runs, so it cannot import testbed: its four waits with a
+deadline (a vhost-user request, QEMU dialing a socket, a line from QEMU, a stderr pattern)
+are written out here, each bounded and calling ``alive()`` so that a dead QEMU ends them,
+as testbed.waiting's do. The generator of repro.py is testbed.bugs.export.
 """
 
 from __future__ import annotations
@@ -128,6 +133,7 @@ class ReplayBackend:
                 conn.sendall(HEADER.pack(request, VERSION | FLAG_REPLY, 8) + bytes(8))
 
     def wait_request(self, request: int, count: int, timeout: float, alive: Any) -> None:
+        # A deadline loop of its own: repro.py has no testbed.waiting (see the docstring).
         deadline = time.monotonic() + timeout
         with self.cond:
             while self.counts.get(request, 0) < count:
@@ -195,6 +201,7 @@ class Qemu:
             raise QemuGone(f"QEMU exited ({exit_text(self.proc.returncode)})")
 
     def accept(self, what: str, timeout: float) -> socket.socket:
+        # A deadline loop of its own: repro.py has no testbed.waiting (see the docstring).
         deadline = time.monotonic() + timeout
         listener = self.listeners[what]
         while not select.select([listener], [], [], POLL)[0]:
@@ -212,6 +219,7 @@ class Qemu:
             self.qtest = self.accept("qtest", timeout)
 
     def _read_line(self, sock: socket.socket, buf: bytes, timeout: float) -> tuple[bytes, bytes]:
+        # A deadline loop of its own: repro.py has no testbed.waiting (see the docstring).
         deadline = time.monotonic() + timeout
         while b"\n" not in buf:
             if not select.select([sock], [], [], POLL)[0]:
@@ -369,6 +377,7 @@ class Runner:
         self.qemu.wait_exit(step.get("timeout", STEP_TIMEOUT))
 
     def op_wait_stderr(self, step: dict[str, Any]) -> None:
+        # A deadline loop of its own: repro.py has no testbed.waiting (see the docstring).
         deadline = time.monotonic() + step.get("timeout", STEP_TIMEOUT)
         while not re.search(step["pattern"], self.qemu.stderr_text()):
             self.qemu.alive()

@@ -14,7 +14,6 @@ from typing import TypeVar
 from testbed.fuzz.grammar import (
     CHANNEL_REQUESTS,
     MUTABLE_REQUESTS,
-    PAGE,
     RECONNECT_MODES,
     Action,
     BodyKind,
@@ -27,6 +26,7 @@ from testbed.fuzz.grammar import (
     State,
     states_for,
 )
+from testbed.limits import MAX_SHMEM_REGIONS, PAGE_SIZE
 from testbed.vhost_user.protocol import BackendRequest, ProtocolFeature
 
 T = TypeVar("T")
@@ -42,7 +42,7 @@ GOOD_LAYOUTS: tuple[dict[int, int], ...] = (
     {255: 2 * M},
     {0: 1 * M, 1: 1 * M, 2: 2 * M},
 )
-ODD_SIZES = (0, 1, PAGE - 1, PAGE + 1, 3 * M, 5 * M, 1 << 31, 1 << 40, 1 << 63, U64_MAX)
+ODD_SIZES = (0, 1, PAGE_SIZE - 1, PAGE_SIZE + 1, 3 * M, 5 * M, 1 << 31, 1 << 40, 1 << 63, U64_MAX)
 EXTRA_FEATURES = (
     ProtocolFeature.CONFIG,
     ProtocolFeature.HOST_NOTIFIER,
@@ -118,10 +118,12 @@ def gen_config(rng: random.Random, behind_port: bool) -> ShmemConfig:
         return ShmemConfig(sizes)
     what = rng.randrange(8)
     if what == 0:
-        sizes[rng.randrange(256)] = _pick(rng, ODD_SIZES)
+        sizes[rng.randrange(MAX_SHMEM_REGIONS)] = _pick(rng, ODD_SIZES)
         return ShmemConfig(sizes)
     if what == 1:
-        return ShmemConfig(sizes, nregions=_pick(rng, (0, 1, 2, 3, 4, 255, 256, 257, 0xFFFFFFFF)))
+        around_the_limit = (MAX_SHMEM_REGIONS - 1, MAX_SHMEM_REGIONS, MAX_SHMEM_REGIONS + 1)
+        nregions = _pick(rng, (0, 1, 2, 3, 4, *around_the_limit, 0xFFFFFFFF))
+        return ShmemConfig(sizes, nregions=nregions)
     if what == 2:
         return ShmemConfig(sizes, padding=_pick(rng, (1, 0xFFFFFFFF)))
     if what == 3:
@@ -132,7 +134,7 @@ def gen_config(rng: random.Random, behind_port: bool) -> ShmemConfig:
         return ShmemConfig(sizes, flags=_pick(rng, (0x1, 0x4, 0xD, 0x5 | 0x10, 0x6)))
     if what == 6:
         return ShmemConfig({})
-    many = {i: 2 * M for i in rng.sample(range(256), rng.randrange(2, 6))}
+    many = {i: 2 * M for i in rng.sample(range(MAX_SHMEM_REGIONS), rng.randrange(2, 6))}
     return ShmemConfig(many)
 
 
@@ -179,15 +181,16 @@ def gen_replies(rng: random.Random) -> tuple[ReplyMutation, ...]:
 def _offsets(rng: random.Random, region: int) -> tuple[int, int]:
     """A (shm_offset, length) pair: mostly valid and aligned in a region of ``region``."""
     roll = rng.random()
-    if roll < 0.7 and region >= PAGE:
-        pages = region // PAGE
-        length = PAGE * rng.randrange(1, min(pages, 512) + 1)
-        offset = PAGE * rng.randrange(0, pages - length // PAGE + 1)
+    if roll < 0.7 and region >= PAGE_SIZE:
+        pages = region // PAGE_SIZE
+        length = PAGE_SIZE * rng.randrange(1, min(pages, 512) + 1)
+        offset = PAGE_SIZE * rng.randrange(0, pages - length // PAGE_SIZE + 1)
         return offset, length
     if roll < 0.85:
-        return _pick(rng, (0, 1, PAGE - 1, region, region - PAGE, U64_MAX - PAGE + 1)), _pick(
-            rng, (0, 1, PAGE, region, region + PAGE, 2 * region, U64_MAX)
-        )
+        offsets = (0, 1, PAGE_SIZE - 1, region, region - PAGE_SIZE, U64_MAX - PAGE_SIZE + 1)
+        lengths = (0, 1, PAGE_SIZE, region, region + PAGE_SIZE, 2 * region, U64_MAX)
+        offset = _pick(rng, offsets)  # the offset first, the length second: as always drawn
+        return offset, _pick(rng, lengths)
     return rng.randrange(0, 1 << 64), rng.randrange(0, 1 << 64)
 
 
@@ -202,14 +205,16 @@ def gen_action(rng: random.Random, state: State, config: ShmemConfig) -> Action:
     flags = 0x9 if rng.random() < 0.85 else _pick(rng, (0x1, 0x5, 0xD, 0x0, 0x2, 0x9 | 0x100))
     size_delta = 0 if rng.random() < 0.9 else _pick(rng, (-40, -8, -1, 1, 8, 100))
     if request in (BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP):
-        shmid = _pick(rng, tuple(regions)) if rng.random() < 0.85 else rng.randrange(256)
+        shmid = (
+            _pick(rng, tuple(regions)) if rng.random() < 0.85 else rng.randrange(MAX_SHMEM_REGIONS)
+        )
         region = regions.get(shmid, 2 * M)
         shm_offset, length = _offsets(rng, region)
         mapping = request == BackendRequest.SHMEM_MAP
-        fd_size = max(length, PAGE) if length < 1 << 30 else M
+        fd_size = max(length, PAGE_SIZE) if length < 1 << 30 else M
         fd_offset = 0
         if rng.random() < 0.15:
-            fd_offset = _pick(rng, (PAGE, 1, fd_size, U64_MAX - PAGE + 1))
+            fd_offset = _pick(rng, (PAGE_SIZE, 1, fd_size, U64_MAX - PAGE_SIZE + 1))
         mflags = (1 if rng.random() < 0.8 else 0) if mapping else 0
         if rng.random() < 0.08:
             mflags = _pick(rng, (2, 0xF0, 0x3, 1 << 63))
@@ -224,14 +229,12 @@ def gen_action(rng: random.Random, state: State, config: ShmemConfig) -> Action:
             fields["pad"] = 1
         fds: tuple[str, ...] = (f"memfd:{min(fd_size, 64 * M)}",) if mapping else ()
         if rng.random() < 0.12:
-            fds = _pick(
-                rng,
-                ((), ("socket",), ("pipe",), (f"rofd:{min(fd_size, 64 * M)}",), ("memfd:4096",)),
-            )
+            odd_fds = ("socket",), ("pipe",), (f"rofd:{min(fd_size, 64 * M)}",)
+            fds = _pick(rng, ((), *odd_fds, (f"memfd:{PAGE_SIZE}",)))
             if not mapping and rng.random() < 0.5:
-                fds = (f"memfd:{PAGE}",)
+                fds = (f"memfd:{PAGE_SIZE}",)
         if rng.random() < 0.04:
-            fds = (f"memfd:{PAGE}",) * rng.randrange(2, 5)
+            fds = (f"memfd:{PAGE_SIZE}",) * rng.randrange(2, 5)
         touch = mapping and rng.random() < 0.5
         return Action(
             state.value, int(request), BodyKind.MMAP.value, fields, "", size_delta, flags, fds,
@@ -247,15 +250,15 @@ def _other_body(
     if request == BackendRequest.VRING_HOST_NOTIFIER_MSG:
         fields = {
             "u64": _pick(rng, (0, 1, 0x100, 0xFF, U64_MAX)),
-            "size": _pick(rng, (0, PAGE, 2 * PAGE, U64_MAX)),
-            "offset": _pick(rng, (0, PAGE, U64_MAX - PAGE + 1)),
+            "size": _pick(rng, (0, PAGE_SIZE, 2 * PAGE_SIZE, U64_MAX)),
+            "offset": _pick(rng, (0, PAGE_SIZE, U64_MAX - PAGE_SIZE + 1)),
         }
-        fds = () if fields["u64"] & 0x100 else (f"memfd:{PAGE}",)
+        fds = () if fields["u64"] & 0x100 else (f"memfd:{PAGE_SIZE}",)
         return BodyKind.AREA.value, fields, "", fds
     if request == BackendRequest.IOTLB_MSG:
         fields = {
             "iova": _pick(rng, INTERESTING_U64),
-            "size": _pick(rng, (0, PAGE, U64_MAX)),
+            "size": _pick(rng, (0, PAGE_SIZE, U64_MAX)),
             "uaddr": _pick(rng, INTERESTING_U64),
             "perm": rng.randrange(0, 5),
             "type": rng.randrange(0, 6),
@@ -267,7 +270,7 @@ def _other_body(
         BackendRequest.SHARED_OBJECT_LOOKUP,
     ):
         raw = bytes(rng.randrange(256) for _ in range(16)).hex()
-        fds = (f"memfd:{PAGE}",) if rng.random() < 0.3 else ()
+        fds = (f"memfd:{PAGE_SIZE}",) if rng.random() < 0.3 else ()
         return BodyKind.UUID.value, {}, raw, fds
     if request in (BackendRequest.VRING_CALL, BackendRequest.VRING_ERR):
         return BodyKind.U64.value, {"value": _pick(rng, INTERESTING_U64)}, "", ()

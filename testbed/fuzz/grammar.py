@@ -36,12 +36,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.vhost_user.protocol import BackendRequest, Header, ProtocolFeature, Request
+from testbed import limits
+from testbed.vhost_user.protocol import (
+    SHMEM_CONFIG_SIZE,
+    U64,
+    BackendRequest,
+    Header,
+    MMap,
+    ProtocolFeature,
+    Request,
+)
 
 CASE_VERSION = 1
 U64_MASK = (1 << 64) - 1
-PAGE = 4096
 M = 1 << 20
+PCI_HOLE = 1 << 40
+"""A BAR 4 this large does not fit the guest-less machines' 64-bit PCI hole."""
 
 
 class State(enum.StrEnum):
@@ -224,24 +234,26 @@ class ShmemConfig:
         if self.flags != 0x5:
             out.append(f"reply flags 0x{self.flags:x}")
         if self.truncate is not None:
-            out.append(f"truncated GET_SHMEM_CONFIG reply ({self.truncate} of 2056 bytes)")
+            out.append(
+                f"truncated GET_SHMEM_CONFIG reply ({self.truncate} of {SHMEM_CONFIG_SIZE} bytes)"
+            )
         if self.extra:
-            out.append(f"oversized GET_SHMEM_CONFIG reply ({2056 + self.extra} bytes)")
+            out.append(f"oversized GET_SHMEM_CONFIG reply ({SHMEM_CONFIG_SIZE + self.extra} bytes)")
         nregions = self.count if self.nregions is None else self.nregions
-        if nregions > 256:
-            out.append(f"nregions {nregions} > 256")
+        if nregions > limits.MAX_SHMEM_REGIONS:
+            out.append(f"nregions {nregions} > {limits.MAX_SHMEM_REGIONS}")
         elif nregions != self.count:
             out.append(f"nregions {nregions} with {self.count} non-zero size")
         nonzero = {k: v for k, v in self.sizes.items() if v}
         for shmid, size in sorted(nonzero.items()):
-            if size % PAGE:
+            if not limits.is_page_multiple(size):
                 out.append(f"region {shmid} size {size} not a page multiple")
         total = sum(nonzero.values())
-        if nonzero and total & (total - 1):
+        if nonzero and not limits.is_power_of_2(total):
             out.append(f"total {total} not a power of two")
-        if total >= 1 << 40:
+        if total >= PCI_HOLE:
             out.append(f"total {total} beyond the PCI hole")
-        fits = 1 if behind_root_port else 3
+        fits = limits.max_regions(behind_root_port)
         if len(nonzero) > fits:
             out.append(f"{len(nonzero)} regions, {fits} capabilities fit")
         return out
@@ -352,39 +364,55 @@ class Case:
         return cls.from_json(data)
 
 
+_MMAP_PAD = 1
+"""The first of VhostUserMMap's 7 padding bytes (after the u8 shmid): a case may set it."""
+# Bodies the protocol module does not model (it passes them as Raw): their layouts, and
+# each field's name and width.
+_BODY_STRUCTS: dict[BodyKind, tuple[struct.Struct, tuple[tuple[str, int], ...]]] = {
+    # VhostUserVringArea
+    BodyKind.AREA: (
+        struct.Struct("<QQQ"),
+        (("u64", U64_MASK), ("size", U64_MASK), ("offset", U64_MASK)),
+    ),
+    # struct vhost_iotlb_msg
+    BodyKind.IOTLB: (
+        struct.Struct("<QQQBB6x"),
+        (
+            ("iova", U64_MASK),
+            ("size", U64_MASK),
+            ("uaddr", U64_MASK),
+            ("perm", 0xFF),
+            ("type", 0xFF),
+        ),
+    ),
+}
+
+
 def encode(action: Action) -> tuple[Header, bytes]:
     """The header and the bytes to send for ``action``: the body cut or zero-padded to the
     header's size (size_delta), so the peer never waits for bytes that do not come."""
     f = action.fields
+
+    def field(name: str, mask: int = U64_MASK) -> int:
+        return f.get(name, 0) & mask
+
     body: bytes
     if action.body == BodyKind.MMAP:
-        body = struct.pack(
-            "<B7sQQQQ",
-            f.get("shmid", 0) & 0xFF,
-            bytes([f.get("pad", 0) & 0xFF]) + bytes(6),
-            f.get("fd_offset", 0) & U64_MASK,
-            f.get("shm_offset", 0) & U64_MASK,
-            f.get("length", 0) & U64_MASK,
-            f.get("flags", 0) & U64_MASK,
+        mmap = MMap(
+            field("shmid", 0xFF),
+            field("fd_offset"),
+            field("shm_offset"),
+            field("length"),
+            field("flags"),
         )
-    elif action.body == BodyKind.AREA:
-        body = struct.pack(
-            "<QQQ",
-            f.get("u64", 0) & U64_MASK,
-            f.get("size", 0) & U64_MASK,
-            f.get("offset", 0) & U64_MASK,
-        )
-    elif action.body == BodyKind.IOTLB:
-        body = struct.pack(
-            "<QQQBB6x",
-            f.get("iova", 0) & U64_MASK,
-            f.get("size", 0) & U64_MASK,
-            f.get("uaddr", 0) & U64_MASK,
-            f.get("perm", 0) & 0xFF,
-            f.get("type", 0) & 0xFF,
-        )
+        bent = bytearray(mmap.pack())  # the protocol's encoding, its padding bent after
+        bent[_MMAP_PAD] = field("pad", 0xFF)
+        body = bytes(bent)
+    elif action.body in _BODY_STRUCTS:
+        layout, names = _BODY_STRUCTS[BodyKind(action.body)]
+        body = layout.pack(*(field(name, mask) for name, mask in names))
     elif action.body == BodyKind.U64:
-        body = struct.pack("<Q", f.get("value", 0) & U64_MASK)
+        body = U64(field("value")).pack()
     elif action.body in (BodyKind.UUID, BodyKind.RAW):
         body = bytes.fromhex(action.raw)
     else:

@@ -1,5 +1,8 @@
 """The spec's rules for SHMEM_MAP / SHMEM_UNMAP as an oracle (pure): given the config QEMU
-took and the mappings it accepted so far, why a request must be refused.
+took and the mappings it accepted so far, why a request must be refused. The range rules
+(shmid, length, range, fd range, overlap) are testbed.vhost_user.rules' (the relay judges
+with the same function); the payload size, unknown flag bits and the kind of fd are the
+fuzzer's own judgements on top.
 
 The words of a reason name the registry's known bugs where one fits ("SHMEM_MAP ignores
 unknown flag bits", "SHMEM_MAP with a N-byte payload is mapped"): triage matches on them.
@@ -10,11 +13,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from testbed import limits
-from testbed.fuzz.grammar import PAGE, Action, BodyKind, ShmemConfig
-from testbed.vhost_user.protocol import BackendRequest, Header
+from testbed.fuzz.grammar import Action, BodyKind, ShmemConfig
+from testbed.vhost_user.protocol import BackendRequest, Header, MMap
+from testbed.vhost_user.rules import MapRule, shmem_map_fds, shmem_map_problems
 
-MMAP_SIZE = 40
-U64 = 1 << 64
+MMAP_SIZE = MMap.FORMAT.size
+_WHERE_RULES = (MapRule.SHMID, MapRule.LENGTH, MapRule.RANGE)
+
+
+def _accepted(name: str, shmid: int, rule: MapRule) -> str:
+    """A broken range rule, as what QEMU accepted (the words the registry's bugs and the
+    fuzzer's signatures use)."""
+    words = {
+        MapRule.SHMID: f"{name} of shmid {shmid}, not in the config, accepted",
+        MapRule.LENGTH: f"{name} of length 0 accepted",
+        MapRule.RANGE: f"{name} past the end of region {shmid} accepted",
+        MapRule.FD_RANGE: "SHMEM_MAP whose fd_offset + length overflows accepted",
+        MapRule.OVERLAP: "SHMEM_MAP overlapping a live mapping accepted",
+    }
+    return words[rule]
 
 
 @dataclass
@@ -70,31 +87,29 @@ class MapModel:
         flags = f.get("flags", 0)
         if mapping and flags & ~1:
             out.append(f"SHMEM_MAP ignores unknown flag bits (0x{flags:x})")
+        # The spec's range rules (shared with the relay), worded as what QEMU accepted;
+        # the fds (count, then kind: the fuzzer's own judgement) after the range.
+        mapped = None if self.uncertain else self.mapped
         shmid = f.get("shmid", 0)
-        region = self.regions.get(shmid)
-        if region is None:
-            out.append(f"{name} of shmid {shmid}, not in the config, accepted")
+        found = shmem_map_problems(
+            action.request,
+            shmid,
+            f.get("shm_offset", 0),
+            f.get("length", 0),
+            f.get("fd_offset", 0),
+            self.regions,
+            mapped,
+        )
+        where = [p for p in found if p.rule in _WHERE_RULES]
+        out += [_accepted(name, shmid, p.rule) for p in where]
+        if any(p.rule is MapRule.SHMID for p in where):
             return out
-        offset, length = f.get("shm_offset", 0), f.get("length", 0)
-        if length == 0:
-            out.append(f"{name} of length 0 accepted")
-        elif offset + length > region:
-            out.append(f"{name} past the end of region {shmid} accepted")
         fds = action.fds
-        if mapping:
-            if len(fds) != 1:
-                out.append(f"SHMEM_MAP with {len(fds)} fds accepted")
-            elif fds[0] in ("socket", "pipe"):
-                out.append(f"SHMEM_MAP of a {fds[0]} fd accepted")
-            if f.get("fd_offset", 0) + length >= U64:
-                out.append("SHMEM_MAP whose fd_offset + length overflows accepted")
-            if length and offset + length <= region and not self.uncertain:
-                for start, size in self.mapped.get(shmid, []):
-                    if offset < start + size and start < offset + length:
-                        out.append("SHMEM_MAP overlapping a live mapping accepted")
-                        break
-        elif fds:
-            out.append(f"SHMEM_UNMAP with {len(fds)} fds accepted")
+        if len(fds) != shmem_map_fds(action.request):
+            out.append(f"{name} with {len(fds)} fds accepted")
+        elif mapping and fds[0] in ("socket", "pipe"):
+            out.append(f"SHMEM_MAP of a {fds[0]} fd accepted")
+        out += [_accepted(name, shmid, p.rule) for p in found if p not in where]
         return out
 
     def judgeable(self, action: Action) -> bool:
@@ -106,7 +121,7 @@ class MapModel:
             return False
         f = action.fields
         offset, length = f.get("shm_offset", 0), f.get("length", 0)
-        if offset % PAGE or length % PAGE or f.get("fd_offset", 0) % PAGE:
+        if any(v % limits.PAGE_SIZE for v in (offset, length, f.get("fd_offset", 0))):
             return False
         if action.request == BackendRequest.SHMEM_UNMAP:
             return (offset, length) in self.mapped.get(f.get("shmid", -1), [])

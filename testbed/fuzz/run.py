@@ -5,6 +5,7 @@ signature (the case, the minimised case, reproduce.sh, a draft registry entry); 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shlex
 import sys
@@ -14,11 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from testbed.artifacts import write_script
 from testbed.fuzz import corpus
 from testbed.fuzz.generator import generate
 from testbed.fuzz.grammar import Case
-from testbed.fuzz.player import PlayResult, play
+from testbed.fuzz.player import play
+from testbed.fuzz.result import PlayResult
 from testbed.fuzz.triage import Finding, draft_entry, findings, minimise, slug
+from testbed.waiting import Deadline
 
 
 @dataclass
@@ -63,18 +67,17 @@ class Campaign:
         self.outdir.mkdir(parents=True, exist_ok=True)
         self._cases_log = (self.outdir / "cases.jsonl").open("w")
         started = time.monotonic()
-        deadline = started + self.seconds
-        index = 0
+        # The campaign's time: cases are played until it is spent (not a wait for anything).
+        budget = Deadline(self.seconds)
         try:
-            while time.monotonic() < deadline:
-                if self.max_cases is not None and index >= self.max_cases:
+            for index in itertools.count():
+                if budget.expired or (self.max_cases is not None and index >= self.max_cases):
                     break
                 case = generate(self.arch, self.seed, index)
                 result = play(case, self.qemu)
                 self.cases += 1
-                self._account(case, result, deadline)
-                index += 1
-                if progress and index % 50 == 0:
+                self._account(case, result, budget)
+                if progress and self.cases % 50 == 0:
                     rate = self.cases / max(1e-9, time.monotonic() - started) * 60
                     print(
                         f"  {self.arch}: {self.cases} cases, {len(self.seen)} signatures, "
@@ -89,7 +92,7 @@ class Campaign:
             (self.outdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
-    def _account(self, case: Case, result: PlayResult, deadline: float) -> None:
+    def _account(self, case: Case, result: PlayResult, budget: Deadline) -> None:
         if result.error:
             self.errors += 1
         for pair in result.pairs:
@@ -124,9 +127,9 @@ class Campaign:
                 continue
             seen = Seen(f, 1, case.index)
             self.seen[f.signature] = seen
-            self._save(seen, case, result, deadline)
+            self._save(seen, case, result, budget)
 
-    def _save(self, seen: Seen, case: Case, result: PlayResult, deadline: float) -> None:
+    def _save(self, seen: Seen, case: Case, result: PlayResult, budget: Deadline) -> None:
         f = seen.finding
         name = f"{len(self.seen):03d}-{slug(f.signature)}"
         directory = self.outdir / "findings" / name
@@ -138,8 +141,8 @@ class Campaign:
         (directory / "finding.json").write_text(json.dumps(data, indent=1) + "\n")
         minimal = case
         if self.minimise and f.known is None and f.kind != "hang":
-            budget = min(60.0, max(0.0, deadline - time.monotonic()))
-            minimal, used = minimise(case, f.signature, self.replay_signatures, seconds=budget)
+            seconds = min(60.0, budget.remaining())
+            minimal, used = minimise(case, f.signature, self.replay_signatures, seconds=seconds)
             seen.minimised_in = used
         (directory / "minimal.json").write_text(minimal.dumps() + "\n")
         corpus.save(directory / "corpus.json", minimal, [f])
@@ -151,8 +154,7 @@ class Campaign:
             f"cd {shlex.quote(str(Path.cwd().resolve()))}\n"
             f"exec {shlex.join(argv)}\n"
         )
-        (directory / "reproduce.sh").write_text(script)
-        (directory / "reproduce.sh").chmod(0o755)
+        write_script(directory / "reproduce.sh", script)
         if f.known is None:
             entry = draft_entry(f, minimal, self.version, slug(f.signature))
             (directory / "registry-draft.toml").write_text(entry)

@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from testbed.bugs import Bug, Evidence, exit_of, registry
-from testbed.fuzz.grammar import (
-    STOPPED_STATES,
-    Action,
-    Case,
-    Offer,
-    ShmemConfig,
-)
-from testbed.fuzz.player import PlayResult
+from testbed.bugs import Bug, registry
+from testbed.bugs.signature import RUNNING, Evidence, assertion, crash_site, exit_of, exited_line
+from testbed.fuzz.grammar import Action, Case, Offer, ShmemConfig
+from testbed.fuzz.result import PlayResult
+from testbed.limits import PAGE_SIZE
+from testbed.waiting import Deadline
 
 T = TypeVar("T")
 
-_ASSERT = re.compile(r"(\w+): Assertion `(.+?)' failed")
-_GASSERT = re.compile(r"(\w+): assertion failed: \((.+?)\)")
 _NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d+")
-STOPPED_SEGFAULT = "shmem-map-stopped-device-segfault"
+OBSERVED = ("silent", "leak", "hang")
+"""Finding kinds an oracle of ours saw (QEMU said nothing): they name the bug they show."""
 
 
 @dataclass(frozen=True)
@@ -40,24 +35,12 @@ class Finding:
     """"<REQUEST>@<state>", "realize:<REQUEST>", "enter:<state>", ..."""
     text: str
     """The evidence text (stderr, the oracle's words)."""
-    exit: str = "running"
+    exit: str = RUNNING
     known: str | None = None
     """The registry id this matches, if any."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def crash_site(stderr: str, segfault: dict[str, str]) -> str:
-    """What tells crash sites apart: the assertion, else the faulting instruction's offset
-    in the binary (the kernel log), else nothing."""
-    for regex in (_ASSERT, _GASSERT):
-        found = regex.search(stderr)
-        if found:
-            return found[0]
-    if segfault:
-        return f"{segfault['binary']}+0x{segfault['offset']}"
-    return ""
 
 
 def _request_of(where: str) -> str:
@@ -78,7 +61,7 @@ def findings(result: PlayResult) -> list[Finding]:
             sig += f" ({_request_of(where)})"
         # The evidence is the crash site (not the whole stderr, whose earlier lines can
         # name another bug's message): a registry entry matches on what killed QEMU.
-        text = f"{site}\nQEMU exited ({exit_kind}) at {where}"
+        text = f"{site}\n{exited_line(exit_kind)} at {where}"
         out.append(Finding("crash", sig, where, text, exit_kind))
     elif code is not None and code != 0 and not where.startswith("realize"):
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -88,11 +71,11 @@ def findings(result: PlayResult) -> list[Finding]:
         out.append(Finding("exit", sig, where, f"{result.stderr}\nQEMU exited", exit_of(code)))
     if result.hung:
         sig = f"hang at {_phase(result.hung.split('(')[-1].rstrip(')'))}"
-        out.append(Finding("hang", sig, result.hung, result.hung, "running"))
+        out.append(Finding("hang", sig, result.hung, result.hung, RUNNING))
     for obs in result.observations:
         kind = "leak" if obs.kind == "leak" else "silent"
         sig = f"{obs.kind}: {_NUMBER.sub('N', obs.text)}"
-        out.append(Finding(kind, sig, f"{obs.request}@{obs.state}", obs.text, "running"))
+        out.append(Finding(kind, sig, f"{obs.request}@{obs.state}", obs.text, RUNNING))
     return [dataclasses.replace(f, known=known_bug(f)) for f in out]
 
 
@@ -101,22 +84,29 @@ def _phase(where: str) -> str:
     return where
 
 
+def evidence(found: Sequence[Finding], bug: Bug) -> Evidence:
+    """What Bug.matches looks at for ``bug`` in a case's findings: their signatures and
+    texts, the first exit that is not "running", the bug named when an oracle of ours saw
+    one of them (an ``observable`` bug is never shown by QEMU's own words), and the place
+    of a single finding (for the registry's ``fuzz_where``)."""
+    exits = [f.exit for f in found if f.exit != RUNNING]
+    observed = bool(bug.observable) and any(f.kind in OBSERVED for f in found)
+    return Evidence.gather(
+        [f"{f.signature}\n{f.text}" for f in found] or ["(no finding)"],
+        exits[0] if exits else RUNNING,
+        names=bug.id if observed else None,
+        where=found[0].where if len(found) == 1 else None,
+    )
+
+
 def known_bug(finding: Finding, bugs: Sequence[Bug] | None = None) -> str | None:
-    """The registry entry whose signature this is, if any. The registry's SIGSEGV entry
-    matches every silent segfault ("QEMU exited"): it counts only for SHMEM_MAP/UNMAP
-    in a stopped state, its documented trigger."""
+    """The registry entry whose signature this is, if any (in registry order). A crash
+    matches only an entry with its exit: an "any exit" entry is a refusal or a silent bug."""
     for bug in bugs if bugs is not None else registry().values():
-        evidence = Evidence(finding.text, finding.exit, bug.id if bug.observable else None)
-        if not bug.matches(evidence):
+        if not bug.matches(evidence([finding], bug)):
             continue
         if finding.kind == "crash" and bug.exit != finding.exit:
-            continue  # an "any exit" entry is a refusal or a silent bug, not this crash
-        if bug.id == STOPPED_SEGFAULT:
-            request, _, state = finding.where.partition("@")
-            if request not in ("SHMEM_MAP", "SHMEM_UNMAP"):
-                continue
-            if state not in {s.value for s in STOPPED_STATES}:
-                continue
+            continue
         return bug.id
     return None
 
@@ -165,7 +155,7 @@ def _simpler_actions(action: Action) -> list[Action]:
     if action.flags != 0x9:
         out.append(dataclasses.replace(action, flags=0x9))
     for key, value in action.fields.items():
-        for simple in (0, 4096):
+        for simple in (0, PAGE_SIZE):
             if value != simple and (key != "length" or simple):
                 out.append(dataclasses.replace(action, fields={**action.fields, key: simple}))
                 break
@@ -176,12 +166,12 @@ def minimise(
     case: Case, signature: str, replay: Replay, *, tries: int = 30, seconds: float = 60.0
 ) -> tuple[Case, int]:
     """The smallest case found that still shows ``signature``, and the replays it took."""
-    deadline = time.monotonic() + seconds
+    time_left = Deadline(seconds)
     budget = [tries]
     used = [0]
 
     def shows(candidate: Case) -> bool:
-        if time.monotonic() > deadline:
+        if time_left.expired:
             budget[0] = 0
             return False
         used[0] += 1
@@ -260,7 +250,7 @@ def draft_entry(finding: Finding, case: Case, version: str, corpus_name: str) ->
     function = "?"
     stderr = ""
     observable = ""
-    found = _ASSERT.search(finding.text) or _GASSERT.search(finding.text)
+    found = assertion(finding.text)
     if found:
         function = found[1]
         stderr = re.escape(found[0]).replace("\\ ", " ")
@@ -281,7 +271,7 @@ def draft_entry(finding: Finding, case: Case, version: str, corpus_name: str) ->
     if observable:
         lines.append(f"observable = {_toml_str(observable)}")
     lines += [
-        f"exit = {_toml_str(finding.exit if finding.exit != 'running' else 'any')}",
+        f"exit = {_toml_str(finding.exit if finding.exit != RUNNING else 'any')}",
         f"versions = [{_toml_str(version)}]",
         f"arches = [{_toml_str(case.arch)}]",
         "needs_guest = false",

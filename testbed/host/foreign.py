@@ -7,8 +7,8 @@ its own process group and SIGKILL when the thread that started it dies, like QEM
 are started by testbed.process, the one launcher. It never starts QEMU: that is
 testbed.machine's job.
 
-``start_behind_relay`` is the one way the test bed puts such a back-end in front of QEMU
-(cold-plug in GuestVM, hot-plug in testbed.hotplug): the back-end, and the relay
+testbed.serving is the one way the test bed puts such a back-end in front of QEMU, for
+cold- and hot-plugged devices alike: the back-end, and the relay
 (testbed.vhost_user.relay) listening where QEMU connects, recording and checking.
 """
 
@@ -29,8 +29,7 @@ from testbed.resource import Closeable
 from testbed.waiting import wait_until
 
 if TYPE_CHECKING:
-    from testbed.device import VhostUserDevice
-    from testbed.vhost_user.relay import Relay
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -181,45 +180,3 @@ class ForeignBackend(Closeable):
 
     def __repr__(self) -> str:
         return f"ForeignBackend({shlex.join(self.argv)})"
-
-
-def start_behind_relay(
-    device: VhostUserDevice,
-    *,
-    command: str | Sequence[str] | None,
-    socket: Path | None,
-    foreign_socket: Path,
-    logdir: Path,
-    trace_path: Path,
-    name: str = "backend",
-    ready_timeout: float = 15.0,
-) -> tuple[Relay, ForeignBackend | None]:
-    """A foreign back-end with the relay in front of it, listening on ``device.socket``.
-
-    The back-end is started from ``command`` ('PROGRAM ARGS... {socket}', on
-    ``foreign_socket``; output in ``<logdir>/<name>-std*.log``) or is already listening on
-    ``socket`` (not ours: it is neither started nor stopped). The relay records the trace
-    to ``trace_path``, checks both sides, and offers SHMEM with ``device.layout`` when that
-    has regions. Returns (relay, the started back-end or None); the caller closes the
-    relay first, then the back-end. On failure nothing started here is left running.
-    """
-    from testbed.vhost_user.relay import Relay
-
-    if (command is None) == (socket is None):
-        raise ConfigError("give a back-end command or a back-end socket (one of them)")
-    foreign: ForeignBackend | None = None
-    target = socket
-    if command is not None:
-        foreign = ForeignBackend(
-            command, foreign_socket, logdir, name=name, ready_timeout=ready_timeout
-        ).start()
-        target = foreign.socket
-    assert target is not None
-    relay = Relay(device.socket_path, target, trace_path=trace_path, inject=device.layout or None)
-    try:
-        relay.start()
-    except BaseException:
-        if foreign is not None:
-            foreign.close()
-        raise
-    return relay, foreign

@@ -64,6 +64,16 @@ def root_port_id(index: int) -> str:
     return f"rp{index}"
 
 
+def root_port_option(index: int, bus: str, slot: int, pref64_reserve: int | None = None) -> str:
+    """The -device value of the pcie-root-port ``rp<index>`` at ``bus`` slot ``slot``
+    (chassis index + 1), reserving ``pref64_reserve`` bytes of prefetchable window (None:
+    the firmware's default). The one way every QEMU we start gets a root port."""
+    option = f"pcie-root-port,id={root_port_id(index)},bus={bus},addr={slot:#x},chassis={index + 1}"
+    if pref64_reserve is not None:
+        option += f",pref64-reserve={pref64_reserve // MIB}M"
+    return option
+
+
 def kernel_command_line(config: MachineConfig) -> str:
     """The image's command line plus our console, the profile's TCG-only arguments (under
     TCG) and any extras, in that order."""
@@ -219,12 +229,8 @@ def build_command(
     if config.rng:
         argv += ["-device", f"virtio-rng-pci,bus={root},addr={profile.rng_slot:#x}"]
     for i in range(config.root_ports):
-        argv += [
-            "-device",
-            f"pcie-root-port,id={root_port_id(i)},bus={root},"
-            f"addr={profile.first_root_port_slot + i:#x},chassis={i + 1},"
-            f"pref64-reserve={config.root_port_pref64 // MIB}M",
-        ]
+        slot = profile.first_root_port_slot + i
+        argv += ["-device", root_port_option(i, root, slot, config.root_port_pref64)]
     slots = _root_slots(config)
     for dev in config.vhost_user_devices:
         if dev.id in slots:
@@ -281,6 +287,15 @@ def build_qtest_command(config: QtestConfig, qmp_socket: Path, qtest_socket: Pat
             options[1] += ",server=on"
         argv += options
     return argv + qmp_option(qmp_socket, dial=True) + list(config.extra_args)
+
+
+def behind_root_port_options(arch: str, device: VhostUserDevice) -> list[str]:
+    """A guest-less QEMU's extra arguments for ``device`` behind a root port: rp0 at the
+    profile's first root-port slot, the device at 01:00.0 on it (its bus must be rp0).
+    testbed.machine.qtest.open_root_port programs that port as a guest would."""
+    profile = profile_for(arch)
+    port = root_port_option(0, profile.root_bus, profile.first_root_port_slot)
+    return ["-device", port, *device_options(device, root_port_id(0), 0)]
 
 
 def attach_options(arch: str, socket_path: Path, memory_mib: int = 512) -> list[str]:

@@ -280,6 +280,54 @@ class PciFunctionDriver:
         return self.qtest.read(self.bars[cap.bar] + cap.offset + offset, length)
 
 
+# A pcie-root-port (testbed.machine.cmdline.behind_root_port_options), programmed as a
+# guest's PCI core would: primary bus 0, secondary and subordinate bus 1, and a 64-bit
+# prefetchable window covering where PciFunctionDriver puts BAR 2 and BAR 4 (0xc0000000 and
+# 0xe0000000 on q35; upper halves 0).
+_BUS_NUMBERS = 0x00010100
+_SECONDARY_BUS = 1
+_PREF_WINDOW = ((0xEFF1 << 16) | 0xC001, 0, 0)
+
+
+@dataclass
+class BehindRootPort(PciFunctionDriver):
+    """A function on the root port's secondary bus (bus 1), by q35's 0xcf8/0xcfc."""
+
+    bus: int = _SECONDARY_BUS
+
+    def _cfg_addr(self, reg: int) -> int:
+        return 0x80000000 | (self.bus << 16) | (self.slot << 11) | (reg & ~3)
+
+
+def open_root_port(qtest: QtestClient, arch: str, slot: int | None = None) -> PciFunctionDriver:
+    """Program the root port at 00:<slot>.0 (default: the profile's first root-port slot)
+    -- bus numbers, the prefetchable window, memory on -- and return the driver of the
+    function behind it, 01:00.0 (q35's config ports: x86_64)."""
+    port = profile_for(arch).first_root_port_slot if slot is None else slot
+    bridge = PciFunctionDriver(qtest, arch, port)
+    bridge.write32(0x18, _BUS_NUMBERS)
+    for reg, value in zip((0x24, 0x28, 0x2C), _PREF_WINDOW, strict=True):
+        bridge.write32(reg, value)
+    bridge.enable_memory()
+    return BehindRootPort(qtest, arch, 0)
+
+
+# q35's ACPI PCI hot-plug registers (hw/acpi/ich9.c ACPI_PCIHP_ADDR_ICH9, hw/acpi/pcihp.c):
+# select a bus by its ACPI "bsel", then write a slot bitmap to the eject register -- what
+# the guest's _EJ0 method does. The root port's bus has bsel 0 (measured: q35's root bus
+# is not hot-pluggable and gets none).
+ACPI_PCIHP_ICH9 = 0xCC0
+PCIHP_EJECT = 0x08
+PCIHP_SELECT = 0x10
+
+
+def acpi_eject(qtest: QtestClient, bsel: int = 0, slot: int = 0) -> None:
+    """Eject the device at ``slot`` of the bus ``bsel`` as a q35 guest's ACPI _EJ0 does
+    (after device_del: QEMU then completes the unplug, DEVICE_DELETED)."""
+    qtest.outl(ACPI_PCIHP_ICH9 + PCIHP_SELECT, bsel)
+    qtest.outl(ACPI_PCIHP_ICH9 + PCIHP_EJECT, 1 << slot)
+
+
 class QtestMachine(QemuMachine):
     """A guest-less QEMU from a QtestConfig, with QMP and (config.qtest) a qtest client.
     Its sockets and, without a logdir, its logs live in a private run dir removed by close().

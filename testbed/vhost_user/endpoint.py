@@ -27,7 +27,7 @@ from testbed.vhost_user.trace import Trace, TraceEntry
 from testbed.waiting import wait_on
 
 if TYPE_CHECKING:
-    from testbed.vhost_user.backend.rules import Violation
+    from testbed.vhost_user.rules import Violation
 
 log = logging.getLogger(__name__)
 

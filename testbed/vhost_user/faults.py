@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from testbed.errors import ConfigError
-from testbed.vhost_user.protocol import F_SHMEM, FLAG_REPLY, VERSION, Request
+from testbed.limits import MAX_SHMEM_REGIONS
+from testbed.vhost_user.protocol import F_SHMEM, FLAG_REPLY, SHMEM_CONFIG_SIZE, VERSION, Request
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,10 @@ class Faults:
     def __post_init__(self) -> None:
         if not 0 <= self.shmem_bit < 64:
             raise ConfigError(f"shmem bit {self.shmem_bit} out of range 0..63")
-        if self.shmem_truncate is not None and not 0 <= self.shmem_truncate < 2056:
-            raise ConfigError(f"shmem_truncate {self.shmem_truncate}: expected 0..2055 bytes")
+        if self.shmem_truncate is not None and not 0 <= self.shmem_truncate < SHMEM_CONFIG_SIZE:
+            raise ConfigError(
+                f"shmem_truncate {self.shmem_truncate}: expected 0..{SHMEM_CONFIG_SIZE - 1} bytes"
+            )
         if self.queue_num is not None and not 0 <= self.queue_num < 1 << 64:
             raise ConfigError(f"queue_num {self.queue_num}: a u64")
         if self.delay_seconds < 0:
@@ -55,8 +58,10 @@ class Faults:
             raise ConfigError("delay_request given without delay_seconds")
         if self.shmem_raw_sizes is not None:
             for shmid, size in self.shmem_raw_sizes.items():
-                if not 0 <= shmid < 256 or not 0 <= size < 1 << 64:
-                    raise ConfigError(f"raw size {shmid}={size}: shmid 0..255, size a u64")
+                if not 0 <= shmid < MAX_SHMEM_REGIONS or not 0 <= size < 1 << 64:
+                    raise ConfigError(
+                        f"raw size {shmid}={size}: shmid 0..{MAX_SHMEM_REGIONS - 1}, size a u64"
+                    )
 
     @property
     def shmem_flags(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Self
 
 from testbed.errors import ProtocolError
+from testbed.limits import MAX_SHMEM_REGIONS
 
 # --- header ------------------------------------------------------------------------------
 
@@ -33,7 +34,8 @@ MAX_PAYLOAD_SIZE = 4096
 MAX_FDS = 8
 MAX_MEM_REGIONS = 8
 MAX_CONFIG_SIZE = 256
-MAX_SHMEM_REGIONS = 256
+# MAX_SHMEM_REGIONS (256, the sizes[] slots of the GET_SHMEM_CONFIG reply) is QEMU's limit:
+# testbed.limits owns it.
 
 _U64_MAX = (1 << 64) - 1
 
@@ -460,7 +462,9 @@ class ShMemConfig(Payload):
         sizes = [0] * MAX_SHMEM_REGIONS
         for shmid, size in regions.items():
             if not 0 <= shmid < MAX_SHMEM_REGIONS:
-                raise ProtocolError(f"shmem config: shmid {shmid} out of range 0..255")
+                raise ProtocolError(
+                    f"shmem config: shmid {shmid} out of range 0..{MAX_SHMEM_REGIONS - 1}"
+                )
             sizes[shmid] = size
         return cls(sum(1 for s in sizes if s), tuple(sizes))
 
@@ -471,7 +475,7 @@ class ShMemConfig(Payload):
 
     def pack(self) -> bytes:
         if len(self.sizes) != MAX_SHMEM_REGIONS:
-            raise ProtocolError(f"shmem config: {len(self.sizes)} sizes, need 256")
+            raise ProtocolError(f"shmem config: {len(self.sizes)} sizes, need {MAX_SHMEM_REGIONS}")
         try:
             return self.FORMAT.pack(self.nregions, 0, *self.sizes)
         except struct.error as exc:
@@ -492,6 +496,9 @@ class ShMemConfig(Payload):
     def to_json(self) -> dict[str, Any]:
         return {"nregions": self.nregions, "sizes": {str(k): v for k, v in self.regions.items()}}
 
+
+SHMEM_CONFIG_SIZE = ShMemConfig.FORMAT.size
+"""The whole GET_SHMEM_CONFIG reply body: 2056 bytes."""
 
 MMAP_FLAG_RW = 0x1
 

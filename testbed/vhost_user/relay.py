@@ -7,7 +7,7 @@ back-end's socket. The back-end channel (SET_BACKEND_REQ_FD) is relayed too: the
 QEMU's fd and hands the back-end one end of a socketpair of its own, so every back-end
 request (SHMEM_MAP/UNMAP, ...) and QEMU's answer pass through here.
 
-Front-end requests are judged by the back-end's own rule table (backend/rules.py) against
+Front-end requests are judged by the back-end's own rule table (vhost_user/rules.py) against
 what the back-end offered; the back-end's replies and channel requests by the checks below
 (reply shapes and sizes, REPLY_ACK, the SHMEM bit, SHMEM_MAP/UNMAP against the served
 config, fds). A violation is only recorded (``Relay.violations``, the trace); the message is
@@ -33,26 +33,29 @@ from pathlib import Path
 from testbed.device import ShmemLayout
 from testbed.errors import PeerClosed, ProtocolError, TestbedError
 from testbed.vhost_user import connection as conn_mod
-from testbed.vhost_user.backend import rules
-from testbed.vhost_user.backend.rules import Negotiation, Violation
+from testbed.vhost_user.backend import offer
 from testbed.vhost_user.connection import Connection, Listener, Message
 from testbed.vhost_user.endpoint import DisconnectKind, Endpoint
+from testbed.vhost_user.faults import NO_FAULTS
 from testbed.vhost_user.protocol import (
-    F_SHMEM,
-    FLAG_NEED_REPLY,
-    FLAG_RESERVED_MASK,
-    FLAG_VERSION_MASK,
-    REPLY_REQUESTS,
     U64,
-    VERSION,
-    BackendRequest,
     Header,
-    MMap,
     ProtocolFeature,
     Request,
     ShMemConfig,
     decode_payload,
-    request_name,
+)
+from testbed.vhost_user.rules import (
+    SHMEM,
+    Negotiation,
+    Violation,
+    check_channel_reply,
+    check_channel_request,
+    check_offer,
+    check_reply,
+    check_request,
+    expects_reply,
+    header_violations,
 )
 from testbed.vhost_user.trace import (
     CHANNEL_FROM_QEMU,
@@ -63,154 +66,6 @@ from testbed.vhost_user.trace import (
 )
 
 log = logging.getLogger(__name__)
-
-SHMEM = 1 << F_SHMEM
-# rust-vmm vhost before 0.17 numbered SHMEM 21; QEMU 11.1 reads bit 21 as GPA_ADDRESSES.
-OLD_SHMEM = 1 << 21
-OLD_SHMEM_DETAIL = (
-    "SHMEM offered at bit 21 (rust-vmm vhost < 0.17 numbering; QEMU 11.1 reads it as GPA_ADDRESSES)"
-)
-
-# Replies that carry an fd of their own; every other reply carries none.
-_REPLY_FDS = {int(Request.GET_INFLIGHT_FD): 1}
-
-
-# --- framing that passes on what it cannot name -------------------------------------------
-
-
-def header_violations(header: Header, backend_channel: bool) -> list[Violation]:
-    """What Header.unpack would have refused: an unknown request, a version, flag bits."""
-    name = request_name(header.request, backend_channel)
-    found: list[Violation] = []
-    if name.startswith("UNKNOWN_"):
-        found.append(
-            Violation(name, "unknown-request", f"request {header.request} is not in the spec")
-        )
-    if header.flags & FLAG_VERSION_MASK != VERSION:
-        found.append(
-            Violation(name, "header", f"version {header.flags & FLAG_VERSION_MASK}, not {VERSION}")
-        )
-    if header.flags & FLAG_RESERVED_MASK:
-        found.append(Violation(name, "header", f"reserved flag bits set (0x{header.flags:x})"))
-    return found
-
-
-# --- the checks (pure) ------------------------------------------------------------------
-
-
-def expects_reply(header: Header, acked_protocol: int) -> bool:
-    """Does the back-end owe QEMU an answer to this request?"""
-    try:
-        request = Request(header.request)
-    except ValueError:
-        return False
-    if request in REPLY_REQUESTS:
-        return True
-    return header.need_reply and bool(acked_protocol & ProtocolFeature.REPLY_ACK)
-
-
-def check_offer(protocol_features: int) -> list[Violation]:
-    """The back-end's GET_PROTOCOL_FEATURES answer. Bit 21 without bit 22 is how a back-end
-    built on rust-vmm vhost < 0.17 offers SHMEM; a back-end really meaning GPA_ADDRESSES
-    would be flagged too, which we accept: no back-end we know of offers it."""
-    if protocol_features & OLD_SHMEM and not protocol_features & SHMEM:
-        return [Violation("GET_PROTOCOL_FEATURES", "shmem-bit", OLD_SHMEM_DETAIL)]
-    return []
-
-
-def check_reply(request: Header | None, reply: Header, body: bytes, nfds: int) -> list[Violation]:
-    """A message the back-end sent on the front-end socket, where only replies belong;
-    ``request`` is the request it should answer (None: none was outstanding)."""
-    name = request_name(reply.request)
-    found: list[Violation] = []
-
-    def flag(rule: str, detail: str) -> None:
-        found.append(Violation(name, rule, detail))
-
-    if request is None:
-        flag("unsolicited", "the back-end sent a message while no reply was owed")
-        return found
-    if not reply.is_reply:
-        flag("reply-flag", "the back-end's answer lacks the REPLY flag")
-    if reply.flags & FLAG_NEED_REPLY:
-        flag("reply-flag", "a reply with NEED_REPLY set")
-    if reply.request != request.request:
-        flag(
-            "reply-order",
-            f"answers request {reply.request} while {Request(request.request).name} is owed",
-        )
-        return found
-    try:
-        payload = decode_payload(reply.request, body, reply=True)
-    except ProtocolError as exc:
-        flag("reply-size", f"reply body of {len(body)} bytes does not fit: {exc}")
-        payload = None
-    if isinstance(payload, ShMemConfig) and payload.nregions != len(payload.regions):
-        flag(
-            "shmem-config",
-            f"nregions {payload.nregions} but {len(payload.regions)} non-zero sizes",
-        )
-    expected = _REPLY_FDS.get(reply.request, 0)
-    if nfds != expected:
-        flag("fds", f"reply carries {nfds} fd(s), the spec wants {expected}")
-    return found
-
-
-def check_channel_request(
-    header: Header, body: bytes, nfds: int, acked_protocol: int, served: dict[int, int] | None
-) -> list[Violation]:
-    """A back-end request on the back-end channel, given the negotiated protocol features
-    and the shared-memory config QEMU was served (None: no GET_SHMEM_CONFIG answered)."""
-    name = request_name(header.request, backend_channel=True)
-    found: list[Violation] = []
-
-    def flag(rule: str, detail: str) -> None:
-        found.append(Violation(name, rule, detail))
-
-    if header.is_reply:
-        flag("reply-flag", "a back-end request with the REPLY flag set")
-    if header.need_reply and not acked_protocol & ProtocolFeature.REPLY_ACK:
-        flag("need-reply", "NEED_REPLY set without PROTOCOL_F_REPLY_ACK negotiated")
-    if header.request not in (BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP):
-        return found
-    if not acked_protocol & SHMEM:
-        flag("feature", "sent without PROTOCOL_F_SHMEM negotiated")
-    want_fds = 1 if header.request == BackendRequest.SHMEM_MAP else 0
-    if nfds != want_fds:
-        flag("fds", f"carries {nfds} fd(s), the spec wants {want_fds}")
-    try:
-        mmap = MMap.unpack(body)
-    except ProtocolError as exc:
-        flag("payload", str(exc))
-        return found
-    size = (served or {}).get(mmap.shmid)
-    if size is None:
-        flag("shmem-map", f"shmid {mmap.shmid} is not in the served config {served or {}}")
-    elif mmap.shm_offset + mmap.length > size:
-        flag(
-            "shmem-map",
-            f"range 0x{mmap.shm_offset:x}+0x{mmap.length:x} beyond region {mmap.shmid} "
-            f"of 0x{size:x} bytes",
-        )
-    return found
-
-
-def check_channel_reply(
-    request: Header | None, reply: Header, body: bytes, nfds: int
-) -> list[Violation]:
-    """QEMU's answer on the back-end channel."""
-    name = request_name(reply.request, backend_channel=True)
-    found: list[Violation] = []
-    if request is None:
-        return [Violation(name, "unsolicited", "QEMU answered a request nobody sent")]
-    if not reply.is_reply_for(request.request):
-        found.append(Violation(name, "reply-order", f"answers {request.request} out of turn"))
-    if len(body) != 8:
-        found.append(Violation(name, "reply-size", f"a {len(body)}-byte answer, not a u64"))
-    if nfds:
-        found.append(Violation(name, "fds", f"answer carries {nfds} fd(s), the spec wants 0"))
-    return found
-
 
 # --- the relay --------------------------------------------------------------------------
 
@@ -417,7 +272,7 @@ class Relay(Endpoint):
             payload = decode_payload(request, body)
         except ProtocolError:
             payload = None
-        found = rules.check(
+        found = check_request(
             request,
             need_reply=header.need_reply,
             is_reply=header.is_reply,
@@ -436,7 +291,7 @@ class Relay(Endpoint):
         injecting = self.inject is not None and not s.backend_protocol & SHMEM
         if injecting and request is Request.GET_SHMEM_CONFIG:
             assert self.inject is not None
-            reply = ShMemConfig.from_regions(dict(self.inject.regions)).pack()
+            reply = offer.shmem_config_body(self.inject, NO_FAULTS)
             s.served = dict(self.inject.regions)
             out = Header.make(request, len(reply), reply=True)
             self._record(TO_QEMU, out, reply, 0, [])

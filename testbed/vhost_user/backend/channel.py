@@ -21,12 +21,18 @@ from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, CHANNEL_TO_QEMU, Trace, 
 CHANNEL_REPLY_TIMEOUT = 10.0
 
 
-def ready_channel(session: Session | None, request: BackendRequest, shmem_bit: int) -> Connection:
-    """The channel to send ``request`` on, or StateError naming what is missing."""
+def ready_channel(
+    session: Session | None, request: BackendRequest, shmem_bit: int, *, started: bool = True
+) -> Connection:
+    """The channel to send ``request`` on, or StateError naming what is missing (``started``
+    False: the device need not be started, nor SHMEM negotiated -- a reproducer of what
+    QEMU does then)."""
     if session is None:
         raise StateError("disconnected", "connected", f"{request.name}")
     if session.channel is None:
         raise StateError("no back-end channel", "SET_BACKEND_REQ_FD received", request.name)
+    if not started:
+        return session.channel
     if not session.protocol_features & (1 << shmem_bit):
         raise StateError(
             "SHMEM not negotiated", "SHMEM acked by SET_PROTOCOL_FEATURES", request.name
@@ -83,13 +89,18 @@ class ChannelRequests:
         fds: Sequence[int] = (),
         *,
         timeout: float = CHANNEL_REPLY_TIMEOUT,
+        unguarded: bool = False,
     ) -> int:
         """Send ``request`` with an arbitrary ``body`` and ``fds`` on the back-end channel
         (need_reply set) and return QEMU's u64 verdict. map()/unmap() build well-formed
         bodies; fault tests pass malformed ones (wrong size, missing fd, odd flags).
-        PeerClosed if QEMU drops the channel instead of answering."""
+        ``unguarded``: send even to a device that is not started (QEMU 11.1.3 crashes on
+        that: its reproducer needs exactly that). PeerClosed if QEMU drops the channel
+        instead of answering."""
         with self._cond:
-            channel = ready_channel(self._session, request, self.faults.shmem_bit)
+            channel = ready_channel(
+                self._session, request, self.faults.shmem_bit, started=not unguarded
+            )
         header = Header.make(request, len(body), need_reply=True)
         with self._channel_lock:
             try:

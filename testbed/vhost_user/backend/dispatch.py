@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from testbed.errors import ProtocolError
-from testbed.vhost_user.backend import offer, rules
+from testbed.vhost_user import rules
+from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.handlers import HANDLERS, TAKES_FDS, DeviceHandler, Reply, u64
-from testbed.vhost_user.backend.rules import Negotiation, Violation
 from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.connection import Message
 from testbed.vhost_user.protocol import (
@@ -28,9 +29,12 @@ from testbed.vhost_user.protocol import (
     Request,
     decode_payload,
 )
+from testbed.vhost_user.rules import Negotiation, Violation
 from testbed.vhost_user.trace import FROM_QEMU, TO_QEMU, Trace, TraceEntry
 
 log = logging.getLogger(__name__)
+
+D = TypeVar("D", bound="Dispatcher")
 
 
 class Dispatcher:
@@ -50,6 +54,27 @@ class Dispatcher:
 
     def offered_features(self) -> int:
         return offer.device_features(self.device.model.features)
+
+    def build_like(self, make: Callable[..., D]) -> D:
+        """The dispatcher ``make`` builds (a subclass, or a partial of one) from what this
+        one was built with -- its device, trace, lock and waiters: how Backend's
+        ``wrap_dispatcher`` hook puts a subclass in this one's place (the fuzzer's, which
+        bends replies), without knowing that list."""
+        return make(self.device, self.trace, self._lock, self._notify)
+
+    def send(
+        self,
+        s: Session,
+        header: Header,
+        body: bytes,
+        fds: Sequence[int] = (),
+        *,
+        allow_size_mismatch: bool = False,
+    ) -> None:
+        """Send one message to QEMU on ``s``: recorded in the trace and shown to waiters
+        first. Every reply leaves through here, a subclass's bent ones too."""
+        self._notify(self.trace.record(TO_QEMU, header, body, len(fds)))
+        s.conn.send(header, body, fds, allow_size_mismatch=allow_size_mismatch)
 
     def offered_protocol_features(self) -> int:
         return offer.protocol_features(self.faults, config=self.device.model.config_size > 0)
@@ -78,7 +103,7 @@ class Dispatcher:
             payload = decode_payload(request, msg.body)
         except ProtocolError:
             payload = None  # dispatch() drops the connection; no rule needs the body then
-        found = rules.check(
+        found = rules.check_request(
             request,
             need_reply=msg.header.need_reply,
             is_reply=msg.header.is_reply,
@@ -142,7 +167,6 @@ class Dispatcher:
         header = Header.make(request, len(reply.body), reply=True)
         if reply.flags is not None:
             header = Header(header.request, reply.flags, header.size)
-        self._notify(self.trace.record(TO_QEMU, header, reply.body, 0))
         # A truncated GET_SHMEM_CONFIG reply is a fault we inject on purpose.
         truncating = self.faults.shmem_truncate is not None
-        s.conn.send(header, reply.body, allow_size_mismatch=truncating)
+        self.send(s, header, reply.body, allow_size_mismatch=truncating)

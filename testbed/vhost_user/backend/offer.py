@@ -4,9 +4,16 @@ GET_SHMEM_CONFIG reply), each bent by the run's faults. Pure.
 The device model adds its own virtio feature bits (QEMU's vhost-user-base passes the
 back-end's device features to the guest as they are) and, with a config space, protocol
 feature CONFIG: QEMU's test device with config_size > 0 refuses a back-end without it (and
-drops the bit when config_size is 0)."""
+drops the bit when config_size is 0).
+
+``shmem_config_body`` is the one encoder of a GET_SHMEM_CONFIG reply body (through
+protocol.ShMemConfig): our back-end's handler, the relay's injection and the fuzzer's
+player all call it; whoever sends a malformed one bends its output (``bend_shmem_config``)
+instead of encoding its own."""
 
 from __future__ import annotations
+
+import struct
 
 from testbed.device import ShmemLayout
 from testbed.vhost_user.faults import Faults
@@ -48,3 +55,29 @@ def shmem_config_body(layout: ShmemLayout, faults: Faults) -> bytes:
     if faults.shmem_nregions is not None:
         config = ShMemConfig(faults.shmem_nregions, config.sizes)
     return config.pack()
+
+
+_U32 = struct.Struct("<I")
+_NREGIONS_AT = 0  # ShMemConfig's <II256Q: nregions, padding, sizes
+_PADDING_AT = 4
+
+
+def bend_shmem_config(
+    body: bytes,
+    *,
+    nregions: int | None = None,
+    padding: int | None = None,
+    truncate: int | None = None,
+    extra: int = 0,
+) -> bytes:
+    """An encoded GET_SHMEM_CONFIG body bent on purpose: nregions and the padding word
+    overwritten (each cut to 32 bits, as the wire holds them), then the body cut to
+    ``truncate`` bytes, then ``extra`` zero bytes appended."""
+    out = bytearray(body)
+    if nregions is not None:
+        _U32.pack_into(out, _NREGIONS_AT, nregions & 0xFFFFFFFF)
+    if padding is not None:
+        _U32.pack_into(out, _PADDING_AT, padding & 0xFFFFFFFF)
+    if truncate is not None:
+        del out[truncate:]
+    return bytes(out) + bytes(extra)

@@ -24,7 +24,6 @@ from testbed.vhost_user.backend.channel import ChannelRequests
 from testbed.vhost_user.backend.deferred import Deferred
 from testbed.vhost_user.backend.dispatch import Dispatcher
 from testbed.vhost_user.backend.handlers import DeviceHandler
-from testbed.vhost_user.backend.rules import Violation
 from testbed.vhost_user.backend.session import DisconnectKind, Session
 from testbed.vhost_user.backend.vrings import RingService, kick_fd
 from testbed.vhost_user.connection import Connection, Listener
@@ -32,6 +31,7 @@ from testbed.vhost_user.devices.base import DeviceModel
 from testbed.vhost_user.devices.test import TestDevice
 from testbed.vhost_user.endpoint import Endpoint
 from testbed.vhost_user.faults import NO_FAULTS, Faults
+from testbed.vhost_user.rules import Violation
 from testbed.vhost_user.trace import TraceEntry
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Backend(Endpoint, ChannelRequests):
 
     @property
     def violations(self) -> list[Violation]:
-        """Every rule QEMU (or the guest's rings) broke (backend/rules.py), in order."""
+        """Every rule QEMU (or the guest's rings) broke (testbed/vhost_user/rules.py), in order."""
         with self._cond:
             return list(self._dispatcher.violations)
 

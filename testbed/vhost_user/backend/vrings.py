@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 from testbed.errors import GuestMemoryError, RingError
 from testbed.vhost_user.backend.mappings import Mappings
-from testbed.vhost_user.backend.rules import Violation
 from testbed.vhost_user.devices.base import DeviceModel
 from testbed.vhost_user.memory import MappedMemory
 from testbed.vhost_user.protocol import VhostUserFeature, VringAddr
+from testbed.vhost_user.rules import Violation
 from testbed.vhost_user.trace import QUEUE_REPLY, QUEUE_REQUEST, Trace, TraceEntry
 from testbed.vhost_user.virtqueue import (
     F_EVENT_IDX,
