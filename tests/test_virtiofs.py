@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fuse_guest import ENTRY_OUT, LINUX_6_12, OPEN_OUT, MiB, fd_count
-from virtiofs_driver import FsQueue, Reply, Requests
+from virtiofs_driver import FsQueue, Reply, Requests, make_share
 
 from testbed.errors import ConfigError, PeerClosed, RingError, StateError
 from testbed.fuse.server import SessionState
@@ -143,10 +143,7 @@ class Rig:
 
 @pytest.fixture
 def share(tmp_path: Path) -> Path:
-    root = tmp_path / "share"
-    root.mkdir()
-    (root / "data").write_bytes(CONTENT)
-    return root
+    return make_share(tmp_path, {"data": CONTENT})
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fuse_guest import ENTRY_OUT, MiB
-from virtiofs_driver import FsQueue, Requests
+from virtiofs_driver import FsQueue, Requests, make_share
 
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend, Violation
@@ -152,10 +152,7 @@ class FakeQemu:
 
 @pytest.fixture
 def share(tmp_path: Path) -> Path:
-    root = tmp_path / "share"
-    root.mkdir()
-    (root / "data").write_bytes(CONTENT)
-    return root
+    return make_share(tmp_path, {"data": CONTENT})
 
 
 @pytest.fixture

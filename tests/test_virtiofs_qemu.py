@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fuse_guest import ENTRY_OUT, OPEN_OUT, MiB
-from virtiofs_driver import FsQueue, Reply, Request, Requests
+from virtiofs_driver import FsQueue, Reply, Request, Requests, make_share
 
 from testbed.device import VhostUserDevice
 from testbed.errors import QemuExited, TestbedError
@@ -106,10 +106,7 @@ class Rig:
 def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     """The trace stays in tmp_path (pytest --basetemp=DIR keeps it where you want it)."""
     arch: str = request.param
-    share = tmp_path / "share"
-    share.mkdir()
-    (share / "data").write_bytes(CONTENT)
-    (share / "small").write_bytes(b"ten bytes!")
+    share = make_share(tmp_path, {"data": CONTENT, "small": b"ten bytes!"})
     sockdir = make_private_dir("test-vfs")
     sock = sockdir / "fs.sock"
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from fuse_guest import (
     DESTROY,
@@ -41,6 +42,15 @@ SLOT = 0x4000  # per descriptor head: request in the first half, reply in the se
 FLAG_WRITE, FLAG_READ = 0b01, 0b10  # FUSE_SETUPMAPPING_FLAG_*
 # What a 6.12 guest mounted with a DAX window offers (fuse_send_init()).
 LINUX_6_12_DAX = LINUX_6_12 | MAP_ALIGNMENT
+
+
+def make_share(parent: Path, files: dict[str, bytes]) -> Path:
+    """A share directory under ``parent`` holding ``files`` (name -> content)."""
+    root = parent / "share"
+    root.mkdir()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from queue import Empty, SimpleQueue
 
@@ -208,11 +209,7 @@ class RingService(Closeable):
         if ring.broken is not None:
             self._drop(later)
             return
-        queue: SplitQueue | None = None
-        old_used = ring.next_used
-        try:
-            memory = mappings.memory()
-            queue = self._queue(memory, features, ring)
+        with self._opened(mappings, features, ring) as (memory, queue):
             try:
                 done = later.finish(memory)
             except GuestMemoryError as exc:
@@ -229,13 +226,6 @@ class RingService(Closeable):
             )  # fmt: skip
             if found:
                 self._report(found)
-            if queue.needs_interrupt(memory, old_used):
-                signal(mappings, CALL, ring.index)
-        except (RingError, GuestMemoryError) as exc:
-            self._break(mappings, ring, exc)
-        finally:
-            if queue is not None:
-                ring.next_used = queue.next_used
 
     def close(self) -> None:
         self._wake_r.close()
@@ -261,11 +251,7 @@ class RingService(Closeable):
         """Answer every available chain of ``ring``; a bad ring is marked broken."""
         if ring.broken is not None:
             return
-        queue: SplitQueue | None = None
-        old_used = ring.next_used
-        try:
-            memory = mappings.memory()
-            queue = self._queue(memory, features, ring)
+        with self._opened(mappings, features, ring) as (memory, queue):
             while True:
                 self._drain(ring, queue, memory)
                 # With EVENT_IDX, a chain made available before avail_event was written came
@@ -273,6 +259,21 @@ class RingService(Closeable):
                 queue.publish_avail_event(memory)
                 if not queue.pending(memory):
                     break
+
+    @contextmanager
+    def _opened(
+        self, mappings: Mappings, features: int, ring: Vring
+    ) -> Iterator[tuple[MappedMemory, SplitQueue]]:
+        """``ring`` as a SplitQueue over the current memory table, for the block's pops
+        and pushes. Afterwards the ring keeps the queue's indices and the driver is
+        notified of the completions if it wants to be; a RingError or GuestMemoryError in
+        the block breaks the ring (it is not raised further)."""
+        queue: SplitQueue | None = None
+        old_used = ring.next_used
+        try:
+            memory = mappings.memory()
+            queue = self._queue(memory, features, ring)
+            yield memory, queue
             if queue.needs_interrupt(memory, old_used):
                 signal(mappings, CALL, ring.index)
         except (RingError, GuestMemoryError) as exc:

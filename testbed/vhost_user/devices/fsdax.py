@@ -17,6 +17,7 @@ import errno
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from testbed.errors import TestbedError
@@ -79,48 +80,47 @@ class ShmemMapper:
     # --- the DaxMapper contract ----------------------------------------------------------
 
     def map(self, fd: int, foffset: int, length: int, moffset: int, writable: bool) -> int:
-        with self._lock:
-            host = self._host
-        if host is None:
-            return self._no_verdict("SHMEM_MAP", "the device is not started")
-        self._count("maps_sent")
-        try:
-            # The fd travels by SCM_RIGHTS inside this call: the kernel duplicates it, so
-            # the server may close it as soon as we return (the DaxMapper contract).
-            verdict = host.map(self.shmid, moffset, length, fd, foffset, writable)
-        except TestbedError as exc:
-            return self._no_verdict("SHMEM_MAP", str(exc))
-        with self._lock:
-            if verdict == 0:
-                self._counts["maps_acked"] += 1
-                self._live[moffset] = length
-            else:
-                self._counts["maps_refused"] += 1
-        if verdict:
-            log.warning("QEMU refused SHMEM_MAP of file offset %#x, %#x bytes at window offset "
-                        "%#x (verdict %d); see QEMU's stderr for why", foffset, length, moffset,
-                        verdict)  # fmt: skip
-        return verdict_errno(verdict)
+        # The fd travels by SCM_RIGHTS inside this call: the kernel duplicates it, so the
+        # server may close it as soon as we return (the DaxMapper contract).
+        return self._send(
+            "map",
+            lambda host: host.map(self.shmid, moffset, length, fd, foffset, writable),
+            lambda: self._live.__setitem__(moffset, length),
+            f"file offset {foffset:#x}, {length:#x} bytes at window offset {moffset:#x}",
+        )
 
     def unmap(self, moffset: int, length: int) -> int:
+        return self._send(
+            "unmap",
+            lambda host: host.unmap(self.shmid, moffset, length),
+            lambda: self._live.pop(moffset, None),
+            f"{length:#x} bytes at window offset {moffset:#x}",
+        )
+
+    def _send(
+        self, kind: str, send: Callable[[DeviceHost], int], acked: Callable[[], object], what: str
+    ) -> int:
+        """One SHMEM_MAP (``kind`` "map") or SHMEM_UNMAP ("unmap"), counted; ``acked``
+        updates the account (under the lock) when QEMU says 0."""
+        request = f"SHMEM_{kind.upper()}"
         with self._lock:
             host = self._host
         if host is None:
-            return self._no_verdict("SHMEM_UNMAP", "the device is not started")
-        self._count("unmaps_sent")
+            return self._no_verdict(request, "the device is not started")
+        self._count(f"{kind}s_sent")
         try:
-            verdict = host.unmap(self.shmid, moffset, length)
+            verdict = send(host)
         except TestbedError as exc:
-            return self._no_verdict("SHMEM_UNMAP", str(exc))
+            return self._no_verdict(request, str(exc))
         with self._lock:
             if verdict == 0:
-                self._counts["unmaps_acked"] += 1
-                self._live.pop(moffset, None)
+                self._counts[f"{kind}s_acked"] += 1
+                acked()
             else:
-                self._counts["unmaps_refused"] += 1
+                self._counts[f"{kind}s_refused"] += 1
         if verdict:
-            log.warning("QEMU refused SHMEM_UNMAP of %#x bytes at window offset %#x (verdict "
-                        "%d)", length, moffset, verdict)  # fmt: skip
+            log.warning("QEMU refused %s of %s (verdict %d); QEMU's stderr says why", request,
+                        what, verdict)  # fmt: skip
         return verdict_errno(verdict)
 
     # --- the account ---------------------------------------------------------------------
