@@ -93,7 +93,12 @@ class _Lane:
 
         with self._lock:
             self._queued += 1
-        host.defer(what, run)
+        try:
+            host.defer(what, run)
+        except BaseException:
+            with self._lock:
+                self._queued -= 1
+            raise
 
 
 class VirtioFsDevice(DeviceModel, Closeable):
@@ -295,10 +300,15 @@ class VirtioFsDevice(DeviceModel, Closeable):
         with self._lock:
             stale = run != self._run
         if stale:
+            # The device stopped since the request came: the FUSE session it belonged to is
+            # gone, so it is not served. Its chain was forgotten with its ring, and the
+            # answer is dropped -- unless the ring was not stopped, when an error beats a
+            # request that never ends.
             log.info("virtio-fs: %s (unique %d) not served: the device stopped since it came",
                      later.name, header.unique)  # fmt: skip
-            return
-        reply = self._serve(raw, header)
+            reply = None if header.opcode in NO_REPLY else encode_error(header.unique, errno.EIO)
+        else:
+            reply = self._serve(raw, header)
 
         def finish(memory: GuestMemory) -> Completion:
             # On the serving thread, with the memory table current then.
