@@ -280,10 +280,10 @@ class VirtioFsDevice(DeviceModel, Closeable):
         with self._lock:
             host, run = self._host, self._run
         waits = self.mapper is not None and header.opcode in MAPPER_OPCODES
-        if host is None or not (waits or not self._lane.idle):
-            # Inline: nothing is queued for the worker (so the FUSE server is free), and
-            # nothing here waits for QEMU -- or the device is not started, in which case
-            # the mapper fails at once without reaching QEMU.
+        if host is None or (not waits and self._lane.idle):
+            # Inline: nothing here waits for QEMU and nothing is queued for the worker (so
+            # the FUSE server is free) -- or the device is not started, in which case the
+            # mapper fails at once without reaching QEMU.
             reply = self._serve(raw, header)
             return self._written(chain, memory, header, reply, request, problems)
 
@@ -306,7 +306,7 @@ class VirtioFsDevice(DeviceModel, Closeable):
             # request that never ends.
             log.info("virtio-fs: %s (unique %d) not served: the device stopped since it came",
                      later.name, header.unique)  # fmt: skip
-            reply = None if header.opcode in NO_REPLY else encode_error(header.unique, errno.EIO)
+            reply = _eio(header)
         else:
             reply = self._serve(raw, header)
 
@@ -324,7 +324,7 @@ class VirtioFsDevice(DeviceModel, Closeable):
         except Exception:
             log.exception("virtio-fs: the FUSE server failed on %s (unique %d)",
                           opcode_name(header.opcode), header.unique)  # fmt: skip
-            reply = None if header.opcode in NO_REPLY else encode_error(header.unique, errno.EIO)
+            reply = _eio(header)
         failed = reply is not None and OutHeader.unpack(reply[:_OUT_HEADER]).error != 0
         if failed:
             self._count(self._error_replies, opcode_name(header.opcode))
@@ -399,6 +399,11 @@ class VirtioFsDevice(DeviceModel, Closeable):
             f"virtio-fs(tag {self.tag!r}, {self.num_request_queues} request queue(s), "
             f"window {self.window_size:#x})"
         )
+
+
+def _eio(header: InHeader) -> bytes | None:
+    """An EIO error reply to the request (None for one that has no reply)."""
+    return None if header.opcode in NO_REPLY else encode_error(header.unique, errno.EIO)
 
 
 def describe_request(header: InHeader, raw: bytes) -> dict[str, Any]:
