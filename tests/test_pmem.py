@@ -190,6 +190,9 @@ class FakeHost:
             raise self.verdict
         return self.verdict
 
+    def unmap(self, shmid: int, shm_offset: int, length: int) -> int:
+        raise AssertionError("pmem never unmaps its backing: QEMU drops it on reset")
+
     def defer(self, what: str, action: Callable[[], None]) -> None:
         self.deferred.append((what, action))
 

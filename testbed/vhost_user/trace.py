@@ -16,7 +16,18 @@ A served virtqueue chain is two entries, like a request and its reply on the soc
 it, ``size`` the bytes the driver offered (request) or the used length (reply), ``payload``
 the decoded request or reply. A chain against the spec carries ``error`` and
 ``violations`` on its request entry (and is answered with size 0); a queue the back-end
-stopped serving has one request entry with ``head`` null.
+stopped serving has one request entry with ``head`` null. A chain the device answers later
+(virtio-fs: what waits on a SHMEM_MAP) has its request entry when it is taken off the ring
+and its reply entry when it is completed, with whatever it caused in between (the channel
+entries) and other chains' entries around it.
+
+virtio-fs chains are named by FUSE opcode ("INIT", "READ", "SETUPMAPPING", "FORGET";
+"SHORT" for one too short to hold a fuse_in_header); ``request`` is the opcode. The request
+payload has ``unique``, ``nodeid``, ``len`` (fuse_in_header's) and, where a scenario pairs or
+counts them, the arguments: SETUPMAPPING ``foffset``, ``moffset``, ``length``, ``flags``;
+REMOVEMAPPING ``ranges`` ([moffset, len] each); READ ``fh``, ``offset``, ``size``; FORGET
+``nlookup``. The reply payload is fuse_out_header's ``unique``, ``error`` (0 or -errno) and
+``len`` (= the entry's size, the used length); a FORGET's reply payload is {} with size 0.
 """
 
 from __future__ import annotations

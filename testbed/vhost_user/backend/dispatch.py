@@ -79,10 +79,11 @@ class Dispatcher:
     def offered_protocol_features(self) -> int:
         return offer.protocol_features(self.faults, config=self.device.model.config_size > 0)
 
-    def add_violations(self, found: list[Violation]) -> None:
-        """Flag what the serving thread found outside a request (a virtqueue's content)."""
+    def add_violations(self, found: list[Violation], who: str = "the driver") -> None:
+        """Flag what was found outside a front-end request: a virtqueue's content (the
+        guest's driver), or a back-end channel request of our own (``who``)."""
         for v in found:
-            log.warning("the driver broke a virtio rule: %s: %s: %s", v.request, v.rule, v.detail)
+            log.warning("%s broke a rule: %s: %s: %s", who, v.request, v.rule, v.detail)
         with self._lock:
             self.violations.extend(found)
 

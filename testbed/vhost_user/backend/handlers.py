@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from testbed.device import ShmemLayout
+from testbed.errors import ProtocolError
 from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.backend.vrings import KICK
@@ -29,6 +30,7 @@ from testbed.vhost_user.protocol import (
     ConfigSpace,
     MemoryTable,
     Request,
+    ShMemConfig,
     SingleMemRegion,
     VringAddr,
     VringFile,
@@ -79,6 +81,10 @@ class DeviceHandler:
         body = offer.shmem_config_body(self.layout, self.faults)
         if self.faults.shmem_truncate is not None:
             body = body[: self.faults.shmem_truncate]
+        try:
+            s.served = ShMemConfig.unpack(body).regions  # what our own maps are judged by
+        except ProtocolError:
+            s.served = None
         return Reply(body, flags=self.faults.shmem_flags)
 
     def get_vring_base(self, s: Session, msg: Message, p: VringState) -> Result:

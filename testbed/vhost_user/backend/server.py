@@ -1,11 +1,13 @@
 """Our back-end: listen (or connect), one serving thread with a session per front-end
 connection (the lifecycle and the waits are the Endpoint's, shared with the relay).
 
-The serving thread waits in one selector on the socket, the wake-up pair and the kick
-eventfd of every ring that is started and enabled; a kick serves that ring (backend/
-vrings.py) for the device model. The model is started when the vhost device starts
-(Session.driver_ok turns true) and stopped when it stops or the connection ends; what it
-must wait on QEMU for runs on the Deferred worker (backend/deferred.py)."""
+The serving thread waits in one selector on the socket, the wake-up pair, the kick
+eventfd of every ring that is started and enabled, and the ring service's answers socket;
+a kick serves that ring (backend/vrings.py) for the device model. The model is started
+when the vhost device starts (Session.driver_ok turns true) and stopped when it stops or
+the connection ends; what it must wait on QEMU for runs on the Deferred worker
+(backend/deferred.py), and a chain it answers Later is completed by the serving thread
+when the answers socket says the answer is there."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from testbed.device import ShmemLayout
 from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, TestbedError
 from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import offer
-from testbed.vhost_user.backend.channel import ChannelRequests
+from testbed.vhost_user.backend.channel import ChannelRequests, ModelHost
 from testbed.vhost_user.backend.deferred import Deferred
 from testbed.vhost_user.backend.dispatch import Dispatcher
 from testbed.vhost_user.backend.handlers import DeviceHandler
@@ -85,6 +87,7 @@ class Backend(Endpoint, ChannelRequests):
             self.device, self.trace, self._notify, self._dispatcher.add_violations
         )
         self._deferred = Deferred(self._wake_waiters)
+        self._host = ModelHost(self)
         self._channel_lock = threading.Lock()
         self._session: Session | None = None
         self._fault_fired: set[str] = set()
@@ -103,6 +106,8 @@ class Backend(Endpoint, ChannelRequests):
         super().close()
         # After the session: its channel is closed, so a deferred map waiting on it ends.
         self._deferred.close()
+        # After the worker: nothing delivers an answer any more.
+        self._rings.close()
 
     @property
     def connected(self) -> bool:
@@ -115,9 +120,13 @@ class Backend(Endpoint, ChannelRequests):
 
     @property
     def violations(self) -> list[Violation]:
-        """Every rule QEMU (or the guest's rings) broke (testbed/vhost_user/rules.py), in order."""
+        """Every rule QEMU (or the guest's rings) broke (testbed/vhost_user/rules.py), and
+        every rule our device model's own channel requests broke (backend/channel.py)."""
         with self._cond:
             return list(self._dispatcher.violations)
+
+    def _own_violations(self, found: list[Violation]) -> None:
+        self._dispatcher.add_violations(found, who="our back-end (its device model)")
 
     def wait_driver_ok(self, timeout: float) -> None:
         """Until the current connection's device was started (the guest set DRIVER_OK)."""
@@ -160,6 +169,7 @@ class Backend(Endpoint, ChannelRequests):
     def _serve(self) -> None:
         with selectors.DefaultSelector() as sel:
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            sel.register(self._rings.answers, selectors.EVENT_READ, "answers")
             if self.connect_mode:
                 conn = conn_mod.connect(self.socket_path, self.connect_timeout, self._stop.wait)
                 self._begin_session(conn)
@@ -197,6 +207,8 @@ class Backend(Endpoint, ChannelRequests):
                         if _peek(channel) == "eof":
                             self._hang_up_on_channel_close()
                             break
+                    elif key.data == "answers":
+                        self._finish_answers(session)
                     elif key.data == "listen":
                         assert self._listener is not None
                         self._begin_session(self._listener.accept())
@@ -275,7 +287,7 @@ class Backend(Endpoint, ChannelRequests):
         if now and not was_started and not session.started:
             session.started = True
             log.info("device %s started", self.device.describe())
-            self.device.start(self)
+            self.device.start(self._host)
         elif was_started and not now and session.started:
             session.started = False
             log.info("device %s stopped", self.device.describe())
@@ -311,6 +323,15 @@ class Backend(Endpoint, ChannelRequests):
         if ring is not None:
             self._rings.kicked(session.mappings, session.features, ring)
             self._wake_waiters()
+
+    def _finish_answers(self, session: Session | None) -> None:
+        """Complete the chains whose Later answers arrived (see backend/vrings.py); with
+        no session they are only drained (and dropped)."""
+        if session is not None and session is self._session:
+            self._rings.finish_answers(session.mappings, session.features, session.rings)
+        else:
+            self._rings.drop_answers()
+        self._wake_waiters()
 
     def _channel_to_watch(self, session: Session | None) -> Connection | None:
         """The back-end channel, when a fault waits for QEMU to close it."""

@@ -27,6 +27,9 @@ class Session:
     channel: Connection | None = None  # the back-end channel (SET_BACKEND_REQ_FD)
     requests: list[Request] = field(default_factory=list)
     started: bool = False  # the device model was started for this connection
+    served: dict[int, int] | None = None
+    """The shared-memory config GET_SHMEM_CONFIG answered (shmid -> size); None: not asked,
+    or the answer was bent past decoding on purpose (a fault)."""
 
     def ring(self, index: int) -> Vring:
         """Ring ``index``'s state (a fresh one the first time QEMU names it)."""

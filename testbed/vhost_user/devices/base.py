@@ -7,10 +7,16 @@ A model runs on the back-end's serving thread: ``handle`` for every chain of a k
 Session.driver_ok) and stops (GET_VRING_BASE, a reset, a disconnect). Anything that must
 wait for QEMU (a SHMEM_MAP waits for QEMU's reply, and QEMU answers only once the serving
 thread has answered QEMU's own requests) goes through ``host.defer``.
+
+A chain whose answer needs such a wait (virtio-fs: FUSE_SETUPMAPPING is a SHMEM_MAP) is
+answered :class:`Later`: the back-end takes it off the ring, the device works on it off the
+serving thread and hands the answer back with ``Later.resolve``; the back-end then writes
+it and completes the chain on the serving thread, out of order with the chains after it.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -35,6 +41,11 @@ class DeviceHost(Protocol):
     ) -> int:
         """SHMEM_MAP on the back-end channel; QEMU's verdict (0 = mapped). Blocks for
         QEMU's reply: call it from a deferred action only."""
+        ...
+
+    def unmap(self, shmid: int, shm_offset: int, length: int) -> int:
+        """SHMEM_UNMAP on the back-end channel; QEMU's verdict (0 = unmapped). Blocks for
+        QEMU's reply, like map()."""
         ...
 
     def defer(self, what: str, action: Callable[[], None]) -> None:
@@ -63,6 +74,75 @@ class Completion:
     request: dict[str, Any] = field(default_factory=dict)
     reply: dict[str, Any] = field(default_factory=dict)
     problems: tuple[Problem, ...] = ()
+
+
+Finish = Callable[[GuestMemory], Completion]
+"""Writes a chain's answer into guest memory and says how (run on the serving thread)."""
+
+
+class Later:
+    """A chain answered later, off the serving thread: ``handle``'s other answer.
+
+    The back-end traces the request, keeps the chain as outstanding on its ring and calls
+    ``begin``, which starts the device's work (``start``: e.g. submit it to ``host.defer``).
+    Only then can the work run, so the trace shows the request before anything the work
+    sends to QEMU. The work calls ``resolve`` once, from any thread, with how to write the
+    answer; the back-end is handed the Later (``deliver``) and calls ``finish`` on its
+    serving thread, with the memory table current at that moment -- QEMU replaces it after
+    every SHMEM_MAP, so a memory view taken when the chain was popped may be gone by then.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        code: int,
+        start: Callable[[Later], None],
+        request: dict[str, Any] | None = None,
+        problems: tuple[Problem, ...] = (),
+    ) -> None:
+        self.name = name
+        self.code = code
+        self.request = request or {}
+        self.problems = problems
+        """Rules the request broke, known when it was popped (traced with the request)."""
+        self.queue = -1
+        self.head = -1
+        self._start = start
+        self._lock = threading.Lock()
+        self._deliver: Callable[[Later], None] | None = None
+        self._finish: Finish | None = None
+
+    def begin(self, queue: int, head: int, deliver: Callable[[Later], None]) -> None:
+        """The back-end took chain ``head`` of ``queue`` off the ring: start the work;
+        ``deliver`` (thread-safe) gets this Later back once it is resolved."""
+        with self._lock:
+            if self._deliver is not None:
+                raise StateError("begun", "new", f"Later {self.name}")
+            self.queue, self.head, self._deliver = queue, head, deliver
+        self._start(self)
+
+    def resolve(self, finish: Finish) -> None:
+        """The answer is ready (any thread, once): hand it to the back-end."""
+        with self._lock:
+            if self._deliver is None or self._finish is not None:
+                state = "not begun" if self._deliver is None else "resolved"
+                raise StateError(state, "begun, unresolved", f"Later {self.name}")
+            self._finish = finish
+            deliver = self._deliver
+        deliver(self)
+
+    @property
+    def resolved(self) -> bool:
+        with self._lock:
+            return self._finish is not None
+
+    def finish(self, memory: GuestMemory) -> Completion:
+        """Write the answer into ``memory`` (the back-end's serving thread)."""
+        with self._lock:
+            finish = self._finish
+        if finish is None:
+            raise StateError("unresolved", "resolved", f"Later {self.name}")
+        return finish(memory)
 
 
 class DeviceModel:
@@ -101,9 +181,10 @@ class DeviceModel:
         """SET_CONFIG: False to fail it. Default: accepted and ignored (read-only space)."""
         return True
 
-    def handle(self, queue: int, chain: Chain, memory: GuestMemory) -> Completion:
+    def handle(self, queue: int, chain: Chain, memory: GuestMemory) -> Completion | Later:
         """Serve one chain of ``queue``; raise RingError("device-request", ...) only for a
-        chain that cannot be answered at all (it is then completed with used length 0)."""
+        chain that cannot be answered at all (it is then completed with used length 0).
+        A Later: the chain is answered later, off the serving thread (see Later)."""
         raise StateError("no request handling", "a device model that serves queues", self.name)
 
     def start(self, host: DeviceHost) -> None:
