@@ -316,8 +316,11 @@ def test_decoder_fuzzed_past_the_header(opcode: int, body: bytes, extlen: int) -
     except FuseProtocolError as exc:
         assert exc.data == data
     else:
-        # Padding is written back as zeros, so compare values, not bytes.
-        assert request.opcode == opcode and decode_request(request.pack()) == request
+        # Padding is written back as zeros, and a short form (INIT's 16-byte init_in of
+        # protocols before 7.36) is written back in the full one: compare the arguments,
+        # not the bytes or the header's length.
+        again = decode_request(request.pack())
+        assert request.opcode == opcode and again.opcode == opcode and again.args == request.args
 
 
 @settings(max_examples=300)
