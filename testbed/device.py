@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from testbed import limits
 from testbed.errors import ConfigError
@@ -124,10 +124,29 @@ class ShmemLayout:
 # -- what serves a device -------------------------------------------------------------------
 
 
+class ModelSpec(Protocol):
+    """A device model's description (testbed.vhost_user.devices.spec: virtio-pmem,
+    virtio-fs): what QEMU's device must look like for it, and ``build()``, which makes the
+    model where the back-end runs."""
+
+    @property
+    def layout(self) -> ShmemLayout: ...
+    @property
+    def virtio_id(self) -> int: ...
+    @property
+    def num_vqs(self) -> int: ...
+    @property
+    def config_size(self) -> int: ...
+    def build(self) -> Any: ...
+
+
 @dataclass(frozen=True)
 class OurBackend:
     """Our back-end (testbed.vhost_user.backend) serves the device, with the device's
-    faults."""
+    faults; ``model`` the device model behind it (None: the plain test device, which
+    serves its layout and never a request)."""
+
+    model: ModelSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +270,19 @@ class VhostUserDevice:
         problem = limits.capacity_problem(len(self.layout.regions), self.behind_root_port)
         if problem and not self.allow_overfull:
             raise ConfigError(f"device {self.id}: {problem}")
+
+    @classmethod
+    def serving(cls, model: ModelSpec, **fields: Any) -> VhostUserDevice:
+        """The device QEMU needs for our back-end serving ``model`` (virtio-pmem,
+        virtio-fs, ...): its virtio-id, queues, config space and regions come from it."""
+        return cls(
+            layout=model.layout,
+            virtio_id=model.virtio_id,
+            num_vqs=model.num_vqs,
+            config_size=model.config_size,
+            backend=OurBackend(model),
+            **fields,
+        )
 
     @classmethod
     def of(

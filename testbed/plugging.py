@@ -31,6 +31,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, QemuExited, StateError, TestbedError
@@ -91,6 +92,11 @@ class PluggedDevice:
     @property
     def foreign(self) -> ForeignBackend | None:
         return self.serving.process
+
+    @property
+    def model(self) -> Any:
+        """The device model our back-end serves (a PmemDevice, a VirtioFsDevice), if any."""
+        return self.serving.model
 
     @property
     def relayed(self) -> bool:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from testbed.device import ForeignCommand, ForeignSocket, ShmemLayout, VhostUserDevice
+from testbed.device import ForeignCommand, ForeignSocket, OurBackend, ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError
 from testbed.host.foreign import ForeignBackend
 from testbed.resource import Closeable
@@ -48,6 +49,9 @@ class Serving(Closeable):
     device: VhostUserDevice
     endpoint: Endpoint
     process: ForeignBackend | None = None
+    model: Any = None
+    """The device model our back-end serves (built from the device's ModelSpec), if any:
+    a scenario reads its state (a pmem's flushes and backing, a virtio-fs's requests)."""
     generation: int = 0
     label: str = ""
     closed: bool = field(default=False, repr=False)
@@ -72,6 +76,8 @@ class Serving(Closeable):
         finally:
             if self.process is not None:
                 self.process.close()  # stopped and reaped; its socket and pid file removed
+            if self.model is not None:
+                self.model.close()  # after the back-end: it owns the model's files
 
 
 def serve(device: VhostUserDevice, *, logdir: Path, run_dir: Path, label: str = "") -> Serving:
@@ -81,15 +87,8 @@ def serve(device: VhostUserDevice, *, logdir: Path, run_dir: Path, label: str = 
     cold-plugged device's plain names)."""
     trace_path = logdir / trace_name(label)
     choice = device.backend
-    if not isinstance(choice, ForeignCommand | ForeignSocket):
-        backend = Backend(
-            device.socket_path,
-            device.layout,
-            trace_path=trace_path,
-            faults=device.faults,
-            num_queues=device.num_vqs,
-        )
-        return Serving(device, backend.start(), label=label)
+    if isinstance(choice, OurBackend):
+        return _ours(device, trace_path, label)
     process: ForeignBackend | None = None
     target = choice.path if isinstance(choice, ForeignSocket) else None
     prefix = f"{label}-" if label else ""
@@ -113,6 +112,27 @@ def serve(device: VhostUserDevice, *, logdir: Path, run_dir: Path, label: str = 
         raise
 
 
+def _ours(device: VhostUserDevice, trace_path: Path, label: str, generation: int = 0) -> Serving:
+    """Our back-end for ``device``, with its device model built from the spec when it has
+    one (the model decides the layout and the queues: the device was made from it)."""
+    spec = device.backend.model if isinstance(device.backend, OurBackend) else None
+    model = spec.build() if spec is not None else None
+    try:
+        backend = Backend(
+            device.socket_path,
+            None if model is not None else device.layout,
+            device=model,
+            trace_path=trace_path,
+            faults=device.faults,
+            num_queues=None if model is not None else device.num_vqs,
+        )
+        return Serving(device, backend.start(), model=model, generation=generation, label=label)
+    except BaseException:
+        if model is not None:
+            model.close()
+        raise
+
+
 def restart(serving: Serving, layout: ShmemLayout | None, *, logdir: Path) -> Serving:
     """Close ``serving``'s back-end (ours) and start a new one on the same socket, serving
     ``layout`` (None: the same); its trace is a new file. QEMU finds it only when its
@@ -124,11 +144,5 @@ def restart(serving: Serving, layout: ShmemLayout | None, *, logdir: Path) -> Se
         serving.device if layout is None else dataclasses.replace(serving.device, layout=layout)
     )
     generation = serving.generation + 1
-    backend = Backend(
-        device.socket_path,
-        device.layout,
-        trace_path=logdir / trace_name(serving.label, generation),
-        faults=device.faults,
-        num_queues=device.num_vqs,
-    )
-    return Serving(device, backend.start(), generation=generation, label=serving.label)
+    trace_path = logdir / trace_name(serving.label, generation)
+    return _ours(device, trace_path, serving.label, generation)
