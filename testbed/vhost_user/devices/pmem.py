@@ -11,7 +11,8 @@ The device (VIRTIO 1.3 section 5.19; Linux include/uapi/linux/virtio_pmem.h):
 The range is a backing file -- a memfd we create, or a file the caller names by path or fd
 -- SHMEM_MAPped read-write over all of region 0 each time the device starts. QEMU drops
 mappings on a device reset without telling the back-end, so stop() unmaps nothing and the
-next start maps again.
+next start maps again. With ``map_on_start=False`` the map waits for ``map_now()``: what
+the guest driver sees of a region nothing is mapped in yet can then be looked at.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class PmemDevice(DeviceModel, Closeable):
         fd: int | None = None,
         ring_features: int = F_INDIRECT_DESC | F_EVENT_IDX,
         sync: Callable[[int], None] = os.fdatasync,
+        map_on_start: bool = True,
     ) -> None:
         if path is not None and fd is not None:
             raise ConfigError("pmem backing: give a path or an fd, not both")
@@ -97,6 +99,8 @@ class PmemDevice(DeviceModel, Closeable):
         )
         self.size = size
         self._sync = sync
+        self.map_on_start = map_on_start
+        self._host: DeviceHost | None = None
         self.flushes = 0
         """FLUSH requests served (failed syncs included)."""
         self.failed_flushes = 0
@@ -128,9 +132,22 @@ class PmemDevice(DeviceModel, Closeable):
 
     def start(self, host: DeviceHost) -> None:
         super().start(host)
-        # Not here: the serving thread is inside QEMU's vhost_dev_start, and QEMU reads the
-        # back-end channel only after that returns -- waiting for the map's reply here would
-        # deadlock. The worker sends it once the serving thread moves on.
+        self._host = host
+        if self.map_on_start:
+            self.map_now()
+
+    def stop(self) -> None:
+        super().stop()
+        self._host = None
+
+    def map_now(self) -> None:
+        """SHMEM_MAP the backing over region 0 of the started device (on the back-end's
+        worker: the result lands in ``map_results``). Not on the serving thread: at start it
+        is inside QEMU's vhost_dev_start, and QEMU reads the back-end channel only after
+        that returns -- waiting for the map's reply there would deadlock."""
+        host = self._host
+        if host is None:
+            raise ConfigError("pmem: the device is not started: nothing to map into")
         host.defer("SHMEM_MAP of pmem region 0", lambda: self._map(host))
 
     def _map(self, host: DeviceHost) -> None:

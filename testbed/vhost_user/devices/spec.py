@@ -76,6 +76,8 @@ class PmemSpec:
 
     size: int
     path: Path | None = None
+    map_on_start: bool = True
+    """False: the backing is mapped when the scenario says (PmemDevice.map_now)."""
 
     def __post_init__(self) -> None:
         _ = self.layout  # a page multiple, a power of two: checked here
@@ -97,7 +99,7 @@ class PmemSpec:
         return PMEM_CONFIG_SIZE
 
     def build(self) -> PmemDevice:
-        return PmemDevice(self.size, path=self.path)
+        return PmemDevice(self.size, path=self.path, map_on_start=self.map_on_start)
 
 
 DeviceSpec = VirtioFsSpec | PmemSpec
