@@ -21,11 +21,13 @@ from pathlib import Path
 from testbed.bench.report import RUN_INIT, BootObservation, dmesg_time, parse_dmesg
 from testbed.device import VhostUserDevice
 from testbed.errors import ProvisionError, QemuExited, StateError, WaitTimeout
+from testbed.guest.datapath import GuestDevice, looks_unmapped
 from testbed.machine.cmdline import MachineConfig, build_command
 from testbed.machine.qemu import free_tcp_port
 from testbed.paths import PROJECT_ROOT, cache_dir, make_private_dir, remove_tree
 from testbed.resource import Closeable
 from testbed.verdict import verdict_for
+from testbed.vhost_user.shmem import Memfd
 from testbed.vm import GuestOptions, GuestVM
 
 FLOOR_SCRIPT = PROJECT_ROOT / "scripts" / "floor.py"
@@ -245,8 +247,6 @@ def measure_hotplug_cycles(arch: str, accel: str, cycles: int) -> list[float]:
 def measure_map_unmap(arch: str, accel: str, rounds: int) -> list[float]:
     """`rounds` SHMEM_MAP -> the guest reads the pattern through BAR 4 -> SHMEM_UNMAP ->
     the guest reads the range empty, on one booted guest at DRIVER_OK."""
-    from testbed.guest.datapath import GuestDevice, looks_unmapped
-    from testbed.vhost_user.shmem import Memfd
 
     seconds = []
     with GuestVM(arch, VhostUserDevice.of(DATAPATH_LAYOUT), accel=accel) as vm:

@@ -17,16 +17,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from testbed.bench import measure
+from testbed.bench.chart import draw_phases
 from testbed.bench.report import (
     Figure,
     Report,
     Sample,
     Target,
+    boot_phases,
     evaluate_targets,
     parse_loadavg,
     render_table,
 )
-from testbed.errors import TestbedError
+from testbed.errors import ConfigError, TestbedError
+from testbed.host.accel import choose_accel
+from testbed.host.qemu import resolve_qemu
+from testbed.images import ensure_image
 from testbed.machine.profiles import ARCHES
 
 E2E_TIMEOUT = 1800.0
@@ -104,9 +109,6 @@ class Collector:
 
 
 def _host_info(arches: Sequence[str], accel: str) -> tuple[dict[str, object], dict]:
-    from testbed.host.accel import choose_accel
-    from testbed.host.qemu import resolve_qemu
-    from testbed.images import ensure_image
 
     info: dict[str, object] = {
         "cpus": os.cpu_count(),
@@ -166,7 +168,6 @@ def _boots(opts: BenchOptions, col: Collector, inputs: dict, logdir: Path) -> No
 
 
 def _coldplug(opts: BenchOptions, col: Collector, inputs: dict) -> None:
-    from testbed.bench.report import boot_phases
 
     col.say(f"cold-plug scenario ('two' regions), {opts.runs} runs")
     for arch in opts.arches:
@@ -316,8 +317,6 @@ def _hotplug_and_datapath(opts: BenchOptions, col: Collector) -> None:
 def run_bench(opts: BenchOptions, say: Say = print) -> Report:
     """Measure everything (see the issue), in one run; returns the report."""
     if opts.runs < 1:
-        from testbed.errors import ConfigError
-
         raise ConfigError(f"--runs {opts.runs}: give at least 1 (5 is the default)")
     logdir = opts.output / "bench-logs"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -356,7 +355,6 @@ def run_bench(opts: BenchOptions, say: Say = print) -> Report:
 
 def write_outputs(report: Report, output: Path, say: Say) -> None:
     """bench.json, bench.txt (the table) and bench-boot.png (the phases)."""
-    from testbed.bench.chart import draw_phases
 
     output.mkdir(parents=True, exist_ok=True)
     if report.phases:

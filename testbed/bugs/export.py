@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testbed import waiting as waiting_module
 from testbed.artifacts import write_script
 from testbed.bugs import Bug, lookup
 from testbed.bugs import standalone as standalone_module
@@ -34,9 +35,29 @@ class Exported:
     files: tuple[Path, ...]
 
 
+WAITING_IMPORT = (
+    "from testbed.waiting import wait_steps, wait_until  # inlined into repro.py by export\n"
+)
+
+
+def inline_waiting(template: str) -> str:
+    """The template with testbed.waiting's text where it imports it: repro.py needs nothing
+    of ours. waiting.py's one import of ours, WaitTimeout, becomes TimeoutError (what the
+    template catches). Pure."""
+    if WAITING_IMPORT not in template:
+        raise ConfigError("the standalone template no longer imports testbed.waiting as expected")
+    waiting = Path(waiting_module.__file__).read_text()
+    waiting = waiting.replace("from __future__ import annotations\n", "")
+    ours = "from testbed.errors import WaitTimeout\n"
+    if ours not in waiting:
+        raise ConfigError("testbed.waiting imports more of testbed than repro.py can inline")
+    waiting = waiting.replace(ours, "WaitTimeout = TimeoutError  # repro.py has no testbed\n")
+    return template.replace(WAITING_IMPORT, f"# --- testbed/waiting.py, inlined ---\n{waiting}\n")
+
+
 def render_repro(script: dict[str, Any]) -> str:
     """repro.py: the standalone template's text with ``script`` embedded. Pure."""
-    template = Path(standalone_module.__file__).read_text()
+    template = inline_waiting(Path(standalone_module.__file__).read_text())
     data = json.dumps(script, indent=1, sort_keys=True)
     # A raw triple-quoted string keeps the JSON readable; repr() if it cannot hold it.
     literal = f'r"""{data}"""' if '"""' not in data and not data.endswith('"') else repr(data)

@@ -12,10 +12,10 @@ The script (JSON) has: bug, title, arch, signature {stderr, exit, observable}, a
 "{qemu}" and "{dir}" placeholders), qtest (bool), backend {socket, exchanges
 [[request, reply or null], ...], disconnect_at}, steps [{op: ...}, ...].
 
-This whole file is what repro.py runs, so it cannot import testbed: its four waits with a
-deadline (a vhost-user request, QEMU dialing a socket, a line from QEMU, a stderr pattern)
-are written out here, each bounded and calling ``alive()`` so that a dead QEMU ends them,
-as testbed.waiting's do. The generator of repro.py is testbed.bugs.export.
+Standard library only but for one module: its waits go through testbed.waiting, the test
+bed's one waiting helper, whose text `testbed bugs export` puts in repro.py where this file
+imports it (``inline_waiting``: that module imports nothing of ours but WaitTimeout, which
+becomes TimeoutError there). The generator of repro.py is testbed.bugs.export.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from typing import Any
+
+from testbed.waiting import wait_steps, wait_until  # inlined into repro.py by export
 
 HEADER = struct.Struct("<III")
 FLAG_REPLY = 0x4
@@ -133,14 +134,14 @@ class ReplayBackend:
                 conn.sendall(HEADER.pack(request, VERSION | FLAG_REPLY, 8) + bytes(8))
 
     def wait_request(self, request: int, count: int, timeout: float, alive: Any) -> None:
-        # A deadline loop of its own: repro.py has no testbed.waiting (see the docstring).
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.counts.get(request, 0) < count:
-                alive()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"vhost-user request {request} x{count} did not come")
-                self.cond.wait(POLL)
+        # Woken at least every POLL s: QEMU's death must end the wait (``alive``).
+        def arrived(remaining: float) -> bool:
+            with self.cond:
+                if self.counts.get(request, 0) < count:
+                    self.cond.wait(min(remaining, POLL))
+                return self.counts.get(request, 0) >= count
+
+        wait_steps(arrived, timeout, f"vhost-user request {request} x{count}", alive=alive)
 
     def channel_request(self, request: int, body: bytes, fds: list[int], timeout: float) -> int:
         if self.channel is None:
@@ -201,13 +202,13 @@ class Qemu:
             raise QemuGone(f"QEMU exited ({exit_text(self.proc.returncode)})")
 
     def accept(self, what: str, timeout: float) -> socket.socket:
-        # A deadline loop of its own: repro.py has no testbed.waiting (see the docstring).
-        deadline = time.monotonic() + timeout
         listener = self.listeners[what]
-        while not select.select([listener], [], [], POLL)[0]:
-            self.alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"QEMU did not connect {what}")
+        wait_steps(
+            lambda left: bool(select.select([listener], [], [], min(left, POLL))[0]),
+            timeout,
+            f"QEMU connecting {what}",
+            alive=self.alive,
+        )
         conn, _ = listener.accept()
         return conn
 
@@ -219,14 +220,13 @@ class Qemu:
             self.qtest = self.accept("qtest", timeout)
 
     def _read_line(self, sock: socket.socket, buf: bytes, timeout: float) -> tuple[bytes, bytes]:
-        # A deadline loop of its own: repro.py has no testbed.waiting (see the docstring).
-        deadline = time.monotonic() + timeout
-        while b"\n" not in buf:
-            if not select.select([sock], [], [], POLL)[0]:
-                self.alive()
-                if time.monotonic() > deadline:
-                    raise TimeoutError("QEMU did not answer")
-                continue
+        got = [buf]
+
+        def line_in(left: float) -> bool:
+            if b"\n" in got[0]:
+                return True
+            if not select.select([sock], [], [], min(left, POLL))[0]:
+                return False
             try:
                 data = sock.recv(65536)
             except OSError:  # reset: QEMU died with the socket open
@@ -234,8 +234,11 @@ class Qemu:
             if not data:
                 self.wait_exit(2.0)
                 raise QemuGone("QEMU closed the socket")
-            buf += data
-        line, _, rest = buf.partition(b"\n")
+            got[0] += data
+            return b"\n" in got[0]
+
+        wait_steps(line_in, timeout, "an answer from QEMU", alive=self.alive)
+        line, _, rest = got[0].partition(b"\n")
         return line, rest
 
     def _qmp_message(self, timeout: float) -> dict[str, Any]:
@@ -377,13 +380,13 @@ class Runner:
         self.qemu.wait_exit(step.get("timeout", STEP_TIMEOUT))
 
     def op_wait_stderr(self, step: dict[str, Any]) -> None:
-        # A deadline loop of its own: repro.py has no testbed.waiting (see the docstring).
-        deadline = time.monotonic() + step.get("timeout", STEP_TIMEOUT)
-        while not re.search(step["pattern"], self.qemu.stderr_text()):
-            self.qemu.alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{step['pattern']!r} never showed on QEMU's stderr")
-            time.sleep(POLL)  # poll interval of a deadline-bound wait
+        wait_until(
+            lambda: re.search(step["pattern"], self.qemu.stderr_text()),
+            step.get("timeout", STEP_TIMEOUT),
+            f"{step['pattern']!r} on QEMU's stderr",
+            interval=POLL,
+            alive=self.qemu.alive,
+        )
 
     def op_check_bar4(self, step: dict[str, Any]) -> None:
         size = _bar4_size(self.qemu, step["slot"], STEP_TIMEOUT)

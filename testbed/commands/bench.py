@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from testbed.bench import BenchOptions, run_bench
 from testbed.commands.common import ARCHES, add_accel_option
 from testbed.paths import results_dir
 
@@ -44,7 +45,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from testbed.bench import BenchOptions, run_bench
 
     options = BenchOptions(
         output=(args.output or results_dir()).resolve(),

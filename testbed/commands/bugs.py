@@ -17,9 +17,15 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from testbed.bugs import lookup, registry, select
+from testbed.bugs.check import check, exit_code, format_table
+from testbed.bugs.export import export
+from testbed.bugs.rerun import rerun_scenario
 from testbed.commands.common import add_arch_option
 from testbed.errors import ConfigError
+from testbed.host.qemu import resolve_qemu
 from testbed.machine.profiles import ARCHES
+from testbed.machine.qemu import quiet_qmp_logs
 
 
 def register(sub: Any) -> None:
@@ -71,7 +77,6 @@ def register(sub: Any) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from testbed.bugs import registry
 
     bugs = list(registry().values())
     if args.json:
@@ -90,7 +95,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from testbed.bugs.rerun import rerun_scenario
 
     if "::" not in args.nodeid:
         raise ConfigError(f"{args.nodeid!r} is not a pytest node id (path::test[params])")
@@ -101,7 +105,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 def _qemus(arches: list[str], explicit: str | None) -> dict[str, tuple[Path, str]]:
     """arch -> (binary, version), resolved as everywhere else (--qemu beats the rest)."""
-    from testbed.host.qemu import resolve_qemu
 
     resolved = {}
     for arch in arches:
@@ -111,9 +114,6 @@ def _qemus(arches: list[str], explicit: str | None) -> dict[str, tuple[Path, str
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from testbed.bugs import select
-    from testbed.bugs.check import check, exit_code, format_table
-    from testbed.machine.qemu import quiet_qmp_logs
 
     quiet_qmp_logs()
     select(args.ids)  # unknown ids fail before any QEMU starts
@@ -129,9 +129,6 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from testbed.bugs import lookup
-    from testbed.bugs.export import export
-    from testbed.machine.qemu import quiet_qmp_logs
 
     quiet_qmp_logs()
     bug = lookup(args.id)

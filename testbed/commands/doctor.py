@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from testbed.commands.common import ARCHES, add_qemu_options, explicit_qemu
+from testbed.host import doctor
 
 
 def register(sub: Any) -> None:
@@ -27,7 +28,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from testbed.host import doctor
 
     report = doctor.collect(
         {arch: explicit_qemu(args, arch) for arch in ARCHES}, shmem_probe=args.shmem_probe

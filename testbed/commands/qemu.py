@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 from testbed.commands.common import ARCHES, add_qemu_options, explicit_qemu
+from testbed.errors import TestbedError
+from testbed.host.qemu import provision, qemu_root, read_stamp, resolve_qemu
 
 
 def register(sub: Any) -> None:
@@ -32,7 +34,6 @@ def register(sub: Any) -> None:
 
 
 def run_provision(args: argparse.Namespace) -> int:
-    from testbed.host.qemu import provision
 
     paths = provision(log=print, install_missing=args.install_missing)
     for arch, path in paths.items():
@@ -41,8 +42,6 @@ def run_provision(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from testbed.errors import TestbedError
-    from testbed.host.qemu import qemu_root, read_stamp, resolve_qemu
 
     out: dict[str, Any] = {"qemu": {}, "provisioned": None}
     failed = False

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from testbed.errors import ConfigError, HostCapabilityError
+from testbed.host.qemu import read_json, write_json_atomic
 from testbed.machine.probe import ProbeVerdict, run_kvm_probe
 from testbed.paths import cache_dir
 
@@ -126,10 +127,9 @@ def probe_cache_key(kernel_release: str, modules: tuple[str, ...], qemu: Path) -
 
 def cached_probe(arch: str, qemu: Path, facts: HostFacts) -> ProbeVerdict:
     """The KVM probe verdict, run once per (kernel release, KVM modules, QEMU path)."""
-    from testbed.host.qemu import _read_json, write_json_atomic
 
     key = probe_cache_key(platform.release(), facts.kvm_modules, qemu.resolve())
-    cache = _read_json(_probe_cache())
+    cache = read_json(_probe_cache())
     hit = cache.get(key)
     if isinstance(hit, dict) and "works" in hit:
         return ProbeVerdict(bool(hit["works"]), str(hit.get("detail", "")))

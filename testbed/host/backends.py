@@ -20,6 +20,8 @@ from pathlib import Path
 from testbed.errors import HostCapabilityError
 from testbed.host import sysroot
 from testbed.host.qemu import host_arch, qemu_root
+from testbed.images import images_root
+from testbed.images.apt import AptState, extract_deb
 from testbed.paths import cache_dir, remove_tree
 
 Log = Callable[[str], None]
@@ -78,8 +80,6 @@ def ensure_storage_daemon(log: Log = print) -> Path:
 
 def ensure_virtiofsd(log: Log = print) -> Path:
     """bin/virtiofsd: sid's virtiofsd, fetched and unpacked once, through the loader."""
-    from testbed.images import images_root
-    from testbed.images.apt import AptState, extract_deb
 
     arch = host_arch()
     base = _sysroot_dir()

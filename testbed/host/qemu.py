@@ -38,9 +38,10 @@ from testbed.errors import (
     TestbedError,
     WaitTimeout,
 )
-from testbed.host import sysroot
+from testbed.host import debian, sysroot
 from testbed.machine import probe
 from testbed.paths import cache_dir, remove_tree
+from testbed.waiting import wait_until
 
 log_ = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ def _cache_key(path: Path) -> str | None:
     return f"{real}:{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -286,7 +287,7 @@ def probe_qemu(path: Path, *, use_cache: bool = True, timeout: float = PROBE_TIM
     key = _cache_key(path)
     cache_file = _facts_cache_path()
     if use_cache and key:
-        hit = _read_json(cache_file).get(key)
+        hit = read_json(cache_file).get(key)
         if isinstance(hit, dict):
             version = hit.get("version")
             return QemuFacts(
@@ -298,7 +299,7 @@ def probe_qemu(path: Path, *, use_cache: bool = True, timeout: float = PROBE_TIM
     facts, definitive = _probe_uncached(path, timeout)
     # Only settled verdicts are cached: a timeout on a loaded host must be retried next time.
     if key and definitive:
-        cache = _read_json(cache_file)
+        cache = read_json(cache_file)
         cache[key] = {
             "problem": facts.problem,
             "version": list(facts.version) if facts.version else None,
@@ -436,22 +437,26 @@ def _provision_lock(log: Log, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     lock_path = cache_dir() / "qemu.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("a") as fh:
-        deadline = time.monotonic() + timeout
-        told = False
-        while True:
+        told: list[bool] = []
+
+        def locked() -> bool:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                return True
             except BlockingIOError:
                 if not told:
                     log(f"waiting for another provision to finish (lock {lock_path})")
-                    told = True
-                if time.monotonic() > deadline:
-                    raise ProvisionError(
-                        f"another provision held {lock_path} for {timeout:.0f} s; if none is "
-                        "running, remove the lock file and retry"
-                    ) from None
-                time.sleep(0.2)  # polling the lock, bounded by the deadline
+                    told.append(True)
+                return False
+
+        try:
+            # flock has no timeout of its own: polled, bounded by the deadline.
+            wait_until(locked, timeout, f"the provision lock {lock_path}", interval=0.2)
+        except WaitTimeout:
+            raise ProvisionError(
+                f"another provision held {lock_path} for {timeout:.0f} s; if none is "
+                "running, remove the lock file and retry"
+            ) from None
         try:
             yield
         finally:
@@ -495,7 +500,6 @@ def _describe(stamp: sysroot.Stamp) -> str:
 
 
 def _build(root: Path, arch: str, log: Log, install_missing: bool) -> None:
-    from testbed.host import debian
 
     if install_missing:
         debian.ensure_installed(log)

@@ -12,16 +12,18 @@ import logging
 import os
 import socket
 import stat
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, WaitTimeout
+from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError
 from testbed.resource import Closeable
 from testbed.vhost_user.protocol import HEADER_SIZE, MAX_FDS, MAX_PAYLOAD_SIZE, Header
+from testbed.waiting import wait_steps
 
 log = logging.getLogger(__name__)
+
+CONNECT_RETRY = 0.02
 
 _FD_SIZE = array.array("i").itemsize
 
@@ -264,26 +266,31 @@ def connect(
     ``cancelled(seconds)`` waits up to that long between attempts and returns True to give
     up (e.g. ``threading.Event.wait`` of a stop event); default: a short bounded nap.
     """
-    deadline = time.monotonic() + timeout
-    last: OSError | None = None
-    while True:
+    last: list[OSError] = []
+
+    def attempt(_remaining: float) -> Connection | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(str(path))
             return Connection(sock)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            last = exc
+            last[:] = [exc]
         except OSError:
             sock.close()
             raise
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(
-                f"could not connect to {path} within {timeout:.1f}s ({last}); is QEMU "
-                "listening there (chardev socket server=on)?"
-            )
         # Polling a socket path that another process has yet to create: a short, bounded nap.
-        if cancelled is None:
-            time.sleep(0.02)
-        elif cancelled(0.02):
+        if cancelled is not None and cancelled(CONNECT_RETRY):
             raise PeerClosed(f"connecting to {path} was cancelled")
+        return None
+
+    return wait_steps(
+        attempt,
+        timeout,
+        f"a connection to {path}",
+        interval=0.0 if cancelled is not None else CONNECT_RETRY,
+        seen=lambda: (
+            f"{last[0] if last else 'no attempt'}; is QEMU listening there "
+            "(chardev socket server=on)?"
+        ),
+    )
