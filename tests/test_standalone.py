@@ -68,9 +68,9 @@ def test_rendered_repro_is_one_stdlib_file_with_the_script() -> None:
     }
     assert "testbed" not in imported and "qemu" not in imported
     assert imported <= {
-        "__future__", "argparse", "contextlib", "json", "os", "re", "select", "shutil",
-        "signal", "socket", "struct", "subprocess", "sys", "tempfile", "threading", "time",
-        "typing",
+        "__future__", "argparse", "collections", "contextlib", "json", "os", "re", "select",
+        "shutil", "signal", "socket", "struct", "subprocess", "sys", "tempfile", "threading",
+        "time", "typing",
     }  # fmt: skip
     namespace: dict[str, Any] = {"__name__": "not_main"}
     exec(compile(source, "repro.py", "exec"), namespace)
