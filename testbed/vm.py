@@ -188,8 +188,12 @@ class GuestVM:
         backend_ready_timeout: float = 15.0,
         restore: bool | None = False,
         plug: str = "cold",
+        kernel: str | None = None,
     ) -> None:
         self.arch = arch
+        # The guest kernel by its recipe name ("6.1", "6.12"; None: the image layer's
+        # default): passed through to ensure_image as it is.
+        self.kernel = kernel
         # A back-end we did not write: started from ``backend_cmd`` ('PROGRAM ARGS...
         # {socket}') or already listening on ``backend_socket``; QEMU reaches it through
         # the relay (trace, conformance checks), which injects ``regions`` if given.
@@ -301,7 +305,7 @@ class GuestVM:
             log.info("accelerator %s: %s", self.accel.name, self.accel.reason)
             t = self._step("choose_accel", t)
             # Build progress to stderr: `testbed exec` keeps stdout for the guest's bytes.
-            self.image = ensure_image(self.arch, log=_to_stderr)
+            self.image = ensure_image(self.arch, log=_to_stderr, kernel=self.kernel)
             t = self._step("ensure_image", t)
 
             self.run_dir = make_private_dir(f"vm-{sanitize(self.arch)}")
@@ -414,6 +418,7 @@ class GuestVM:
                 extra_kernel_args=self.extra_kernel_args,
                 extra_qemu_args=self.extra_qemu_args,
                 boot_timeout=self.boot_timeout,
+                kernel=self.kernel,
             )
             with maker:
                 assert maker.machine is not None
