@@ -63,6 +63,8 @@ class GuestOptions:
     extra_kernel_args: tuple[str, ...] = ()
     extra_qemu_args: tuple[str, ...] = ()
     boot_timeout: float = 90.0
+    kernel: str | None = None
+    """The guest kernel by its recipe name ("6.1", "6.12"; None: the images' default)."""
 
     def machine(self, config: MachineConfig) -> MachineConfig:
         """``config`` with these options."""
@@ -161,7 +163,7 @@ class GuestVM:
             log.info("accelerator %s: %s", self.accel.name, self.accel.reason)
             t = self._step("choose_accel", t)
             # Build progress to stderr: `testbed exec` keeps stdout for the guest's bytes.
-            self.image = image = ensure_image(self.arch, log=_to_stderr)
+            self.image = image = ensure_image(self.arch, log=_to_stderr, kernel=self.options.kernel)
             t = self._step("ensure_image", t)
             self.run_dir = make_private_dir(f"vm-{sanitize(self.arch)}")
             self.logdir = self.artifacts_dir or self.run_dir / "logs"

@@ -334,19 +334,19 @@ def test_recipe_pci_ids_vendors() -> None:
 
 def test_recipe_kernel_suite() -> None:
     data = _recipe_data()
-    kernel = data["kernel"]
-    assert isinstance(kernel, dict)
+    kernels = data["kernels"]
+    assert isinstance(kernels, dict)
     # the shipped recipes take the kernel from an older, faster-booting suite
-    assert recipe.parse_recipe(data, "x.json", "x86_64").kernel_suite == kernel["suite"]
-    assert recipe.parse_recipe(data, "x.json", "x86_64").suite == "sid"
-    del kernel["suite"]
+    default = kernels[recipe.DEFAULT_KERNEL]
+    rec = recipe.parse_recipe(data, "x.json", "x86_64")
+    assert rec.kernel_suite == default["kernel"]["suite"] and rec.suite == "sid"
+    del default["kernel"]
     rec = recipe.parse_recipe(data, "x.json", "x86_64")
     assert rec.kernel_suite == rec.suite  # defaults to the userland's suite
-    kernel["suite"] = ""
+    default["kernel"] = {"suite": ""}
     with pytest.raises(ConfigError, match="'suite' must be a non-empty string"):
         recipe.parse_recipe(data, "x.json", "x86_64")
-    kernel["suite"] = "trixie"
-    kernel["flavour"] = "cloud"
+    default["kernel"] = {"suite": "trixie", "flavour": "cloud"}
     with pytest.raises(ConfigError, match="unknown keys flavour in 'kernel'"):
         recipe.parse_recipe(data, "x.json", "x86_64")
 

@@ -12,26 +12,42 @@ from testbed.commands.common import ARCHES, add_arch_option
 from testbed.errors import ConfigError
 
 
+def _add_kernel_option(parser: argparse.ArgumentParser, default: str) -> None:
+    # Free text, not choices: the names live in images/<arch>.json ("kernels"), and the
+    # recipe's error lists the ones an architecture has.
+    parser.add_argument(
+        "--kernel",
+        default=default,
+        metavar="NAME|all",
+        help="which of the recipe's kernels, e.g. 6.1 or 6.12, or all (default: %(default)s)",
+    )
+
+
 def register(sub: Any) -> None:
+    from testbed.images.recipe import DEFAULT_KERNEL
+
     parser = sub.add_parser(
         "images",
         help="build or show the guest images (Debian packages, no root)",
         description="Guest images: a Debian kernel and a tiny initramfs with busybox, "
-        "dropbear and lspci, built from Debian packages without root and cached.",
+        "dropbear and lspci, built from Debian packages without root and cached; one image "
+        "per architecture and kernel.",
     )
     actions = parser.add_subparsers(dest="images_command", metavar="ACTION", required=True)
 
     build = actions.add_parser("build", help="build (or find cached) images")
     add_arch_option(build, allow_all=True)
+    _add_kernel_option(build, "all")
     build.add_argument(
         "--refresh",
         action="store_true",
-        help="re-read the Debian suite (apt-get update) and rebuild if a package changed",
+        help="re-read the Debian suites (apt-get update) and rebuild if a package changed",
     )
     build.set_defaults(func=run_build)
 
     show = actions.add_parser("show", help="describe the cached image of one architecture")
     add_arch_option(show)
+    _add_kernel_option(show, DEFAULT_KERNEL)
     show.add_argument("--json", action="store_true", help="print as JSON")
     show.set_defaults(func=run_show)
 
@@ -40,32 +56,65 @@ def _progress(line: str) -> None:
     print(line, flush=True)
 
 
+def _kernels(arch: str, choice: str) -> tuple[str, ...]:
+    from testbed.images import kernel_names
+
+    names = kernel_names(arch)
+    if choice == "all":
+        return names
+    if choice not in names:
+        raise ConfigError(
+            f"no kernel {choice!r} for {arch}: use one of {', '.join(names)} or all "
+            f"(images/{arch}.json, 'kernels')"
+        )
+    return (choice,)
+
+
 def run_build(args: argparse.Namespace) -> int:
     from testbed.images import ensure_image
 
     arches = ARCHES if args.arch == "all" else (args.arch,)
     for arch in arches:
-        started = time.monotonic()
-        image = ensure_image(arch, log=_progress, refresh=args.refresh)
-        print(f"{arch}: {image.kernel.parent} ({time.monotonic() - started:.1f} s)", flush=True)
+        for name in _kernels(arch, args.kernel):
+            started = time.monotonic()
+            image = ensure_image(arch, log=_progress, refresh=args.refresh, kernel=name)
+            print(
+                f"{arch} ({image.kernel_name}, {image.kernel_release}): {image.kernel.parent} "
+                f"({time.monotonic() - started:.1f} s)",
+                flush=True,
+            )
     return 0
 
 
 def run_show(args: argparse.Namespace) -> int:
     from testbed.images import image_summary, load_image
 
-    image = load_image(args.arch)
-    if image is None:
-        raise ConfigError(
-            f"no {args.arch} image built from the current recipe; "
-            f"run `testbed images build --arch {args.arch}`"
-        )
+    images = []
+    for name in _kernels(args.arch, args.kernel):
+        image = load_image(args.arch, name)
+        if image is None:
+            raise ConfigError(
+                f"no {args.arch} image with kernel {name} built from the current recipe; "
+                f"run `testbed images build --arch {args.arch} --kernel {name}`"
+            )
+        images.append(image)
     if args.json:
-        json.dump(image_summary(image), sys.stdout, indent=2, sort_keys=True)
+        data: Any = [image_summary(i) for i in images]
+        json.dump(data if args.kernel == "all" else data[0], sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
+    for n, image in enumerate(images):
+        if n:
+            print()
+        _print_image(image)
+    return 0
+
+
+def _print_image(image: Any) -> None:
     rows = [
         ("arch", image.arch),
+        ("kernel name", image.kernel_name),
+        ("kernel version", f"{image.kernel_version} (uname -r: {image.kernel_release})"),
         ("content hash", image.content_hash),
         ("kernel", str(image.kernel)),
         ("initrd", str(image.initrd)),
@@ -81,4 +130,3 @@ def run_show(args: argparse.Namespace) -> int:
     print("packages:")
     for name, version in image.packages.items():
         print(f"  {name:<40} {version}")
-    return 0

@@ -125,17 +125,22 @@ def empty_section(data: bytes, name: str, what: str = "ELF file") -> bytes:
     return bytes(out)
 
 
-def modinfo(data: bytes, what: str = "kernel module") -> dict[str, str]:
-    """A module's .modinfo as a dict (the last value wins for repeated keys like alias)."""
+def modinfo_items(data: bytes, what: str = "kernel module") -> list[tuple[str, str]]:
+    """A module's .modinfo key=value strings in order, repeated keys (alias) included."""
     raw = section(data, ".modinfo", what)
     if raw is None:
         raise ProvisionError(f"{what} has no .modinfo section: not a kernel module?")
-    info: dict[str, str] = {}
+    items = []
     for item in raw.split(b"\0"):
         if b"=" in item:
             key, value = item.split(b"=", 1)
-            info[key.decode()] = value.decode(errors="replace")
-    return info
+            items.append((key.decode(), value.decode(errors="replace")))
+    return items
+
+
+def modinfo(data: bytes, what: str = "kernel module") -> dict[str, str]:
+    """A module's .modinfo as a dict (the last value wins for repeated keys like alias)."""
+    return dict(modinfo_items(data, what))
 
 
 _DT_SYMTAB = 6

@@ -25,9 +25,16 @@ def _checked(name: str) -> str:
     return name.replace("-", "_")
 
 
+MODULE_SUFFIX = ".ko.gz"
+"""The optional modules are gzip'ed: they are in the initramfs the kernel copies at every
+boot but loaded only on demand, where busybox insmod inflates them. Measured on 6.12 x86_64
+(ext4, nvdimm and the rest): 3.7 MB as plain ELF, 0.86 MB gzip'ed; xz would be 0.6 MB
+but inflates several times slower under TCG."""
+
+
 def module_path(name: str) -> str:
-    """The .ko inside the image (relative to /)."""
-    return f"{MODULES_DIR}/{_checked(name)}.ko"
+    """The module file inside the image (relative to /)."""
+    return f"{MODULES_DIR}/{_checked(name)}{MODULE_SUFFIX}"
 
 
 def order_path(name: str) -> str:
@@ -50,7 +57,7 @@ def load_command(names: Iterable[str], params: dict[str, str] | None = None) -> 
             f"[ -f {order} ] || {{ echo 'no optional module {mod} in this image "
             f"(recipe optional_modules)' >&2; exit 1; }}"
         )
-        ko = f"/{MODULES_DIR}/$m.ko"
+        ko = f"/{MODULES_DIR}/$m{MODULE_SUFFIX}"
         with_params = f"insmod {ko} {shlex.quote(params[mod])}" if mod in params else f"insmod {ko}"
         steps.append(
             f"for m in $(cat {order}); do "

@@ -1,7 +1,9 @@
 """Kernel module selection and load order from each module's .modinfo `depends=` (pure).
 
 Debian's modules package carries no modules.dep (depmod runs at install time), so the
-order is computed here: a module comes after everything it depends on. Built-in modules
+order is computed here: a module comes after everything it depends on, and after what its
+softdep= "pre:" names (ext4 and jbd2 name crypto-crc32c, which they look up through the
+crypto API when they mount: the guest has no modprobe to load it then). Built-in modules
 (listed in modules.builtin) need no loading and are dropped from the list.
 """
 
@@ -29,6 +31,43 @@ def parse_builtin(text: str) -> set[str]:
 def parse_depends(value: str) -> list[str]:
     """A .modinfo depends= value ('a,b-c' or '') -> ['a', 'b_c']."""
     return [module_name(x) for x in value.split(",") if x.strip()]
+
+
+def parse_softdep_pre(value: str) -> list[str]:
+    """A .modinfo softdep= value ('pre: crypto-crc32c post: x') -> the names to load
+    first, as written (module names or aliases)."""
+    names: list[str] = []
+    current = ""
+    for word in value.split():
+        if word.endswith(":"):
+            current = word[:-1]
+        elif current == "pre":
+            names.append(word)
+    return names
+
+
+def parse_builtin_aliases(data: bytes) -> set[str]:
+    """modules.builtin.modinfo (NUL-separated 'module.key=value') -> every alias that a
+    built-in module provides, plus the built-in modules' own names."""
+    aliases: set[str] = set()
+    for item in data.split(b"\0"):
+        head, sep, value = item.decode(errors="replace").partition("=")
+        module, dot, key = head.partition(".")
+        if sep and dot:
+            aliases.add(module_name(module))
+            if key == "alias":
+                aliases.add(value)
+    return aliases
+
+
+def softdep_candidates(name: str) -> list[str]:
+    """Modules that may provide softdep ``name``, most likely first. Debian ships no
+    modules.alias (depmod runs at install time) and reading every module's aliases would
+    mean decompressing ~4000 of them, so only these are checked: the name itself, without
+    a crypto- prefix, and the generic implementation ('crypto-crc32c' -> crc32c,
+    crc32c_generic)."""
+    base = module_name(name.removeprefix("crypto-"))
+    return list(dict.fromkeys([module_name(name), base, f"{base}_generic"]))
 
 
 def load_order(
