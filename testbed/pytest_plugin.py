@@ -10,7 +10,8 @@ Loaded by scenarios/conftest.py. What it adds:
 - ``run_dir``: a private 0700 scratch directory (sockets, keys) removed after the test.
 - A pass/fail table by scenario x architecture at the end of the run, and JUnit XML under
   results/junit.xml where every test case carries the inputs it ran with as properties:
-  ``arch``, ``accel`` (and why), ``qemu-version``, ``qemu-binary``, ``image-hash``.
+  ``arch``, ``accel`` (and why), ``qemu-version``, ``qemu-binary``, ``image-hash``,
+  ``kernel`` (its name and release). ``--kernel NAME`` picks the guest kernel.
 - Spec conformance from the back-end's side: requests QEMU sent without the feature that
   allows them (Backend.violations) fail the test, listed in its report and in the
   ``vhost-user-violations`` property, unless the test marks them expected with
@@ -64,6 +65,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("TESTBED_ACCEL", "auto"),
         choices=("auto", "kvm", "tcg"),
         help="accelerator (default: auto = KVM only where it really works; env TESTBED_ACCEL)",
+    )
+    group.addoption(
+        "--kernel",
+        default=os.environ.get("TESTBED_KERNEL"),
+        metavar="NAME",
+        help="the guest kernel (a recipe kernel: 6.1, 6.12; default: the images' default; "
+        "a scenario that needs a given kernel names it itself; env TESTBED_KERNEL)",
     )
     group.addoption(
         "--backend-cmd",
@@ -207,6 +215,7 @@ def boot(
     vms: list[GuestVM] = []
     theirs = user_backend(request.config)
     fresh = bool(request.config.getoption("--fresh-boot"))
+    kernel = request.config.getoption("--kernel")
 
     def _boot(
         *devices: VhostUserDevice, plug: str = "cold", restore: bool | None = None, **options: Any
@@ -214,6 +223,7 @@ def boot(
         logdir = artifacts if not vms else artifacts / f"vm{len(vms)}"
         if theirs is not None:
             devices = tuple(theirs.serve(d) for d in devices)
+        options.setdefault("kernel", kernel)
         # Boot once, restore many: a guest without a cold-plugged device is restored from
         # its snapshot (restore=None: GuestVM decides) unless the scenario or the user asks
         # for a real boot.
@@ -270,6 +280,7 @@ def record_run_inputs(node: pytest.Item, vm: GuestVM) -> None:
         ]
     if vm.image is not None:
         found.append(("image-hash", vm.image.content_hash))
+        found.append(("kernel", f"{vm.image.kernel_name} ({vm.image.kernel_release})"))
     found.append(("guest-start", "restored" if vm.restore else "booted"))
     if vm.snapshot is not None:
         found.append(("snapshot", str(vm.snapshot.state)))

@@ -10,6 +10,8 @@ from typing import Any
 
 from testbed.commands.common import ARCHES, add_arch_option
 from testbed.errors import ConfigError
+from testbed.images import ensure_image, image_summary, kernel_names, load_image
+from testbed.images.recipe import DEFAULT_KERNEL
 
 
 def _add_kernel_option(parser: argparse.ArgumentParser, default: str) -> None:
@@ -24,7 +26,6 @@ def _add_kernel_option(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def register(sub: Any) -> None:
-    from testbed.images.recipe import DEFAULT_KERNEL
 
     parser = sub.add_parser(
         "images",
@@ -57,7 +58,6 @@ def _progress(line: str) -> None:
 
 
 def _kernels(arch: str, choice: str) -> tuple[str, ...]:
-    from testbed.images import kernel_names
 
     names = kernel_names(arch)
     if choice == "all":
@@ -71,7 +71,6 @@ def _kernels(arch: str, choice: str) -> tuple[str, ...]:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from testbed.images import ensure_image
 
     arches = ARCHES if args.arch == "all" else (args.arch,)
     for arch in arches:
@@ -87,7 +86,6 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from testbed.images import image_summary, load_image
 
     images = []
     for name in _kernels(args.arch, args.kernel):

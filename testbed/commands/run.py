@@ -76,6 +76,11 @@ def _add_vm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--boot-timeout", type=float, default=90.0, metavar="S", help="seconds to SSH"
     )
+    parser.add_argument(
+        "--kernel",
+        metavar="NAME",
+        help="the guest kernel, a recipe kernel (6.1, 6.12; default: the images' default)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -118,7 +123,7 @@ def _vm(args: argparse.Namespace) -> GuestVM:
     return GuestVM(
         args.arch,
         *([device] if device is not None else []),
-        options=GuestOptions(boot_timeout=args.boot_timeout),
+        options=GuestOptions(boot_timeout=args.boot_timeout, kernel=args.kernel),
         accel=args.accel,
         qemu=explicit_qemu(args, args.arch),
         artifacts_dir=args.keep_artifacts,

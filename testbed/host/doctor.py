@@ -1,12 +1,11 @@
 """`testbed doctor`: can this host run the suite, and what to do about each gap.
 
-collect() gathers a Report (I/O); render_table() and Report.to_json() are pure. The guest
-image loader is imported guarded, so the doctor works before it exists.
+collect() gathers a Report (I/O); render_table() and Report.to_json() are pure. Every
+kernel's guest image is named, with the kernel it holds (the default marked).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from testbed.errors import TestbedError
 from testbed.host import accel as accel_mod
 from testbed.host import debian
 from testbed.host import qemu as qemu_mod
+from testbed.images import DEFAULT_KERNEL, kernel_names, load_image
 from testbed.machine.probe import probe_shmem_support
 from testbed.paths import cache_dir
 
@@ -68,14 +68,6 @@ def render_table(report: Report) -> str:
     verdict = "this host can run the suite" if report.ok else "this host cannot run the suite"
     lines += ["", f"{verdict} (doctor took {report.seconds:.2f} s)"]
     return "\n".join(lines)
-
-
-def _optional(module: str, name: str) -> Any:
-    """module.name if that module exists (another part may not have landed yet), else None."""
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
 
 
 def tree_size(path: Path) -> int:
@@ -207,9 +199,9 @@ def collect(
         )
 
     data["images"] = {}
-    load_image = _optional("testbed.images", "load_image")
     for arch in qemu_mod.ARCHES:
-        report.add(_image_check(load_image, arch, data["images"]))
+        for kernel in kernel_names(arch):
+            report.add(_image_check(arch, kernel, data["images"]))
 
     root = cache_dir()
     size = tree_size(root) if root.exists() else 0
@@ -242,24 +234,28 @@ def _shmem_probe_check(arch: str, binary: qemu_mod.QemuBinary, entry: dict[str, 
     )
 
 
-def _image_check(load_image: Any, arch: str, out: dict[str, Any]) -> Check:
-    if load_image is None:
-        out[arch] = {"present": None}
-        return Check(
-            f"image {arch}",
-            WARN,
-            "testbed.images.load_image is not available yet; images are built on first use",
-        )
+def _image_check(arch: str, kernel: str, out: dict[str, Any]) -> Check:
+    """One guest image: built or not, and which kernel it holds (the default marked)."""
+    name = f"image {arch} {kernel}" + (" (default)" if kernel == DEFAULT_KERNEL else "")
+    key = f"{arch}-{kernel}"
     try:
-        image = load_image(arch)
+        image = load_image(arch, kernel=kernel)
     except TestbedError as exc:
         image, why = None, str(exc)
     else:
         why = "not built yet"
     if image is None:
-        out[arch] = {"present": False, "detail": why}
+        out[key] = {"present": False, "detail": why}
         return Check(
-            f"image {arch}", WARN, why, f"`testbed images build --arch {arch}` (or first use)"
+            name,
+            WARN,
+            why,
+            f"`testbed images build --arch {arch} --kernel {kernel}` (or first use)",
         )
-    out[arch] = {"present": True, "hash": str(getattr(image, "content_hash", ""))}
-    return Check(f"image {arch}", OK, f"built ({getattr(image, 'content_hash', '')})")
+    out[key] = {
+        "present": True,
+        "hash": image.content_hash,
+        "kernel": image.kernel_name,
+        "kernel_release": image.kernel_release,
+    }
+    return Check(name, OK, f"built ({image.content_hash}): Linux {image.kernel_release}")
