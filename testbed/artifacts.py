@@ -8,12 +8,20 @@ way and none is left half-written or without its execute bit.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
+import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from testbed.machine.cmdline import MachineConfig, build_command
+from testbed.paths import results_dir, sanitize
+
+log = logging.getLogger(__name__)
 
 
 def write_script(path: Path, text: str) -> Path:
@@ -95,3 +103,27 @@ def by_hand_script(
     body = " \\\n    ".join(arg(w) for w in qemu_argv)
     lines.append("${GDB:-} " + body)
     return "\n".join(lines) + "\n"
+
+
+def write_by_hand(
+    config: MachineConfig,
+    run_dir: Path,
+    logdir: Path,
+    backends: Sequence[tuple[Path, Sequence[str]]],
+) -> Path:
+    """A VM's qemu-by-hand.sh in ``logdir``: ``backends`` (socket, region options) are our
+    devices' (a back-end we did not write is not ours to replay: the script then starts
+    QEMU only). The console file follows the run dir too, so a rerun never clobbers the
+    logs."""
+    console, moved = str(logdir / "console.log"), str(run_dir / "console.log")
+    argv = [w.replace(console, moved) for w in build_command(config)]
+    text = by_hand_script(argv, run_dir, backends, config.incoming)
+    return write_script(logdir / "qemu-by-hand.sh", text)
+
+
+def keep_failed(logdir: Path, label: str) -> Path:
+    """Copy a failed run's logs (made in its private run dir) to results/failed/."""
+    kept = results_dir() / "failed" / f"{sanitize(label)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    shutil.copytree(logdir, kept, dirs_exist_ok=True)
+    log.warning("artifacts of the failed run kept in %s", kept)
+    return kept

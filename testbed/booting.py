@@ -48,3 +48,13 @@ def boot_to_ssh(
             timings["ready_line"] = round(ready - started, 3)
         timings["ssh"] = round(time.monotonic() - ready, 3)
     return session
+
+
+def reboot(machine: GuestMachine, image: GuestImage, timeout: float) -> SSHSession:
+    """Reset the machine (QMP system_reset, as a power cycle: the guest boots again, its
+    devices stay) and log in again once the guest's new ready line shows. The guest runs
+    with -no-reboot, where a reset quits QEMU: the reboot action is set to reset first."""
+    machine.qmp("set-action", reboot="reset")
+    machine.skip_console()
+    machine.qmp("system_reset")
+    return boot_to_ssh(machine, image, timeout)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,8 +25,8 @@ from pathlib import Path
 from types import TracebackType
 
 from testbed import snapshot
-from testbed.artifacts import by_hand_script, write_script
-from testbed.booting import boot_to_ssh
+from testbed.artifacts import keep_failed, write_by_hand
+from testbed.booting import boot_to_ssh, reboot
 from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError, StateError
 from testbed.guest.inspect import GuestPciDevice, GuestPciView
@@ -36,9 +35,9 @@ from testbed.guest.ssh import CommandResult, SSHSession
 from testbed.host.accel import AccelChoice, choose_accel
 from testbed.host.qemu import QemuBinary, resolve_qemu
 from testbed.images import GuestImage, ensure_image
-from testbed.machine.cmdline import MachineConfig, build_command
+from testbed.machine.cmdline import MachineConfig
 from testbed.machine.qemu import GuestMachine, free_tcp_port
-from testbed.paths import make_private_dir, remove_tree, results_dir, sanitize
+from testbed.paths import make_private_dir, remove_tree, sanitize
 from testbed.plugging import Devices, PluggedDevice, UnplugResult
 from testbed.teardown import Teardown
 from testbed.verdict import LayoutVerdict, verdict_for
@@ -197,7 +196,9 @@ class GuestVM:
                     f"{self.snapshot.logdir} (its console is the start of console.log here)\n"
                 )
                 t = self._step("snapshot", t)
-            self._write_by_hand(config)
+            ours = [(p.device.socket_path, p.layout.region_args()) for p in self.devices.plugged
+                    if p.device.ours]  # fmt: skip
+            write_by_hand(config, self.run_dir, self.logdir, ours)
             load = snapshot.load if self.restore else None
             self.machine = GuestMachine(config, self.logdir, before_cont=load)
             self.machine.start()
@@ -220,22 +221,6 @@ class GuestVM:
             raise
         return self
 
-    def _write_by_hand(self, config: MachineConfig) -> None:
-        assert self.logdir is not None and self.run_dir is not None and self.devices is not None
-        # The console file follows the run dir too, so a rerun never clobbers these logs.
-        console = str(self.logdir / "console.log")
-        argv = [
-            w.replace(console, str(self.run_dir / "console.log")) for w in build_command(config)
-        ]
-        # A foreign back-end is not ours to replay: the script then starts QEMU only.
-        ours = [
-            (p.device.socket_path, p.layout.region_args())
-            for p in self.devices.plugged
-            if p.device.ours
-        ]
-        text = by_hand_script(argv, self.run_dir, ours, config.incoming)
-        write_script(self.logdir / "qemu-by-hand.sh", text)
-
     def close(self, failed: bool = False) -> None:
         """Idempotent teardown, in reverse order; keeps the evidence when ``failed``. A
         signal during it only cuts the graceful parts short (testbed.teardown)."""
@@ -256,7 +241,8 @@ class GuestVM:
             if self.devices is not None:
                 t.step("closing the back-ends", self.devices.close)
             if t.failed and self.artifacts_dir is None and self.logdir is not None:
-                t.step("keeping artifacts", self._keep_artifacts)
+                logdir = self.logdir
+                t.step("keeping artifacts", lambda: keep_failed(logdir, self.arch))
             if self.run_dir is not None:
                 run_dir = self.run_dir
                 t.step("removing the run dir", lambda: remove_tree(run_dir))
@@ -266,11 +252,10 @@ class GuestVM:
         dmesg = self.guest.ssh.run("dmesg", timeout=10)
         (self.logdir / "guest-dmesg.txt").write_bytes(dmesg.stdout)
 
-    def _keep_artifacts(self) -> None:
-        assert self.logdir is not None
-        kept = results_dir() / "failed" / f"{sanitize(self.arch)}-{time.strftime('%Y%m%d-%H%M%S')}"
-        shutil.copytree(self.logdir, kept, dirs_exist_ok=True)
-        log.warning("artifacts of the failed run kept in %s", kept)
+    def reboot(self) -> None:
+        """Reset the machine and log in again once the guest is back (testbed.booting)."""
+        assert self.machine is not None and self.image is not None
+        self.guest.reconnected(reboot(self.machine, self.image, self.options.boot_timeout))
 
     def save_state(self, path: Path) -> None:
         """Save the guest to ``path`` (testbed.snapshot); its SSH session is closed first,
@@ -293,9 +278,14 @@ class GuestVM:
         return self.guest.ssh
 
     def run(
-        self, command: str | Sequence[str], *, check: bool = False, timeout: float = 60.0
+        self,
+        command: str | Sequence[str],
+        *,
+        check: bool = False,
+        timeout: float = 60.0,
+        stdin: bytes | None = None,
     ) -> CommandResult:
-        return self.guest.run(command, check=check, timeout=timeout)
+        return self.guest.run(command, check=check, timeout=timeout, stdin=stdin)
 
     def inspect_pci(self) -> GuestPciView:
         return self.guest.inspect_pci()

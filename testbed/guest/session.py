@@ -43,13 +43,24 @@ class GuestSession:
         self._check_alive = check_alive
         self._wait_exited = wait_exited
 
+    def reconnected(self, ssh: SSHSession) -> None:
+        """The guest rebooted: commands go over ``ssh`` from now on (the old one is closed)."""
+        self.ssh.close()
+        self.ssh = ssh
+
     def run(
-        self, command: str | Sequence[str], *, check: bool = False, timeout: float = 60.0
+        self,
+        command: str | Sequence[str],
+        *,
+        check: bool = False,
+        timeout: float = 60.0,
+        stdin: bytes | None = None,
     ) -> CommandResult:
-        """Run a command over SSH. If it fails because QEMU died under it, the error is
-        QemuExited (exit status or signal, stderr and console tails), not an SSH error."""
+        """Run a command over SSH (``stdin``: bytes fed to it). If it fails because QEMU
+        died under it, the error is QemuExited (exit status or signal, stderr and console
+        tails), not an SSH error."""
         try:
-            return self.ssh.run(command, check=check, timeout=timeout)
+            return self.ssh.run(command, check=check, timeout=timeout, stdin=stdin)
         except Exception as exc:
             self._wait_exited(1.0)  # the SSH EOF can beat QEMU's exit status
             try:

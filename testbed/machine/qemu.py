@@ -711,6 +711,13 @@ class GuestMachine(QemuMachine):
             self._console_read += len(data)
             self._console_buf += data.decode(errors="replace")
 
+    def skip_console(self) -> None:
+        """From now on wait_console only looks at what the guest prints after this point
+        (e.g. a restored guest's console holds its maker's boot: a reboot's ready line must
+        be a new one)."""
+        self._pump_console()
+        self._console_cursor = len(self._console_buf)
+
     def wait_console(
         self,
         pattern: str | re.Pattern[str],
