@@ -164,10 +164,10 @@ def measure_floor(inputs: BootInputs, logdir: Path) -> float:
 # -- the test bed ----------------------------------------------------------------------------
 
 
-def measure_boot(arch: str, accel: str) -> float:
+def measure_boot(arch: str, accel: str, kernel: str | None = None) -> float:
     """GuestVM start to the first SSH command's answer (teardown not counted)."""
     started = time.monotonic()
-    with GuestVM(arch, accel=accel) as vm:
+    with GuestVM(arch, options=GuestOptions(kernel=kernel), accel=accel) as vm:
         vm.run("true", check=True)
         return time.monotonic() - started
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from testbed.bench import measure
+from testbed.bench import measure, pmem
 from testbed.bench.chart import draw_phases
 from testbed.bench.report import (
     Figure,
@@ -31,7 +31,7 @@ from testbed.bench.report import (
 from testbed.errors import ConfigError, TestbedError
 from testbed.host.accel import choose_accel
 from testbed.host.qemu import resolve_qemu
-from testbed.images import ensure_image
+from testbed.images import DEFAULT_KERNEL, ensure_image, kernel_names
 from testbed.machine.profiles import ARCHES
 
 E2E_TIMEOUT = 1800.0
@@ -108,6 +108,22 @@ class Collector:
         self.samples.clear()
 
 
+def _inputs(arch: str, accel: str, kernel: str | None = None) -> measure.BootInputs:
+    """What the floor boots for ``arch`` with ``kernel``'s image (None: the default)."""
+    qemu = resolve_qemu(arch)
+    choice = choose_accel(accel, arch, qemu.path)
+    image = ensure_image(arch, log=None, kernel=kernel)
+    return measure.BootInputs(
+        arch,
+        qemu.path,
+        choice.name,
+        Path(image.kernel),
+        Path(image.initrd) if image.initrd else None,
+        image.cmdline,
+        image.ready_line,
+    )
+
+
 def _host_info(arches: Sequence[str], accel: str) -> tuple[dict[str, object], dict]:
 
     info: dict[str, object] = {
@@ -121,15 +137,7 @@ def _host_info(arches: Sequence[str], accel: str) -> tuple[dict[str, object], di
         qemu = resolve_qemu(arch)
         choice = choose_accel(accel, arch, qemu.path)
         image = ensure_image(arch, log=None)
-        inputs[arch] = measure.BootInputs(
-            arch,
-            qemu.path,
-            choice.name,
-            Path(image.kernel),
-            Path(image.initrd) if image.initrd else None,
-            image.cmdline,
-            image.ready_line,
-        )
+        inputs[arch] = _inputs(arch, accel)
         info[arch] = {
             "qemu": str(qemu.path),
             "qemu_version": ".".join(map(str, qemu.version)),
@@ -165,6 +173,53 @@ def _boots(opts: BenchOptions, col: Collector, inputs: dict, logdir: Path) -> No
                 "guest with one root port) to the first SSH command's answer",
                 functools.partial(measure.measure_restore, arch, inputs[arch].accel),
             )
+
+
+def _other_kernels(opts: BenchOptions, col: Collector, logdir: Path) -> None:
+    """Floor and boot to SSH with every kernel but the default (whose figures are the plain
+    ``floor.ARCH`` / ``boot_to_ssh.ARCH``): each against the floor with the same kernel,
+    so that which kernel is the default is decided by measurement (DEFAULT_KERNEL)."""
+    for arch in opts.arches:
+        for kernel in (k for k in kernel_names(arch) if k != DEFAULT_KERNEL):
+            col.say(f"floor vs boot with kernel {kernel}, {arch}, {opts.runs} runs")
+            inputs = _inputs(arch, opts.accel, kernel)
+            for _ in range(opts.runs):
+                col.take(
+                    f"floor.{arch}.{kernel}",
+                    f"bare QEMU to the ready line, kernel {kernel}",
+                    functools.partial(measure.measure_floor, inputs, logdir),
+                )
+                col.take(
+                    f"boot_to_ssh.{arch}.{kernel}",
+                    f"GuestVM start to the first SSH command's answer, kernel {kernel}",
+                    functools.partial(measure.measure_boot, arch, inputs.accel, kernel),
+                )
+
+
+def _pmem(opts: BenchOptions, col: Collector) -> None:
+    """Guest sequential write and read of /dev/pmem0: ours, and QEMU's virtio-pmem-pci
+    (x86_64) as the anchor; seconds for the same transfer, so ratio < 1 = ours faster."""
+    col.say(f"pmem: sequential write and read of {pmem.CHUNK_MIB * pmem.REPEAT} MiB, "
+            f"{opts.runs} runs")  # fmt: skip
+    sides = [("", pmem.measure_ours)]
+    if "x86_64" in opts.arches:
+        sides.append((".qemu", pmem.measure_qemu_pmem))
+    for arch in opts.arches:
+        for suffix, fn in sides if arch == "x86_64" else sides[:1]:
+            what = "our back-end's pmem" if not suffix else "QEMU's virtio-pmem-pci"
+            done: list[pmem.PmemRun] = []
+
+            def one(a: str = arch, f: Callable[[str, str], pmem.PmemRun] = fn,
+                    done: list[pmem.PmemRun] = done) -> float:  # fmt: skip
+                done.append(f(a, opts.accel))
+                return done[-1].write_s
+
+            def read(done: list[pmem.PmemRun] = done) -> float:
+                return done[-1].read_s
+
+            for _ in range(opts.runs):
+                if col.take(f"pmem_write.{arch}{suffix}", f"{what}: dd write, O_DIRECT", one):
+                    col.take(f"pmem_read.{arch}{suffix}", f"{what}: dd read, O_DIRECT", read)
 
 
 def _coldplug(opts: BenchOptions, col: Collector, inputs: dict) -> None:
@@ -329,8 +384,10 @@ def run_bench(opts: BenchOptions, say: Say = print) -> Report:
     col = Collector(report, say)
     try:
         _boots(opts, col, inputs, logdir)
+        _other_kernels(opts, col, logdir)
         _coldplug(opts, col, inputs)
         _hotplug_and_datapath(opts, col)
+        _pmem(opts, col)
         col.finish()
         _setup_steps(opts, col, logdir)
         col.finish()
@@ -342,6 +399,16 @@ def run_bench(opts: BenchOptions, say: Say = print) -> Report:
     finally:
         for arch in opts.arches:
             report.add_ratio(f"boot_vs_floor.{arch}", f"boot_to_ssh.{arch}", f"floor.{arch}")
+            for kernel in (k for k in kernel_names(arch) if k != DEFAULT_KERNEL):
+                report.add_ratio(
+                    f"boot_vs_floor.{arch}.{kernel}",
+                    f"boot_to_ssh.{arch}.{kernel}",
+                    f"floor.{arch}.{kernel}",
+                )
+        for way in ("write", "read"):
+            report.add_ratio(
+                f"pmem_{way}_vs_qemu.x86_64", f"pmem_{way}.x86_64", f"pmem_{way}.x86_64.qemu"
+            )
             report.add_ratio(f"coldplug_vs_floor.{arch}", f"coldplug.{arch}", f"floor.{arch}")
             report.add_ratio(
                 f"restore_vs_boot.{arch}", f"restore_to_ssh.{arch}", f"boot_to_ssh.{arch}"
