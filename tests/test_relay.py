@@ -284,6 +284,21 @@ def test_optional_modules_load_command() -> None:
         load_command(["x; reboot"])
 
 
+def test_a_built_in_module_gets_its_dyndbg_at_run_time(tmp_path: Path) -> None:
+    """virtiofs is built into 6.12: its (empty) load order loads nothing, and dyndbg=+p goes
+    to /proc/dynamic_debug/control instead; any other parameter cannot reach it and fails."""
+    from testbed.images.extra import load_command
+
+    with_debug = load_command(["virtiofs"], {"virtiofs": "dyndbg=+p"})
+    assert (
+        "grep -qx virtiofs /extra/modules/virtiofs.order || "
+        "{ echo 'module virtiofs +p' > /proc/dynamic_debug/control; }"
+    ) in with_debug
+    other = load_command(["virtiofs"], {"virtiofs": "cache=1 dyndbg=+pf"})
+    assert "cannot reach it" in other and "'module virtiofs +pf'" in other
+    assert "dynamic_debug" not in load_command(["virtio_blk"])
+
+
 def test_recipes_carry_optional_modules_apart_from_the_boot_list() -> None:
     from testbed.images.recipe import load_recipe
 

@@ -47,6 +47,9 @@ def load_command(names: Iterable[str], params: dict[str, str] | None = None) -> 
     order, skipping what is already loaded; fails naming a module the image lacks.
 
     ``params``: module name -> parameters for its insmod (e.g. {"virtiofs": "dyndbg=+p"}).
+    A module built into the kernel (its order lists nothing to load, e.g. virtiofs on
+    6.12) is there already; only its dynamic debug can still be set, at run time through
+    /proc/dynamic_debug/control: its other parameters are a ConfigError here.
     """
     params = params or {}
     steps: list[str] = []
@@ -57,6 +60,17 @@ def load_command(names: Iterable[str], params: dict[str, str] | None = None) -> 
             f"[ -f {order} ] || {{ echo 'no optional module {mod} in this image "
             f"(recipe optional_modules)' >&2; exit 1; }}"
         )
+        flags, others = _split_params(params.get(mod, ""))
+        builtin = []
+        if others:
+            builtin.append(
+                f"echo 'module {mod} is built into this kernel: {shlex.quote(others)} cannot "
+                "reach it (only dyndbg=FLAGS can, at run time)' >&2; exit 1"
+            )
+        if flags:
+            builtin.append(f"echo 'module {mod} {flags}' > /proc/dynamic_debug/control")
+        if builtin:
+            steps.append(f"grep -qx {mod} {order} || {{ {'; '.join(builtin)}; }}")
         ko = f"/{MODULES_DIR}/$m{MODULE_SUFFIX}"
         with_params = f"insmod {ko} {shlex.quote(params[mod])}" if mod in params else f"insmod {ko}"
         steps.append(
@@ -65,3 +79,12 @@ def load_command(names: Iterable[str], params: dict[str, str] | None = None) -> 
             f'if [ "$m" = {mod} ]; then {with_params}; else insmod {ko}; fi; done'
         )
     return "set -e; " + "; ".join(steps)
+
+
+def _split_params(params: str) -> tuple[str, str]:
+    """A module's parameters as (its dyndbg flags, the others); what a built-in module can
+    still be given at run time is the first. Pure."""
+    words = shlex.split(params)
+    flags = [w.partition("=")[2] for w in words if w.startswith("dyndbg=")]
+    others = " ".join(w for w in words if not w.startswith("dyndbg="))
+    return (flags[-1] if flags else ""), others
