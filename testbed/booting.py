@@ -15,6 +15,7 @@ from pathlib import Path
 from testbed.guest.ssh import SSHSession
 from testbed.images import GuestImage
 from testbed.machine.qemu import GuestMachine
+from testbed.profile import phase
 
 MIN_SSH_TIMEOUT = 5.0
 
@@ -32,17 +33,19 @@ def boot_to_ssh(
     seconds of each: "ready_line" (booted guests only) and "ssh"."""
     started = time.monotonic()
     if not restored:
-        machine.wait_console(re.escape(image.ready_line), timeout)
+        with phase("boot (to the ready line)"):
+            machine.wait_console(re.escape(image.ready_line), timeout)
     ready = time.monotonic()
     remaining = max(timeout - (ready - started), MIN_SSH_TIMEOUT)
-    session = SSHSession.connect(
-        "127.0.0.1",
-        machine.ssh_port,
-        Path(image.client_key),
-        image.host_key_line,
-        time.monotonic() + remaining,
-        check_alive=machine.check_alive,
-    )
+    with phase("SSH connect"):
+        session = SSHSession.connect(
+            "127.0.0.1",
+            machine.ssh_port,
+            Path(image.client_key),
+            image.host_key_line,
+            time.monotonic() + remaining,
+            check_alive=machine.check_alive,
+        )
     if timings is not None:
         if not restored:
             timings["ready_line"] = round(ready - started, 3)

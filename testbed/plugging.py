@@ -40,6 +40,7 @@ from testbed.host.foreign import ForeignBackend
 from testbed.machine.cmdline import root_port_id
 from testbed.machine.profiles import profile_for
 from testbed.machine.qemu import GuestMachine
+from testbed.profile import phase
 from testbed.resource import Closeable
 from testbed.serving import Serving, restart, serve
 from testbed.vhost_user.backend import Backend, DisconnectKind
@@ -184,6 +185,10 @@ class Devices(Closeable):
         the guest lists the new function with its driver. A refused device_add raises
         QmpCommandFailed (chardev and back-end cleaned up); QEMU dying raises QemuExited.
         With ``reconnect_ms`` the chardev re-dials a restarted back-end."""
+        with phase("plug"):
+            return self._plug(device, port, see_timeout)
+
+    def _plug(self, device: VhostUserDevice, port: str | None, see_timeout: float) -> PluggedDevice:
         machine, guest = self._attached("plug")
         if self.root_ports < 1:
             raise ConfigError("hot-plug needs empty root ports: boot with root_ports=N")
@@ -236,6 +241,16 @@ class Devices(Closeable):
         back-end sees the disconnect (and is closed). Returns how and how fast. With
         native PCIe hot-plug (aarch64 virt) and ``guest_ejects``, the guest powers the slot
         off right after device_del instead of waiting out pciehp's 5 s."""
+        with phase("unplug"):
+            return self._unplug(plugged, timeout, disconnect_timeout, guest_ejects)
+
+    def _unplug(
+        self,
+        plugged: PluggedDevice,
+        timeout: float,
+        disconnect_timeout: float,
+        guest_ejects: bool,
+    ) -> UnplugResult:
         machine, guest = self._attached("unplug")
         if plugged not in self.plugged or not plugged.hot or plugged.bdf is None:
             raise StateError("not hot-plugged", "plugged", f"unplug({plugged.name})")

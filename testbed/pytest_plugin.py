@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,10 +44,9 @@ from testbed.errors import ConfigError, HostCapabilityError
 from testbed.machine.profiles import ARCHES
 from testbed.vm import GuestOptions, GuestVM
 
-pytest_plugins = ("testbed.bugs.marks",)
+pytest_plugins = ("testbed.bugs.marks", "testbed.run_report")
 
 _ARTIFACTS_KEY = pytest.StashKey[Path]()
-_TABLE_KEY = pytest.StashKey["ResultTable"]()
 _KEEP_KEY = pytest.StashKey[bool]()
 _FAILED_KEY = pytest.StashKey[bool]()
 
@@ -120,7 +118,6 @@ def selected_arches(config: pytest.Config) -> list[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_TABLE_KEY] = ResultTable()
     results = paths.results_dir()
     if not config.option.xmlpath and not hasattr(config, "workerinput"):
         results.mkdir(parents=True, exist_ok=True)
@@ -346,99 +343,6 @@ def write_reproducer(path: Path, item: pytest.Item, report: pytest.TestReport) -
     else:
         about.append("Failed: " + str(report.longrepr).strip().splitlines()[-1][:300])
     write_script(path / "reproduce.sh", reproduce_script(item.nodeid, "\n".join(about)))
-
-
-# --- the pass/fail table by scenario x architecture -------------------------------------
-
-_ARCH_IN_ID = re.compile(r"\[(.*?)\]$")
-
-
-@dataclass
-class ResultTable:
-    """Outcome per (scenario, arch); scenario = test id without its arch parameter."""
-
-    cells: dict[tuple[str, str], str] = field(default_factory=dict)
-    artifacts: dict[str, str] = field(default_factory=dict)
-
-    def record(self, report: pytest.TestReport) -> None:
-        scenario, arch = split_arch(report.nodeid)
-        if report.when == "call" or (report.when == "setup" and not report.passed):
-            if hasattr(report, "wasxfail"):
-                outcome = "XFAIL" if report.skipped else "XPASS"
-            elif report.skipped:
-                outcome = "SKIP"
-            else:
-                outcome = "PASS" if report.passed else "FAIL"
-            self.cells[(scenario, arch)] = outcome
-        elif report.when == "teardown" and report.failed:
-            self.cells[(scenario, arch)] = "ERROR"
-        for title, content in report.sections:
-            if title == "testbed artifacts" and (report.failed or hasattr(report, "wasxfail")):
-                self.artifacts[report.nodeid] = content.removeprefix("kept in ")
-
-    def render(self) -> list[str]:
-        if not self.cells:
-            return []
-        arches = sorted({a for _, a in self.cells}, key=_arch_order)
-        scenarios = sorted({s for s, _ in self.cells})
-        width = max(len(s) for s in scenarios)
-        lines = [f"{'scenario':<{width}}  " + "  ".join(f"{a:<8}" for a in arches)]
-        lines.append("-" * len(lines[0]))
-        for s in scenarios:
-            row = "  ".join(f"{self.cells.get((s, a), ''):<8}" for a in arches)
-            lines.append(f"{s:<{width}}  {row}")
-        return lines
-
-
-def _arch_order(arch: str) -> tuple[int, str]:
-    return (ARCHES.index(arch) if arch in ARCHES else len(ARCHES), arch)
-
-
-def split_arch(nodeid: str) -> tuple[str, str]:
-    """'scenarios/x.py::test_a[x86_64-two]' -> ('x.py::test_a[two]', 'x86_64')."""
-    name = nodeid.removeprefix("scenarios/")
-    m = _ARCH_IN_ID.search(name)
-    if not m:
-        return name, "-"
-    params = m.group(1).split("-")
-    arch = next((p for p in params if p in ARCHES), "-")
-    rest = [p for p in params if p != arch]
-    base = name[: m.start()]
-    return (f"{base}[{'-'.join(rest)}]" if rest else base), arch
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    table = _table(report)
-    if table is not None:
-        table.record(report)
-
-
-_CONFIG: list[pytest.Config] = []
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG[:] = [session.config]
-
-
-def _table(report: Any) -> ResultTable | None:
-    return _CONFIG[0].stash.get(_TABLE_KEY, None) if _CONFIG else None
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    table = config.stash.get(_TABLE_KEY, None)
-    if table is None or hasattr(config, "workerinput"):
-        return
-    lines = table.render()
-    if not lines:
-        return
-    terminalreporter.section("testbed: scenario x architecture")
-    for line in lines:
-        terminalreporter.write_line(line)
-    if table.artifacts:
-        terminalreporter.write_line("")
-        terminalreporter.write_line("artifacts of failures and expected failures:")
-        for nodeid, path in sorted(table.artifacts.items()):
-            terminalreporter.write_line(f"  {nodeid}: {path}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -39,6 +39,7 @@ from testbed.machine.cmdline import MachineConfig
 from testbed.machine.qemu import GuestMachine, free_tcp_port
 from testbed.paths import make_private_dir, remove_tree, sanitize
 from testbed.plugging import Devices, PluggedDevice, UnplugResult
+from testbed.profile import phase
 from testbed.teardown import Teardown
 from testbed.verdict import LayoutVerdict, verdict_for
 from testbed.vhost_user.backend import Backend
@@ -154,6 +155,10 @@ class GuestVM:
         return now
 
     def start(self) -> GuestVM:
+        with phase("VM start (harness)"):
+            return self._start()
+
+    def _start(self) -> GuestVM:
         t0 = t = time.monotonic()
         try:
             self.qemu_binary = resolve_qemu(self.arch, self.qemu_explicit)
@@ -168,7 +173,8 @@ class GuestVM:
             self.logdir = self.artifacts_dir or self.run_dir / "logs"
             self.logdir.mkdir(parents=True, exist_ok=True)
             self.devices = Devices(self.arch, self.run_dir, self.logdir, self.options.root_ports)
-            cold = self.devices.place_cold(self.wanted) if self.plug_mode == "cold" else ()
+            with phase("back-end start"):
+                cold = self.devices.place_cold(self.wanted) if self.plug_mode == "cold" else ()
             t = self._step("backend", t)
             config = self.options.machine(
                 MachineConfig(
@@ -188,9 +194,10 @@ class GuestVM:
                 identity = snapshot.qemu_identity(
                     self.qemu_binary.path, self.qemu_binary.version_str
                 )
-                config, self.snapshot = snapshot.restored(
-                    config, identity, image, self.options.boot_timeout
-                )
+                with phase("snapshot (made or waited for)"):
+                    config, self.snapshot = snapshot.restored(
+                        config, identity, image, self.options.boot_timeout
+                    )
                 (self.logdir / "restored-from.txt").write_text(
                     f"restored from {self.snapshot.state}\nthe boot that made it: "
                     f"{self.snapshot.logdir} (its console is the start of console.log here)\n"
@@ -201,7 +208,8 @@ class GuestVM:
             write_by_hand(config, self.run_dir, self.logdir, ours)
             load = snapshot.load if self.restore else None
             self.machine = GuestMachine(config, self.logdir, before_cont=load)
-            self.machine.start()
+            with phase("restore" if self.restore else "QEMU start"):
+                self.machine.start()
             t = self._step("restore" if self.restore else "qemu_start", t)
             ssh = boot_to_ssh(
                 self.machine, image, self.options.boot_timeout, restored=self.restore,
@@ -224,7 +232,7 @@ class GuestVM:
     def close(self, failed: bool = False) -> None:
         """Idempotent teardown, in reverse order; keeps the evidence when ``failed``. A
         signal during it only cuts the graceful parts short (testbed.teardown)."""
-        with Teardown(failed) as t:  # first: a signal from here on is deferred
+        with Teardown(failed) as t, phase("teardown"):  # a signal from here on is deferred
             if self._closed:
                 return
             self._closed = True
@@ -370,6 +378,7 @@ class GuestVM:
         self, expected: PluggedDevice | Mapping[int, int] | None = None, bdf: str | None = None
     ) -> None:
         """Fail (AssertionError, with the differences) unless the guest shows ``expected``."""
-        verdict = self.verdict(expected, bdf)
+        with phase("check: the guest's view"):
+            verdict = self.verdict(expected, bdf)
         if not verdict.ok:
             raise AssertionError(verdict.explain())

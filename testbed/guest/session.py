@@ -24,6 +24,7 @@ from testbed.guest.waits import (
     wait_script,
 )
 from testbed.images.extra import load_command
+from testbed.profile import phase
 
 # Seconds the SSH command of a guest-side wait may take beyond the wait's own timeout.
 SSH_MARGIN = 15.0
@@ -59,6 +60,17 @@ class GuestSession:
         """Run a command over SSH (``stdin``: bytes fed to it). If it fails because QEMU
         died under it, the error is QemuExited (exit status or signal, stderr and console
         tails), not an SSH error."""
+        with phase("guest command"):
+            return self._run(command, check=check, timeout=timeout, stdin=stdin)
+
+    def _run(
+        self,
+        command: str | Sequence[str],
+        *,
+        check: bool = False,
+        timeout: float = 60.0,
+        stdin: bytes | None = None,
+    ) -> CommandResult:
         try:
             return self.ssh.run(command, check=check, timeout=timeout, stdin=stdin)
         except Exception as exc:
@@ -87,12 +99,16 @@ class GuestSession:
         timeout: float = 30.0,
         show: str | None = None,
         then: str = "",
+        kind: str = "a guest condition",
     ) -> str:
         """Until the guest-side ``condition`` (sh) holds, looked at every few tens of ms by
         a loop inside the guest (testbed.guest.waits): one SSH round trip. Returns what the
         script printed (the condition's or ``then``'s finding). On timeout, WaitTimeout
-        naming ``what`` and what ``show`` (a guest command) prints at that moment."""
-        result = self.run(wait_script(condition, timeout, then=then), timeout=timeout + SSH_MARGIN)
+        naming ``what`` and what ``show`` (a guest command) prints at that moment. Its time
+        is the profile's "wait: ``kind``"."""
+        with phase(f"wait: {kind}"):
+            script = wait_script(condition, timeout, then=then)
+            result = self._run(script, timeout=timeout + SSH_MARGIN)
         if result.returncode == 0:
             return result.text
         seen = ""
@@ -111,6 +127,7 @@ class GuestSession:
             f"a kernel log line matching {pattern!r}",
             timeout=timeout,
             show="dmesg | tail -n 25",
+            kind="a kernel log line",
         )
         return [line for line in found.splitlines() if line.strip()]
 
@@ -122,6 +139,7 @@ class GuestSession:
             f"{driver} bound to the virtio device at {bdf}, probe done (DRIVER_OK)",
             timeout=timeout,
             show=virtio_driver_show(bdf),
+            kind="a virtio driver's probe",
         )
 
     def wait_new_function(self, virtio_id: int, known: Sequence[str], timeout: float) -> str:
@@ -132,6 +150,7 @@ class GuestSession:
             f"a new virtio-id {virtio_id} function with its driver bound",
             timeout=timeout,
             show=f"echo {SYSFS_PCI_DEVICES}/*",
+            kind="the guest seeing a plugged device",
         )
         return found.strip()
 
@@ -141,12 +160,14 @@ class GuestSession:
             f"{bdf} leaving the guest",
             timeout=timeout,
             show=f"echo {SYSFS_PCI_DEVICES}/*",
+            kind="the guest dropping an unplugged device",
         )
 
     # -- the guest's view of PCI --------------------------------------------------------
 
     def inspect_pci(self, *, lspci: bool = True, dmesg: bool = True) -> GuestPciView:
-        return inspect_pci(self.ssh, lspci=lspci, dmesg=dmesg)
+        with phase("guest PCI view"):
+            return inspect_pci(self.ssh, lspci=lspci, dmesg=dmesg)
 
     def functions(self) -> set[str]:
         """Every PCI function the guest lists (BDFs), cheaply: the shell's own echo, no
@@ -156,10 +177,12 @@ class GuestSession:
 
     def test_devices(self, virtio_id: int) -> dict[str, GuestPciDevice]:
         """The functions with ``virtio_id`` the guest lists right now, by BDF."""
-        view = inspect_pci(self.ssh, lspci=False, dmesg=False, timeout=20)
+        with phase("guest PCI view"):
+            view = inspect_pci(self.ssh, lspci=False, dmesg=False, timeout=20)
         return {d.bdf: d for d in view.virtio_devices_of(virtio_id)}
 
     def test_device(self, virtio_id: int, bdf: str | None = None) -> GuestPciDevice:
         """Our device as the guest lists it (GuestPciView.our_device chooses)."""
-        view = inspect_pci(self.ssh, lspci=False, dmesg=False, timeout=20)
+        with phase("guest PCI view"):
+            view = inspect_pci(self.ssh, lspci=False, dmesg=False, timeout=20)
         return view.our_device(virtio_id, bdf)

@@ -49,6 +49,7 @@ from testbed.errors import (
 from testbed.machine.cmdline import MachineConfig, build_command, format_command
 from testbed.paths import make_private_dir, remove_tree
 from testbed.process import kill, launch
+from testbed.profile import phase
 from testbed.resource import Closeable
 from testbed.waiting import wait_steps, wait_until
 
@@ -439,7 +440,10 @@ class QemuMachine(Closeable):
         args = {**(arguments or {}), **kwargs}
         self._log_qmp("->", {"execute": cmd, "arguments": args})
         try:
-            result = self._run(self._client.execute(cmd, args or None), timeout or self.qmp_timeout)
+            with phase(f"QMP {cmd}"):
+                result = self._run(
+                    self._client.execute(cmd, args or None), timeout or self.qmp_timeout
+                )
         except ExecuteError as exc:
             self._log_qmp("<-", {"error": {"class": exc.error_class, "desc": str(exc)}})
             raise QmpCommandFailed(cmd, args, exc.error_class, str(exc)) from exc
@@ -476,13 +480,14 @@ class QemuMachine(Closeable):
         taken. QEMU dying meanwhile raises QemuExited at once, not a timeout."""
         started = time.monotonic()
         want = "connected" if connected else "disconnected"
-        wait_until(
-            lambda: self.chardev_connected(chardev_id) == connected,
-            timeout,
-            f"chardev {chardev_id} {want} (query-chardev)",
-            interval=POLL_INTERVAL,
-            seen=lambda: f"see {self.qmp_log_path}",
-        )
+        with phase(f"wait: chardev {want}"):
+            wait_until(
+                lambda: self.chardev_connected(chardev_id) == connected,
+                timeout,
+                f"chardev {chardev_id} {want} (query-chardev)",
+                interval=POLL_INTERVAL,
+                seen=lambda: f"see {self.qmp_log_path}",
+            )
         return time.monotonic() - started
 
     def stderr_text(self) -> str:
@@ -539,9 +544,11 @@ class QemuMachine(Closeable):
             if self.returncode is not None:
                 self._check_alive(f"while waiting for event {name}")
 
-        return wait_steps(
-            take, timeout, f"QMP event {name} matching {dict(match or {})}", seen=seen, alive=alive
-        )
+        with phase(f"wait: QMP event {name}"):
+            return wait_steps(
+                take, timeout, f"QMP event {name} matching {dict(match or {})}", seen=seen,
+                alive=alive,
+            )  # fmt: skip
 
     # -- QEMU's migration (testbed.snapshot saves and loads guests with it) ------------------
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from testbed.errors import StateError, TestbedError
+from testbed.profile import phase
 from testbed.resource import Closeable
 from testbed.vhost_user.connection import Listener
 from testbed.vhost_user.protocol import Request
@@ -195,8 +196,9 @@ class Endpoint(Closeable):
             last = ", ".join(r.name for r in self._seen[-12:]) or "nothing"
             return f"requests {last}; check that QEMU is running and attached to {self.socket_path}"
 
-        wait_on(self._cond, predicate, timeout, f"{self.kind} on {self.socket_path}: {what}",
-                seen=seen, alive=alive)  # fmt: skip
+        with phase(f"wait: the {self.kind}'s state"):
+            wait_on(self._cond, predicate, timeout, f"{self.kind} on {self.socket_path}: {what}",
+                    seen=seen, alive=alive)  # fmt: skip
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         """Until ``predicate()`` is true, re-checked whenever the serving thread's state
