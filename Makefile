@@ -48,11 +48,11 @@ fast: setup
 test: setup
 	$(BIN)/pytest tests -n $(WORKERS) -q $(PYTEST_ARGS)
 	rm -rf $(RESULTS)/artifacts
-	$(BIN)/pytest scenarios -n $(WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest scenarios -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 e2e: setup
 	rm -rf $(RESULTS)/artifacts
-	$(BIN)/pytest scenarios -n $(WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest scenarios -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 nightly: setup
 	$(BIN)/python scripts/nightly.py --results $(RESULTS)/nightly

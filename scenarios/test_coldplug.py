@@ -4,6 +4,11 @@ For each layout the back-end serves {shmid: size}; the guest must show one cfg_t
 capability per region (same shmid and size, BAR 4, offsets packed in ascending shmid order),
 BAR 4 64-bit prefetchable with size = total, and lspci (pciutils 3.15) must agree. No
 regions: no BAR 4 and no cfg_type 8 capability.
+
+The layouts share one boot (testbed.shared_boot): one guest with all eight devices on its
+command line, each layout still its own test judging its own device (its PCI function, its
+back-end). A shared boot that fails is rerun with each layout alone, so that a failure is
+pinned to its layout; --isolated-boots (the nightly job) always boots them alone.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import pytest
 
 from testbed.device import VhostUserDevice
-from testbed.pytest_plugin import Boot
+from testbed.pytest_plugin import Boot, Shared
+from testbed.shared_boot import SharedGroup
 
 M = 1 << 20
 G = 1 << 30
@@ -29,10 +35,17 @@ LAYOUTS: dict[str, dict[int, int]] = {
 }
 
 
+LAYOUT_BOOT = SharedGroup(
+    "coldplug-layouts", {n: VhostUserDevice.of(r) for n, r in LAYOUTS.items()}
+)
+
+
 @pytest.mark.foreign_backend
+@pytest.mark.shared_boot(LAYOUT_BOOT.name)
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout(boot: Boot, name: str) -> None:
-    boot(VhostUserDevice.of(LAYOUTS[name])).check_guest_sees()
+def test_layout(shared: Shared, name: str) -> None:
+    vm, device = shared.boot(LAYOUT_BOOT, name)
+    vm.check_guest_sees(device)
 
 
 def test_one_tib_region_needs_address_bits(boot: Boot, arch: str) -> None:

@@ -55,7 +55,11 @@ class ScenarioTest(Test):
             timeout=CASE_TIMEOUT, check=False,
         )  # fmt: skip
         self.log.info("pytest exited %d:\n%s%s", done.returncode, done.stdout, done.stderr)
-        self.outcome = outcome_of(junit) if junit.exists() else ("error", done.stderr[-2000:])
+        self.outcome = (
+            outcome_of(ET.parse(junit).getroot())
+            if junit.exists()
+            else ("error", done.stderr[-2000:])
+        )
         if self.outcome[0] == "skipped":
             raise TestSkipError(self.outcome[1])
 

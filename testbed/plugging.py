@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,12 @@ class Devices(Closeable):
             self.plugged.append(PluggedDevice(serving))
             placed.append(at)
         return tuple(placed)
+
+    def found_at(self, slots: Mapping[str, int]) -> None:
+        """Where the guest sees the cold-plugged devices: root-bus slot -> BDF (bus 0)."""
+        for plugged in self.plugged:
+            if not plugged.hot and plugged.device.id in slots:
+                plugged.bdf = f"0000:00:{slots[plugged.device.id]:02x}.0"
 
     # -- hot -------------------------------------------------------------------------------
 

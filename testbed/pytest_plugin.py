@@ -24,7 +24,7 @@ import dataclasses
 import os
 import shutil
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +42,8 @@ from testbed.device import (
 )
 from testbed.errors import ConfigError, HostCapabilityError
 from testbed.machine.profiles import ARCHES
+from testbed.plugging import PluggedDevice
+from testbed.shared_boot import SharedGroup, SharedPool
 from testbed.vm import GuestOptions, GuestVM
 
 pytest_plugins = ("testbed.bugs.marks", "testbed.run_report")
@@ -49,6 +51,7 @@ pytest_plugins = ("testbed.bugs.marks", "testbed.run_report")
 _ARTIFACTS_KEY = pytest.StashKey[Path]()
 _KEEP_KEY = pytest.StashKey[bool]()
 _FAILED_KEY = pytest.StashKey[bool]()
+_POOL_KEY = pytest.StashKey[SharedPool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -99,6 +102,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "TESTBED_FRESH_BOOT=1)",
     )
     group.addoption(
+        "--isolated-boots",
+        action="store_true",
+        default=os.environ.get("TESTBED_ISOLATED_BOOTS", "") not in ("", "0"),
+        help="boot every cold-plug layout in a guest of its own; by default layouts of one "
+        "shared group (@pytest.mark.shared_boot) share one boot (env TESTBED_ISOLATED_BOOTS=1)",
+    )
+    group.addoption(
         "--keep-artifacts",
         action="store_true",
         default=bool(os.environ.get("TESTBED_KEEP_ARTIFACTS")),
@@ -118,6 +128,7 @@ def selected_arches(config: pytest.Config) -> list[str]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_POOL_KEY] = SharedPool()
     results = paths.results_dir()
     if not config.option.xmlpath and not hasattr(config, "workerinput"):
         results.mkdir(parents=True, exist_ok=True)
@@ -130,6 +141,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers", "expect_violations: QEMU is meant to break a vhost-user rule in this test"
+    )
+    config.addinivalue_line(
+        "markers",
+        "shared_boot(group): a cold-plug layout that may share one boot with its group "
+        "(the `shared` fixture); --isolated-boots boots each alone",
     )
 
 
@@ -163,8 +179,30 @@ def user_backend(config: pytest.Config) -> UserBackend | None:
     return UserBackend(choice, options)
 
 
+def shared_key(item: pytest.Item) -> tuple[str, str] | None:
+    """(group, arch) of a test marked shared_boot(group); None for any other test."""
+    marker = item.get_closest_marker("shared_boot")
+    callspec = getattr(item, "callspec", None)
+    if marker is None or callspec is None:
+        return None
+    return str(marker.args[0]), str(callspec.params.get("arch", "-"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks we add
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With a foreign back-end, only the scenarios marked foreign_backend make sense."""
+    """A shared boot's tests run back to back on one xdist worker (with --dist loadgroup):
+    one boot for the group. With a foreign back-end, only the scenarios marked
+    foreign_backend make sense."""
+    # Each group's tests together, where its first one was: its boot closes after its last.
+    order: dict[tuple[str, str] | None, int] = {}
+    for index, item in enumerate(items):
+        key = shared_key(item)
+        order.setdefault(key, index)
+        if key is not None:
+            item.add_marker(pytest.mark.xdist_group(f"shared-{key[0]}-{key[1]}"))
+    ranked = {id(item): (order[k] if (k := shared_key(item)) is not None else i, i)
+              for i, item in enumerate(items)}  # fmt: skip
+    items.sort(key=lambda item: ranked[id(item)])
     if user_backend(config) is None:
         return
     keep = [i for i in items if i.get_closest_marker("foreign_backend") is not None]
@@ -264,6 +302,95 @@ def boot(
             )
 
 
+@dataclass
+class Shared:
+    """``shared.boot(group, name) -> (vm, plugged)``: the guest with ``group``'s device
+    ``name`` cold-plugged, in the group's shared boot or alone (--isolated-boots, or when
+    the shared boot failed: the failure is then pinned to the layout that causes it)."""
+
+    request: pytest.FixtureRequest
+    arch: str
+    accel: str
+    alone: Boot
+    artifacts: Path
+    pool: SharedPool
+    used: list[tuple[GuestVM, PluggedDevice]] = field(default_factory=list)
+
+    def boot(self, group: SharedGroup, name: str) -> tuple[GuestVM, PluggedDevice]:
+        config = self.request.config
+        theirs = user_backend(config)
+        options = {"kernel": config.getoption("--kernel"), **group.options}
+        live = None
+        if not config.getoption("--isolated-boots"):
+            # One directory per xdist worker: should a group ever be split across workers
+            # (see pyproject's pytest pin), two shared boots must not share logs.
+            worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+            logdir = (
+                paths.results_dir()
+                / "shared"
+                / paths.sanitize(f"{group.name}-{self.arch}-{worker}")
+            )
+
+            def start(devices: tuple[VhostUserDevice, ...], where: Path) -> GuestVM:
+                if theirs is not None:
+                    devices = tuple(theirs.serve(d) for d in devices)
+                shutil.rmtree(where, ignore_errors=True)
+                vm = GuestVM(self.arch, *devices, options=GuestOptions(**options),
+                             accel=self.accel, artifacts_dir=where)  # fmt: skip
+                return vm.start()
+
+            live = self.pool.get(group, self.arch, logdir, start)
+        node = self.request.node
+        if live is None:
+            why = self.pool.broken.get((group.name, self.arch), "--isolated-boots")
+            node.user_properties.append(("boot", f"alone ({why})"))
+            vm = self.alone(group.device(name), **options)
+            return vm, vm.plugged[0]
+        node.user_properties.append(
+            ("boot", f"shared by {len(live.by_name)} layouts of {group.name}: {live.vm.logdir}")
+        )
+        record_run_inputs(node, live.vm)
+        self.used.append((live.vm, live.by_name[name]))
+        return live.vm, live.by_name[name]
+
+    def finish(self) -> list[str]:
+        """Each test's own share of the shared boot: its logs in its artifacts dir, and the
+        rules its own device's back-end saw broken."""
+        violations = []
+        for vm, plugged in self.used:
+            if vm.logdir is not None:
+                shutil.copytree(vm.logdir, self.artifacts / "shared-boot", dirs_exist_ok=True)
+            violations += [
+                f"{v.request}: {v.rule}: {v.detail}" for v in plugged.endpoint.violations
+            ]
+        return violations
+
+
+@pytest.fixture
+def shared(
+    request: pytest.FixtureRequest,
+    arch: str,
+    accel: str,
+    boot: Boot,
+    artifacts: Path,
+) -> Iterator[Shared]:
+    handle = Shared(request, arch, accel, boot, artifacts, request.config.stash[_POOL_KEY])
+    yield handle
+    violations = handle.finish()
+    failed = request.node.stash.get(_FAILED_KEY, False)
+    if violations and not failed:
+        pytest.fail("vhost-user spec violations:\n  " + "\n  ".join(violations), pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """A shared boot ends with the last of its group's tests on this worker (after the
+    test's own fixtures: trylast)."""
+    key = shared_key(item)
+    if key is not None and (nextitem is None or shared_key(nextitem) != key):
+        item.config.stash[_POOL_KEY].close(failed=item.stash.get(_FAILED_KEY, False))
+
+
 def record_run_inputs(node: pytest.Item, vm: GuestVM) -> None:
     """The inputs a test case ran with, as JUnit properties (once per name)."""
     have = {name for name, _ in node.user_properties}
@@ -351,6 +478,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     Avocado's exec-test runner maps that status to SKIP, so a scenario skipped for a missing
     host capability (no usable KVM) shows as SKIP there, not as a PASS.
     """
+    session.config.stash[_POOL_KEY].close()
     code = os.environ.get("TESTBED_EXIT_ON_ALL_SKIPPED")
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if not code or reporter is None or exitstatus != 0:

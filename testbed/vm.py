@@ -35,7 +35,7 @@ from testbed.guest.ssh import CommandResult, SSHSession
 from testbed.host.accel import AccelChoice, choose_accel
 from testbed.host.qemu import QemuBinary, resolve_qemu
 from testbed.images import GuestImage, ensure_image
-from testbed.machine.cmdline import MachineConfig
+from testbed.machine.cmdline import MachineConfig, root_slots
 from testbed.machine.qemu import GuestMachine, free_tcp_port
 from testbed.paths import make_private_dir, remove_tree, sanitize
 from testbed.plugging import Devices, PluggedDevice, UnplugResult
@@ -190,6 +190,7 @@ class GuestVM:
                     vhost_user_devices=cold,
                 )
             )
+            self.devices.found_at(root_slots(config))
             if self.restore:
                 identity = snapshot.qemu_identity(
                     self.qemu_binary.path, self.qemu_binary.version_str

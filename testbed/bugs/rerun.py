@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from testbed.errors import TestbedError
 from testbed.paths import PROJECT_ROOT, cache_dir, make_private_dir, remove_tree
 
 RERUN_TIMEOUT = 900.0
@@ -39,9 +40,10 @@ class Rerun:
         return f"{verdict} ({self.outcome}): {self.nodeid}\n  {self.message}"
 
 
-def outcome_of(junit: Path) -> tuple[str, str]:
-    """(outcome, message) of the single test case in a JUnit XML report. Pure."""
-    case = ET.parse(junit).getroot().find(".//testcase")
+def outcome_of(report: ET.Element) -> tuple[str, str]:
+    """(outcome, message) of the first test case in a JUnit XML report (or one of its
+    testcase elements). Pure."""
+    case = report if report.tag == "testcase" else report.find(".//testcase")
     if case is None:
         return "error", "pytest ran no test: check the node id"
     for tag in ("failure", "error"):
@@ -73,23 +75,33 @@ def reproduce_script(nodeid: str, about: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_pytest(targets: list[str], workdir: Path, extra: list[str] | None = None) -> ET.Element:
+    """Run pytest on ``targets`` in a child process with its results under ``workdir``;
+    its JUnit report's root. Raises TestbedError when pytest wrote no report."""
+    junit = workdir / "junit.xml"
+    argv = [
+        sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-q",
+        f"--junitxml={junit}", "-o", "addopts=", *(extra or []),
+    ]  # fmt: skip
+    env = {**os.environ, "TESTBED_RESULTS": str(workdir / "results")}
+    done = subprocess.run(
+        argv, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, timeout=RERUN_TIMEOUT,
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if not junit.exists():
+        raise TestbedError("pytest wrote no report: " + (done.stdout + done.stderr).strip()[-2000:])
+    return ET.parse(junit).getroot()
+
+
 def rerun_scenario(nodeid: str, extra: list[str] | None = None) -> Rerun:
     """Run ``nodeid`` once with pytest in a private results dir, removed afterwards."""
     workdir = make_private_dir("rerun")
     try:
-        junit = workdir / "junit.xml"
-        argv = [
-            sys.executable, "-m", "pytest", nodeid, "-p", "no:cacheprovider", "-q",
-            f"--junitxml={junit}", "-o", "addopts=", *(extra or []),
-        ]  # fmt: skip
-        env = {**os.environ, "TESTBED_RESULTS": str(workdir / "results")}
-        done = subprocess.run(
-            argv, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, timeout=RERUN_TIMEOUT,
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if not junit.exists():
-            return Rerun(nodeid, "error", (done.stdout + done.stderr).strip()[-2000:])
-        outcome, message = outcome_of(junit)
+        try:
+            report = run_pytest([nodeid], workdir, extra)
+        except TestbedError as exc:
+            return Rerun(nodeid, "error", str(exc))
+        outcome, message = outcome_of(report)
         return Rerun(nodeid, outcome, message)
     finally:
         remove_tree(workdir)

@@ -129,8 +129,9 @@ def validate(config: MachineConfig) -> None:
             )
 
 
-def _root_slots(config: MachineConfig) -> dict[str, int]:
-    """Assign a root-bus slot to every vhost-user device that needs one."""
+def root_slots(config: MachineConfig) -> dict[str, int]:
+    """Assign a root-bus slot to every vhost-user device that needs one (chardev id ->
+    slot): the guest sees such a device at 0000:00:<slot>.0."""
     profile = config.profile
     used = {profile.net_slot, profile.rng_slot}
     used |= {profile.first_root_port_slot + i for i in range(config.root_ports)}
@@ -231,7 +232,7 @@ def build_command(
     for i in range(config.root_ports):
         slot = profile.first_root_port_slot + i
         argv += ["-device", root_port_option(i, root, slot, config.root_port_pref64)]
-    slots = _root_slots(config)
+    slots = root_slots(config)
     for dev in config.vhost_user_devices:
         if dev.id in slots:
             bus, addr = root, slots[dev.id]
