@@ -4,7 +4,8 @@ run dir, and none fails (for lack of a free port or anything else).
 The four run as a real `pytest -n 4` in a child process (what `make e2e WORKERS=4` does),
 with their artifacts kept in a private results dir; their qemu-cmdline.txt files say
 which hostfwd port, QMP socket, back-end socket and run dir each one used. Two boot with a
-cold-plugged device; two are restored from the same snapshot file at the same time and
+cold-plugged device (each its own guest: --isolated-boots, so the two layouts do not
+share one boot); two are restored from the same snapshot file at the same time and
 hot-plug theirs (their back-end sockets are made in their own run dirs, after the start).
 """
 
@@ -37,7 +38,7 @@ WORKERS = 4
 CHILD_TIMEOUT = 420.0
 
 _HOSTFWD = re.compile(r"hostfwd=tcp:127\.0\.0\.1:(\d+)-:22")
-_QMP = re.compile(r"-qmp '?unix:([^,']+)")
+_QMP = re.compile(r"-qmp '?unix:([^,'\s]+)")
 _CHARDEV_SOCKET = re.compile(r"-chardev '?socket,id=[^,]+,path=([^,' ]+)")
 _INCOMING = re.compile(r"^\s*-incoming ", re.MULTILINE)
 
@@ -93,7 +94,7 @@ def test_four_scenarios_at_once(arch: str, artifacts: Path) -> None:
     junit = results / "junit.xml"
     argv = [
         sys.executable, "-m", "pytest", "-n", str(WORKERS), "-p", "no:randomly",
-        "-p", "no:cacheprovider", "--keep-artifacts", "--arch", arch,
+        "-p", "no:cacheprovider", "--keep-artifacts", "--arch", arch, "--isolated-boots",
         f"--junitxml={junit}", *node_ids,
     ]  # fmt: skip
     env = {**os.environ, "TESTBED_RESULTS": str(results)}
