@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from testbed import limits
+from testbed.commands.run import injection_note
 from testbed.device import (
     ForeignCommand,
     ShmemLayout,
@@ -262,3 +263,16 @@ def test_a_users_back_end_serves_the_scenarios_share(tmp_path: Path) -> None:
     plain = theirs.serve(VhostUserDevice())
     assert plain.backend == ForeignCommand(("fsd", "--sock", "{socket}", "--dir={share}",
                                             "-t", "{tag}"))  # fmt: skip
+
+
+def test_testbed_exec_says_what_an_injected_region_is() -> None:
+    """--region with a back-end we did not write: the relay injects the regions, and
+    `testbed exec` says (on stderr) that the back-end will never map them and what a guest
+    driver then does; nothing to say for our back-end or without regions."""
+    theirs = ForeignCommand.of("virtiofsd --socket-path={socket}")
+    note = injection_note(VhostUserDevice.of({0: 64 << 20}, backend=theirs))
+    assert note is not None and "0=67108864" in note
+    assert "never map" in note and "ENOSYS" in note and "FUSE_SETUPMAPPING" in note
+    assert injection_note(VhostUserDevice.of({0: 64 << 20})) is None
+    assert injection_note(VhostUserDevice.of(None, backend=theirs)) is None
+    assert injection_note(None) is None
