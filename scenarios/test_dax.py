@@ -44,6 +44,7 @@ from testbed.vhost_user.backend import DisconnectKind
 from testbed.vhost_user.devices.fs import VirtioFsDevice
 from testbed.vhost_user.devices.spec import VirtioFsSpec
 from testbed.vhost_user.protocol import FLAG_NEED_REPLY
+from testbed.vhost_user.relay import Relay
 from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, CHANNEL_TO_QEMU, QUEUE_REQUEST
 from testbed.vm import GuestVM
 
@@ -153,6 +154,11 @@ def dax_guest(
     vm.guest.load_modules("virtiofs")  # 6.1: a module; 6.12: built in, a no-op
     plugged = vm.plugged[0]
     assert plugged.bdf is not None
+    if isinstance(plugged.endpoint, Relay) and plugged.endpoint.injecting:
+        pytest.skip(
+            "your back-end offers no VHOST_USER_PROTOCOL_F_SHMEM: the relay injected the "
+            "window, which nothing will map; DAX needs a back-end that maps"
+        )
     vm.guest.wait_virtio_driver(plugged.bdf, "virtiofs", timeout=WAIT)
     guest = DaxGuest(vm, plugged, share)
     if mount:

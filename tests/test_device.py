@@ -252,17 +252,18 @@ def test_a_users_back_end_serves_the_scenarios_share(tmp_path: Path) -> None:
     start; the device keeps the model's shape (its window is what the relay injects when
     the back-end offers no SHMEM itself)."""
     spec = VirtioFsSpec(tmp_path, "daxfs", window_size=64 << 20)
-    theirs = UserBackend(ForeignCommand.of("fsd --sock {socket} --dir={share} -t {tag}"), {})
+    template = "fsd --sock {socket} --dir={share} -t {tag} --cache-size {window}"
+    theirs = UserBackend(ForeignCommand.of(template), {})
     device = theirs.serve(VhostUserDevice.serving(spec))
     assert device.backend == ForeignCommand(
-        ("fsd", "--sock", "{socket}", f"--dir={tmp_path}", "-t", "daxfs")
-    )
+        ("fsd", "--sock", "{socket}", f"--dir={tmp_path}", "-t", "daxfs", "--cache-size",
+         str(64 << 20))
+    )  # fmt: skip
     assert (device.num_vqs, device.config_size, dict(device.layout.regions)) == (
         2, 40, {0: 64 << 20}
     )  # fmt: skip
     plain = theirs.serve(VhostUserDevice())
-    assert plain.backend == ForeignCommand(("fsd", "--sock", "{socket}", "--dir={share}",
-                                            "-t", "{tag}"))  # fmt: skip
+    assert plain.backend == ForeignCommand.of(template)
 
 
 def test_testbed_exec_says_what_an_injected_region_is() -> None:

@@ -73,8 +73,9 @@ class VirtioFsSpec:
         )
 
     def template_values(self) -> dict[str, str]:
-        """``{share}`` and ``{tag}`` in a user's back-end command: the same share."""
-        return {"share": str(self.share), "tag": self.tag}
+        """``{share}``, ``{tag}`` and ``{window}`` (bytes) in a user's back-end command:
+        the same share, the same window."""
+        return {"share": str(self.share), "tag": self.tag, "window": str(self.window_size)}
 
 
 @dataclass(frozen=True)
