@@ -138,6 +138,10 @@ class ModelSpec(Protocol):
     @property
     def config_size(self) -> int: ...
     def build(self) -> Any: ...
+    def template_values(self) -> dict[str, str]:
+        """What a user's back-end command may name as ``{key}`` to serve this same device
+        (virtio-fs: ``{share}``, ``{tag}``): ForeignCommand.filled."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,15 @@ class ForeignCommand:
         if not words:
             raise ConfigError("empty back-end command: give 'PROGRAM ARGS... {socket}'")
         return cls(tuple(words), ready_timeout)
+
+    def filled(self, values: Mapping[str, str]) -> ForeignCommand:
+        """The template with ``{key}`` replaced by ``values[key]`` in every word (the
+        device model's ModelSpec.template_values: a scenario's share and tag); ``{socket}``
+        stays for the back-end's start."""
+        words = list(self.template)
+        for key, value in values.items():
+            words = [w.replace(f"{{{key}}}", value) for w in words]
+        return dataclasses.replace(self, template=tuple(words))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from testbed.artifacts import write_script
 from testbed.bugs.rerun import reproduce_script
 from testbed.device import (
     BackendChoice,
+    ForeignCommand,
     OurBackend,
     VhostUserDevice,
     backend_choice,
@@ -79,7 +80,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("TESTBED_BACKEND_CMD"),
         metavar="'PROGRAM ARGS... {socket}'",
         help="run the scenarios that make sense for it against your back-end (started by us, "
-        "behind the relay); the others are deselected (env TESTBED_BACKEND_CMD)",
+        "behind the relay); the others are deselected. {share} and {tag} in it become a "
+        "virtio-fs scenario's share and tag (env TESTBED_BACKEND_CMD)",
     )
     group.addoption(
         "--backend-socket",
@@ -158,7 +160,14 @@ class UserBackend:
     options: dict[str, int]
 
     def serve(self, device: VhostUserDevice) -> VhostUserDevice:
-        return dataclasses.replace(device, backend=self.choice, **self.options)  # type: ignore[arg-type]
+        """``device`` served by the user's back-end; a command template's ``{share}``,
+        ``{tag}`` (virtio-fs) or ``{backing}`` (pmem) become what our back-end would have
+        served for it (the scenario's own share: its files are the ones it checks)."""
+        choice = self.choice
+        ours = device.backend
+        if isinstance(choice, ForeignCommand) and isinstance(ours, OurBackend) and ours.model:
+            choice = choice.filled(ours.model.template_values())
+        return dataclasses.replace(device, backend=choice, **self.options)  # type: ignore[arg-type]
 
 
 def user_backend(config: pytest.Config) -> UserBackend | None:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from testbed.bench import dax
 from testbed.bench.measure import BootInputs, floor_command
 from testbed.bench.report import (
     PHASE_NAMES,
@@ -241,3 +242,13 @@ def test_floor_command_is_the_test_bed_command_line(tmp_path: Path) -> None:
     assert argv[argv.index("-kernel") + 1] == "/img/vmlinux"
     assert argv[argv.index("-initrd") + 1] == "/img/initrd.img"
     assert not any("vhost-user" in word for word in argv)
+
+
+def test_the_dax_read_is_timed_by_the_guest() -> None:
+    """testbed.bench.dax: mount, one dd of the file, unmount, and /proc/uptime around the
+    dd alone; its output gives the read's seconds."""
+    script = dax.read_script("-o dax=always")
+    assert script.index("mount -t virtiofs") < script.index("/proc/uptime") < script.index("dd ")
+    assert "-o dax=always" in script and script.endswith("echo $a $b")
+    assert dax.seconds_of("12.34 12.97\n") == pytest.approx(0.63)
+    assert [s.name for s in dax.servers()] == list(dax.SERVERS)

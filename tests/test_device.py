@@ -10,9 +10,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from testbed import limits
-from testbed.device import ShmemLayout, VhostUserDevice, parse_region, parse_size
+from testbed.commands.run import injection_note
+from testbed.device import (
+    ForeignCommand,
+    ShmemLayout,
+    VhostUserDevice,
+    parse_region,
+    parse_size,
+)
 from testbed.errors import ConfigError
 from testbed.limits import PAGE_SIZE
+from testbed.pytest_plugin import UserBackend
+from testbed.vhost_user.devices.spec import VirtioFsSpec
 from testbed.vhost_user.protocol import ShMemConfig
 
 M = 1 << 20
@@ -235,3 +244,36 @@ def test_guest_ejects_through_the_slot_holding_the_device() -> None:
     assert script.endswith("exit 1")
     assert profile_for("aarch64").native_pcie_hotplug
     assert not profile_for("x86_64").native_pcie_hotplug
+
+
+def test_a_users_back_end_serves_the_scenarios_share(tmp_path: Path) -> None:
+    """--backend-cmd with {share} and {tag}: standing where our virtio-fs back-end would,
+    the user's command names the scenario's own share and tag; {socket} stays for the
+    start; the device keeps the model's shape (its window is what the relay injects when
+    the back-end offers no SHMEM itself)."""
+    spec = VirtioFsSpec(tmp_path, "daxfs", window_size=64 << 20)
+    template = "fsd --sock {socket} --dir={share} -t {tag} --cache-size {window}"
+    theirs = UserBackend(ForeignCommand.of(template), {})
+    device = theirs.serve(VhostUserDevice.serving(spec))
+    assert device.backend == ForeignCommand(
+        ("fsd", "--sock", "{socket}", f"--dir={tmp_path}", "-t", "daxfs", "--cache-size",
+         str(64 << 20))
+    )  # fmt: skip
+    assert (device.num_vqs, device.config_size, dict(device.layout.regions)) == (
+        2, 40, {0: 64 << 20}
+    )  # fmt: skip
+    plain = theirs.serve(VhostUserDevice())
+    assert plain.backend == ForeignCommand.of(template)
+
+
+def test_testbed_exec_says_what_an_injected_region_is() -> None:
+    """--region with a back-end we did not write: the relay injects the regions, and
+    `testbed exec` says (on stderr) that the back-end will never map them and what a guest
+    driver then does; nothing to say for our back-end or without regions."""
+    theirs = ForeignCommand.of("virtiofsd --socket-path={socket}")
+    note = injection_note(VhostUserDevice.of({0: 64 << 20}, backend=theirs))
+    assert note is not None and "0=67108864" in note
+    assert "never map" in note and "ENOSYS" in note and "FUSE_SETUPMAPPING" in note
+    assert injection_note(VhostUserDevice.of({0: 64 << 20})) is None
+    assert injection_note(VhostUserDevice.of(None, backend=theirs)) is None
+    assert injection_note(None) is None

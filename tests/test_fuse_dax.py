@@ -58,13 +58,26 @@ def guest(server: FuseServer) -> Guest:
 def test_read_mapping_as_linux_asks(guest: Guest, server: FuseServer, mapper: FakeMapper) -> None:
     a = guest.lookup(1, b"a")
     assert guest.setupmapping(a.nodeid, 2 * MiB, 0) == 0
-    assert mapper.calls == [("map", 0, 2 * MiB, 2 * MiB, False, R, b"A" * 8, 0)]
+    # A read-only mapping of a file we may write: an O_RDWR fd all the same (QEMU 11.1.3
+    # maps every fd writable, shmem-map-readonly-fd-refused).
+    assert mapper.calls == [("map", 0, 2 * MiB, 2 * MiB, False, W, b"A" * 8, 0)]
     assert server.mappings == {0: LiveMapping(0, 2 * MiB, a.nodeid, 2 * MiB, False)}
     b = guest.lookup(1, b"b")
     assert guest.setupmapping(b.nodeid, 0, 6 * MiB) == 0  # past EOF: Linux maps 2 MiB
-    assert mapper.calls[-1] == ("map", 6 * MiB, 2 * MiB, 0, False, R, b"B" * 8, 0)
+    assert mapper.calls[-1] == ("map", 6 * MiB, 2 * MiB, 0, False, W, b"B" * 8, 0)
     stats = server.stats
     assert (stats.maps, stats.bytes_mapped, stats.live_mappings) == (2, 4 * MiB, 2)
+
+
+def test_a_file_we_may_not_write_is_mapped_from_a_read_only_fd(
+    guest: Guest, share: Path, mapper: FakeMapper
+) -> None:
+    """chmod a-w on the host: the server honours it even as root (which could open the
+    file for writing anyway) and maps a read-only range of it from an O_RDONLY fd."""
+    (share / "a").chmod(0o444)
+    a = guest.lookup(1, b"a")
+    assert guest.setupmapping(a.nodeid, 0, 0) == 0
+    assert mapper.calls == [("map", 0, 2 * MiB, 0, False, R, b"A" * 8, 0)]
 
 
 def test_upgrade_to_writable_replaces_the_live_range(guest: Guest, mapper: FakeMapper) -> None:
@@ -87,7 +100,7 @@ def test_a_failed_upgrade_restores_the_read_only_mapping(
     mapper.map_results = [errno.ENOMEM]
     assert guest.setupmapping(a.nodeid, 0, 0, write=True) == errno.ENOMEM
     assert [c[0] for c in mapper.calls] == ["map", "unmap", "map", "map"]
-    assert mapper.calls[-1] == ("map", 0, 2 * MiB, 0, False, R, b"A" * 8, 0)  # the old one
+    assert mapper.calls[-1] == ("map", 0, 2 * MiB, 0, False, W, b"A" * 8, 0)  # the old one
     assert server.mappings[0].writable is False and mapper.live() == {0: 2 * MiB}
     assert server.stats.mapper_failures == 1
 

@@ -272,18 +272,22 @@ def test_a_reset_drops_the_mappings_and_the_session(rig: Rig) -> None:
 
 def test_a_read_only_map_is_refused(rig: Rig) -> None:
     """Linux maps a range read-only first (fuse_setup_one_mapping() without
-    FUSE_SETUPMAPPING_FLAG_WRITE, for reads) and upgrades it on the first write. Our FUSE
-    server then hands a file opened O_RDONLY to a read-only SHMEM_MAP (flags 0). QEMU
-    11.1.3 refuses it -- "unable to map backing store for guest RAM: Permission denied",
-    verdict 1: it maps the fd writable whatever the flags say (the same root as the
-    read-only map the guest can write through) -- so every DAX read fails (EIO here).
-    A candidate QEMU bug: see the report; this test records what 11.1.3 does."""
+    FUSE_SETUPMAPPING_FLAG_WRITE, for reads) and upgrades it on the first write. For a
+    host file we may not write (chmod a-w) our FUSE server hands a file opened O_RDONLY to
+    that read-only SHMEM_MAP (flags 0). QEMU 11.1.3 refuses it -- "unable to map backing
+    store for guest RAM: Permission denied", verdict 1: it maps the fd writable whatever
+    the flags say (shmem-map-readonly-fd-refused, the same root as readonly-map-writable)
+    -- so a DAX read of such a file fails (EIO here). A writable file is mapped from an
+    O_RDWR fd even for a read-only range, which QEMU takes."""
+    (rig.share / "data").chmod(0o444)
     nodeid, _ = rig.mount()
     reply = rig.call(rig.requests.setupmapping(nodeid, 0, 0, write=False))
     assert reply.error == -errno.EIO
     rig.qemu.wait_stderr("unable to map backing store for guest RAM: Permission denied", TIMEOUT)
     assert rig.fs.live_mappings == {} and rig.qtest.read(rig.window, 16) == rig.unmapped(16)
-    # The upgrade Linux would send next (same range, writable) maps fine.
+    # Writable again on the host: the upgrade Linux would send next (same range,
+    # writable) maps fine.
+    (rig.share / "data").chmod(0o644)
     assert rig.call(rig.requests.setupmapping(nodeid, 0, 0, write=True)).error == 0
     assert rig.qtest.read(rig.window, 16) == CONTENT[:16]
     assert rig.backend.violations == []

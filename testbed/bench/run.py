@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from testbed.bench import measure, pmem
+from testbed.bench import dax, measure, pmem
 from testbed.bench.chart import draw_phases
 from testbed.bench.report import (
     Figure,
@@ -369,6 +369,31 @@ def _hotplug_and_datapath(opts: BenchOptions, col: Collector) -> None:
     )
 
 
+DAX_WHAT = {
+    "ours_dax": "our virtio-fs back-end, -o dax=always (64 MiB window): SETUPMAPPING -> "
+    "SHMEM_MAP, then the guest copies from the window",
+    "ours_nodax": "our virtio-fs back-end without a window: FUSE_READ requests",
+    "virtiofsd": "virtiofsd (Debian sid) behind the relay, no window: FUSE_READ requests",
+}
+
+
+def _dax_reads(opts: BenchOptions, col: Collector) -> None:
+    col.say(f"virtio-fs: a sequential read of {dax.FILE_SIZE >> 20} MiB after mount, DAX "
+            f"vs not, {opts.runs} runs per file server in one boot")  # fmt: skip
+    for arch in opts.arches:
+        # One boot measures all three; cache() keeps its result for the three figures.
+        measured = functools.cache(functools.partial(dax.measure_dax_reads, arch,
+                                                     opts.accel, opts.runs))  # fmt: skip
+        for server in dax.SERVERS:
+            _samples(
+                col,
+                f"dax_read.{server}.{arch}",
+                f"dd bs=1M of a {dax.FILE_SIZE >> 20} MiB file, first read after mount, timed "
+                f"by the guest ({dax.KERNEL} kernel): {DAX_WHAT[server]}",
+                lambda s=server, m=measured: m()[s],  # type: ignore[misc]
+            )
+
+
 def run_bench(opts: BenchOptions, say: Say = print) -> Report:
     """Measure everything (see the issue), in one run; returns the report."""
     if opts.runs < 1:
@@ -388,6 +413,7 @@ def run_bench(opts: BenchOptions, say: Say = print) -> Report:
         _coldplug(opts, col, inputs)
         _hotplug_and_datapath(opts, col)
         _pmem(opts, col)
+        _dax_reads(opts, col)
         col.finish()
         _setup_steps(opts, col, logdir)
         col.finish()
@@ -413,6 +439,10 @@ def run_bench(opts: BenchOptions, say: Say = print) -> Report:
             report.add_ratio(
                 f"restore_vs_boot.{arch}", f"restore_to_ssh.{arch}", f"boot_to_ssh.{arch}"
             )
+            # Below 1: the read through DAX took that fraction of the other's time.
+            for other in ("ours_nodax", "virtiofsd"):
+                report.add_ratio(f"dax_vs_{other}.{arch}", f"dax_read.ours_dax.{arch}",
+                                 f"dax_read.{other}.{arch}")  # fmt: skip
         report.add_ratio("e2e.workers1_vs_workers2", "e2e.workers1", "e2e.workers2")
         report.targets = evaluate_targets(TARGETS, report.figures, report.ratios)
         report.host["loadavg_end"] = measure.read_loadavg().strip()

@@ -16,7 +16,7 @@ from typing import Any
 
 from testbed.bugs.recording import Recipe, RecipeFailed, Run
 from testbed.device import ShmemLayout, VhostUserDevice
-from testbed.errors import PeerClosed
+from testbed.errors import PeerClosed, QemuExited
 from testbed.machine import QtestMachine
 from testbed.machine.cmdline import behind_root_port_options, root_port_id
 from testbed.machine.probe import pci_bar
@@ -89,6 +89,27 @@ def readonly_map_writable(run: Run) -> None:
         raise RecipeFailed(f"QEMU refused the read-only SHMEM_MAP (u64 {run.results[result]})")
     run.qtest_write(_bar4_address(machine), b"guest wrote through a read-only map")
     run.check_memfd(mem, 0, pattern[:64], "write through a read-only mapping reached the memfd")
+
+
+def shmem_map_readonly_fd_refused(run: Run) -> None:
+    """A read-only map (flags 0) of a memfd whose fd travels opened O_RDONLY."""
+    _started(run, ShmemLayout({0: 2 * M}))
+    mem = run.memfd(M, bytes(range(256)) * 16, readonly=True)
+    run.channel(BackendRequest.SHMEM_MAP, MMap(0, 0, 0, M, 0).pack(), [mem])
+
+
+def shmem_map_truncated_file_sigbus(run: Run) -> None:
+    """1 MiB of a memfd mapped read-write, the memfd shrunk to one page, then a read of
+    the mapped range past that page (what a guest's virtio-fs DAX read does)."""
+    machine = _started(run, ShmemLayout({0: 2 * M}))
+    mem = run.memfd(M, bytes(range(256)) * 16)
+    result = run.channel(BackendRequest.SHMEM_MAP, MMap(0, 0, 0, M, 1).pack(), [mem])
+    if run.results[result] != 0:
+        raise RecipeFailed(f"QEMU refused the SHMEM_MAP (u64 {run.results[result]})")
+    run.truncate(mem, 4096)
+    with contextlib.suppress(QemuExited):  # QEMU dies instead of answering
+        run.qtest_read(_bar4_address(machine) + M // 2, 4)
+    run.wait_exit()
 
 
 def _bar4_address(machine: QtestMachine) -> int:
@@ -176,6 +197,8 @@ RECIPES: dict[str, Recipe] = {
     "truncated-shmem-config-accepted": truncated_shmem_config_accepted,
     "nregions-mismatch-accepted": nregions_mismatch_accepted,
     "readonly-map-writable": readonly_map_writable,
+    "shmem-map-readonly-fd-refused": shmem_map_readonly_fd_refused,
+    "shmem-map-truncated-file-sigbus": shmem_map_truncated_file_sigbus,
     "reconnect-realize-no-wait": reconnect_realize_no_wait,
     "backend-hangup-del-eventfd-abort": backend_hangup_del_eventfd_abort,
     "shmem-map-unknown-flags-accepted": shmem_map_unknown_flags_accepted,

@@ -10,6 +10,7 @@ a silent bug. Its ``evidence()`` is what the registry's Bug.matches judges.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class Run(Closeable):
     _raw: list[tuple[str, Header, bytes]] = field(default_factory=list)
     _memfds: list[Memfd] = field(default_factory=list)
     _memfd_names: dict[int, str] = field(default_factory=dict)
+    _sent_fd: dict[int, int] = field(default_factory=dict)
+    """A memfd's fd -> the read-only fd of it that travels instead (memfd(readonly=))."""
     results: dict[str, int] = field(default_factory=dict)
     _results: int = 0
 
@@ -167,15 +170,27 @@ class Run(Closeable):
                 {"op": "wait_request", "request": int(seen[-1]), "count": seen.count(seen[-1])}
             )
 
-    def memfd(self, size: int, fill: bytes = b"") -> Memfd:
+    def memfd(self, size: int, fill: bytes = b"", *, readonly: bool = False) -> Memfd:
+        """A memfd of ``size`` bytes starting with ``fill``; ``readonly``: what travels
+        on the channel for it is an fd of it opened O_RDONLY (a file the back-end may
+        only read), as the replay does too."""
         mem = Memfd(size)
         self._memfds.append(mem)
         if fill:
             mem.write(0, fill)
         name = f"m{len(self._memfds) - 1}"
         self._memfd_names[mem.fileno()] = name
-        self.steps.append({"op": "memfd", "name": name, "size": size, "fill": fill.hex()})
+        if readonly:
+            self._sent_fd[mem.fileno()] = os.open(f"/proc/self/fd/{mem.fileno()}", os.O_RDONLY)
+        self.steps.append({"op": "memfd", "name": name, "size": size, "fill": fill.hex(),
+                           "readonly": readonly})  # fmt: skip
         return mem
+
+    def truncate(self, mem: Memfd, size: int) -> None:
+        """Another host process shrinks (or grows) the file under QEMU's mapping."""
+        self.steps.append({"op": "truncate", "memfd": self._memfd_names[mem.fileno()],
+                           "size": size})  # fmt: skip
+        os.ftruncate(mem.fileno(), size)
 
     def channel(
         self,
@@ -199,7 +214,7 @@ class Run(Closeable):
                 "result": name,
             }
         )
-        fd_list = [m.fileno() for m in fds]
+        fd_list = [self._sent_fd.get(m.fileno(), m.fileno()) for m in fds]
         value = self._b().channel_request(
             request, body, fd_list, timeout=TIMEOUT, unguarded=unguarded
         )
@@ -209,6 +224,11 @@ class Run(Closeable):
     def qtest_write(self, addr: int, data: bytes) -> None:
         with self.recording_qtest() as client:
             client.write(addr, data)
+
+    def qtest_read(self, addr: int, length: int) -> bytes:
+        """What the guest reads at ``addr`` (a guest-physical address)."""
+        with self.recording_qtest() as client:
+            return client.read(addr, length)
 
     def close_backend(self) -> None:
         self.steps.append({"op": "close_backend"})
@@ -300,6 +320,9 @@ class Run(Closeable):
                 self.backend.close()
             for mem in self._memfds:
                 mem.close()
+            for fd in self._sent_fd.values():
+                os.close(fd)
+            self._sent_fd.clear()
 
 
 Recipe = Callable[[Run], None]

@@ -310,12 +310,15 @@ def judge(signature: dict[str, str], stderr: str, exit_kind: str, observed: list
     return signature.get("exit", "any") in ("any", exit_kind)
 
 
-def _memfd(spec: dict[str, Any]) -> int:
+def _memfd(spec: dict[str, Any]) -> tuple[int, int]:
+    """(the memfd, the fd of it that travels: itself, or one opened O_RDONLY)."""
     fd = os.memfd_create(spec.get("name", "repro"), os.MFD_CLOEXEC)
     os.ftruncate(fd, spec["size"])
     if spec.get("fill"):
         os.pwrite(fd, bytes.fromhex(spec["fill"]), 0)
-    return fd
+    if spec.get("readonly"):
+        return fd, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    return fd, fd
 
 
 def _bar4_size(qemu: Qemu, slot: int, timeout: float) -> int | None:
@@ -338,6 +341,7 @@ class Runner:
         self.backend = backend
         self.results: dict[str, int] = {}
         self.memfds: dict[str, int] = {}
+        self.sent: dict[str, int] = {}  # the fd that travels for each memfd
         self.observed: list[str] = []
 
     def run(self) -> None:
@@ -363,10 +367,13 @@ class Runner:
         )
 
     def op_memfd(self, step: dict[str, Any]) -> None:
-        self.memfds[step["name"]] = _memfd(step)
+        self.memfds[step["name"]], self.sent[step["name"]] = _memfd(step)
+
+    def op_truncate(self, step: dict[str, Any]) -> None:
+        os.ftruncate(self.memfds[step["memfd"]], step["size"])
 
     def op_channel(self, step: dict[str, Any]) -> None:
-        fds = [self.memfds[name] for name in step["fds"]]
+        fds = [self.sent[name] for name in step["fds"]]
         value = self.backend.channel_request(
             step["request"], bytes.fromhex(step["body"]), fds, STEP_TIMEOUT
         )
@@ -409,9 +416,10 @@ class Runner:
             self.observed.append(step["say"])
 
     def close(self) -> None:
-        for fd in self.memfds.values():
+        for fd in {*self.memfds.values(), *self.sent.values()}:
             os.close(fd)
         self.memfds.clear()
+        self.sent.clear()
 
 
 def main(argv: list[str], script: dict[str, Any]) -> int:

@@ -118,8 +118,27 @@ def device_of(args: argparse.Namespace) -> VhostUserDevice | None:
     return VhostUserDevice.of(ShmemLayout.parse(args.region), backend=choice, **options)
 
 
+def injection_note(device: VhostUserDevice | None) -> str | None:
+    """What a user must know when the relay injects regions in front of their back-end
+    (--region with --backend-cmd/--backend-socket); None otherwise."""
+    if device is None or device.ours or not device.layout:
+        return None
+    return (
+        f"testbed: regions {device.layout.describe()} are injected by the relay unless your "
+        "back-end offers VHOST_USER_PROTOCOL_F_SHMEM itself: QEMU and the guest then see "
+        "them, but an injected region is one your back-end will never map (SHMEM_MAP "
+        "comes from the back-end only). A guest driver that relies on it finds nothing "
+        "there: virtio-fs mounts -o dax=always and every read then fails with ENOSYS, "
+        "because a back-end without DAX (virtiofsd) refuses FUSE_SETUPMAPPING, which "
+        "travels in the virtqueues where the relay cannot see it."
+    )
+
+
 def _vm(args: argparse.Namespace) -> GuestVM:
     device = device_of(args)
+    note = injection_note(device)
+    if note is not None:
+        print(note, file=sys.stderr)  # stdout is the guest command's
     return GuestVM(
         args.arch,
         *([device] if device is not None else []),

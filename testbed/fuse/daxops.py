@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[FuseRequest], bytes | None]
 
+WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+# What an O_RDWR open of a file we may only read fails with: permission (EACCES), an
+# immutable or append-only file (EPERM), a read-only file system (EROFS), a running
+# executable (ETXTBSY).
+NOT_WRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY})
+
 
 class DaxOps:
     """SETUPMAPPING/REMOVEMAPPING for one server. ``active`` is set by INIT when the guest
@@ -108,11 +114,11 @@ class DaxOps:
 
     def _fd_for(self, nodeid: int, fh: int, writable: bool) -> tuple[int, bool]:
         """The fd to map, and whether it is ours to close. Linux sends fh = -1 (NO_FH):
-        the node's file is opened for the mapping's access."""
+        the node's file is opened for the mapping (``_open_for_map``)."""
         if fh == NO_FH:
             if not stat.S_ISREG(self._host.node(nodeid).mode):
                 raise OSError(errno.EINVAL, "SETUPMAPPING of a non-regular file")
-            return self._host.reopen(nodeid, os.O_RDWR if writable else os.O_RDONLY), True
+            return self._open_for_map(nodeid, writable), True
         handle = self._host.handle(fh)
         if handle.node != nodeid:
             raise OSError(errno.EBADF, f"handle {fh} is not open on node {nodeid}")
@@ -120,11 +126,31 @@ class DaxOps:
             raise OSError(errno.EACCES, f"handle {fh} does not allow this mapping")
         return handle.fd, False
 
+    def _open_for_map(self, nodeid: int, writable: bool) -> int:
+        """The node's file opened O_RDWR whenever it is writable to us, also for a
+        read-only mapping; O_RDONLY only for a read-only mapping of a file we may not
+        write. Why: QEMU 11.1.3 maps every SHMEM_MAP's fd PROT_READ|PROT_WRITE whatever
+        its flags say (known bug shmem-map-readonly-fd-refused), so a read-only map of an
+        O_RDONLY fd is refused, and Linux maps every range read-only first: each DAX read
+        would fail. A shared cache's server choosing a read-write fd is what virtiofsd-style
+        servers do. "Writable to us": a write bit in the file's mode (a server running as
+        root honours the host's chmod a-w, though root could open it anyway) and the
+        O_RDWR open succeeding (not a read-only file system, not immutable, permitted)."""
+        if writable:
+            return self._host.reopen(nodeid, os.O_RDWR)
+        if self._host.stat(nodeid).st_mode & WRITE_BITS:
+            try:
+                return self._host.reopen(nodeid, os.O_RDWR)
+            except OSError as exc:
+                if exc.errno not in NOT_WRITABLE:
+                    raise
+        return self._host.reopen(nodeid, os.O_RDONLY)
+
     def _restore(self, live: LiveMapping) -> None:
         """Best effort: map again a mapping that was replaced by one that then failed, so
         that the guest, which still believes in it, does not read a hole."""
         try:
-            fd = self._host.reopen(live.node, os.O_RDWR if live.writable else os.O_RDONLY)
+            fd = self._open_for_map(live.node, live.writable)
         except OSError:
             return
         try:

@@ -14,7 +14,7 @@ Cache layout under paths.cache_dir()/images/:
 
 Every function takes the kernel by its recipe name ("6.1", "6.12"; None: the recipe's
 DEFAULT_KERNEL). The content hash covers the builder version, the recipe with that kernel's
-overrides and its name, the /init, the exact package
+overrides and its name, the /init, our own programs (daxio), the exact package
 versions and the public keys. `load_image` finds an image without the network: it matches
 the recipe key (everything but the package versions, which need apt's lists) stored in each
 image's manifest. `ensure_image(..., refresh=True)` updates apt's lists and rebuilds only if
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from testbed import paths
 from testbed.errors import ConfigError, ProvisionError
-from testbed.images import busybox, extra, keys, pciids
+from testbed.images import busybox, daxio, extra, keys, pciids
 from testbed.images.apt import AptState, PackageInfo, depends_names, extract_deb
 from testbed.images.contents import USRMERGE, ImageContents, PackageTree
 from testbed.images.cpio import CpioEntry, compress_initrd, write_cpio
@@ -130,6 +130,7 @@ def recipe_key(recipe: Recipe, init: bytes, image_keys: ImageKeys) -> str:
         BUILDER_VERSION,
         recipe.canonical(),
         init,
+        daxio.program(recipe.arch),
         image_keys.client.public_line(),
         image_keys.host.public_line(),
     )
@@ -143,7 +144,8 @@ def content_hash(rkey: str, versions: Mapping[str, str]) -> str:
 
 
 def base_entries(recipe: Recipe, init: bytes, image_keys: ImageKeys) -> list[CpioEntry]:
-    """Everything that does not come from a package: /init, accounts, keys, skeleton."""
+    """Everything that does not come from a package: /init, accounts, keys, skeleton,
+    our own programs (daxio)."""
     d, f = CpioEntry.directory, CpioEntry.file
     entries = [
         f("init", init, 0o755),
@@ -170,6 +172,7 @@ def base_entries(recipe: Recipe, init: bytes, image_keys: ImageKeys) -> list[Cpi
             0o600,
         ),
         f(HOST_KEY_PATH, keys.dropbear_host_key(image_keys.host), 0o600),
+        f(daxio.PATH, daxio.program(recipe.arch), 0o755),
     ]
     for name in USRMERGE:
         entries.append(CpioEntry.symlink(name, f"usr/{name}"))

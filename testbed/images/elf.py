@@ -4,9 +4,12 @@
   image carries exactly the shared libraries its programs load;
 - `interpreter`: PT_INTERP (the dynamic loader's path);
 - `modinfo`: a kernel module's .modinfo key=value strings (name, depends, ...);
-- `empty_section`: make a section look empty to the kernel's module loader.
+- `empty_section`: make a section look empty to the kernel's module loader;
+- `file_header`, `program_header`: the two headers a file we write from Python needs (a
+  stub library, testbed.images.stublib; a static program, testbed.images.daxio).
 
-Only 64-bit ELF is handled (both guest architectures are 64-bit); either byte order.
+Only 64-bit ELF is handled (both guest architectures are 64-bit); either byte order when
+reading, little-endian when writing (both guest architectures).
 """
 
 from __future__ import annotations
@@ -21,6 +24,34 @@ _PT_DYNAMIC = 2
 _DT_NEEDED = 1
 _DT_STRTAB = 5
 _PT_LOAD = 1
+
+# -- writing ------------------------------------------------------------------------------
+
+MACHINES = {"x86_64": 62, "aarch64": 183}
+"""e_machine: EM_X86_64, EM_AARCH64."""
+ET_EXEC, ET_DYN = 2, 3
+PT_LOAD, PT_DYNAMIC, PT_GNU_STACK = _PT_LOAD, _PT_DYNAMIC, 0x6474E551
+PF_X, PF_W, PF_R = 1, 2, 4
+EHDR_SIZE, PHDR_SIZE = 64, 56
+
+
+def file_header(e_type: int, arch: str, entry: int, phnum: int) -> bytes:
+    """An Elf64_Ehdr (little-endian, System V ABI) whose program headers follow it and
+    with no section headers."""
+    if arch not in MACHINES:
+        raise ProvisionError(f"no ELF machine number for architecture {arch!r}")
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
+    return ident + struct.pack(
+        "<HHIQQQIHHHHHH", e_type, MACHINES[arch], 1, entry, EHDR_SIZE, 0, 0, EHDR_SIZE,
+        PHDR_SIZE, phnum, 64, 0, 0,
+    )  # fmt: skip
+
+
+def program_header(
+    p_type: int, flags: int, offset: int, vaddr: int, filesz: int, memsz: int, align: int
+) -> bytes:
+    """An Elf64_Phdr (p_paddr = p_vaddr)."""
+    return struct.pack("<IIQQQQQQ", p_type, flags, offset, vaddr, vaddr, filesz, memsz, align)
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,15 @@ import struct
 from collections.abc import Iterable, Mapping
 
 from testbed.errors import ProvisionError
+from testbed.images import elf
 
 PAGE = 0x10000  # 64 KiB: valid for 4K, 16K and 64K page kernels
-# (e_machine, "return 0" code, "return its own address" code)
+# ("return 0" code, "return its own address" code)
 _ARCH = {
     # xor eax,eax; ret  |  lea rax,[rip-7]; ret
-    "x86_64": (62, bytes.fromhex("31c0c3"), bytes.fromhex("488d05f9ffffffc3")),
+    "x86_64": (bytes.fromhex("31c0c3"), bytes.fromhex("488d05f9ffffffc3")),
     # mov x0,#0; ret  |  adr x0,.; ret
     "aarch64": (
-        183,
         struct.pack("<II", 0xD2800000, 0xD65F03C0),
         struct.pack("<II", 0x10000000, 0xD65F03C0),
     ),
@@ -85,7 +85,7 @@ def stub_library(
     """An ELF shared object named `soname` defining `symbols` (version -> names)."""
     if arch not in _ARCH:
         raise ProvisionError(f"no stub libraries for architecture {arch!r}")
-    machine, ret0, ret_self = _ARCH[arch]
+    ret0, ret_self = _ARCH[arch]
     versions = sorted(symbols)
     flat = sorted({(name, v) for v in versions for name in symbols[v]})
     names = [n for n, _v in flat]
@@ -98,8 +98,8 @@ def stub_library(
 
     strings = _Strings()
     strings.add(soname)
-    phnum, ehsize, phentsize = 4, 64, 56
-    body = bytearray(b"\0" * (ehsize + phnum * phentsize))
+    phnum = 4
+    body = bytearray(b"\0" * (elf.EHDR_SIZE + phnum * elf.PHDR_SIZE))
 
     code0 = _align(body, 16)
     body += ret0
@@ -162,31 +162,15 @@ def stub_library(
     dyn_vaddr += dyn_off % PAGE
     rw_vaddr = dyn_vaddr - dyn_off % PAGE
 
-    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + b"\0" * 8
-    header = ident + struct.pack(
-        "<HHIQQQIHHHHHH", 3, machine, 1, 0, ehsize, 0, 0, ehsize, phentsize, phnum, 64, 0, 0
-    )
-    pt_load, pt_dynamic, pt_gnu_stack = 1, 2, 0x6474E551
-    r, w, x = 4, 2, 1
+    r, w, x = elf.PF_R, elf.PF_W, elf.PF_X
     phdrs = [
-        (pt_load, r | x, 0, 0, text_end, text_end, PAGE),
-        (pt_load, r | w, rw_off, rw_vaddr, len(body) - rw_off, len(body) - rw_off, PAGE),
-        (pt_dynamic, r | w, dyn_off, dyn_vaddr, dyn_size, dyn_size, 8),
-        (pt_gnu_stack, r | w, 0, 0, 0, 0, 16),
+        (elf.PT_LOAD, r | x, 0, 0, text_end, text_end, PAGE),
+        (elf.PT_LOAD, r | w, rw_off, rw_vaddr, len(body) - rw_off, len(body) - rw_off, PAGE),
+        (elf.PT_DYNAMIC, r | w, dyn_off, dyn_vaddr, dyn_size, dyn_size, 8),
+        (elf.PT_GNU_STACK, r | w, 0, 0, 0, 0, 16),
     ]
-    body[0:ehsize] = header
-    for i, (p_type, flags, off, vaddr, filesz, memsz, align) in enumerate(phdrs):
-        struct.pack_into(
-            "<IIQQQQQQ",
-            body,
-            ehsize + i * phentsize,
-            p_type,
-            flags,
-            off,
-            vaddr,
-            vaddr,
-            filesz,
-            memsz,
-            align,
-        )
+    headers = elf.file_header(elf.ET_DYN, arch, 0, phnum) + b"".join(
+        elf.program_header(*ph) for ph in phdrs
+    )
+    body[0 : len(headers)] = headers
     return bytes(body)

@@ -159,6 +159,13 @@ class Relay(Endpoint):
     def session(self) -> RelaySession | None:
         return self._session
 
+    @property
+    def injecting(self) -> bool:
+        """The current session's regions are the relay's (``inject``): the back-end offered
+        no SHMEM, so it will never map anything into them."""
+        s = self._session
+        return self.inject is not None and s is not None and not s.backend_protocol & SHMEM
+
     # --- the relaying thread ---------------------------------------------------------------
 
     def _serve(self) -> None:

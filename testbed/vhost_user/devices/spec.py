@@ -30,6 +30,9 @@ class VirtioFsSpec:
     tag: str
     window_size: int = 0
     num_request_queues: int = 1
+    timeout: float = 1.0
+    """How long the guest may cache entries and attributes, in seconds (FUSE's
+    entry_valid / attr_valid)."""
 
     def __post_init__(self) -> None:
         encoded = self.tag.encode()
@@ -66,7 +69,13 @@ class VirtioFsSpec:
             tag=self.tag,
             window_size=self.window_size,
             num_request_queues=self.num_request_queues,
+            timeout=self.timeout,
         )
+
+    def template_values(self) -> dict[str, str]:
+        """``{share}``, ``{tag}`` and ``{window}`` (bytes) in a user's back-end command:
+        the same share, the same window."""
+        return {"share": str(self.share), "tag": self.tag, "window": str(self.window_size)}
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,10 @@ class PmemSpec:
 
     def build(self) -> PmemDevice:
         return PmemDevice(self.size, path=self.path, map_on_start=self.map_on_start)
+
+    def template_values(self) -> dict[str, str]:
+        """``{backing}`` in a user's back-end command: the backing file, if there is one."""
+        return {"backing": str(self.path)} if self.path is not None else {}
 
 
 DeviceSpec = VirtioFsSpec | PmemSpec
