@@ -146,6 +146,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
+        "kernel_arches({kernel: arches}): run with each guest kernel on the architectures "
+        "named for it (the test takes `kernel`)",
+    )
+    config.addinivalue_line(
+        "markers",
         "shared_boot(group): a cold-plug layout that may share one boot with its group "
         "(the `shared` fixture); --isolated-boots boots each alone",
     )
@@ -226,7 +231,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("arches")
     if marker is not None:
         arches = [a for a in arches if a in marker.args]
-    metafunc.parametrize("arch", arches)
+    kernels = metafunc.definition.get_closest_marker("kernel_arches")
+    if kernels is None:
+        metafunc.parametrize("arch", arches)
+        return
+    # Only the (arch, kernel) pairs that exist: no item for a pair that cannot run.
+    pairs = [(a, k) for k, on in kernels.args[0].items() for a in arches if a in on]
+    metafunc.parametrize(("arch", "kernel"), pairs, ids=[f"{a}-{k}" for a, k in pairs])
 
 
 @pytest.fixture
