@@ -69,6 +69,7 @@ DEFAULT_FAILURE_PATTERNS: tuple[str, ...] = (
 HOSTFWD_CLASH = "Could not set up host forwarding rule"
 PORT_ATTEMPTS = 4
 POLL_INTERVAL = 0.02
+MIGRATION_ENDS = frozenset({"completed", "failed", "cancelled"})
 TAIL_LINES = 20
 
 
@@ -159,7 +160,8 @@ def _read_text(path: Path) -> str:
 
 
 def _data_matches(data: Any, match: Mapping[str, Any]) -> bool:
-    """True when every key of `match` is in `data` with an equal (or recursively matching) value."""
+    """True when every key of `match` is in `data` with an equal (or recursively matching)
+    value; a frozenset in `match` accepts any of its members."""
     if not isinstance(data, Mapping):
         return False
     for key, want in match.items():
@@ -168,6 +170,9 @@ def _data_matches(data: Any, match: Mapping[str, Any]) -> bool:
         have = data[key]
         if isinstance(want, Mapping):
             if not _data_matches(have, want):
+                return False
+        elif isinstance(want, frozenset):
+            if have not in want:
                 return False
         elif have != want:
             return False
@@ -553,25 +558,15 @@ class QemuMachine(Closeable):
     # -- QEMU's migration (testbed.snapshot saves and loads guests with it) ------------------
 
     def wait_migration(self, doing: str, timeout: float) -> None:
-        """Until query-migrate says completed (outgoing or incoming); a failed or
-        cancelled migration raises with QEMU's reason, a QEMU that exits QemuExited."""
-        last: dict[str, Any] = {}
-
-        def completed() -> bool:
-            last.update(self.qmp("query-migrate"))
-            status = last.get("status")
-            if status in ("failed", "cancelled"):
-                reason = last.get("error-desc") or tail(self.stderr_text()) or "no reason given"
-                raise TestbedError(f"migration {status} while {doing}: {reason}")
-            return status == "completed"
-
-        wait_until(
-            completed,
-            timeout,
-            f"migration completed while {doing}",
-            interval=POLL_INTERVAL,
-            seen=lambda: f"status {last.get('status')!r}; see {self.qmp_log_path}",
-        )
+        """Until QEMU's MIGRATION event says the migration (outgoing or incoming) ended:
+        completed, or failed/cancelled (raised with QEMU's reason). The caller turned the
+        'events' migration capability on (testbed.snapshot does)."""
+        event = self.wait_event("MIGRATION", timeout, {"status": MIGRATION_ENDS})
+        status = event["data"]["status"]
+        if status != "completed":
+            last = self.qmp("query-migrate")
+            reason = last.get("error-desc") or tail(self.stderr_text()) or "no reason given"
+            raise TestbedError(f"migration {status} while {doing}: {reason}")
 
     # -- teardown --------------------------------------------------------------------------
 
