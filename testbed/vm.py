@@ -155,6 +155,10 @@ class GuestVM:
         return now
 
     def start(self) -> GuestVM:
+        """Start QEMU and log in (``with GuestVM(...) as vm`` calls it). Once only: a second
+        call would start a second QEMU and lose the first."""
+        if self.machine is not None:
+            raise StateError("started", "not started", "GuestVM.start (the with-block starts it)")
         with phase("VM start (harness)"):
             return self._start()
 
