@@ -403,6 +403,20 @@ def shared(
 
 
 @pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """pytest-xdist's loadgroup appends '@group' to each grouped test's node id so that its
+    scheduler sees the groups. Once the worker has sent its collection (xdist's own
+    collection_finish, before this one), the ids go back to what pytest knows: reports,
+    the result table, JUnit and reproduce.sh name the test as `pytest NODEID` accepts it."""
+    if not hasattr(session.config, "workerinput"):
+        return
+    for item in session.items:
+        if item.get_closest_marker("xdist_group") is not None:
+            plain = item._nodeid.rsplit("@", 1)[0] if "@" in item._nodeid else item._nodeid
+            item._nodeid = plain
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """A shared boot ends with the last of its group's tests on this worker (after the
     test's own fixtures: trylast)."""
