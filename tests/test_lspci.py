@@ -89,3 +89,13 @@ def test_sizes() -> None:
     assert parse_size("32") == 32
     with pytest.raises(ParseError):
         parse_size("4MiB")
+
+
+def test_a_function_that_came_or_went_mid_read_is_an_error() -> None:
+    """stat listed a function that od then did not dump (or the other way): the byte
+    stream no longer lines up with the sizes, and nothing is guessed."""
+    text = (DATA / "x86_64-two-regions.inspect.txt").read_bytes().decode(errors="replace")
+    config = text.index("@@testbed config\n") + len("@@testbed config\n")
+    short = text[:config] + text[config:].split("\n", 16)[16]  # 16 lines = 256 bytes fewer
+    with pytest.raises(ParseError, match="come or go while the guest was read"):
+        parse_inspection(short)
