@@ -12,6 +12,7 @@ run, and the slowest scenarios with their phases.
 from __future__ import annotations
 
 import contextlib
+import statistics
 import threading
 import time
 from collections import Counter, defaultdict
@@ -22,6 +23,9 @@ from typing import Any
 # One scenario runs at a time in a pytest process (xdist workers are processes), and only
 # its own thread marks phases (the back-ends' threads do not): a plain global, guarded
 # against other threads by its owner.
+PROFILE_FILE = "profile.json"
+"""Where a scenario run writes its profile, in its results dir."""
+
 _active: Profile | None = None
 _owner: int | None = None
 
@@ -91,6 +95,33 @@ class ScenarioProfile:
         return max(0.0, self.seconds - sum(p["seconds"] for p in self.phases.values()))
 
 
+BOOTED, RESTORED, NEITHER = "booted", "restored", "shared boot or no guest"
+
+
+def start_kind(scenario: ScenarioProfile) -> str:
+    """How the scenario got its guest: it booted one, restored one from a snapshot, or
+    neither (a layout in a boot another test paid for, or QEMU refused to start)."""
+    if "boot (to the ready line)" in scenario.phases:
+        return BOOTED
+    return RESTORED if "restore" in scenario.phases else NEITHER
+
+
+def by_start(runs: Iterable[ScenarioProfile]) -> dict[str, dict[str, float]]:
+    """Per start kind: runs, summed seconds and the median scenario's seconds."""
+    kinds: defaultdict[str, list[float]] = defaultdict(list)
+    for s in runs:
+        kinds[start_kind(s)].append(s.seconds)
+    return {
+        kind: {
+            "runs": len(kinds[kind]),
+            "seconds": round(sum(kinds[kind]), 2),
+            "median": round(statistics.median(kinds[kind]), 3),
+        }
+        for kind in (BOOTED, RESTORED, NEITHER)
+        if kinds[kind]
+    }
+
+
 def summarize(scenarios: Iterable[ScenarioProfile], slowest: int = 10) -> dict[str, Any]:
     """Totals by phase over every scenario (own seconds, count, share of the whole) and the
     ``slowest`` scenarios with their five biggest phases."""
@@ -116,6 +147,7 @@ def summarize(scenarios: Iterable[ScenarioProfile], slowest: int = 10) -> dict[s
     return {
         "scenarios": len(runs),
         "seconds": round(total, 2),
+        "by_start": by_start(runs),
         "by_phase": by_phase,
         "slowest": [
             {
@@ -138,6 +170,10 @@ def render(summary: Mapping[str, Any]) -> list[str]:
     width = max([len("phase"), *(len(row["phase"]) for row in summary["by_phase"])])
     lines = [
         f"scenario time: {summary['seconds']:.1f} s over {summary['scenarios']} scenario runs",
+        "; ".join(
+            f"{kind} {row['runs']} ({row['seconds']:.1f} s, median {row['median']:.2f} s)"
+            for kind, row in summary.get("by_start", {}).items()
+        ),
         f"{'phase':<{width}} {'seconds':>8} {'share':>6} {'count':>6}",
     ]
     for row in summary["by_phase"]:

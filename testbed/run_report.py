@@ -19,13 +19,12 @@ import pytest
 
 from testbed import paths
 from testbed.machine.profiles import ARCHES
-from testbed.profile import Profile, ScenarioProfile, recording, render, summarize
+from testbed.profile import PROFILE_FILE, Profile, ScenarioProfile, recording, render, summarize
 
 _TABLE_KEY = pytest.StashKey["ResultTable"]()
 _PROFILES_KEY = pytest.StashKey[list[ScenarioProfile]]()
 _DURATIONS_KEY = pytest.StashKey[dict[str, float]]()
 PROFILE_PROPERTY = "profile"
-PROFILE_FILE = "profile.json"
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -32,7 +32,9 @@ from testbed.bench.report import (
     ratio,
     render_table,
 )
+from testbed.bench.run import Collector, _suite_profile
 from testbed.errors import ConfigError, ParseError
+from testbed.profile import ScenarioProfile, summarize
 
 
 def fig(name: str, *values: float) -> Figure:
@@ -252,3 +254,18 @@ def test_the_dax_read_is_timed_by_the_guest() -> None:
     assert "-o dax=always" in script and script.endswith("echo $a $b")
     assert dax.seconds_of("12.34 12.97\n") == pytest.approx(0.63)
     assert [s.name for s in dax.servers()] == list(dax.SERVERS)
+
+
+def test_the_suite_profile_gives_the_restored_median_and_the_phase_notes(tmp_path: Path) -> None:
+    """make bench reads the 2-worker suite's profile.json (what run_report wrote)."""
+    runs = [ScenarioProfile(f"r{i}", t, {"restore": {"seconds": 0.2, "count": 1}})
+            for i, t in enumerate((1.0, 1.4, 2.0))]  # fmt: skip
+    (tmp_path / "profile.json").write_text(json.dumps({"summary": summarize(runs)}))
+    report = Report(started="now", host={}, options={})
+    col = Collector(report, say=lambda _: None)
+    _suite_profile(col, tmp_path / "profile.json")
+    col.finish()
+    assert report.figures["e2e.restored_median"].median == 1.4
+    assert any("restored 3 (4.4 s, median 1.40 s)" in note for note in report.notes)
+    _suite_profile(col, tmp_path / "missing.json")
+    assert "no suite profile" in report.not_measured["e2e.restored_median"]

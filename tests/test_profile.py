@@ -53,3 +53,20 @@ def test_summary_totals_shares_and_the_slowest() -> None:
     assert rows["(unmarked)"]["seconds"] == 1.1  # 0.6 + 0.5 that no phase holds
     assert [row["nodeid"] for row in summary["slowest"]] == ["b"]
     assert any("boot (to the ready line)" in line for line in render(summary))
+
+
+def test_scenarios_by_how_they_got_their_guest() -> None:
+    booted = ScenarioProfile("b", 4.0, {"boot (to the ready line)": {"seconds": 3.0, "count": 1}})
+    restored = [
+        ScenarioProfile(f"r{i}", t, {"restore": {"seconds": 0.2, "count": 1}})
+        for i, t in enumerate((1.0, 1.5, 3.0))
+    ]
+    layout = ScenarioProfile("l", 0.5, {"guest PCI view": {"seconds": 0.4, "count": 1}})
+    starts = summarize([booted, *restored, layout])["by_start"]
+    assert starts["booted"] == {"runs": 1, "seconds": 4.0, "median": 4.0}
+    assert starts["restored"] == {"runs": 3, "seconds": 5.5, "median": 1.5}
+    assert starts["shared boot or no guest"]["runs"] == 1
+    assert any(
+        "restored 3 (5.5 s, median 1.50 s)" in line
+        for line in render(summarize([booted, *restored, layout]))
+    )

@@ -287,11 +287,12 @@ def venv_tool(name: str) -> str:
 
 
 def measure_suite(workers: int, output: Path, logdir: Path, timeout: float) -> tuple[float, str]:
-    """`pytest scenarios -n workers` (what `make e2e` runs): (seconds, pytest's summary)."""
+    """`pytest scenarios -n workers --dist loadgroup` (what `make e2e` runs): (seconds,
+    pytest's summary)."""
     env = dict(os.environ, TESTBED_RESULTS=str(output / f"bench-e2e-n{workers}"))
     log_path = logdir / f"e2e-n{workers}.log"
     seconds, code = run_child(
-        [venv_tool("pytest"), "scenarios", "-n", str(workers), "-q"],
+        [venv_tool("pytest"), "scenarios", "-n", str(workers), "--dist", "loadgroup", "-q"],
         log_path,
         timeout,
         env=env,
