@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""The nightly job: every end-to-end scenario as an avocado test, over arch x accelerator.
+"""The nightly job: every end-to-end scenario as an avocado test, over arch x accelerator x
+guest kernel, and once more with a fresh boot where `make e2e` restores a snapshot.
 
 The scenarios are the pytest ones in scenarios/ (no second copy of any logic): each
-(scenario, arch, accel) becomes one avocado test (testbed.nightly.ScenarioTest) that runs
-pytest on that one node and keeps what pytest knew: PASS; WARN with the registry id and
+(scenario, arch, accel, kernel, start) becomes one avocado test (testbed.nightly.Case,
+ScenarioTest) that runs pytest on that one node, with --isolated-boots (every cold-plug
+layout in a boot of its own), and keeps what pytest knew: PASS; WARN with the registry id and
 signature when a known QEMU bug showed; SKIP with its reason (a missing host capability,
 such as no usable KVM); FAIL with pytest's message. Avocado writes its job results,
 results.html, results.json and results.xml under --results (results.xml then gets the SKIP
@@ -14,7 +16,8 @@ accelerator decision and why, the guest image hash), the tables of `testbed bugs
 (every known bug against the QEMU at hand) and of `testbed fuzz` run for a fixed time per
 arch (fuzz-<arch>.txt, fuzz-<arch>/summary.json and its findings).
 
-Usage: scripts/nightly.py [--results DIR] [--arch x86_64,aarch64] [--accel kvm,tcg] [-k EXPR]
+Usage: scripts/nightly.py [--results DIR] [--arch x86_64,aarch64] [--accel kvm,tcg]
+                          [--kernels 6.1,6.12] [--no-fresh-boot] [-k EXPR]
 """
 
 from __future__ import annotations
@@ -27,15 +30,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from testbed.images import DEFAULT_KERNEL, kernel_names
 from testbed.machine.profiles import ARCHES
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def collect(arch: str, accel: str, keyword: str | None) -> list[str]:
-    """The scenario node ids pytest would run for this arch."""
+def collect(arch: str, accel: str, kernel: str, keyword: str | None) -> list[str]:
+    """The scenario node ids pytest would run for this arch and kernel."""
     cmd = [sys.executable, "-m", "pytest", "scenarios", "--collect-only", "-q"]
-    cmd += ["--arch", arch, "--accel", accel]
+    cmd += ["--arch", arch, "--accel", accel, "--kernel", kernel]
     if keyword:
         cmd += ["-k", keyword]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -104,6 +108,15 @@ def main() -> int:
     parser.add_argument("--results", default=str(ROOT / "results" / "nightly"))
     parser.add_argument("--arch", default=",".join(ARCHES))
     parser.add_argument("--accel", default="kvm,tcg")
+    parser.add_argument(
+        "--kernels",
+        default=",".join(sorted({k for arch in ARCHES for k in kernel_names(arch)})),
+        help="guest kernels (default: every kernel the images have)",
+    )
+    parser.add_argument(
+        "--no-fresh-boot", dest="fresh_boot", action="store_false",
+        help="skip the pass that boots where make e2e restores (default kernel only)",
+    )  # fmt: skip
     parser.add_argument("-k", dest="keyword", help="pytest -k expression to select scenarios")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "2")))
     parser.add_argument("--no-bugs-check", dest="bugs_check", action="store_false")
@@ -117,23 +130,28 @@ def main() -> int:
     from avocado.core.nrunner.runnable import Runnable
     from avocado.core.suite import TestSuite
 
-    from testbed.nightly import CASES_ENV, annotate_xunit, write_cases
+    from testbed.nightly import CASES_ENV, Case, annotate_xunit, write_cases
 
     arches, accels = args.arch.split(","), args.accel.split(",")
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
+    kernels = args.kernels.split(",")
     cases = [
-        (nodeid, arch, accel)
+        Case(nodeid, arch, accel, kernel)
         for arch in arches
         for accel in accels
-        for nodeid in collect(arch, accel, args.keyword)
+        for kernel in kernels
+        for nodeid in collect(arch, accel, kernel, args.keyword)
     ]
+    if args.fresh_boot:  # the restored scenarios once more, booted for real
+        cases += [Case(c.nodeid, c.arch, c.accel, c.kernel, fresh_boot=True)
+                  for c in cases if c.kernel == DEFAULT_KERNEL]  # fmt: skip
     cases_file = results / "cases.json"
     uris = write_cases(cases_file, cases)
     os.environ[CASES_ENV] = str(cases_file)  # the runners' processes inherit it
     runnables = [
-        Runnable("avocado-instrumented", uri, identifier=f"{nodeid}@{accel}")
-        for uri, (nodeid, _arch, accel) in zip(uris, cases, strict=True)
+        Runnable("avocado-instrumented", uri, identifier=case.name)
+        for uri, case in zip(uris, cases, strict=True)
     ]
     config = {
         "run.results_dir": str(results),

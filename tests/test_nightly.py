@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("avocado", reason="avocado-framework is a dependency of the nightly job")
 
-from testbed.nightly import annotate_xunit, write_cases
+from testbed.nightly import Case, annotate_xunit, write_cases
 
 SKIP = "host capability missing: --accel kvm cannot work here: /dev/kvm is kvm_pvm"
 WARN = "known bug vub-get-features-abort on QEMU 11.1.3: vub_get_features: ... [signal:SIGABRT]"
@@ -19,15 +19,21 @@ WARN = "known bug vub-get-features-abort on QEMU 11.1.3: vub_get_features: ... [
 
 def test_write_cases(tmp_path: Path) -> None:
     cases = [
-        ("scenarios/a.py::t[x86_64]", "x86_64", "tcg"),
-        ("scenarios/a.py::t[x86_64]", "x86_64", "kvm"),
+        Case("scenarios/a.py::t[x86_64]", "x86_64", "tcg", "6.1"),
+        Case("scenarios/a.py::t[x86_64]", "x86_64", "kvm", "6.12", fresh_boot=True),
     ]
     uris = write_cases(tmp_path / "cases.json", cases)
     assert uris == [
         f"{tmp_path}/cases.py:Scenarios.test_0000",
         f"{tmp_path}/cases.py:Scenarios.test_0001",
     ]
-    assert json.loads((tmp_path / "cases.json").read_text())["test_0001"] == list(cases[1])
+    assert Case(**json.loads((tmp_path / "cases.json").read_text())["test_0001"]) == cases[1]
+    assert cases[1].name == "scenarios/a.py::t[x86_64]@kvm@6.12@fresh-boot"
+    assert cases[1].pytest_options() == [
+        "--arch", "x86_64", "--accel", "kvm", "--kernel", "6.12", "--isolated-boots",
+        "--fresh-boot",
+    ]  # fmt: skip
+    assert "--fresh-boot" not in cases[0].pytest_options()
     source = (tmp_path / "cases.py").read_text()
     compile(source, "cases.py", "exec")
     assert "class Scenarios(ScenarioTest):" in source and "def test_0001(self):" in source
