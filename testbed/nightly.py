@@ -80,9 +80,12 @@ class ScenarioTest(Test):
             f"--junitxml={junit}", "-o", "addopts=",
         ]  # fmt: skip
         self.log.info("running: %s", " ".join(argv))
+        # Its own results dir (artifacts, profile) in the test's log dir: cells that run at
+        # once (the same scenario on two kernels, say) must not share one.
+        env = {**os.environ, "TESTBED_RESULTS": str(Path(self.logdir) / "pytest-results")}
         done = subprocess.run(
-            argv, cwd=PROJECT_ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=CASE_TIMEOUT, check=False,
+            argv, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=CASE_TIMEOUT, check=False,
         )  # fmt: skip
         self.log.info("pytest exited %d:\n%s%s", done.returncode, done.stdout, done.stderr)
         self.outcome = (
