@@ -132,7 +132,9 @@ def selected_arches(config: pytest.Config) -> list[str]:
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_POOL_KEY] = SharedPool()
     results = paths.results_dir()
-    if not config.option.xmlpath and not hasattr(config, "workerinput"):
+    # A --collect-only (the nightly's listing) must not replace the last run's report.
+    collecting = config.option.collectonly
+    if not config.option.xmlpath and not hasattr(config, "workerinput") and not collecting:
         results.mkdir(parents=True, exist_ok=True)
         config.option.xmlpath = str(results / "junit.xml")
     config.addinivalue_line("markers", "arches(*names): run only on these architectures")
