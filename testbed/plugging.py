@@ -39,8 +39,8 @@ from testbed.errors import ConfigError, QemuExited, StateError, TestbedError
 from testbed.guest.session import GuestSession
 from testbed.host.foreign import ForeignBackend
 from testbed.machine.cmdline import root_port_id
+from testbed.machine.guest import GuestMachine
 from testbed.machine.profiles import profile_for
-from testbed.machine.qemu import GuestMachine
 from testbed.profile import phase
 from testbed.resource import Closeable
 from testbed.serving import Serving, restart, serve

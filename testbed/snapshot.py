@@ -37,7 +37,8 @@ from pathlib import Path
 from testbed.booting import boot_to_ssh
 from testbed.images import GuestImage
 from testbed.machine.cmdline import MachineConfig, build_command
-from testbed.machine.qemu import GuestMachine, QemuMachine, free_tcp_port
+from testbed.machine.guest import GuestMachine
+from testbed.machine.qemu import QemuMachine, free_tcp_port
 from testbed.paths import cache_dir, make_private_dir, remove_tree
 
 log = logging.getLogger(__name__)

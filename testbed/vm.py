@@ -36,7 +36,8 @@ from testbed.host.accel import AccelChoice, choose_accel
 from testbed.host.qemu import QemuBinary, resolve_qemu
 from testbed.images import GuestImage, ensure_image
 from testbed.machine.cmdline import MachineConfig, root_slots
-from testbed.machine.qemu import GuestMachine, free_tcp_port
+from testbed.machine.guest import GuestMachine
+from testbed.machine.qemu import free_tcp_port
 from testbed.paths import make_private_dir, remove_tree, sanitize
 from testbed.plugging import Devices, PluggedDevice, UnplugResult
 from testbed.profile import phase

@@ -7,8 +7,9 @@ from testbed.machine.cmdline import (
     build_command,
     format_command,
 )
+from testbed.machine.guest import GuestMachine
 from testbed.machine.profiles import PROFILES, ArchProfile, profile_for
-from testbed.machine.qemu import GuestMachine, QemuMachine, free_tcp_port
+from testbed.machine.qemu import QemuMachine, free_tcp_port
 from testbed.machine.qtest import QtestMachine
 
 __all__ = [
