@@ -22,26 +22,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from testbed.errors import ProtocolError
-from testbed.vhost_user.protocol import (
+from testbed.vhost_user.codes import (
     F_SHMEM,
+    BackendRequest,
+    ProtocolFeature,
+    Request,
+    VhostUserFeature,
+    request_name,
+)
+from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     FLAG_RESERVED_MASK,
     FLAG_VERSION_MASK,
     REPLY_REQUESTS,
     U64,
     VERSION,
-    BackendRequest,
     Header,
     MemoryTable,
     MMap,
     Payload,
-    ProtocolFeature,
-    Request,
     ShMemConfig,
-    VhostUserFeature,
     VringFile,
     decode_payload,
-    request_name,
 )
 
 R = Request

@@ -39,9 +39,10 @@ from queue import Empty, SimpleQueue
 from testbed.errors import GuestMemoryError, RingError
 from testbed.resource import Closeable
 from testbed.vhost_user.backend.mappings import Mappings
+from testbed.vhost_user.codes import VhostUserFeature
 from testbed.vhost_user.devices.base import Completion, DeviceModel, Later, Problem
 from testbed.vhost_user.memory import MappedMemory
-from testbed.vhost_user.protocol import VhostUserFeature, VringAddr
+from testbed.vhost_user.protocol import VringAddr
 from testbed.vhost_user.rules import Violation
 from testbed.vhost_user.trace import QUEUE_REPLY, QUEUE_REQUEST, Trace, TraceEntry
 from testbed.vhost_user.virtqueue import (
