@@ -271,14 +271,6 @@ class GuestVM:
         assert self.machine is not None and self.image is not None
         self.guest.reconnected(reboot(self.machine, self.image, self.options.boot_timeout))
 
-    def save_state(self, path: Path) -> None:
-        """Save the guest to ``path`` (testbed.snapshot); its SSH session is closed first,
-        since a restored guest must not hold a connection to a QEMU that is gone."""
-        if self.machine is None:
-            raise StateError("not started", "started", "save_state")
-        self.guest.ssh.close()
-        snapshot.save(self.machine, path)
-
     # -- the guest -------------------------------------------------------------------------
 
     @property
