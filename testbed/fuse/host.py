@@ -170,10 +170,6 @@ class HostFs(Closeable):
         except KeyError:
             raise OSError(errno.ESTALE, f"no node {nodeid}") from None
 
-    @property
-    def node_count(self) -> int:
-        return len(self._nodes)
-
     def _adopt(self, fd: int) -> tuple[Node, os.stat_result]:
         """Take an O_PATH fd: the node for its inode (one more lookup), and its stat."""
         try:
@@ -251,10 +247,6 @@ class HostFs(Closeable):
         if found is None or found.is_dir != is_dir:
             raise OSError(errno.EBADF, f"no {'directory' if is_dir else 'file'} handle {fh}")
         return found
-
-    @property
-    def handle_count(self) -> int:
-        return len(self._handles)
 
     def open(self, nodeid: int, flags: int) -> Handle:
         node = self.node(nodeid)

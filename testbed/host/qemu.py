@@ -18,7 +18,6 @@ import datetime
 import fcntl
 import gzip
 import json
-import logging
 import os
 import platform
 import re
@@ -42,8 +41,6 @@ from testbed.host import debian, sysroot
 from testbed.machine import probe
 from testbed.paths import cache_dir, remove_tree
 from testbed.waiting import wait_until
-
-log_ = logging.getLogger(__name__)
 
 ARCHES = ("x86_64", "aarch64")
 MIN_VERSION = (11, 1, 0)

@@ -150,8 +150,6 @@ class RingService(Closeable):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.dropped_answers = 0
-        """Answers that came for a chain no longer outstanding (stopped, reset, gone)."""
 
     @property
     def answers(self) -> socket.socket:
@@ -201,7 +199,6 @@ class RingService(Closeable):
             self._drop(later)
 
     def _drop(self, later: Later) -> None:
-        self.dropped_answers += 1
         log.info("answer to %s (queue %d, chain %d) dropped: the chain is no longer "
                  "outstanding (ring stopped or reset, or the connection ended)", later.name,
                  later.queue, later.head)  # fmt: skip
