@@ -252,11 +252,7 @@ class Devices(Closeable):
             return self._unplug(plugged, timeout, disconnect_timeout, guest_ejects)
 
     def _unplug(
-        self,
-        plugged: PluggedDevice,
-        timeout: float,
-        disconnect_timeout: float,
-        guest_ejects: bool,
+        self, plugged: PluggedDevice, timeout: float, disconnect_timeout: float, guest_ejects: bool
     ) -> UnplugResult:
         machine, guest = self._attached("unplug")
         if plugged not in self.plugged or not plugged.hot or plugged.bdf is None:

@@ -78,8 +78,7 @@ def snapshot_key(config: MachineConfig, qemu: str) -> str:
         incoming=None,
     )
     payload = json.dumps(
-        {"format": SNAPSHOT_FORMAT, "qemu": qemu, "argv": build_command(neutral)},
-        sort_keys=True,
+        {"format": SNAPSHOT_FORMAT, "qemu": qemu, "argv": build_command(neutral)}, sort_keys=True
     )
     return f"{config.arch}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 

@@ -20,14 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.errors import ConfigError, HostCapabilityError
-from testbed.fuse.structs import (
-    Attr,
-    Kstatfs,
-)
-from testbed.fuse.wire import (
-    ATTR_DAX,
-    ROOT_ID,
-)
+from testbed.fuse.structs import Attr, Kstatfs
+from testbed.fuse.wire import ATTR_DAX, ROOT_ID
 from testbed.resource import Closeable
 
 # Open flags as the guest sends them (fuse_open_in.flags, fuse_create_in.flags): the

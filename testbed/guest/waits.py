@@ -25,12 +25,7 @@ def _steps(timeout: float, step: float) -> int:
 
 
 def wait_script(
-    condition: str,
-    timeout: float,
-    *,
-    step: float = STEP,
-    then: str = "",
-    sleep: str | None = None,
+    condition: str, timeout: float, *, step: float = STEP, then: str = "", sleep: str | None = None
 ) -> str:
     """A guest script that evaluates ``condition`` (sh; its exit status is the answer)
     every ``step`` s until it holds, then runs ``then`` (which may print what was found)

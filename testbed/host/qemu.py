@@ -161,10 +161,7 @@ class Candidate:
 
 
 def candidates_for(
-    arch: str,
-    explicit: str | None,
-    environ: Mapping[str, str],
-    provisioned: Path,
+    arch: str, explicit: str | None, environ: Mapping[str, str], provisioned: Path
 ) -> list[Candidate]:
     """The binaries to try, in order (pure: environ and provisioned path are injected).
 
@@ -192,9 +189,7 @@ def candidates_for(
 
 
 def choose_qemu(
-    arch: str,
-    candidates: Sequence[Candidate],
-    probe: Callable[[Path], QemuFacts],
+    arch: str, candidates: Sequence[Candidate], probe: Callable[[Path], QemuFacts]
 ) -> QemuBinary:
     """The first suitable candidate; probes lazily, in order. Pure apart from ``probe``.
 
