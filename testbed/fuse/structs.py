@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Self
 
 from testbed.errors import FuseProtocolError
-from testbed.fuse.wire import INIT_EXT_MINOR, NAME_MAX, InitFlag, Struct, align8, check_len
+from testbed.fuse.wire import INIT_EXT_MINOR, NAME_MAX, InitFlag, Struct, align8
 
 
 @dataclass(frozen=True)
@@ -51,21 +51,8 @@ class EntryOut(Struct):
 
     FORMAT = struct.Struct("<QQQQII")
     NAME = "fuse_entry_out"
+    TAIL = Attr
     SIZE: ClassVar[int] = FORMAT.size + Attr.FORMAT.size  # 128
-
-    def pack(self) -> bytes:
-        head = EntryOut.FORMAT
-        try:
-            return head.pack(*self._values()[:-1]) + self.attr.pack()
-        except struct.error as exc:
-            raise FuseProtocolError(f"{self.NAME} {self}: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        check_len(cls.NAME, data, cls.SIZE)
-        nodeid, gen, entry_valid, attr_valid, entry_nsec, attr_nsec = cls.FORMAT.unpack_from(data)
-        attr = Attr.unpack(data[cls.FORMAT.size :])
-        return cls(nodeid, gen, entry_valid, attr_valid, entry_nsec, attr_nsec, attr)
 
 
 @dataclass(frozen=True)
@@ -76,19 +63,8 @@ class AttrOut(Struct):
 
     FORMAT = struct.Struct("<QI4x")
     NAME = "fuse_attr_out"
+    TAIL = Attr
     SIZE: ClassVar[int] = FORMAT.size + Attr.FORMAT.size  # 104
-
-    def pack(self) -> bytes:
-        try:
-            return self.FORMAT.pack(self.attr_valid, self.attr_valid_nsec) + self.attr.pack()
-        except struct.error as exc:
-            raise FuseProtocolError(f"{self.NAME} {self}: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        check_len(cls.NAME, data, cls.SIZE)
-        valid, nsec = cls.FORMAT.unpack_from(data)
-        return cls(valid, nsec, Attr.unpack(data[cls.FORMAT.size :]))
 
 
 @dataclass(frozen=True)
