@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar, Self, TypeVar
 
 from testbed.errors import FuseProtocolError
 from testbed.fuse.wire import INIT_EXT_MINOR, NAME_MAX, InitFlag, Struct, align8
@@ -428,21 +428,14 @@ class Direntplus:
         return cls(entry, dirent), end
 
 
-def parse_dirents(data: bytes) -> list[Dirent]:
-    """A READDIR reply's payload, entry by entry."""
-    out: list[Dirent] = []
-    offset = 0
-    while offset < len(data):
-        entry, offset = Dirent.unpack_from(data, offset)
-        out.append(entry)
-    return out
+E = TypeVar("E", Dirent, Direntplus)
 
 
-def parse_direntplus(data: bytes) -> list[Direntplus]:
-    """A READDIRPLUS reply's payload, entry by entry."""
-    out: list[Direntplus] = []
+def parse_listing(data: bytes, kind: type[E]) -> list[E]:
+    """A READDIR (``Dirent``) or READDIRPLUS (``Direntplus``) reply's payload, entry by entry."""
+    out: list[E] = []
     offset = 0
     while offset < len(data):
-        entry, offset = Direntplus.unpack_from(data, offset)
+        entry, offset = kind.unpack_from(data, offset)
         out.append(entry)
     return out
