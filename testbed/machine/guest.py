@@ -138,7 +138,7 @@ class GuestMachine(QemuMachine):
 
         def alive() -> None:
             if self.returncode is not None:
-                self._check_alive(f"while waiting for {regex.pattern!r} on the console")
+                self.check_alive(f"while waiting for {regex.pattern!r} on the console")
 
         return wait_until(
             look,

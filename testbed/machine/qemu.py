@@ -289,7 +289,7 @@ class QemuMachine(Closeable):
             max(0.0, deadline - time.monotonic()),
             f"QEMU connecting {what}",
             seen=lambda: f"see {self.stderr_path}",
-            alive=lambda: self._check_alive(f"before connecting {what}"),
+            alive=lambda: self.check_alive(f"before connecting {what}"),
         )
         conn, _ = listener.accept()
         conn.setblocking(True)
@@ -314,9 +314,6 @@ class QemuMachine(Closeable):
 
     def check_alive(self, doing: str = "unexpectedly") -> None:
         """Raise QemuExited (with exit status, stderr and console tails) if QEMU is gone."""
-        self._check_alive(doing)
-
-    def _check_alive(self, doing: str) -> None:
         if self._proc is None:
             raise StateError(self.state, MachineState.RUNNING, type(self).__name__)
         error = self._exit_error(doing)
@@ -359,13 +356,13 @@ class QemuMachine(Closeable):
         except ExecuteError as exc:
             raise QmpCommandFailed(cmd, args, exc.error_class, str(exc)) from exc
         except TimeoutError as exc:
-            self._check_alive(f"during QMP {cmd}")
+            self.check_alive(f"during QMP {cmd}")
             raise WaitTimeout(
                 f"QMP {cmd} got no answer in {timeout or self.qmp_timeout} s"
             ) from exc
         except Exception as exc:
             self.wait_exited(2.0)
-            self._check_alive(f"during QMP {cmd}")
+            self.check_alive(f"during QMP {cmd}")
             raise TestbedError(f"QMP {cmd} failed: {exc!r}") from exc
 
     def hmp(self, text: str, timeout: float | None = None) -> str:
@@ -412,7 +409,7 @@ class QemuMachine(Closeable):
             f"{regex.pattern!r} on QEMU's stderr",
             interval=POLL_INTERVAL,
             seen=lambda: f"see {self.stderr_path}",
-            alive=lambda: self._check_alive(f"while waiting for {regex.pattern!r} on stderr"),
+            alive=lambda: self.check_alive(f"while waiting for {regex.pattern!r} on stderr"),
         )
 
     @property
@@ -430,7 +427,7 @@ class QemuMachine(Closeable):
 
         def alive() -> None:
             if self.returncode is not None:
-                self._check_alive(f"while waiting for event {name}")
+                self.check_alive(f"while waiting for event {name}")
 
         with phase(f"wait: QMP event {name}"):
             return wait_steps(
