@@ -77,7 +77,6 @@ def ensure_storage_daemon(log: Log = print) -> Path:
 
 def ensure_virtiofsd(log: Log = print) -> Path:
     """bin/virtiofsd: sid's virtiofsd, fetched and unpacked once, through the loader."""
-
     arch = host_arch()
     base = _sysroot_dir()
     wrapper = backends_root() / "bin" / "virtiofsd"

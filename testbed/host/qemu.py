@@ -478,7 +478,6 @@ def _describe(stamp: sysroot.Stamp) -> str:
 
 
 def _build(root: Path, arch: str, log: Log, install_missing: bool) -> None:
-
     if install_missing:
         debian.ensure_installed(log)
     mmdebstrap = shutil.which("mmdebstrap")
