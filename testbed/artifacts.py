@@ -9,17 +9,15 @@ way and none is left half-written or without its execute bit.
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from testbed.machine.cmdline import MachineConfig, build_command
-from testbed.paths import results_dir, sanitize
+from testbed.paths import results_dir, sanitize, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +25,7 @@ log = logging.getLogger(__name__)
 def write_script(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` as an executable script (0755), atomically: a reader
     never sees a half-written file. Returns ``path``."""
-    path = Path(path)
-    if not text.endswith("\n"):
-        text += "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(Path(path), text if text.endswith("\n") else text + "\n", 0o755)
 
 
 def _dq(word: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from testbed.guest.ssh import SSHSession
 from testbed.images import GuestImage
-from testbed.machine.qemu import GuestMachine
+from testbed.machine.guest import GuestMachine
 from testbed.profile import phase
 
 MIN_SSH_TIMEOUT = 5.0

@@ -326,10 +326,6 @@ class VhostUserDevice:
         (checked again: what fits on the root bus may not fit behind a root port)."""
         return dataclasses.replace(self, id=id, socket=socket, bus=bus)
 
-    def with_options(self, **options: Any) -> VhostUserDevice:
-        """The same device with other DEVICE_OPTIONS values (parse_device_options)."""
-        return dataclasses.replace(self, **options)
-
     @property
     def behind_root_port(self) -> bool:
         return self.bus is not None and not self.bus.startswith("pcie.")

@@ -7,7 +7,6 @@ what to do about it. Leaves keep the evidence (bytes, exit status, last console 
     ├── ConfigError              bad input from the user (options, layouts, paths)
     ├── HostCapabilityError      this host cannot do what was asked (no KVM, no QEMU 11.1, ...)
     ├── ProvisionError           provisioning QEMU or building a guest image failed
-    │   └── AssetHashMismatch    a cached or downloaded file does not match its hash
     ├── ProtocolError            a vhost-user message is malformed (see vhost_user.protocol)
     │   └── FuseProtocolError    a FUSE request or reply is malformed (see fuse.wire, fuse.codec)
     ├── GuestMemoryError         an address range is not inside one region of the memory table
@@ -41,10 +40,6 @@ class HostCapabilityError(TestbedError):
 
 class ProvisionError(TestbedError):
     """Provisioning QEMU or building a guest image failed."""
-
-
-class AssetHashMismatch(ProvisionError):
-    """A cached or downloaded file does not have the expected content hash."""
 
 
 class ProtocolError(TestbedError):

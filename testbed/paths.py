@@ -65,6 +65,21 @@ def make_private_dir(purpose: str) -> Path:
     return path
 
 
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> Path:
+    """Write ``text`` to ``path`` (permission bits ``mode``) through a temp file beside it
+    and a rename: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def remove_tree(path: Path) -> None:
     """Remove a directory tree we created; missing is fine."""
     shutil.rmtree(path, ignore_errors=True)

@@ -39,8 +39,8 @@ from testbed.errors import ConfigError, QemuExited, StateError, TestbedError
 from testbed.guest.session import GuestSession
 from testbed.host.foreign import ForeignBackend
 from testbed.machine.cmdline import root_port_id
+from testbed.machine.guest import GuestMachine
 from testbed.machine.profiles import profile_for
-from testbed.machine.qemu import GuestMachine
 from testbed.profile import phase
 from testbed.resource import Closeable
 from testbed.serving import Serving, restart, serve
@@ -252,11 +252,7 @@ class Devices(Closeable):
             return self._unplug(plugged, timeout, disconnect_timeout, guest_ejects)
 
     def _unplug(
-        self,
-        plugged: PluggedDevice,
-        timeout: float,
-        disconnect_timeout: float,
-        guest_ejects: bool,
+        self, plugged: PluggedDevice, timeout: float, disconnect_timeout: float, guest_ejects: bool
     ) -> UnplugResult:
         machine, guest = self._attached("unplug")
         if plugged not in self.plugged or not plugged.hot or plugged.bdf is None:

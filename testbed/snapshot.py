@@ -37,7 +37,8 @@ from pathlib import Path
 from testbed.booting import boot_to_ssh
 from testbed.images import GuestImage
 from testbed.machine.cmdline import MachineConfig, build_command
-from testbed.machine.qemu import GuestMachine, QemuMachine, free_tcp_port
+from testbed.machine.guest import GuestMachine
+from testbed.machine.qemu import QemuMachine, free_tcp_port
 from testbed.paths import cache_dir, make_private_dir, remove_tree
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,7 @@ def snapshot_key(config: MachineConfig, qemu: str) -> str:
         incoming=None,
     )
     payload = json.dumps(
-        {"format": SNAPSHOT_FORMAT, "qemu": qemu, "argv": build_command(neutral)},
-        sort_keys=True,
+        {"format": SNAPSHOT_FORMAT, "qemu": qemu, "argv": build_command(neutral)}, sort_keys=True
     )
     return f"{config.arch}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 

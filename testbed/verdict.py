@@ -24,8 +24,7 @@ from testbed.guest.pci import VirtioShmCap
 SHM_BAR = limits.SHM_BAR
 # Lines of dmesg that explain why the kernel left a BAR without an address.
 _BAR_DMESG = re.compile(
-    r"(BAR 4|bridge window|no space for|failed to assign|can't assign|64bit mmio)",
-    re.IGNORECASE,
+    r"(BAR 4|bridge window|no space for|failed to assign|can't assign|64bit mmio)", re.IGNORECASE
 )
 
 

@@ -36,7 +36,8 @@ from testbed.host.accel import AccelChoice, choose_accel
 from testbed.host.qemu import QemuBinary, resolve_qemu
 from testbed.images import GuestImage, ensure_image
 from testbed.machine.cmdline import MachineConfig, root_slots
-from testbed.machine.qemu import GuestMachine, free_tcp_port
+from testbed.machine.guest import GuestMachine
+from testbed.machine.qemu import free_tcp_port
 from testbed.paths import make_private_dir, remove_tree, sanitize
 from testbed.plugging import Devices, PluggedDevice, UnplugResult
 from testbed.profile import phase
@@ -269,14 +270,6 @@ class GuestVM:
         """Reset the machine and log in again once the guest is back (testbed.booting)."""
         assert self.machine is not None and self.image is not None
         self.guest.reconnected(reboot(self.machine, self.image, self.options.boot_timeout))
-
-    def save_state(self, path: Path) -> None:
-        """Save the guest to ``path`` (testbed.snapshot); its SSH session is closed first,
-        since a restored guest must not hold a connection to a QEMU that is gone."""
-        if self.machine is None:
-            raise StateError("not started", "started", "save_state")
-        self.guest.ssh.close()
-        snapshot.save(self.machine, path)
 
     # -- the guest -------------------------------------------------------------------------
 

@@ -22,8 +22,9 @@ from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.probe import parse_mtree_shmem, pci_bar, probe_shmem_support
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend, DisconnectKind
+from testbed.vhost_user.codes import BackendRequest, Request
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import U64, BackendRequest, Header, MMap, Request
+from testbed.vhost_user.protocol import U64, Header, MMap
 from testbed.vhost_user.shmem import Memfd
 from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, TO_QEMU
 from testbed.virtio import DEVICE_STATUS

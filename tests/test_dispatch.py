@@ -14,6 +14,7 @@ from testbed.device import ShmemLayout
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.backend.offer import BASE_PROTOCOL_FEATURES, DEVICE_FEATURES
+from testbed.vhost_user.codes import ProtocolFeature, Request
 from testbed.vhost_user.connection import connect
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
@@ -23,8 +24,6 @@ from testbed.vhost_user.protocol import (
     MemoryRegion,
     MemoryTable,
     Payload,
-    ProtocolFeature,
-    Request,
     ShMemConfig,
     VringFile,
     VringState,

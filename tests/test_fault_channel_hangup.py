@@ -15,9 +15,10 @@ from testbed.errors import PeerClosed
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.backend.offer import BASE_PROTOCOL_FEATURES
+from testbed.vhost_user.codes import ProtocolFeature, Request
 from testbed.vhost_user.connection import Connection, connect
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import U64, Header, ProtocolFeature, Request
+from testbed.vhost_user.protocol import U64, Header
 
 TIMEOUT = 10.0
 OFFER = int(BASE_PROTOCOL_FEATURES | ProtocolFeature.SHMEM)

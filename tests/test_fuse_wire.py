@@ -182,11 +182,11 @@ def test_dirent_round_trip(ino: int, off: int, dtype: int, name: bytes) -> None:
     dirent = Dirent(ino, off, dtype, name)
     packed = dirent.pack()
     assert len(packed) % 8 == 0 and len(packed) == Dirent.size_for(name)
-    assert structs.parse_dirents(packed + packed) == [dirent, dirent]
+    assert structs.parse_listing(packed + packed, Dirent) == [dirent, dirent]
     entry = EntryOut(ino, 0, 0, 0, 0, 0, Attr(ino, *[0] * 14))
     plus = Direntplus(entry, dirent)
     assert len(plus.pack()) == Direntplus.size_for(name)
-    assert structs.parse_direntplus(plus.pack()) == [plus]
+    assert structs.parse_listing(plus.pack(), Direntplus) == [plus]
 
 
 @pytest.mark.parametrize(("namelen", "size"), [(1, 32), (8, 32), (9, 40), (16, 40), (17, 48)])
@@ -326,6 +326,7 @@ def test_decoder_fuzzed_past_the_header(opcode: int, body: bytes, extlen: int) -
 @settings(max_examples=300)
 @given(st.binary(max_size=300))
 def test_dirent_parsers_never_raise_anything_else(data: bytes) -> None:
-    for parse in (structs.parse_dirents, structs.parse_direntplus):
-        with contextlib.suppress(FuseProtocolError):
-            parse(data)
+    with contextlib.suppress(FuseProtocolError):
+        structs.parse_listing(data, Dirent)
+    with contextlib.suppress(FuseProtocolError):
+        structs.parse_listing(data, Direntplus)

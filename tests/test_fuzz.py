@@ -34,14 +34,13 @@ from testbed.host.qemu import resolve_qemu
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.codes import BackendRequest, Request
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     VERSION,
-    BackendRequest,
     MemoryRegion,
     MemoryTable,
     MMap,
-    Request,
     VringFile,
     VringState,
 )

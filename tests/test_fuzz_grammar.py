@@ -29,7 +29,7 @@ from testbed.fuzz.oracle import MapModel
 from testbed.fuzz.player import fd_kind
 from testbed.fuzz.result import Observation, PlayResult
 from testbed.fuzz.triage import ddmin, draft_entry, evidence, findings, slug
-from testbed.vhost_user.protocol import BackendRequest
+from testbed.vhost_user.codes import BackendRequest
 from testbed.waiting import Deadline
 
 M = 1 << 20

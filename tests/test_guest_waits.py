@@ -9,9 +9,9 @@ from pathlib import Path
 
 from testbed.guest.waits import (
     dmesg_condition,
+    function_gone_condition,
+    new_function_condition,
     virtio_driver_condition,
-    wait_for_function_script,
-    wait_gone_script,
     wait_script,
 )
 
@@ -41,7 +41,8 @@ def test_wait_script_gives_up_or_reports_what_it_found(tmp_path: Path) -> None:
 
 def test_wait_for_a_new_bound_function(tmp_path: Path) -> None:
     def script(known: list[str], timeout: float = 0.1) -> str:
-        return wait_for_function_script(0x105A, known, timeout, root=str(tmp_path), sleep=SLEEP)
+        condition = new_function_condition(0x105A, known, root=str(tmp_path))
+        return wait_script(condition, timeout, sleep=SLEEP)
 
     _fake_function(tmp_path, "0000:00:02.0", "0x1041", driver=True)  # the NIC
     assert _run(script([]))[0] == 1  # no test device at all: gives up
@@ -56,7 +57,7 @@ def test_wait_for_a_new_bound_function(tmp_path: Path) -> None:
 
 def test_wait_for_a_function_to_go(tmp_path: Path) -> None:
     _fake_function(tmp_path, "0000:01:00.0", "0x105a", driver=True)
-    gone = wait_gone_script("0000:01:00.0", 0.1, root=str(tmp_path), sleep=SLEEP)
+    gone = wait_script(function_gone_condition("0000:01:00.0", str(tmp_path)), 0.1, sleep=SLEEP)
     assert _run(gone)[0] == 1
     (tmp_path / "0000:01:00.0" / "driver").unlink()
     (tmp_path / "0000:01:00.0" / "device").unlink()

@@ -16,28 +16,24 @@ from testbed.device import ShmemLayout
 from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, WaitTimeout
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend, DisconnectKind
+from testbed.vhost_user.codes import F_SHMEM, BackendRequest, ProtocolFeature, Request, request_name
 from testbed.vhost_user.connection import Connection, Message, OwnedFd, connect
 from testbed.vhost_user.protocol import (
-    F_SHMEM,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     HEADER_SIZE,
     U64,
-    BackendRequest,
     ConfigSpace,
     Header,
     MemoryRegion,
     MemoryTable,
     MMap,
-    ProtocolFeature,
-    Request,
     ShMemConfig,
     SingleMemRegion,
     VringAddr,
     VringFile,
     VringState,
     decode_payload,
-    request_name,
 )
 from testbed.vhost_user.trace import FROM_QEMU, Trace
 

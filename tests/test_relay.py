@@ -23,15 +23,10 @@ from testbed.machine.probe import pci_bar
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.codes import ProtocolFeature, Request
 from testbed.vhost_user.connection import Listener
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import (
-    REPLY_REQUESTS,
-    U64,
-    Header,
-    ProtocolFeature,
-    Request,
-)
+from testbed.vhost_user.protocol import REPLY_REQUESTS, U64, Header
 from testbed.vhost_user.relay import Relay
 from testbed.vhost_user.rules import (
     OLD_SHMEM_DETAIL,

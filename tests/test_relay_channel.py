@@ -19,8 +19,9 @@ import pytest
 from testbed.errors import PeerClosed
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user import connection as conn_mod
+from testbed.vhost_user.codes import Request
 from testbed.vhost_user.connection import Connection, Listener
-from testbed.vhost_user.protocol import U64, Header, Request
+from testbed.vhost_user.protocol import U64, Header
 from testbed.vhost_user.relay import Relay
 
 TIMEOUT = 20.0

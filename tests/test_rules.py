@@ -6,17 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.vhost_user.protocol import (
-    FLAG_REPLY,
-    U64,
-    VERSION,
-    BackendRequest,
-    Header,
-    MMap,
-    ProtocolFeature,
-    Request,
-    ShMemConfig,
-)
+from testbed.vhost_user.codes import BackendRequest, ProtocolFeature, Request
+from testbed.vhost_user.protocol import FLAG_REPLY, U64, VERSION, Header, MMap, ShMemConfig
 from testbed.vhost_user.rules import (
     OLD_SHMEM_DETAIL,
     SHMEM,

@@ -10,8 +10,9 @@ from testbed.device import ShmemLayout
 from testbed.errors import ConfigError
 from testbed.limits import PAGE_SIZE
 from testbed.vhost_user.backend import offer
+from testbed.vhost_user.codes import Request
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import SHMEM_CONFIG_SIZE, Request, ShMemConfig
+from testbed.vhost_user.protocol import SHMEM_CONFIG_SIZE, ShMemConfig
 from testbed.vhost_user.shmem import Memfd
 
 M = 1 << 20

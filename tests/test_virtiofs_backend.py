@@ -18,20 +18,17 @@ from virtiofs_driver import FsQueue, Requests, make_share
 
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend, Violation
+from testbed.vhost_user.codes import BackendRequest, ProtocolFeature, Request, VhostUserFeature
 from testbed.vhost_user.connection import Connection, Message, connect
 from testbed.vhost_user.devices import VirtioFsDevice
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.memory import MappedMemory
 from testbed.vhost_user.protocol import (
     U64,
-    BackendRequest,
     Header,
     MemoryRegion,
     MemoryTable,
     MMap,
-    ProtocolFeature,
-    Request,
-    VhostUserFeature,
     VringAddr,
     VringFile,
     VringState,

@@ -25,9 +25,9 @@ from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.qtest import PciFunctionDriver, QtestClient
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.codes import Request as VhostRequest
 from testbed.vhost_user.devices import VirtioFsDevice
 from testbed.vhost_user.devices.fs import CONFIG_SIZE, VIRTIO_ID_FS
-from testbed.vhost_user.protocol import Request as VhostRequest
 from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, CHANNEL_TO_QEMU, QUEUE_REPLY, QUEUE_REQUEST
 from testbed.vhost_user.virtqueue import RingLayout
 from testbed.virtio import F_VERSION_1, QueueSetup

@@ -20,10 +20,10 @@ from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.qtest import PciFunctionDriver
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.codes import Request
 from testbed.vhost_user.devices import PmemDevice
 from testbed.vhost_user.devices.pmem import F_SHMEM_REGION, VIRTIO_ID_PMEM
 from testbed.vhost_user.driver_ring import DriverQueue, Used
-from testbed.vhost_user.protocol import Request
 from testbed.vhost_user.trace import (
     CHANNEL_FROM_QEMU,
     CHANNEL_TO_QEMU,

@@ -14,6 +14,7 @@ from testbed.device import ShmemLayout
 from testbed.errors import ConfigError
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.codes import ProtocolFeature, Request, VhostUserFeature
 from testbed.vhost_user.connection import Connection, Message, connect
 from testbed.vhost_user.devices import PmemDevice
 from testbed.vhost_user.driver_ring import DriverQueue, Used
@@ -24,9 +25,6 @@ from testbed.vhost_user.protocol import (
     Header,
     MemoryRegion,
     MemoryTable,
-    ProtocolFeature,
-    Request,
-    VhostUserFeature,
     VringAddr,
     VringFile,
     VringState,

@@ -14,8 +14,8 @@ from testbed.errors import ConfigError
 from testbed.machine.cmdline import attach_options
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.codes import F_SHMEM
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import F_SHMEM
 from testbed.vhost_user.trace import TraceEntry
 
 

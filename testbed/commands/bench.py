@@ -45,7 +45,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     options = BenchOptions(
         output=(args.output or results_dir()).resolve(),
         runs=args.runs,

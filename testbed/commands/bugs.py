@@ -77,7 +77,6 @@ def register(sub: Any) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-
     bugs = list(registry().values())
     if args.json:
         print(json.dumps([b.to_json() for b in bugs], indent=2))
@@ -95,7 +94,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-
     if "::" not in args.nodeid:
         raise ConfigError(f"{args.nodeid!r} is not a pytest node id (path::test[params])")
     result = rerun_scenario(args.nodeid, args.pytest_arg)
@@ -105,7 +103,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 def _qemus(arches: list[str], explicit: str | None) -> dict[str, tuple[Path, str]]:
     """arch -> (binary, version), resolved as everywhere else (--qemu beats the rest)."""
-
     resolved = {}
     for arch in arches:
         binary = resolve_qemu(arch, explicit)
@@ -114,7 +111,6 @@ def _qemus(arches: list[str], explicit: str | None) -> dict[str, tuple[Path, str
 
 
 def run_check(args: argparse.Namespace) -> int:
-
     quiet_qmp_logs()
     select(args.ids)  # unknown ids fail before any QEMU starts
     arches = list(ARCHES) if args.arch == "all" else [args.arch]
@@ -129,7 +125,6 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-
     quiet_qmp_logs()
     bug = lookup(args.id)
     arch = args.arch or bug.arches[0]

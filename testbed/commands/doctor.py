@@ -28,7 +28,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     report = doctor.collect(
         {arch: explicit_qemu(args, arch) for arch in ARCHES}, shmem_probe=args.shmem_probe
     )

@@ -26,7 +26,6 @@ def _add_kernel_option(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def register(sub: Any) -> None:
-
     parser = sub.add_parser(
         "images",
         help="build or show the guest images (Debian packages, no root)",
@@ -58,7 +57,6 @@ def _progress(line: str) -> None:
 
 
 def _kernels(arch: str, choice: str) -> tuple[str, ...]:
-
     names = kernel_names(arch)
     if choice == "all":
         return names
@@ -71,7 +69,6 @@ def _kernels(arch: str, choice: str) -> tuple[str, ...]:
 
 
 def run_build(args: argparse.Namespace) -> int:
-
     arches = ARCHES if args.arch == "all" else (args.arch,)
     for arch in arches:
         for name in _kernels(arch, args.kernel):
@@ -86,7 +83,6 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-
     images = []
     for name in _kernels(args.arch, args.kernel):
         image = load_image(args.arch, name)

@@ -34,7 +34,6 @@ def register(sub: Any) -> None:
 
 
 def run_provision(args: argparse.Namespace) -> int:
-
     paths = provision(log=print, install_missing=args.install_missing)
     for arch, path in paths.items():
         print(f"{arch}: {path}")
@@ -42,7 +41,6 @@ def run_provision(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-
     out: dict[str, Any] = {"qemu": {}, "provisioned": None}
     failed = False
     for arch in ARCHES:

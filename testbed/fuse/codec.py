@@ -42,12 +42,7 @@ from testbed.fuse.structs import (
     SetupmappingIn,
     WriteIn,
 )
-from testbed.fuse.wire import (
-    InHeader,
-    Opcode,
-    OutHeader,
-    check_len,
-)
+from testbed.fuse.wire import InHeader, Opcode, OutHeader, check_len
 
 IN_HEADER_SIZE = InHeader.FORMAT.size  # 40
 OUT_HEADER_SIZE = OutHeader.FORMAT.size  # 16
@@ -339,9 +334,7 @@ class FuseRequest:
         if len(self.extensions) % 8:
             raise FuseProtocolError("extensions are not a multiple of 8 bytes", self.extensions)
         header = replace(
-            self.header,
-            len=IN_HEADER_SIZE + len(body),
-            total_extlen=len(self.extensions) // 8,
+            self.header, len=IN_HEADER_SIZE + len(body), total_extlen=len(self.extensions) // 8
         )
         return header.pack() + body
 

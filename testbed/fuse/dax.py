@@ -133,8 +133,7 @@ class MappingTable:
 
     def overlapping(self, moffset: int, length: int) -> list[LiveMapping]:
         return sorted(
-            (m for m in self._live.values() if m.overlaps(moffset, length)),
-            key=lambda m: m.moffset,
+            (m for m in self._live.values() if m.overlaps(moffset, length)), key=lambda m: m.moffset
         )
 
     def covered(self, moffset: int, length: int) -> list[LiveMapping] | None:

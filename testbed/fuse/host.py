@@ -20,14 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from testbed.errors import ConfigError, HostCapabilityError
-from testbed.fuse.structs import (
-    Attr,
-    Kstatfs,
-)
-from testbed.fuse.wire import (
-    ATTR_DAX,
-    ROOT_ID,
-)
+from testbed.fuse.structs import Attr, Kstatfs
+from testbed.fuse.wire import ATTR_DAX, ROOT_ID
 from testbed.resource import Closeable
 
 # Open flags as the guest sends them (fuse_open_in.flags, fuse_create_in.flags): the
@@ -170,10 +164,6 @@ class HostFs(Closeable):
         except KeyError:
             raise OSError(errno.ESTALE, f"no node {nodeid}") from None
 
-    @property
-    def node_count(self) -> int:
-        return len(self._nodes)
-
     def _adopt(self, fd: int) -> tuple[Node, os.stat_result]:
         """Take an O_PATH fd: the node for its inode (one more lookup), and its stat."""
         try:
@@ -251,10 +241,6 @@ class HostFs(Closeable):
         if found is None or found.is_dir != is_dir:
             raise OSError(errno.EBADF, f"no {'directory' if is_dir else 'file'} handle {fh}")
         return found
-
-    @property
-    def handle_count(self) -> int:
-        return len(self._handles)
 
     def open(self, nodeid: int, flags: int) -> Handle:
         node = self.node(nodeid)

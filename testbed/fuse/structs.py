@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Self
+from typing import ClassVar, Self, TypeVar
 
 from testbed.errors import FuseProtocolError
-from testbed.fuse.wire import INIT_EXT_MINOR, NAME_MAX, InitFlag, Struct, align8, check_len
+from testbed.fuse.wire import INIT_EXT_MINOR, NAME_MAX, InitFlag, Struct, align8
 
 
 @dataclass(frozen=True)
@@ -51,21 +51,8 @@ class EntryOut(Struct):
 
     FORMAT = struct.Struct("<QQQQII")
     NAME = "fuse_entry_out"
+    TAIL = Attr
     SIZE: ClassVar[int] = FORMAT.size + Attr.FORMAT.size  # 128
-
-    def pack(self) -> bytes:
-        head = EntryOut.FORMAT
-        try:
-            return head.pack(*self._values()[:-1]) + self.attr.pack()
-        except struct.error as exc:
-            raise FuseProtocolError(f"{self.NAME} {self}: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        check_len(cls.NAME, data, cls.SIZE)
-        nodeid, gen, entry_valid, attr_valid, entry_nsec, attr_nsec = cls.FORMAT.unpack_from(data)
-        attr = Attr.unpack(data[cls.FORMAT.size :])
-        return cls(nodeid, gen, entry_valid, attr_valid, entry_nsec, attr_nsec, attr)
 
 
 @dataclass(frozen=True)
@@ -76,19 +63,8 @@ class AttrOut(Struct):
 
     FORMAT = struct.Struct("<QI4x")
     NAME = "fuse_attr_out"
+    TAIL = Attr
     SIZE: ClassVar[int] = FORMAT.size + Attr.FORMAT.size  # 104
-
-    def pack(self) -> bytes:
-        try:
-            return self.FORMAT.pack(self.attr_valid, self.attr_valid_nsec) + self.attr.pack()
-        except struct.error as exc:
-            raise FuseProtocolError(f"{self.NAME} {self}: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        check_len(cls.NAME, data, cls.SIZE)
-        valid, nsec = cls.FORMAT.unpack_from(data)
-        return cls(valid, nsec, Attr.unpack(data[cls.FORMAT.size :]))
 
 
 @dataclass(frozen=True)
@@ -452,21 +428,14 @@ class Direntplus:
         return cls(entry, dirent), end
 
 
-def parse_dirents(data: bytes) -> list[Dirent]:
-    """A READDIR reply's payload, entry by entry."""
-    out: list[Dirent] = []
-    offset = 0
-    while offset < len(data):
-        entry, offset = Dirent.unpack_from(data, offset)
-        out.append(entry)
-    return out
+E = TypeVar("E", Dirent, Direntplus)
 
 
-def parse_direntplus(data: bytes) -> list[Direntplus]:
-    """A READDIRPLUS reply's payload, entry by entry."""
-    out: list[Direntplus] = []
+def parse_listing(data: bytes, kind: type[E]) -> list[E]:
+    """A READDIR (``Dirent``) or READDIRPLUS (``Direntplus``) reply's payload, entry by entry."""
+    out: list[E] = []
     offset = 0
     while offset < len(data):
-        entry, offset = Direntplus.unpack_from(data, offset)
+        entry, offset = kind.unpack_from(data, offset)
         out.append(entry)
     return out

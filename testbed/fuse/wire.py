@@ -205,24 +205,31 @@ def check_len(what: str, data: bytes, expected: int) -> None:
 
 
 class Struct:
-    """A flat uapi struct: FORMAT's non-pad fields are the dataclass fields, in order."""
+    """A flat uapi struct: FORMAT's non-pad fields are the dataclass fields, in order. One
+    that ends in another struct (``TAIL``: fuse_entry_out's fuse_attr) has it as its last
+    field, after FORMAT's."""
 
     FORMAT: ClassVar[struct.Struct]
     NAME: ClassVar[str]
-
-    def _values(self) -> list[Any]:
-        return [getattr(self, f.name) for f in fields(self)]  # type: ignore[arg-type]
+    TAIL: ClassVar[type[Struct] | None] = None
 
     def pack(self) -> bytes:
+        values: list[Any] = [getattr(self, f.name) for f in fields(self)]  # type: ignore[arg-type]
+        tail = values.pop() if self.TAIL is not None else None
         try:
-            return self.FORMAT.pack(*self._values())
+            head = self.FORMAT.pack(*values)
         except struct.error as exc:
             raise FuseProtocolError(f"{self.NAME} {self}: {exc}") from exc
+        return head if tail is None else head + tail.pack()
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:
-        check_len(cls.NAME, data, cls.FORMAT.size)
-        return cls(*cls.FORMAT.unpack(data))
+        if cls.TAIL is None:
+            check_len(cls.NAME, data, cls.FORMAT.size)
+            return cls(*cls.FORMAT.unpack(data))
+        check_len(cls.NAME, data, cls.FORMAT.size + cls.TAIL.FORMAT.size)
+        values = [*cls.FORMAT.unpack_from(data), cls.TAIL.unpack(data[cls.FORMAT.size :])]
+        return cls(*values)
 
 
 @dataclass(frozen=True)

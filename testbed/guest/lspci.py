@@ -55,12 +55,6 @@ class LspciDevice:
     virtio_cap_types: list[str] = field(default_factory=list)
     virtio_shm_caps: list[VirtioShmCap] = field(default_factory=list)
 
-    def shm_cap(self, shmid: int) -> VirtioShmCap | None:
-        for cap in self.virtio_shm_caps:
-            if cap.shmid == shmid:
-                return cap
-        return None
-
 
 def normalize_bdf(bdf: str) -> str:
     return bdf if bdf.count(":") == 2 else f"0000:{bdf}"

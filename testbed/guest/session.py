@@ -18,6 +18,7 @@ from testbed.guest.ssh import CommandResult, SSHSession
 from testbed.guest.waits import (
     SYSFS_PCI_DEVICES,
     dmesg_condition,
+    function_gone_condition,
     new_function_condition,
     virtio_driver_condition,
     virtio_driver_show,
@@ -156,7 +157,7 @@ class GuestSession:
 
     def wait_function_gone(self, bdf: str, timeout: float) -> None:
         self.wait_in_guest(
-            f"[ ! -e {SYSFS_PCI_DEVICES}/{bdf} ]",
+            function_gone_condition(bdf),
             f"{bdf} leaving the guest",
             timeout=timeout,
             show=f"echo {SYSFS_PCI_DEVICES}/*",

@@ -36,11 +36,7 @@ CHUNK = 65536
 
 # Errors of a guest that is not listening yet: QEMU's user-net accepts the TCP connection
 # and resets it until dropbear listens, which paramiko reports in several ways.
-_NOT_YET = (
-    paramiko.SSHException,
-    EOFError,
-    OSError,
-)
+_NOT_YET = (paramiko.SSHException, EOFError, OSError)
 
 
 def open_tcp(host: str, port: int, timeout: float) -> socket.socket:

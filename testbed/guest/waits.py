@@ -25,12 +25,7 @@ def _steps(timeout: float, step: float) -> int:
 
 
 def wait_script(
-    condition: str,
-    timeout: float,
-    *,
-    step: float = STEP,
-    then: str = "",
-    sleep: str | None = None,
+    condition: str, timeout: float, *, step: float = STEP, then: str = "", sleep: str | None = None
 ) -> str:
     """A guest script that evaluates ``condition`` (sh; its exit status is the answer)
     every ``step`` s until it holds, then runs ``then`` (which may print what was found)
@@ -59,24 +54,9 @@ def new_function_condition(device_id: int, known: Sequence[str], root: str) -> s
     )
 
 
-def wait_for_function_script(
-    device_id: int,
-    known: Sequence[str],
-    timeout: float,
-    *,
-    root: str = SYSFS_PCI_DEVICES,
-    sleep: str | None = None,
-) -> str:
-    """Prints the BDF and exits 0 once a new function with ``device_id`` has a driver
-    (see new_function_condition), or exits 1 after about ``timeout`` s."""
-    return wait_script(new_function_condition(device_id, known, root), timeout, sleep=sleep)
-
-
-def wait_gone_script(
-    bdf: str, timeout: float, *, root: str = SYSFS_PCI_DEVICES, sleep: str | None = None
-) -> str:
-    """Exits 0 once ``bdf`` is no longer listed, or 1 after about ``timeout`` s."""
-    return wait_script(f"[ ! -e {root}/{bdf} ]", timeout, sleep=sleep)
+def function_gone_condition(bdf: str, root: str = SYSFS_PCI_DEVICES) -> str:
+    """Holds once PCI function ``bdf`` is no longer listed."""
+    return f"[ ! -e {root}/{bdf} ]"
 
 
 def virtio_driver_condition(bdf: str, driver: str, root: str = SYSFS_PCI_DEVICES) -> str:

@@ -127,7 +127,6 @@ def probe_cache_key(kernel_release: str, modules: tuple[str, ...], qemu: Path) -
 
 def cached_probe(arch: str, qemu: Path, facts: HostFacts) -> ProbeVerdict:
     """The KVM probe verdict, run once per (kernel release, KVM modules, QEMU path)."""
-
     key = probe_cache_key(platform.release(), facts.kvm_modules, qemu.resolve())
     cache = read_json(_probe_cache())
     hit = cache.get(key)

@@ -22,7 +22,7 @@ from testbed.host import sysroot
 from testbed.host.qemu import host_arch, qemu_root
 from testbed.images import images_root
 from testbed.images.apt import AptState, extract_deb
-from testbed.paths import cache_dir, remove_tree
+from testbed.paths import cache_dir, remove_tree, write_atomic
 
 Log = Callable[[str], None]
 
@@ -48,10 +48,7 @@ def loader_wrapper(binary: Path, sysroot_dir: Path, arch: str) -> str:
 
 def _write_wrapper(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    os.replace(tmp, path)  # atomic: a reader sees the old wrapper or the new one
+    write_atomic(path, text, 0o755)
 
 
 def _sysroot_dir() -> Path:
@@ -80,7 +77,6 @@ def ensure_storage_daemon(log: Log = print) -> Path:
 
 def ensure_virtiofsd(log: Log = print) -> Path:
     """bin/virtiofsd: sid's virtiofsd, fetched and unpacked once, through the loader."""
-
     arch = host_arch()
     base = _sysroot_dir()
     wrapper = backends_root() / "bin" / "virtiofsd"

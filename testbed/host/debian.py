@@ -103,10 +103,7 @@ def install_hint(names: Sequence[str]) -> str:
 
 
 def install(
-    names: Sequence[str],
-    log: Callable[[str], None] = print,
-    *,
-    is_root: bool | None = None,
+    names: Sequence[str], log: Callable[[str], None] = print, *, is_root: bool | None = None
 ) -> None:
     """Install Debian packages as root (apt-get update first when lists are missing).
 

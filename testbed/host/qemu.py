@@ -18,7 +18,6 @@ import datetime
 import fcntl
 import gzip
 import json
-import logging
 import os
 import platform
 import re
@@ -40,10 +39,8 @@ from testbed.errors import (
 )
 from testbed.host import debian, sysroot
 from testbed.machine import probe
-from testbed.paths import cache_dir, remove_tree
+from testbed.paths import cache_dir, remove_tree, write_atomic
 from testbed.waiting import wait_until
-
-log_ = logging.getLogger(__name__)
 
 ARCHES = ("x86_64", "aarch64")
 MIN_VERSION = (11, 1, 0)
@@ -164,10 +161,7 @@ class Candidate:
 
 
 def candidates_for(
-    arch: str,
-    explicit: str | None,
-    environ: Mapping[str, str],
-    provisioned: Path,
+    arch: str, explicit: str | None, environ: Mapping[str, str], provisioned: Path
 ) -> list[Candidate]:
     """The binaries to try, in order (pure: environ and provisioned path are injected).
 
@@ -195,9 +189,7 @@ def candidates_for(
 
 
 def choose_qemu(
-    arch: str,
-    candidates: Sequence[Candidate],
-    probe: Callable[[Path], QemuFacts],
+    arch: str, candidates: Sequence[Candidate], probe: Callable[[Path], QemuFacts]
 ) -> QemuBinary:
     """The first suitable candidate; probes lazily, in order. Pure apart from ``probe``.
 
@@ -267,15 +259,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON next to ``path`` and rename it in place, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def probe_qemu(path: Path, *, use_cache: bool = True, timeout: float = PROBE_TIMEOUT) -> QemuFacts:
@@ -414,20 +398,14 @@ def _write_wrappers_and_stamp(root: Path, arch: str, *, adopted: bool) -> sysroo
     bindir = root / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
     for name, binary in sysroot.WRAPPED.items():
-        target = bindir / name
-        tmp = bindir / f".{name}.tmp"
-        tmp.write_text(sysroot.wrapper_script(binary, arch))
-        tmp.chmod(0o755)
-        os.replace(tmp, target)
+        write_atomic(bindir / name, sysroot.wrapper_script(binary, arch), 0o755)
     stamp = sysroot.Stamp(
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         host_arch=arch,
         packages=package_versions(root / "sysroot"),
         adopted=adopted,
     )
-    tmp_stamp = root / ".stamp.json.tmp"
-    tmp_stamp.write_text(stamp.to_json())
-    os.replace(tmp_stamp, root / "stamp.json")  # last: the stamp means "complete"
+    write_atomic(root / "stamp.json", stamp.to_json(), 0o644)  # last: it means "complete"
     return stamp
 
 
@@ -500,7 +478,6 @@ def _describe(stamp: sysroot.Stamp) -> str:
 
 
 def _build(root: Path, arch: str, log: Log, install_missing: bool) -> None:
-
     if install_missing:
         debian.ensure_installed(log)
     mmdebstrap = shutil.which("mmdebstrap")

@@ -71,9 +71,7 @@ def softdep_candidates(name: str) -> list[str]:
 
 
 def load_order(
-    wanted: Sequence[str],
-    depends: Mapping[str, Sequence[str]],
-    builtin: Iterable[str] = (),
+    wanted: Sequence[str], depends: Mapping[str, Sequence[str]], builtin: Iterable[str] = ()
 ) -> list[str]:
     """Modules to insmod, dependencies first, for `wanted` and everything they need.
 

@@ -77,10 +77,7 @@ def _align(buf: bytearray, n: int) -> int:
 
 
 def stub_library(
-    arch: str,
-    soname: str,
-    symbols: Mapping[str, Iterable[str]],
-    non_null: Iterable[str] = (),
+    arch: str, soname: str, symbols: Mapping[str, Iterable[str]], non_null: Iterable[str] = ()
 ) -> bytes:
     """An ELF shared object named `soname` defining `symbols` (version -> names)."""
     if arch not in _ARCH:

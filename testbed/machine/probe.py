@@ -27,8 +27,8 @@ from testbed.machine.qemu import QemuMachine, QemuRun, run_to_exit
 from testbed.machine.qtest import QtestMachine
 from testbed.paths import make_private_dir, remove_tree
 from testbed.vhost_user.backend import Backend
+from testbed.vhost_user.codes import Request
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import Request
 
 # -- the binary: version and device types -----------------------------------------------------
 

@@ -1,16 +1,17 @@
 """The one QEMU driver: launch, QMP, logs, events, shutdown and teardown of every QEMU.
 
 `QemuMachine` owns one QEMU process and everything attached to it: the argv (a subclass
-supplies it through `_command`, from testbed.machine.cmdline), the launch, the QMP
-connection and its event-loop thread, the logs and the sockets. QEMU *dials* our listening
-sockets (QMP, and qtest for QtestMachine): no polling for QEMU's socket to appear, and a QEMU
-that dies before connecting is noticed at once. `close()` is idempotent and kills whatever is
-left, so a machine used as a context manager never outlives its block.
+supplies it through `_command`, from testbed.machine.cmdline), the launch, the QMP link
+(testbed.machine.qmp), the logs and the sockets. QEMU *dials* our listening sockets (QMP,
+and qtest for QtestMachine): no polling for QEMU's socket to appear, and a QEMU that dies
+before connecting is noticed at once. `close()` is idempotent and kills whatever is left,
+so a machine used as a context manager never outlives its block.
 
-Flavours: `GuestMachine` (here: a guest booted from a MachineConfig, with its console and
-the ssh port forward), `QtestMachine` (testbed.machine.qtest: no guest) and the capability
-probes (testbed.machine.probe). `run_to_exit` runs a QEMU that ends by itself (`-version`, a
-probe payload) through the same launcher; nothing else in the test bed starts QEMU.
+Flavours: `GuestMachine` (testbed.machine.guest: a guest booted from a MachineConfig, with
+its console and the ssh port forward), `QtestMachine` (testbed.machine.qtest: no guest) and
+the capability probes (testbed.machine.probe). `run_to_exit` runs a QEMU that ends by itself
+(`-version`, a probe payload) through the same launcher; nothing else in the test bed starts
+QEMU.
 
 Logs, all in `logdir`: qemu-cmdline.txt, qemu-stderr.log, qmp.log (JSON lines: every command,
 response and event), and console.log for a guest.
@@ -18,11 +19,9 @@ response and event), and console.log for a guest.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import enum
-import json
 import logging
 import re
 import select
@@ -30,15 +29,13 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Self, TypeVar
+from typing import IO, Any, Self
 
-from qemu.qmp import ExecuteError, QMPClient
-from qemu.qmp.message import Message
+from qemu.qmp import ExecuteError
 
 from testbed.errors import (
-    ConsoleFailure,
     HostCapabilityError,
     QemuExited,
     QmpCommandFailed,
@@ -46,7 +43,8 @@ from testbed.errors import (
     TestbedError,
     WaitTimeout,
 )
-from testbed.machine.cmdline import MachineConfig, build_command, format_command
+from testbed.machine.cmdline import format_command
+from testbed.machine.qmp import QmpLink
 from testbed.paths import make_private_dir, remove_tree
 from testbed.process import kill, launch
 from testbed.profile import phase
@@ -55,19 +53,6 @@ from testbed.waiting import wait_steps, wait_until
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-DEFAULT_FAILURE_PATTERNS: tuple[str, ...] = (
-    "Kernel panic",
-    "end Kernel panic",
-    "Oops:",
-    "BUG: ",
-    "testbed-init: FATAL",
-)
-"""Console text that means the guest is lost: waits fail at once instead of timing out."""
-
-HOSTFWD_CLASH = "Could not set up host forwarding rule"
-PORT_ATTEMPTS = 4
 POLL_INTERVAL = 0.02
 MIGRATION_ENDS = frozenset({"completed", "failed", "cancelled"})
 TAIL_LINES = 20
@@ -159,39 +144,6 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def _data_matches(data: Any, match: Mapping[str, Any]) -> bool:
-    """True when every key of `match` is in `data` with an equal (or recursively matching)
-    value; a frozenset in `match` accepts any of its members."""
-    if not isinstance(data, Mapping):
-        return False
-    for key, want in match.items():
-        if key not in data:
-            return False
-        have = data[key]
-        if isinstance(want, Mapping):
-            if not _data_matches(have, want):
-                return False
-        elif isinstance(want, frozenset):
-            if have not in want:
-                return False
-        elif have != want:
-            return False
-    return True
-
-
-class _RecordingClient(QMPClient):
-    """A QMPClient that hands every event to a callback as it arrives."""
-
-    def __init__(self, name: str, on_event: Callable[[dict[str, Any]], None]) -> None:
-        super().__init__(name)
-        self._on_event = on_event
-
-    async def _event_dispatch(self, msg: Message) -> None:
-        # Not passed on to qemu.qmp's listeners: its default listener would queue every
-        # event forever, as nobody reads it; the machine keeps its own list.
-        self._on_event(dict(msg))
-
-
 class MachineState(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -222,15 +174,8 @@ class QemuMachine(Closeable):
         self._proc: subprocess.Popen[bytes] | None = None
         self._returncode: int | None = None
         self._stderr_file: IO[bytes] | None = None
-        self._qmp_log: IO[str] | None = None
-        self._log_lock = threading.Lock()
         self._listeners: dict[Path, socket.socket] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
-        self._client: _RecordingClient | None = None
-        self._events: list[dict[str, Any]] = []
-        self._consumed: set[int] = set()
-        self._events_cond = threading.Condition()
+        self._qmp = QmpLink()
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -298,7 +243,7 @@ class QemuMachine(Closeable):
                 self._logdir = self._logdir or self.run_dir
                 self._qmp_socket = self._qmp_socket or self.run_dir / "qmp.sock"
             self.logdir.mkdir(parents=True, exist_ok=True)
-            self._qmp_log = self.qmp_log_path.open("a", buffering=1)
+            self._qmp.open_log(self.qmp_log_path)
             self._stderr_file = self.stderr_path.open("ab")
             self._launch_and_connect(deadline)
             self.state = MachineState.RUNNING
@@ -320,15 +265,11 @@ class QemuMachine(Closeable):
             self._proc = proc
 
         launch(argv, stdout=self._stderr_file, stderr=self._stderr_file, on=record)
-        self._ensure_loop()
-        client = _RecordingClient("testbed", self._record_event)
         conn = self._accept(qmp_listener, "QMP", deadline)
         try:
-            self._run(client.connect(conn), timeout=max(0.1, deadline - time.monotonic()))
+            self._qmp.connect(conn, timeout=max(0.1, deadline - time.monotonic()))
         except Exception as exc:  # qemu.qmp's ConnectError, or our timeout: QEMU hung up
-            conn.close()
             raise self._hung_up("negotiating QMP", deadline) from exc
-        self._client = client
 
     def _listen(self, path: Path) -> socket.socket:
         """A listening UNIX socket at ``path`` for QEMU to dial; closed once accepted."""
@@ -348,7 +289,7 @@ class QemuMachine(Closeable):
             max(0.0, deadline - time.monotonic()),
             f"QEMU connecting {what}",
             seen=lambda: f"see {self.stderr_path}",
-            alive=lambda: self._check_alive(f"before connecting {what}"),
+            alive=lambda: self.check_alive(f"before connecting {what}"),
         )
         conn, _ = listener.accept()
         conn.setblocking(True)
@@ -371,28 +312,8 @@ class QemuMachine(Closeable):
             f"QEMU hung up while {doing} but kept running; see {self.stderr_path}"
         )
 
-    def _ensure_loop(self) -> None:
-        if self._loop is not None:
-            return
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="testbed-qmp", daemon=True)
-        thread.start()
-        self._loop, self._loop_thread = loop, thread
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
-        assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result(timeout)
-        except TimeoutError:
-            future.cancel()
-            raise
-
     def check_alive(self, doing: str = "unexpectedly") -> None:
         """Raise QemuExited (with exit status, stderr and console tails) if QEMU is gone."""
-        self._check_alive(doing)
-
-    def _check_alive(self, doing: str) -> None:
         if self._proc is None:
             raise StateError(self.state, MachineState.RUNNING, type(self).__name__)
         error = self._exit_error(doing)
@@ -413,20 +334,6 @@ class QemuMachine(Closeable):
 
     # -- QMP -------------------------------------------------------------------------------
 
-    def _log_qmp(self, direction: str, message: Any) -> None:
-        if self._qmp_log is None:
-            return
-        line = json.dumps({"t": round(time.time(), 6), "dir": direction, "msg": message})
-        with self._log_lock:
-            self._qmp_log.write(line + "\n")
-
-    def _record_event(self, event: dict[str, Any]) -> None:
-        # Runs on the QMP thread.
-        self._log_qmp("event", event)
-        with self._events_cond:
-            self._events.append(event)
-            self._events_cond.notify_all()
-
     def qmp(
         self,
         cmd: str,
@@ -440,29 +347,23 @@ class QemuMachine(Closeable):
         Keywords cannot spell dashed names: pass those in `arguments`.
         Raises QmpCommandFailed when QEMU refuses, QemuExited when QEMU is gone.
         """
-        if self.state is not MachineState.RUNNING or self._client is None:
+        if self.state is not MachineState.RUNNING or not self._qmp.connected:
             raise StateError(self.state, MachineState.RUNNING, f"QMP {cmd}")
         args = {**(arguments or {}), **kwargs}
-        self._log_qmp("->", {"execute": cmd, "arguments": args})
         try:
             with phase(f"QMP {cmd}"):
-                result = self._run(
-                    self._client.execute(cmd, args or None), timeout or self.qmp_timeout
-                )
+                return self._qmp.execute(cmd, args, timeout or self.qmp_timeout)
         except ExecuteError as exc:
-            self._log_qmp("<-", {"error": {"class": exc.error_class, "desc": str(exc)}})
             raise QmpCommandFailed(cmd, args, exc.error_class, str(exc)) from exc
         except TimeoutError as exc:
-            self._check_alive(f"during QMP {cmd}")
+            self.check_alive(f"during QMP {cmd}")
             raise WaitTimeout(
                 f"QMP {cmd} got no answer in {timeout or self.qmp_timeout} s"
             ) from exc
         except Exception as exc:
             self.wait_exited(2.0)
-            self._check_alive(f"during QMP {cmd}")
+            self.check_alive(f"during QMP {cmd}")
             raise TestbedError(f"QMP {cmd} failed: {exc!r}") from exc
-        self._log_qmp("<-", {"return": result})
-        return result
 
     def hmp(self, text: str, timeout: float | None = None) -> str:
         """A human monitor command (`info mtree`, ...) through QMP; returns its output."""
@@ -508,14 +409,13 @@ class QemuMachine(Closeable):
             f"{regex.pattern!r} on QEMU's stderr",
             interval=POLL_INTERVAL,
             seen=lambda: f"see {self.stderr_path}",
-            alive=lambda: self._check_alive(f"while waiting for {regex.pattern!r} on stderr"),
+            alive=lambda: self.check_alive(f"while waiting for {regex.pattern!r} on stderr"),
         )
 
     @property
     def events(self) -> list[dict[str, Any]]:
         """Every QMP event received so far, oldest first (a copy)."""
-        with self._events_cond:
-            return list(self._events)
+        return self._qmp.events
 
     def wait_event(
         self, name: str, timeout: float, match: Mapping[str, Any] | None = None
@@ -525,35 +425,19 @@ class QemuMachine(Closeable):
         Events are collected from start, so one that arrived before this call counts.
         """
 
-        def take(remaining: float) -> dict[str, Any] | None:
-            # Woken by the event itself; at most 0.1 s apart, for QEMU's death.
-            with self._events_cond:
-                for attempt in (1, 2):
-                    for i, event in enumerate(self._events):
-                        if i in self._consumed or event.get("event") != name:
-                            continue
-                        if match and not _data_matches(event.get("data", {}), match):
-                            continue
-                        self._consumed.add(i)
-                        return event
-                    if attempt == 1:
-                        self._events_cond.wait(min(remaining, 0.1))
-            return None
-
-        def seen() -> str:
-            with self._events_cond:
-                names = sorted({str(e.get("event")) for e in self._events})
-            return f"events {', '.join(names) or 'none'}"
-
         def alive() -> None:
             if self.returncode is not None:
-                self._check_alive(f"while waiting for event {name}")
+                self.check_alive(f"while waiting for event {name}")
 
         with phase(f"wait: QMP event {name}"):
             return wait_steps(
-                take, timeout, f"QMP event {name} matching {dict(match or {})}", seen=seen,
+                # Woken by the event itself; at most 0.1 s apart, for QEMU's death.
+                lambda remaining: self._qmp.take_event(name, match, min(remaining, 0.1)),
+                timeout,
+                f"QMP event {name} matching {dict(match or {})}",
+                seen=lambda: f"events {self._qmp.event_names()}",
                 alive=alive,
-            )  # fmt: skip
+            )
 
     # -- QEMU's migration (testbed.snapshot saves and loads guests with it) ------------------
 
@@ -592,18 +476,12 @@ class QemuMachine(Closeable):
         code = self.wait_exited(timeout)
         if code is None:
             raise WaitTimeout(f"QEMU did not exit within {timeout} s after quit")
-        self._disconnect()
+        self._qmp.disconnect()
         if code != 0:
             raise QemuExited(
                 "QEMU exited badly on quit", returncode=code, stderr_tail=tail(self.stderr_text())
             )
         return code
-
-    def _disconnect(self) -> None:
-        if self._client is not None and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._run(self._client.disconnect(), timeout=2.0)
-        self._client = None
 
     def _reap(self) -> None:
         """Kill the process group of QEMU if it is still there and collect its status."""
@@ -620,146 +498,18 @@ class QemuMachine(Closeable):
         # Nested finally: a Ctrl-C or SIGTERM landing in the QMP disconnect (which waits)
         # must still kill QEMU and remove its sockets before it propagates.
         try:
-            self._disconnect()
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                if self._loop_thread is not None:
-                    self._loop_thread.join(5.0)
-                if not self._loop.is_running():
-                    self._loop.close()
-                self._loop = None
+            self._qmp.close()
         finally:
             try:
                 self._reap()
             finally:
                 for listener in list(self._listeners.values()):
                     self._close_listener(listener)
-                for fh in (self._stderr_file, self._qmp_log):
-                    if fh is not None:
-                        fh.close()
-                self._stderr_file = self._qmp_log = None
+                if self._stderr_file is not None:
+                    self._stderr_file.close()
+                    self._stderr_file = None
                 if self._qmp_socket is not None:
                     with contextlib.suppress(FileNotFoundError):
                         self._qmp_socket.unlink()
                 if self.run_dir is not None:
                     remove_tree(self.run_dir)
-
-
-class GuestMachine(QemuMachine):
-    """A guest booted from a MachineConfig: started paused (-S), QMP, then `cont`; its
-    serial console in a file; ssh forwarded to config.ssh_port. ``before_cont`` runs once
-    QMP is up, before `cont` (testbed.snapshot loads a restored guest there)."""
-
-    def __init__(
-        self,
-        config: MachineConfig,
-        logdir: Path,
-        *,
-        qmp_timeout: float = 10.0,
-        port_factory: Callable[[], int] = free_tcp_port,
-        before_cont: Callable[[GuestMachine, float], None] | None = None,
-    ) -> None:
-        super().__init__(logdir, qmp_socket=config.qmp_socket, qmp_timeout=qmp_timeout)
-        self.config = config
-        self._port_factory = port_factory
-        self.before_cont = before_cont
-        self._console_buf = ""
-        self._console_read = 0  # bytes of console.log consumed into _console_buf
-        self._console_cursor = 0  # chars of _console_buf already matched by wait_console
-
-    @property
-    def ssh_port(self) -> int:
-        return self.config.ssh_port
-
-    @property
-    def console_path(self) -> Path:
-        return self.config.console_log
-
-    def _command(self) -> list[str]:
-        return build_command(self.config, paused=True, dial_qmp=True)
-
-    def _launch_and_connect(self, deadline: float) -> None:
-        """A hostfwd port taken by someone else between our probe and QEMU's bind is
-        retried with a fresh port (the config's ssh_port changes accordingly)."""
-        for attempt in range(PORT_ATTEMPTS):
-            try:
-                super()._launch_and_connect(deadline)
-                return
-            except QemuExited as exc:
-                if HOSTFWD_CLASH not in exc.stderr_tail or attempt + 1 == PORT_ATTEMPTS:
-                    raise
-                log.info("ssh port %d taken; retrying", self.config.ssh_port)
-                self._reap()
-                self.config = dataclasses.replace(self.config, ssh_port=self._port_factory())
-
-    def _post_launch(self, deadline: float) -> None:
-        if self.before_cont is not None:
-            # e.g. testbed.snapshot.load: a restored guest is loaded before it runs.
-            self.before_cont(self, max(deadline - time.monotonic(), 1.0))
-        self.qmp("cont")
-
-    def _console_tail(self) -> str:
-        self._pump_console()
-        return tail(self._console_buf)
-
-    def _pump_console(self) -> None:
-        try:
-            with self.config.console_log.open("rb") as fh:
-                fh.seek(self._console_read)
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        if data:
-            self._console_read += len(data)
-            self._console_buf += data.decode(errors="replace")
-
-    def skip_console(self) -> None:
-        """From now on wait_console only looks at what the guest prints after this point
-        (e.g. a restored guest's console holds its maker's boot: a reboot's ready line must
-        be a new one)."""
-        self._pump_console()
-        self._console_cursor = len(self._console_buf)
-
-    def wait_console(
-        self,
-        pattern: str | re.Pattern[str],
-        timeout: float,
-        failure_patterns: Sequence[str] = DEFAULT_FAILURE_PATTERNS,
-    ) -> re.Match[str]:
-        """Wait for `pattern` (regex) in console output after the previous match.
-
-        Fails at once with ConsoleFailure when a failure pattern shows up, and with
-        QemuExited when QEMU exits; WaitTimeout at the deadline.
-        """
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-
-        def look() -> re.Match[str] | None:
-            self._pump_console()
-            text = self._console_buf
-            found = regex.search(text, self._console_cursor)
-            for failure in failure_patterns:
-                at = text.find(failure, self._console_cursor)
-                if at >= 0 and (found is None or at < found.start()):
-                    raise ConsoleFailure(
-                        f"guest console shows {failure!r} while waiting for "
-                        f"{regex.pattern!r}; see {self.console_path}:\n"
-                        + tail(text[self._console_cursor :])
-                    )
-            if found is not None:
-                self._console_cursor = found.end()
-            return found
-
-        def alive() -> None:
-            if self.returncode is not None:
-                self._check_alive(f"while waiting for {regex.pattern!r} on the console")
-
-        return wait_until(
-            look,
-            timeout,
-            f"{regex.pattern!r} on the console",
-            interval=POLL_INTERVAL,
-            seen=lambda: (
-                f"({self.console_path}):\n" + tail(self._console_buf[self._console_cursor :])
-            ),
-            alive=alive,
-        )

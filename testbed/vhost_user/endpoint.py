@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 from testbed.errors import StateError, TestbedError
 from testbed.profile import phase
 from testbed.resource import Closeable
+from testbed.vhost_user.codes import Request
 from testbed.vhost_user.connection import Listener
-from testbed.vhost_user.protocol import Request
 from testbed.vhost_user.trace import Trace, TraceEntry
 from testbed.waiting import wait_on
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from testbed.errors import ConfigError
 from testbed.limits import MAX_SHMEM_REGIONS
-from testbed.vhost_user.protocol import F_SHMEM, FLAG_REPLY, SHMEM_CONFIG_SIZE, VERSION, Request
+from testbed.vhost_user.codes import F_SHMEM, Request
+from testbed.vhost_user.protocol import FLAG_REPLY, SHMEM_CONFIG_SIZE, VERSION
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """vhost-user wire format, as QEMU 11.1.3 speaks it. Pure: no sockets, no fds, no I/O.
 
+The header, each request's payload struct and which payload a request (or its reply)
+carries; the numbers themselves (request codes, feature bits) are
+:mod:`testbed.vhost_user.codes`.
+
 Every ``unpack`` checks the exact length and the reserved bits, and raises
 :class:`testbed.errors.ProtocolError` (carrying the bytes) for anything malformed -- never
 ``struct.error``, ``ValueError`` or ``IndexError``. Meaning (which features were negotiated,
@@ -8,13 +12,18 @@ whether a shmid exists) is the back-end's business, not this module's.
 
 from __future__ import annotations
 
-import enum
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from typing import Any, ClassVar, Self
 
 from testbed.errors import ProtocolError
 from testbed.limits import MAX_SHMEM_REGIONS
+
+# F_SHMEM and ProtocolFeature are re-exported ("as" themselves): scenarios/ and testbed/fuzz/
+# import them from here.
+from testbed.vhost_user.codes import F_SHMEM as F_SHMEM
+from testbed.vhost_user.codes import BackendRequest, Request, request_name
+from testbed.vhost_user.codes import ProtocolFeature as ProtocolFeature
 
 # --- header ------------------------------------------------------------------------------
 
@@ -40,126 +49,6 @@ MAX_CONFIG_SIZE = 256
 _U64_MAX = (1 << 64) - 1
 
 
-class Request(enum.IntEnum):
-    """Front-end requests (QEMU -> back-end)."""
-
-    GET_FEATURES = 1
-    SET_FEATURES = 2
-    SET_OWNER = 3
-    RESET_OWNER = 4
-    SET_MEM_TABLE = 5
-    SET_LOG_BASE = 6
-    SET_LOG_FD = 7
-    SET_VRING_NUM = 8
-    SET_VRING_ADDR = 9
-    SET_VRING_BASE = 10
-    GET_VRING_BASE = 11
-    SET_VRING_KICK = 12
-    SET_VRING_CALL = 13
-    SET_VRING_ERR = 14
-    GET_PROTOCOL_FEATURES = 15
-    SET_PROTOCOL_FEATURES = 16
-    GET_QUEUE_NUM = 17
-    SET_VRING_ENABLE = 18
-    SEND_RARP = 19
-    NET_SET_MTU = 20
-    SET_BACKEND_REQ_FD = 21
-    IOTLB_MSG = 22
-    SET_VRING_ENDIAN = 23
-    GET_CONFIG = 24
-    SET_CONFIG = 25
-    CREATE_CRYPTO_SESSION = 26
-    CLOSE_CRYPTO_SESSION = 27
-    POSTCOPY_ADVISE = 28
-    POSTCOPY_LISTEN = 29
-    POSTCOPY_END = 30
-    GET_INFLIGHT_FD = 31
-    SET_INFLIGHT_FD = 32
-    GPU_SET_SOCKET = 33
-    RESET_DEVICE = 34
-    VRING_KICK = 35
-    GET_MAX_MEM_SLOTS = 36
-    ADD_MEM_REG = 37
-    REM_MEM_REG = 38
-    SET_STATUS = 39
-    GET_STATUS = 40
-    GET_SHARED_OBJECT = 41
-    SET_DEVICE_STATE_FD = 42
-    CHECK_DEVICE_STATE = 43
-    GET_SHMEM_CONFIG = 44
-
-
-class BackendRequest(enum.IntEnum):
-    """Back-end requests (back-end -> QEMU, on the channel from SET_BACKEND_REQ_FD)."""
-
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-    VRING_CALL = 4
-    VRING_ERR = 5
-    SHARED_OBJECT_ADD = 6
-    SHARED_OBJECT_REMOVE = 7
-    SHARED_OBJECT_LOOKUP = 8
-    SHMEM_MAP = 9
-    SHMEM_UNMAP = 10
-
-
-class VhostUserFeature(enum.IntFlag):
-    """Device feature bits that matter to vhost-user itself (GET/SET_FEATURES)."""
-
-    LOG_ALL = 1 << 26
-    PROTOCOL_FEATURES = 1 << 30
-    VERSION_1 = 1 << 32
-
-
-# VHOST_USER_PROTOCOL_F_SHMEM's bit in QEMU 11.1.3. Early patch postings used 20 and other
-# implementations 21, so callers pass ``shmem_bit`` rather than trusting this constant.
-F_SHMEM = 22
-
-
-class ProtocolFeature(enum.IntFlag):
-    MQ = 1 << 0
-    LOG_SHMFD = 1 << 1
-    RARP = 1 << 2
-    REPLY_ACK = 1 << 3
-    NET_MTU = 1 << 4
-    BACKEND_REQ = 1 << 5
-    CROSS_ENDIAN = 1 << 6
-    CRYPTO_SESSION = 1 << 7
-    PAGEFAULT = 1 << 8
-    CONFIG = 1 << 9
-    BACKEND_SEND_FD = 1 << 10
-    HOST_NOTIFIER = 1 << 11
-    INFLIGHT_SHMFD = 1 << 12
-    RESET_DEVICE = 1 << 13
-    INBAND_NOTIFICATIONS = 1 << 14
-    CONFIGURE_MEM_SLOTS = 1 << 15
-    STATUS = 1 << 16
-    XEN_MMAP = 1 << 17
-    SHARED_OBJECT = 1 << 18
-    DEVICE_STATE = 1 << 19
-    GET_VRING_BASE_INFLIGHT = 1 << 20
-    GPA_ADDRESSES = 1 << 21
-    SHMEM = 1 << F_SHMEM
-    GET_VRING_BASE_SKIP_DRAIN = 1 << 23
-
-
-# virtio device status bits (SET_STATUS payload).
-STATUS_ACKNOWLEDGE = 1
-STATUS_DRIVER = 2
-STATUS_DRIVER_OK = 4
-STATUS_FEATURES_OK = 8
-
-
-def request_name(request: int, backend_channel: bool = False) -> str:
-    """'GET_FEATURES' for 1 on the front-end channel; 'UNKNOWN_99' for what we do not know."""
-    enum_type: type[enum.IntEnum] = BackendRequest if backend_channel else Request
-    try:
-        return enum_type(request).name
-    except ValueError:
-        return f"UNKNOWN_{request}"
-
-
 def _check_len(what: str, data: bytes, expected: int) -> None:
     if len(data) != expected:
         raise ProtocolError(f"{what}: expected {expected} bytes, got {len(data)}", bytes(data))
@@ -175,6 +64,24 @@ class Payload:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
+
+
+class _Struct(Payload):
+    """A fixed-size payload: FORMAT's fields are the dataclass fields, in order."""
+
+    FORMAT: ClassVar[struct.Struct]
+    NAME: ClassVar[str]
+
+    def pack(self) -> bytes:
+        try:
+            return self.FORMAT.pack(*astuple(self))  # type: ignore[call-overload]
+        except struct.error as exc:
+            raise ProtocolError(f"{self.NAME} {self}: {exc}") from exc
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Self:
+        _check_len(cls.NAME, data, cls.FORMAT.size)
+        return cls(*cls.FORMAT.unpack(data))
 
 
 @dataclass(frozen=True)
@@ -280,26 +187,16 @@ class VringFile(Payload):
 
 
 @dataclass(frozen=True)
-class VringState(Payload):
+class VringState(_Struct):
     index: int
     num: int
 
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<II")
-
-    def pack(self) -> bytes:
-        try:
-            return self.FORMAT.pack(self.index, self.num)
-        except struct.error as exc:
-            raise ProtocolError(f"vring state {self}: {exc}") from exc
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _check_len("vring state", data, cls.FORMAT.size)
-        return cls(*cls.FORMAT.unpack(data))
+    NAME: ClassVar[str] = "vring state"
 
 
 @dataclass(frozen=True)
-class VringAddr(Payload):
+class VringAddr(_Struct):
     index: int
     flags: int
     descriptor: int
@@ -308,45 +205,31 @@ class VringAddr(Payload):
     log: int
 
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<IIQQQQ")
+    NAME: ClassVar[str] = "vring address"
     # Bit 0 (VHOST_VRING_F_LOG) is the only defined flag.
     FLAGS_MASK: ClassVar[int] = 0x1
 
-    def pack(self) -> bytes:
-        try:
-            return self.FORMAT.pack(
-                self.index, self.flags, self.descriptor, self.used, self.available, self.log
-            )
-        except struct.error as exc:
-            raise ProtocolError(f"vring address {self}: {exc}") from exc
-
     @classmethod
     def unpack(cls, data: bytes) -> Self:
-        _check_len("vring address", data, cls.FORMAT.size)
-        value = cls(*cls.FORMAT.unpack(data))
+        value = super().unpack(data)
         if value.flags & ~cls.FLAGS_MASK:
             raise ProtocolError(f"vring address: unknown flags 0x{value.flags:x}", bytes(data))
         return value
 
 
 @dataclass(frozen=True)
-class MemoryRegion(Payload):
+class MemoryRegion(_Struct):
     guest_addr: int
     size: int
     user_addr: int
     mmap_offset: int
 
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<QQQQ")
-
-    def pack(self) -> bytes:
-        try:
-            return self.FORMAT.pack(self.guest_addr, self.size, self.user_addr, self.mmap_offset)
-        except struct.error as exc:
-            raise ProtocolError(f"memory region {self}: {exc}") from exc
+    NAME: ClassVar[str] = "memory region"
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:
-        _check_len("memory region", data, cls.FORMAT.size)
-        value = cls(*cls.FORMAT.unpack(data))
+        value = super().unpack(data)
         if value.size == 0:
             raise ProtocolError("memory region: size 0", bytes(data))
         if value.guest_addr + value.size - 1 > _U64_MAX:
@@ -504,8 +387,11 @@ MMAP_FLAG_RW = 0x1
 
 
 @dataclass(frozen=True)
-class MMap(Payload):
-    """SHMEM_MAP / SHMEM_UNMAP ``<B7xQQQQ``: shmid, pad, fd_offset, shm_offset, len, flags."""
+class MMap(_Struct):
+    """SHMEM_MAP / SHMEM_UNMAP ``<B7xQQQQ``: shmid, pad, fd_offset, shm_offset, len, flags.
+
+    ``pack`` makes no semantic checks: tests send zero lengths or odd flags to QEMU on
+    purpose."""
 
     shmid: int
     fd_offset: int
@@ -514,26 +400,18 @@ class MMap(Payload):
     flags: int = 0
 
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<B7xQQQQ")
+    NAME: ClassVar[str] = "mmap"
 
     @property
     def writable(self) -> bool:
         return bool(self.flags & MMAP_FLAG_RW)
 
-    def pack(self) -> bytes:
-        # No semantic checks: tests send zero lengths or odd flags to QEMU on purpose.
-        try:
-            return self.FORMAT.pack(
-                self.shmid, self.fd_offset, self.shm_offset, self.length, self.flags
-            )
-        except struct.error as exc:
-            raise ProtocolError(f"mmap {self}: {exc}") from exc
-
     @classmethod
     def unpack(cls, data: bytes) -> Self:
-        _check_len("mmap", data, cls.FORMAT.size)
+        _check_len(cls.NAME, data, cls.FORMAT.size)
         if any(data[1:8]):
             raise ProtocolError("mmap: padding is not zero", bytes(data))
-        value = cls(*cls.FORMAT.unpack(data))
+        value = super().unpack(data)
         if value.flags & ~MMAP_FLAG_RW:
             raise ProtocolError(f"mmap: unknown flags 0x{value.flags:x}", bytes(data))
         if value.length == 0:

@@ -34,17 +34,11 @@ from testbed.device import ShmemLayout
 from testbed.errors import PeerClosed, ProtocolError, TestbedError
 from testbed.vhost_user import connection as conn_mod
 from testbed.vhost_user.backend import offer
+from testbed.vhost_user.codes import ProtocolFeature, Request
 from testbed.vhost_user.connection import Connection, Listener, Message
 from testbed.vhost_user.endpoint import DisconnectKind, Endpoint
 from testbed.vhost_user.faults import NO_FAULTS
-from testbed.vhost_user.protocol import (
-    U64,
-    Header,
-    ProtocolFeature,
-    Request,
-    ShMemConfig,
-    decode_payload,
-)
+from testbed.vhost_user.protocol import U64, Header, ShMemConfig, decode_payload
 from testbed.vhost_user.rules import (
     SHMEM,
     Negotiation,

@@ -22,26 +22,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from testbed.errors import ProtocolError
-from testbed.vhost_user.protocol import (
+from testbed.vhost_user.codes import (
     F_SHMEM,
+    BackendRequest,
+    ProtocolFeature,
+    Request,
+    VhostUserFeature,
+    request_name,
+)
+from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     FLAG_RESERVED_MASK,
     FLAG_VERSION_MASK,
     REPLY_REQUESTS,
     U64,
     VERSION,
-    BackendRequest,
     Header,
     MemoryTable,
     MMap,
     Payload,
-    ProtocolFeature,
-    Request,
     ShMemConfig,
-    VhostUserFeature,
     VringFile,
     decode_payload,
-    request_name,
 )
 
 R = Request
@@ -211,10 +213,7 @@ def check_request(
         # GET_QUEUE_NUM: "Query how many queues the back-end supports"; a front-end that
         # asked and then sets up a ring beyond the answer uses a queue the back-end said it
         # does not have (QEMU's vhost-user-blk refuses such a back-end at realize).
-        flag(
-            "queue-count",
-            f"ring {ring}, but the back-end answered GET_QUEUE_NUM with {n.queues}",
-        )
+        flag("queue-count", f"ring {ring}, but the back-end answered GET_QUEUE_NUM with {n.queues}")
     return found
 
 
@@ -305,8 +304,7 @@ def check_reply(request: Header | None, reply: Header, body: bytes, nfds: int) -
         payload = None
     if isinstance(payload, ShMemConfig) and payload.nregions != len(payload.regions):
         flag(
-            "shmem-config",
-            f"nregions {payload.nregions} but {len(payload.regions)} non-zero sizes",
+            "shmem-config", f"nregions {payload.nregions} but {len(payload.regions)} non-zero sizes"
         )
     expected = _REPLY_FDS.get(reply.request, 0)
     if nfds != expected:

@@ -42,7 +42,8 @@ from typing import IO, Any
 
 from testbed.errors import ProtocolError
 from testbed.resource import Closeable
-from testbed.vhost_user.protocol import Header, decode_payload, request_name
+from testbed.vhost_user.codes import request_name
+from testbed.vhost_user.protocol import Header, decode_payload
 
 FROM_QEMU = "qemu->backend"
 TO_QEMU = "backend->qemu"

@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 
 from testbed.errors import PeerClosed, ProtocolError, StateError, WaitTimeout
 from testbed.vhost_user.backend.session import Session
+from testbed.vhost_user.codes import BackendRequest
 from testbed.vhost_user.connection import Connection
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import U64, BackendRequest, Header, MMap
+from testbed.vhost_user.protocol import U64, Header, MMap
 from testbed.vhost_user.rules import Violation, check_channel_request
 from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, CHANNEL_TO_QEMU, Trace, TraceEntry
 

@@ -20,15 +20,9 @@ from testbed.vhost_user import rules
 from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.handlers import HANDLERS, TAKES_FDS, DeviceHandler, Reply, u64
 from testbed.vhost_user.backend.session import Session
+from testbed.vhost_user.codes import ProtocolFeature, Request
 from testbed.vhost_user.connection import Message
-from testbed.vhost_user.protocol import (
-    U64,
-    Header,
-    Payload,
-    ProtocolFeature,
-    Request,
-    decode_payload,
-)
+from testbed.vhost_user.protocol import U64, Header, Payload, decode_payload
 from testbed.vhost_user.rules import Negotiation, Violation
 from testbed.vhost_user.trace import FROM_QEMU, TO_QEMU, Trace, TraceEntry
 

@@ -22,6 +22,7 @@ from testbed.errors import ProtocolError
 from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.backend.vrings import KICK
+from testbed.vhost_user.codes import Request
 from testbed.vhost_user.connection import Connection, Message
 from testbed.vhost_user.devices.base import DeviceModel
 from testbed.vhost_user.faults import Faults
@@ -29,7 +30,6 @@ from testbed.vhost_user.protocol import (
     U64,
     ConfigSpace,
     MemoryTable,
-    Request,
     ShMemConfig,
     SingleMemRegion,
     VringAddr,

@@ -16,8 +16,9 @@ from __future__ import annotations
 import struct
 
 from testbed.device import ShmemLayout
+from testbed.vhost_user.codes import ProtocolFeature, VhostUserFeature
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import ProtocolFeature, ShMemConfig, VhostUserFeature
+from testbed.vhost_user.protocol import ShMemConfig
 
 DEVICE_FEATURES = VhostUserFeature.VERSION_1 | VhostUserFeature.PROTOCOL_FEATURES
 # What we offer besides SHMEM. Not CONFIGURE_MEM_SLOTS: with it QEMU switches to

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from testbed.vhost_user.backend.mappings import Mappings
 from testbed.vhost_user.backend.vrings import Vring
+from testbed.vhost_user.codes import STATUS_DRIVER_OK, Request
 from testbed.vhost_user.connection import Connection
 from testbed.vhost_user.endpoint import DisconnectKind
-from testbed.vhost_user.protocol import STATUS_DRIVER_OK, Request
 
 __all__ = ["DisconnectKind", "Session"]
 

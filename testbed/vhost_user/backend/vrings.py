@@ -39,9 +39,10 @@ from queue import Empty, SimpleQueue
 from testbed.errors import GuestMemoryError, RingError
 from testbed.resource import Closeable
 from testbed.vhost_user.backend.mappings import Mappings
+from testbed.vhost_user.codes import VhostUserFeature
 from testbed.vhost_user.devices.base import Completion, DeviceModel, Later, Problem
 from testbed.vhost_user.memory import MappedMemory
-from testbed.vhost_user.protocol import VhostUserFeature, VringAddr
+from testbed.vhost_user.protocol import VringAddr
 from testbed.vhost_user.rules import Violation
 from testbed.vhost_user.trace import QUEUE_REPLY, QUEUE_REQUEST, Trace, TraceEntry
 from testbed.vhost_user.virtqueue import (
@@ -149,8 +150,6 @@ class RingService(Closeable):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.dropped_answers = 0
-        """Answers that came for a chain no longer outstanding (stopped, reset, gone)."""
 
     @property
     def answers(self) -> socket.socket:
@@ -200,7 +199,6 @@ class RingService(Closeable):
             self._drop(later)
 
     def _drop(self, later: Later) -> None:
-        self.dropped_answers += 1
         log.info("answer to %s (queue %d, chain %d) dropped: the chain is no longer "
                  "outstanding (ring stopped or reset, or the connection ended)", later.name,
                  later.queue, later.head)  # fmt: skip
