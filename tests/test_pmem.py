@@ -8,11 +8,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from driver_ring import DriverQueue
 
 from testbed.errors import ConfigError, PeerClosed, RingError
 from testbed.vhost_user.devices import PmemDevice, Problem
 from testbed.vhost_user.devices.pmem import F_SHMEM_REGION, RET_EIO
-from testbed.vhost_user.driver_ring import DriverQueue
 from testbed.vhost_user.memory import MemoryImage
 from testbed.vhost_user.virtqueue import F_INDIRECT_DESC, Chain, RingLayout, SplitQueue
 

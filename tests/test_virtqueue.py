@@ -7,11 +7,11 @@ import os
 import struct
 
 import pytest
+from driver_ring import DriverQueue, Used
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from testbed.errors import GuestMemoryError, RingError
-from testbed.vhost_user.driver_ring import DriverQueue, Used
 from testbed.vhost_user.memory import MappedMemory, MemoryImage, RegionTable
 from testbed.vhost_user.protocol import MemoryRegion
 from testbed.vhost_user.virtqueue import (

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from driver_ring import DriverQueue, Used
 
 from testbed.device import VhostUserDevice
 from testbed.errors import TestbedError
@@ -23,7 +24,6 @@ from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.codes import Request
 from testbed.vhost_user.devices import PmemDevice
 from testbed.vhost_user.devices.pmem import F_SHMEM_REGION, VIRTIO_ID_PMEM
-from testbed.vhost_user.driver_ring import DriverQueue, Used
 from testbed.vhost_user.trace import (
     CHANNEL_FROM_QEMU,
     CHANNEL_TO_QEMU,

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from driver_ring import DriverQueue, Used
 
 from testbed.device import ShmemLayout
 from testbed.errors import ConfigError
@@ -17,7 +18,6 @@ from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.codes import ProtocolFeature, Request, VhostUserFeature
 from testbed.vhost_user.connection import Connection, Message, connect
 from testbed.vhost_user.devices import PmemDevice
-from testbed.vhost_user.driver_ring import DriverQueue, Used
 from testbed.vhost_user.memory import MappedMemory
 from testbed.vhost_user.protocol import (
     U64,

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from driver_ring import DriverQueue, Used
 from fuse_guest import (
     DESTROY,
     FORGET,
@@ -34,7 +35,6 @@ from fuse_guest import (
     read_in,
 )
 
-from testbed.vhost_user.driver_ring import DriverQueue, Used
 from testbed.vhost_user.memory import GuestMemory
 from testbed.vhost_user.virtqueue import RingLayout
 

@@ -5,7 +5,7 @@ guest's PCI core and virtio driver instead -- assign BARs, enable memory, negoti
 features, place virtqueues in guest RAM, walk device_status to DRIVER_OK (testbed.virtio's
 program), notify a queue -- so SHMEM_MAP/UNMAP and a back-end's virtqueues can be exercised
 without booting anything. :class:`QtestMemory` lends guest RAM to the driver's side of a
-ring (testbed.vhost_user.driver_ring). With ``QtestConfig(qtest=False)`` it is ``-accel tcg
+ring (tests/driver_ring.py). With ``QtestConfig(qtest=False)`` it is ``-accel tcg
 -S``: QEMU realizes the devices (the vhost-user handshake happens) and never executes
 anything.
 """

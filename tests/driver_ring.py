@@ -1,10 +1,10 @@
 """The driver's side of a split virtqueue (pure): what a guest's virtio driver writes into
 guest memory, and how it reads completions back.
 
-The test bed has no guest driver for its devices: the qtest driver (testbed.machine.qtest)
-plays one over qtest memory accesses, and the unit tests play one over a MemoryImage. Both
-use this class, so the ring layout is written once for each side (testbed.vhost_user.
-virtqueue is the device's side).
+Test support: where no guest driver runs, the qtest tests (tests/test_*_qemu.py) play one
+over qtest memory accesses and the unit tests over a MemoryImage. Both use this class, so
+the ring layout is written once for each side (testbed.vhost_user.virtqueue is the
+device's side, the product's).
 """
 
 from __future__ import annotations
