@@ -40,7 +40,7 @@ def test_three_cycles(boot: Boot, record_property: Callable[[str, object], None]
         device = vm.plug(VhostUserDevice.of(layout))
         vm.check_guest_sees(device)
         result = vm.unplug(device)
-        record_property(f"timings-{device.layout.describe()}", device.timings)
+        record_property(f"timings-{device.device.layout.describe()}", device.timings)
         assert result.disconnect is DisconnectKind.CLEAN, result
         assert vm.guest.test_devices(device.device.virtio_id) == {}
         assert device.backend.requests_seen, "the back-end never heard from QEMU"

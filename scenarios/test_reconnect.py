@@ -52,7 +52,7 @@ def restart(vm: GuestVM, device: PluggedDevice, layout: Mapping[int, int] | None
     QEMU set the device up again (GET_FEATURES on the new connection)."""
     assert vm.machine is not None
     backend = vm.restart_backend(device, layout)
-    vm.machine.wait_chardev(device.name, connected=True, timeout=RECONNECT_TIMEOUT)
+    vm.machine.wait_chardev(device.device.id, connected=True, timeout=RECONNECT_TIMEOUT)
     backend.wait_for_request(Request.GET_FEATURES, RECONNECT_TIMEOUT)
     vm.machine.check_alive("after the reconnect")
     return backend

@@ -104,14 +104,6 @@ class PluggedDevice:
     def relayed(self) -> bool:
         return self.serving.relayed
 
-    @property
-    def layout(self) -> ShmemLayout:
-        return self.device.layout
-
-    @property
-    def name(self) -> str:
-        return self.device.id
-
 
 @dataclass(frozen=True)
 class UnplugResult:
@@ -132,7 +124,6 @@ class Devices(Closeable):
         self.logdir = logdir
         self.root_ports = root_ports
         self.plugged: list[PluggedDevice] = []
-        self.served_by: list[Endpoint] = []
         self._servings: list[Serving] = []
         self._hot_count = 0
         self._machine: GuestMachine | None = None
@@ -142,12 +133,15 @@ class Devices(Closeable):
         """QEMU and the guest are up: hot-plugging is possible from now on."""
         self._machine, self._guest = machine, guest
 
+    @property
+    def served_by(self) -> list[Endpoint]:
+        return [serving.endpoint for serving in self._servings]
+
     def serve(self, device: VhostUserDevice, label: str) -> Serving:
         """Start what serves ``device`` (placed) and record it in ``served_by``; the caller
         plugs it (plug and place_cold do; a scenario that sequences QMP itself may too)."""
         serving = serve(device, logdir=self.logdir, run_dir=self.run_dir, label=label)
         self._servings.append(serving)
-        self.served_by.append(serving.endpoint)
         return serving
 
     # -- cold ------------------------------------------------------------------------------
@@ -185,6 +179,7 @@ class Devices(Closeable):
             f"all {self.root_ports} root ports are taken: unplug one or boot more (root_ports=N)"
         )
 
+    @phase("plug")
     def plug(
         self, device: VhostUserDevice, *, port: str | None = None, see_timeout: float = SEE_TIMEOUT
     ) -> PluggedDevice:
@@ -192,10 +187,6 @@ class Devices(Closeable):
         the guest lists the new function with its driver. A refused device_add raises
         QmpCommandFailed (chardev and back-end cleaned up); QEMU dying raises QemuExited.
         With ``reconnect_ms`` the chardev re-dials a restarted back-end."""
-        with phase("plug"):
-            return self._plug(device, port, see_timeout)
-
-    def _plug(self, device: VhostUserDevice, port: str | None, see_timeout: float) -> PluggedDevice:
         machine, guest = self._attached("plug")
         if self.root_ports < 1:
             raise ConfigError("hot-plug needs empty root ports: boot with root_ports=N")
@@ -236,6 +227,7 @@ class Devices(Closeable):
                  bdf, plugged.timings)  # fmt: skip
         return plugged
 
+    @phase("unplug")
     def unplug(
         self,
         plugged: PluggedDevice,
@@ -248,15 +240,9 @@ class Devices(Closeable):
         back-end sees the disconnect (and is closed). Returns how and how fast. With
         native PCIe hot-plug (aarch64 virt) and ``guest_ejects``, the guest powers the slot
         off right after device_del instead of waiting out pciehp's 5 s."""
-        with phase("unplug"):
-            return self._unplug(plugged, timeout, disconnect_timeout, guest_ejects)
-
-    def _unplug(
-        self, plugged: PluggedDevice, timeout: float, disconnect_timeout: float, guest_ejects: bool
-    ) -> UnplugResult:
         machine, guest = self._attached("unplug")
         if plugged not in self.plugged or not plugged.hot or plugged.bdf is None:
-            raise StateError("not hot-plugged", "plugged", f"unplug({plugged.name})")
+            raise StateError("not hot-plugged", "plugged", f"unplug({plugged.device.id})")
         device = plugged.device
         t0 = time.monotonic()
         machine.qmp("device_del", id=device.device_id)
@@ -272,7 +258,7 @@ class Devices(Closeable):
         plugged.serving.close()
         result = UnplugResult(kind, round(deleted, 3), round(gone, 3))
         plugged.timings.update(device_deleted=result.deleted_after, guest_gone=result.gone_after)
-        log.info("unplugged %s: %s", plugged.name, result)
+        log.info("unplugged %s: %s", plugged.device.id, result)
         return result
 
     def restart_backend(self, plugged: PluggedDevice, layout: ShmemLayout | None = None) -> Backend:
@@ -283,12 +269,11 @@ class Devices(Closeable):
         reconnect_ms finds the new one."""
         machine, _ = self._attached("restart_backend")
         if plugged not in self.plugged:
-            raise StateError("not plugged", "plugged", f"restart_backend({plugged.name})")
+            raise StateError("not plugged", "plugged", f"restart_backend({plugged.device.id})")
         plugged.serving.close()
-        machine.wait_chardev(plugged.name, connected=False, timeout=DISCONNECT_TIMEOUT)
+        machine.wait_chardev(plugged.device.id, connected=False, timeout=DISCONNECT_TIMEOUT)
         plugged.serving = restart(plugged.serving, layout, logdir=self.logdir)
         self._servings.append(plugged.serving)
-        self.served_by.append(plugged.serving.endpoint)
         return plugged.serving.backend
 
     def close(self) -> None:

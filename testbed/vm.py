@@ -209,8 +209,8 @@ class GuestVM:
                     f"{self.snapshot.logdir} (its console is the start of console.log here)\n"
                 )
                 t = self._step("snapshot", t)
-            ours = [(p.device.socket_path, p.layout.region_args()) for p in self.devices.plugged
-                    if p.device.ours]  # fmt: skip
+            ours = [(p.device.socket_path, p.device.layout.region_args())
+                    for p in self.devices.plugged if p.device.ours]  # fmt: skip
             write_by_hand(config, self.run_dir, self.logdir, ours)
             load = snapshot.load if self.restore else None
             self.machine = GuestMachine(config, self.logdir, before_cont=load)
@@ -365,7 +365,8 @@ class GuestVM:
         device)."""
         if expected is None or isinstance(expected, PluggedDevice):
             target = expected or self._first()
-            layout, bdf, virtio_id = target.layout, bdf or target.bdf, target.device.virtio_id
+            layout, virtio_id = target.device.layout, target.device.virtio_id
+            bdf = bdf or target.bdf
         else:
             layout = ShmemLayout.of(expected)
             plugged = self._devices().plugged

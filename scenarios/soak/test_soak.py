@@ -247,9 +247,9 @@ def test_hotplug_soak(
         # unplug() returned only after DEVICE_DELETED, the guest dropping the function,
         # chardev-remove and the back-end seeing the disconnect, and closed the back-end.
         if vm.plugged:
-            return f"still plugged: {[p.name for p in vm.plugged]}"
+            return f"still plugged: {[p.device.id for p in vm.plugged]}"
         if last and last[-1].backend.running:
-            return f"{last[-1].name}'s back-end thread is still running"
+            return f"{last[-1].device.id}'s back-end thread is still running"
         return None
 
     for _ in range(WARMUP):
