@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from testbed.device import VhostUserDevice
 from testbed.machine.cmdline import MachineConfig, build_command
 from testbed.paths import results_dir, sanitize, write_atomic
 
@@ -34,19 +35,18 @@ def _dq(word: str) -> str:
     return f'"{escaped}"'
 
 
-def by_hand_script(
-    qemu_argv: Sequence[str],
-    run_dir: Path,
-    backends: Sequence[tuple[Path, Sequence[str]]],
-    incoming: Path | None = None,
-) -> str:
-    """qemu-by-hand.sh: `testbed backend` serving each of our devices' layouts (socket,
-    --region options), then QEMU with the same command line in the foreground, for gdb.
-    It serves the layouts only: a scenario's faults and steps are replayed by its
-    reproduce.sh (testbed bugs reproduce), not here.
+def write_by_hand(
+    config: MachineConfig, run_dir: Path, logdir: Path, ours: Sequence[VhostUserDevice]
+) -> Path:
+    """A VM's qemu-by-hand.sh in ``logdir``: `testbed backend` serving the layout of each of
+    ``ours`` (the devices our back-end serves: one we did not write is not ours to replay),
+    then QEMU with the same command line in the foreground, for gdb. It serves the layouts
+    only: a scenario's faults and steps are replayed by its reproduce.sh (testbed bugs
+    reproduce), not here.
 
     Paths under the run dir become ${RUN}, a fresh 0700 dir, so the script works after the
-    original run dir is gone; testbed runs from this venv, found by absolute path."""
+    original run dir is gone (the console file too, so a rerun never clobbers the logs);
+    testbed runs from this venv, found by absolute path."""
     prefix = str(run_dir)
 
     def arg(word: str) -> str:
@@ -63,48 +63,33 @@ def by_hand_script(
         'cleanup() { for p in $PIDS; do kill "$p" 2>/dev/null; done; rm -rf "$RUN"; }',
         "trap cleanup EXIT INT TERM",
     ]
-    for socket, region_args in backends:
-        sock = arg(str(socket))
+    for device in ours:
+        sock = arg(str(device.socket_path))
         lines += [
             f"{shlex.quote(sys.executable)} -m testbed backend --socket {sock} "
-            f"{' '.join(region_args)} &",
+            f"{' '.join(device.layout.region_args())} &",
             'PIDS="$PIDS $!"',
             f"while [ ! -S {sock} ]; do sleep 0.1; done",
         ]
     lines.append('echo "console: $RUN/console.log  QMP: $RUN/qmp.sock" >&2')
-    if incoming is not None:
+    if config.incoming is not None:
         # -incoming defer: the guest comes from a snapshot (testbed.snapshot), loaded
         # once the file's format is set; say how, since nothing else here does it.
         steps = [
             '{"execute": "qmp_capabilities"}',
             '{"execute": "migrate-set-capabilities", "arguments": {"capabilities": '
             '[{"capability": "mapped-ram", "state": true}]}}',
-            f'{{"execute": "migrate-incoming", "arguments": {{"uri": "file:{incoming}"}}}}',
+            f'{{"execute": "migrate-incoming", "arguments": {{"uri": "file:{config.incoming}"}}}}',
             '{"execute": "cont"}',
         ]
         lines.append(
             "echo 'restored guest: send these on QMP ($RUN/qmp.sock), e.g. with socat:' >&2"
         )
         lines += [f"echo {shlex.quote(step)} >&2" for step in steps]
-    body = " \\\n    ".join(arg(w) for w in qemu_argv)
-    lines.append("${GDB:-} " + body)
-    return "\n".join(lines) + "\n"
-
-
-def write_by_hand(
-    config: MachineConfig,
-    run_dir: Path,
-    logdir: Path,
-    backends: Sequence[tuple[Path, Sequence[str]]],
-) -> Path:
-    """A VM's qemu-by-hand.sh in ``logdir``: ``backends`` (socket, region options) are our
-    devices' (a back-end we did not write is not ours to replay: the script then starts
-    QEMU only). The console file follows the run dir too, so a rerun never clobbers the
-    logs."""
     console, moved = str(logdir / "console.log"), str(run_dir / "console.log")
     argv = [w.replace(console, moved) for w in build_command(config)]
-    text = by_hand_script(argv, run_dir, backends, config.incoming)
-    return write_script(logdir / "qemu-by-hand.sh", text)
+    lines.append("${GDB:-} " + " \\\n    ".join(arg(w) for w in argv))
+    return write_script(logdir / "qemu-by-hand.sh", "\n".join(lines))
 
 
 def keep_failed(logdir: Path, label: str) -> Path:

@@ -209,8 +209,7 @@ class GuestVM:
                     f"{self.snapshot.logdir} (its console is the start of console.log here)\n"
                 )
                 t = self._step("snapshot", t)
-            ours = [(p.device.socket_path, p.device.layout.region_args())
-                    for p in self.devices.plugged if p.device.ours]  # fmt: skip
+            ours = [p.device for p in self.devices.plugged if p.device.ours]
             write_by_hand(config, self.run_dir, self.logdir, ours)
             load = snapshot.load if self.restore else None
             self.machine = GuestMachine(config, self.logdir, before_cont=load)
