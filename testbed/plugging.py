@@ -46,6 +46,7 @@ from testbed.resource import Closeable
 from testbed.serving import Serving, restart, serve
 from testbed.vhost_user.backend import Backend, DisconnectKind
 from testbed.vhost_user.endpoint import Endpoint
+from testbed.vhost_user.relay import Relay
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class PluggedDevice:
 
     @property
     def relayed(self) -> bool:
-        return self.serving.relayed
+        return isinstance(self.endpoint, Relay)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from testbed.device import ForeignCommand, ForeignSocket, OurBackend, ShmemLayout, VhostUserDevice
+from testbed.device import ForeignSocket, OurBackend, ShmemLayout, VhostUserDevice
 from testbed.errors import ConfigError
 from testbed.host.foreign import ForeignBackend
 from testbed.resource import Closeable
@@ -30,15 +30,13 @@ from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.endpoint import Endpoint
 from testbed.vhost_user.relay import Relay
 
-TRACE_NAME = "vhost-user-trace.jsonl"
-
 
 def trace_name(label: str, generation: int = 0) -> str:
     """The trace file of a device's back-end: ``vhost-user-trace.jsonl`` for the VM's first
     (cold) device, ``<label>-vhost-user-trace.jsonl`` for the others; a restarted back-end's
     gets ``-<generation>``, so that it never overwrites the one before."""
-    stem = TRACE_NAME.removesuffix(".jsonl") if not label else f"{label}-{TRACE_NAME[:-6]}"
-    return f"{stem}{f'-{generation}' if generation else ''}.jsonl"
+    prefix = f"{label}-" if label else ""
+    return f"{prefix}vhost-user-trace{f'-{generation}' if generation else ''}.jsonl"
 
 
 @dataclass
@@ -55,10 +53,6 @@ class Serving(Closeable):
     generation: int = 0
     label: str = ""
     closed: bool = field(default=False, repr=False)
-
-    @property
-    def relayed(self) -> bool:
-        return isinstance(self.endpoint, Relay)
 
     @property
     def backend(self) -> Backend:
@@ -90,21 +84,22 @@ def serve(device: VhostUserDevice, *, logdir: Path, run_dir: Path, label: str = 
     if isinstance(choice, OurBackend):
         return _ours(device, trace_path, label)
     process: ForeignBackend | None = None
-    target = choice.path if isinstance(choice, ForeignSocket) else None
-    prefix = f"{label}-" if label else ""
+    if isinstance(choice, ForeignSocket):
+        target = choice.path
+    else:
+        prefix = f"{label}-" if label else ""
+        process = ForeignBackend(
+            choice.template,
+            run_dir / f"{prefix}foreign.sock",
+            logdir,
+            name=f"{prefix}backend",
+            ready_timeout=choice.ready_timeout,
+        ).start()  # closes what it started if it fails
+        target = process.socket
     try:
-        if isinstance(choice, ForeignCommand):
-            process = ForeignBackend(
-                choice.template,
-                run_dir / f"{prefix}foreign.sock",
-                logdir,
-                name=f"{prefix}backend",
-                ready_timeout=choice.ready_timeout,
-            ).start()
-            target = process.socket
-        assert target is not None
-        inject = device.layout or None
-        relay = Relay(device.socket_path, target, trace_path=trace_path, inject=inject)
+        relay = Relay(
+            device.socket_path, target, trace_path=trace_path, inject=device.layout or None
+        )
         return Serving(device, relay.start(), process, label=label)
     except BaseException:
         if process is not None:

@@ -155,10 +155,11 @@ def test_back_end_channel_is_relayed_and_checked(sockdir: Path) -> None:
 
 
 def test_build_argv_substitutes_the_socket_without_a_shell() -> None:
-    argv = build_argv("prog --socket-path={socket} 'a b' $HOME;ls", Path("/s/x.sock"))
+    words = ForeignCommand.of("prog --socket-path={socket} 'a b' $HOME;ls").template
+    argv = build_argv(words, Path("/s/x.sock"))
     assert argv == ["prog", "--socket-path=/s/x.sock", "a b", "$HOME;ls"]
     with pytest.raises(ConfigError, match="socket"):
-        build_argv("prog --no-socket", Path("/s"))
+        build_argv(["prog", "--no-socket"], Path("/s"))
 
 
 def test_foreign_backend_that_exits_early_is_reported(sockdir: Path) -> None:

@@ -1,8 +1,9 @@
 """A vhost-user back-end we did not write (virtiofsd, qemu-storage-daemon, yours): start it
 from a command template, wait for its socket, stop and reap it, keep its output.
 
-The command is a template such as ``'virtiofsd --socket-path={socket} --shared-dir=/srv'``:
-split with shlex (never a shell), ``{socket}`` substituted in every word. The process gets
+The command is a template such as ``'virtiofsd --socket-path={socket} --shared-dir=/srv'``,
+split by testbed.device.ForeignCommand (shlex, never a shell), ``{socket}`` substituted in
+every word here. The process gets
 its own process group and SIGKILL when the thread that started it dies, like QEMU: both
 are started by testbed.process, the one launcher. It never starts QEMU: that is
 testbed.machine's job.
@@ -21,15 +22,12 @@ import stat
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 from testbed.errors import ConfigError, HostCapabilityError, TestbedError
 from testbed.process import Stopped, launch, stop
 from testbed.resource import Closeable
 from testbed.waiting import wait_until
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +35,9 @@ SOCKET_PLACEHOLDER = "{socket}"
 POLL_INTERVAL = 0.02
 
 
-def build_argv(template: str | Sequence[str], socket: Path) -> list[str]:
-    """The argv from a template: shlex-split (a string) and ``{socket}`` substituted."""
-    words = shlex.split(template) if isinstance(template, str) else list(template)
-    if not words:
-        raise ConfigError("empty back-end command: give 'PROGRAM ARGS... {socket}'")
+def build_argv(words: Sequence[str], socket: Path) -> list[str]:
+    """The argv from a template's words (ForeignCommand.of splits a command line), with
+    ``{socket}`` substituted."""
     if not any(SOCKET_PLACEHOLDER in w for w in words):
         raise ConfigError(
             f"back-end command {shlex.join(words)!r} has no {SOCKET_PLACEHOLDER}: the test "
@@ -63,7 +59,7 @@ class ForeignBackend(Closeable):
 
     def __init__(
         self,
-        command: str | Sequence[str],
+        command: Sequence[str],
         socket: Path,
         logdir: Path,
         *,
@@ -152,15 +148,6 @@ class ForeignBackend(Closeable):
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
-
-    def wait_exited(self, timeout: float) -> int | None:
-        """Its exit status once it ends within ``timeout``, else None."""
-        if self._proc is None:
-            return None
-        try:
-            return self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
 
     def close(self) -> None:
         """SIGTERM, SIGKILL after the grace, reap; remove a pid file and socket it left.
