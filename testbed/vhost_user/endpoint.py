@@ -17,7 +17,7 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from testbed.errors import StateError, TestbedError
 from testbed.profile import phase
@@ -72,7 +72,7 @@ class Endpoint(Closeable):
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> Endpoint:
+    def start(self) -> Self:
         """Listen and start serving on a thread. Idempotent."""
         if self._closed:
             raise StateError("closed", "new", self.kind)
@@ -89,7 +89,7 @@ class Endpoint(Closeable):
             raise
         return self
 
-    def __enter__(self) -> Endpoint:
+    def __enter__(self) -> Self:
         return self.start()
 
     def _open(self) -> None:

@@ -142,13 +142,6 @@ class Relay(Endpoint):
         self.backend_timeout = backend_timeout
         self._session: RelaySession | None = None
 
-    def start(self) -> Relay:
-        super().start()
-        return self
-
-    def __enter__(self) -> Relay:
-        return self.start()
-
     @property
     def session(self) -> RelaySession | None:
         return self._session

@@ -94,10 +94,6 @@ class Backend(Endpoint, ChannelRequests):
 
     kind = "back-end"
 
-    def start(self) -> Backend:
-        super().start()
-        return self
-
     def _open(self) -> None:
         if not self.connect_mode:
             super()._open()
@@ -146,9 +142,6 @@ class Backend(Endpoint, ChannelRequests):
         self._finished.wait()
         if self._failure is not None:
             raise TestbedError(f"back-end thread failed: {self._failure}") from self._failure
-
-    def __enter__(self) -> Backend:
-        return self.start()
 
     def offered_protocol_features(self) -> int:
         return self._dispatcher.offered_protocol_features()
