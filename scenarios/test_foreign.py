@@ -238,7 +238,7 @@ def test_virtiofs_cache_window(boot: Boot, arch: str, run_dir: Path) -> None:
     _assert_cache_window(vm, device, dmesg, probe)
     _assert_share_works(vm, share)
 
-    assert "GET_SHMEM_CONFIG" in vm.endpoint.trace.names()
+    assert "GET_SHMEM_CONFIG" in vm.plugged[0].endpoint.trace.names()
     foreign = vm.plugged[0].foreign
     vm.close()
     _assert_left_nothing(vm, foreign)

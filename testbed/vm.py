@@ -82,10 +82,6 @@ class GuestOptions:
         return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
 
 
-def _to_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 class GuestVM:
     """A booted (or restored) guest with ``devices``; use as a context manager.
 
@@ -172,7 +168,9 @@ class GuestVM:
             log.info("accelerator %s: %s", self.accel.name, self.accel.reason)
             t = self._step("choose_accel", t)
             # Build progress to stderr: `testbed exec` keeps stdout for the guest's bytes.
-            self.image = image = ensure_image(self.arch, log=_to_stderr, kernel=self.options.kernel)
+            self.image = image = ensure_image(
+                self.arch, log=lambda line: print(line, file=sys.stderr), kernel=self.options.kernel
+            )
             t = self._step("ensure_image", t)
             self.run_dir = make_private_dir(f"vm-{sanitize(self.arch)}")
             self.logdir = self.artifacts_dir or self.run_dir / "logs"
@@ -310,7 +308,7 @@ class GuestVM:
     @property
     def served_by(self) -> list[Endpoint]:
         """Every back-end and relay that served this VM (restarted and unplugged ones too)."""
-        return list(self.devices.served_by) if self.devices is not None else []
+        return self.devices.served_by if self.devices is not None else []
 
     def _first(self) -> PluggedDevice:
         plugged = self._devices().plugged
@@ -327,11 +325,6 @@ class GuestVM:
     def backend(self) -> Backend:
         """Our back-end behind the first device."""
         return self._first().backend
-
-    @property
-    def endpoint(self) -> Endpoint:
-        """What QEMU talks to for the first device: our back-end, or the relay."""
-        return self._first().endpoint
 
     def plug(self, device: VhostUserDevice, **options: object) -> PluggedDevice:
         """Hot-plug ``device`` (testbed.plugging.Devices.plug)."""
