@@ -185,7 +185,11 @@ class Endpoint(Closeable):
 
     # -- waits with deadlines ----------------------------------------------------------------
 
-    def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Until ``predicate()`` is true, re-checked whenever the serving thread's state
+        moves (a request answered, a ring served, a deferred action done; a device model's
+        counters, say); ``what`` names the condition in the timeout's message."""
+
         def alive() -> None:
             if self._failure is not None:
                 raise TestbedError(f"{self.kind} thread failed: {self._failure}") from (
@@ -200,22 +204,18 @@ class Endpoint(Closeable):
             wait_on(self._cond, predicate, timeout, f"{self.kind} on {self.socket_path}: {what}",
                     seen=seen, alive=alive)  # fmt: skip
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """Until ``predicate()`` is true, re-checked whenever the serving thread's state
-        moves (a request answered, a ring served, a deferred action done; a device model's
-        counters, say); ``what`` names the condition in the timeout's message."""
-        self._wait(predicate, timeout, what)
-
     def wait_connected(self, timeout: float, count: int = 1) -> None:
         """Until ``count`` connections have been accepted in total."""
-        self._wait(lambda: self._sessions >= count, timeout, f"connection #{count}")
+        self.wait_until(lambda: self._sessions >= count, timeout, f"connection #{count}")
 
     def wait_for_request(self, request: Request, timeout: float, count: int = 1) -> None:
         """Until ``request`` has arrived ``count`` times in total (all connections)."""
-        self._wait(lambda: self._seen.count(request) >= count, timeout, f"{request.name} x{count}")
+        self.wait_until(
+            lambda: self._seen.count(request) >= count, timeout, f"{request.name} x{count}"
+        )
 
     def wait_disconnected(self, timeout: float, count: int = 1) -> DisconnectKind:
         """Until ``count`` connections have ended; returns how the last of them ended."""
-        self._wait(lambda: len(self._disconnects) >= count, timeout, f"disconnect #{count}")
+        self.wait_until(lambda: len(self._disconnects) >= count, timeout, f"disconnect #{count}")
         with self._cond:
             return self._disconnects[count - 1]

@@ -126,7 +126,7 @@ class Backend(Endpoint, ChannelRequests):
 
     def wait_driver_ok(self, timeout: float) -> None:
         """Until the current connection's device was started (the guest set DRIVER_OK)."""
-        self._wait(
+        self.wait_until(
             lambda: self._session is not None and self._session.driver_ok,
             timeout,
             "DRIVER_OK (vhost device start)",
