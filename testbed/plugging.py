@@ -181,9 +181,7 @@ class Devices(Closeable):
         )
 
     @phase("plug")
-    def plug(
-        self, device: VhostUserDevice, *, port: str | None = None, see_timeout: float = SEE_TIMEOUT
-    ) -> PluggedDevice:
+    def plug(self, device: VhostUserDevice, *, port: str | None = None) -> PluggedDevice:
         """Serve ``device`` and hot-plug it into a free root port (or ``port``); returns once
         the guest lists the new function with its driver. A refused device_add raises
         QmpCommandFailed (chardev and back-end cleaned up); QEMU dying raises QemuExited.
@@ -217,7 +215,7 @@ class Devices(Closeable):
         added = time.monotonic()
         # Sysfs lists a hot-added function before the kernel has assigned its BARs; the
         # driver bind (virtio-pci) comes after that, so it is the sign the add finished.
-        bdf = guest.wait_new_function(placed.virtio_id, sorted(before), see_timeout)
+        bdf = guest.wait_new_function(placed.virtio_id, sorted(before), SEE_TIMEOUT)
         plugged = PluggedDevice(serving, bdf, hot=True)
         plugged.timings = {
             "device_add": round(added - t0, 3),
@@ -234,7 +232,6 @@ class Devices(Closeable):
         plugged: PluggedDevice,
         *,
         timeout: float = UNPLUG_TIMEOUT,
-        disconnect_timeout: float = DISCONNECT_TIMEOUT,
         guest_ejects: bool = True,
     ) -> UnplugResult:
         """device_del -> DEVICE_DELETED -> gone in the guest -> chardev-remove -> the
@@ -255,7 +252,7 @@ class Devices(Closeable):
         gone = time.monotonic() - t0
         self.plugged.remove(plugged)
         machine.qmp("chardev-remove", id=device.id)
-        kind = plugged.endpoint.wait_disconnected(disconnect_timeout)
+        kind = plugged.endpoint.wait_disconnected(DISCONNECT_TIMEOUT)
         plugged.serving.close()
         result = UnplugResult(kind, round(deleted, 3), round(gone, 3))
         plugged.timings.update(device_deleted=result.deleted_after, guest_gone=result.gone_after)

@@ -119,7 +119,6 @@ class SSHSession(Closeable):
         host_key_line: str,
         deadline: float,
         *,
-        user: str = "root",
         check_alive: Callable[[], None] | None = None,
     ) -> SSHSession:
         """Connect, retrying every RETRY_INTERVAL s until `deadline` (time.monotonic()).
@@ -148,7 +147,7 @@ class SSHSession(Closeable):
                     host,
                     port=port,
                     sock=sock,
-                    username=user,
+                    username="root",
                     pkey=pkey,
                     look_for_keys=False,
                     allow_agent=False,

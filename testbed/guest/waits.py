@@ -20,22 +20,16 @@ SYSFS_PCI_DEVICES = "/sys/bus/pci/devices"
 VIRTIO_STATUS_DRIVER_OK = 4
 
 
-def _steps(timeout: float, step: float) -> int:
-    return max(1, round(timeout / step))
-
-
-def wait_script(
-    condition: str, timeout: float, *, step: float = STEP, then: str = "", sleep: str | None = None
-) -> str:
+def wait_script(condition: str, timeout: float, *, then: str = "", sleep: str | None = None) -> str:
     """A guest script that evaluates ``condition`` (sh; its exit status is the answer)
-    every ``step`` s until it holds, then runs ``then`` (which may print what was found)
+    every STEP s until it holds, then runs ``then`` (which may print what was found)
     and exits 0; or exits 1 after about ``timeout`` s. ``condition`` may also end the
     script itself with `exit 0` once it has printed its finding. ``sleep``: the pause
     command (default busybox's `usleep`; the fast tests run these in the host's sh)."""
-    pause = sleep or f"usleep {round(step * 1e6)}"
+    pause = sleep or f"usleep {round(STEP * 1e6)}"
     return (
         f"i=0; until {{ {condition}; }}; do "
-        f"[ $i -ge {_steps(timeout, step)} ] && exit 1; "
+        f"[ $i -ge {max(1, round(timeout / STEP))} ] && exit 1; "
         f"{pause}; i=$((i + 1)); done; {then or 'true'}"
     )
 

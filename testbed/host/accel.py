@@ -90,9 +90,10 @@ def decide_accel(requested: str, arch: str, facts: HostFacts) -> AccelChoice:
 # --------------------------------------------------------------------------- I/O: facts
 
 
-def kvm_modules(sys_module: Path = Path("/sys/module")) -> tuple[str, ...]:
+def kvm_modules() -> tuple[str, ...]:
     try:
-        return tuple(sorted(p.name for p in sys_module.iterdir() if p.name.startswith("kvm")))
+        modules = Path("/sys/module").iterdir()
+        return tuple(sorted(p.name for p in modules if p.name.startswith("kvm")))
     except OSError:
         return ()
 

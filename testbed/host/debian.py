@@ -83,10 +83,10 @@ def missing_packages(packages: Sequence[HostPackage] | None = None) -> list[Host
     return [p for p in wanted if p.name not in have]
 
 
-def lists_present(lists_dir: Path = APT_LISTS) -> bool:
+def lists_present() -> bool:
     """Whether apt has package lists; a fresh machine has none and needs apt-get update."""
     try:
-        return any(p.name.endswith("_Packages") for p in lists_dir.iterdir())
+        return any(p.name.endswith("_Packages") for p in APT_LISTS.iterdir())
     except OSError:
         return False
 

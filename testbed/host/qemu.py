@@ -90,8 +90,8 @@ def version_from_qmp(reply: Mapping[str, Any]) -> Version:
         raise ValueError(f"malformed query-version reply: {reply!r}") from exc
 
 
-def meets_minimum(version: Version, minimum: Version = MIN_VERSION) -> bool:
-    """version >= minimum, counting QEMU development trees as the release they lead to.
+def meets_minimum(version: Version) -> bool:
+    """version >= MIN_VERSION, counting QEMU development trees as the release they lead to.
 
     QEMU numbers its git tree after release x.y as x.y.50 and release candidates x.y.90+,
     both on the way to x.(y+1): a developer's master build of 11.0.50 is 11.1 in the making.
@@ -100,7 +100,7 @@ def meets_minimum(version: Version, minimum: Version = MIN_VERSION) -> bool:
     """
     major, minor, micro = version
     effective = (major, minor + 1, 0) if micro >= 50 else version
-    return effective >= minimum
+    return effective >= MIN_VERSION
 
 
 def format_version(version: Version | None) -> str:

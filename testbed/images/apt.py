@@ -161,12 +161,12 @@ class AptState:
     architecture serialise instead of fighting over apt's own lock files.
     """
 
-    def __init__(self, root: Path, arch: str, suite: str, mirror: str | None = None) -> None:
+    def __init__(self, root: Path, arch: str, suite: str) -> None:
         self.root = root
         self.arch = arch
         self.deb_arch = debian_arch(arch)
         self.suite = suite
-        self.mirror = mirror or host_debian_mirror()
+        self.mirror = host_debian_mirror()
         self.lists = root / "lists"
         self.archives = root / "cache"
         self.sources = root / "sources.list"

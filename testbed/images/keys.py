@@ -66,7 +66,7 @@ def derive_seed(master: bytes, label: str) -> bytes:
     return hmac.new(master, b"testbed-image-key:" + label.encode(), hashlib.sha256).digest()
 
 
-def openssh_private_key(pair: Ed25519Pair, comment: str = "testbed") -> bytes:
+def openssh_private_key(pair: Ed25519Pair) -> bytes:
     """An unencrypted OpenSSH private key file ("-----BEGIN OPENSSH PRIVATE KEY-----")."""
     # the two equal check ints only detect a wrong passphrase; derive them so output is stable
     check = hashlib.sha256(b"check" + pair.seed).digest()[:4]
@@ -76,7 +76,7 @@ def openssh_private_key(pair: Ed25519Pair, comment: str = "testbed") -> bytes:
         + ssh_string(KEY_TYPE)
         + ssh_string(pair.public)
         + ssh_string(pair.seed + pair.public)
-        + ssh_string(comment.encode())
+        + ssh_string(b"testbed")
     )
     private += bytes(range(1, 1 + (-len(private) % 8)))  # padding 1, 2, 3... to the block (8)
     body = (

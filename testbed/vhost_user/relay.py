@@ -26,7 +26,6 @@ import logging
 import os
 import selectors
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +55,6 @@ from testbed.vhost_user.trace import (
     CHANNEL_TO_QEMU,
     FROM_QEMU,
     TO_QEMU,
-    TraceEntry,
 )
 
 log = logging.getLogger(__name__)
@@ -134,9 +132,8 @@ class Relay(Endpoint):
         trace_path: Path | None = None,
         inject: ShmemLayout | None = None,
         backend_timeout: float = 10.0,
-        on_message: Callable[[TraceEntry], None] | None = None,
     ) -> None:
-        super().__init__(socket_path, trace_path, on_message)
+        super().__init__(socket_path, trace_path)
         self.backend_path = Path(backend_path)
         self.inject = inject
         self.backend_timeout = backend_timeout
@@ -282,7 +279,7 @@ class Relay(Endpoint):
         self._record(FROM_QEMU, header, body, len(msg.fds), found)
         self._saw(request)
 
-        injecting = self.inject is not None and not s.backend_protocol & SHMEM
+        injecting = self.injecting
         if injecting and request is Request.GET_SHMEM_CONFIG:
             assert self.inject is not None
             reply = offer.shmem_config_body(self.inject, NO_FAULTS)
