@@ -176,14 +176,14 @@ class GuestSession:
         out = self.run(f"echo {SYSFS_PCI_DEVICES}/*", check=True, timeout=20).text
         return {word.rsplit("/", 1)[-1] for word in out.split() if "*" not in word}
 
+    def _sysfs_view(self) -> GuestPciView:
+        with phase("guest PCI view"):
+            return inspect_pci(self.ssh, lspci=False, dmesg=False, timeout=20)
+
     def test_devices(self, virtio_id: int) -> dict[str, GuestPciDevice]:
         """The functions with ``virtio_id`` the guest lists right now, by BDF."""
-        with phase("guest PCI view"):
-            view = inspect_pci(self.ssh, lspci=False, dmesg=False, timeout=20)
-        return {d.bdf: d for d in view.virtio_devices_of(virtio_id)}
+        return {d.bdf: d for d in self._sysfs_view().virtio_devices_of(virtio_id)}
 
     def test_device(self, virtio_id: int, bdf: str | None = None) -> GuestPciDevice:
         """Our device as the guest lists it (GuestPciView.our_device chooses)."""
-        with phase("guest PCI view"):
-            view = inspect_pci(self.ssh, lspci=False, dmesg=False, timeout=20)
-        return view.our_device(virtio_id, bdf)
+        return self._sysfs_view().our_device(virtio_id, bdf)
