@@ -114,11 +114,8 @@ class ShmemLayout:
     def __bool__(self) -> bool:
         return bool(self.regions)
 
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # the dataclass's would hash the unhashable mapping proxy
         return hash(tuple(self.regions.items()))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ShmemLayout) and dict(self.regions) == dict(other.regions)
 
 
 # -- what serves a device -------------------------------------------------------------------
