@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from testbed.device import ShmemLayout
 from testbed.errors import ConfigError
@@ -33,6 +34,8 @@ class VirtioFsSpec:
     timeout: float = 1.0
     """How long the guest may cache entries and attributes, in seconds (FUSE's
     entry_valid / attr_valid)."""
+    virtio_id: ClassVar[int] = VIRTIO_ID_FS
+    config_size: ClassVar[int] = FS_CONFIG_SIZE
 
     def __post_init__(self) -> None:
         encoded = self.tag.encode()
@@ -52,16 +55,8 @@ class VirtioFsSpec:
         return ShmemLayout({CACHE_SHMID: self.window_size} if self.window_size else {})
 
     @property
-    def virtio_id(self) -> int:
-        return VIRTIO_ID_FS
-
-    @property
     def num_vqs(self) -> int:
         return 1 + self.num_request_queues
-
-    @property
-    def config_size(self) -> int:
-        return FS_CONFIG_SIZE
 
     def build(self) -> VirtioFsDevice:
         return VirtioFsDevice(
@@ -87,6 +82,9 @@ class PmemSpec:
     path: Path | None = None
     map_on_start: bool = True
     """False: the backing is mapped when the scenario says (PmemDevice.map_now)."""
+    virtio_id: ClassVar[int] = VIRTIO_ID_PMEM
+    num_vqs: ClassVar[int] = 1
+    config_size: ClassVar[int] = PMEM_CONFIG_SIZE
 
     def __post_init__(self) -> None:
         _ = self.layout  # a page multiple, a power of two: checked here
@@ -94,18 +92,6 @@ class PmemSpec:
     @property
     def layout(self) -> ShmemLayout:
         return ShmemLayout({SHMEM_REGION_ID: self.size})
-
-    @property
-    def virtio_id(self) -> int:
-        return VIRTIO_ID_PMEM
-
-    @property
-    def num_vqs(self) -> int:
-        return 1
-
-    @property
-    def config_size(self) -> int:
-        return PMEM_CONFIG_SIZE
 
     def build(self) -> PmemDevice:
         return PmemDevice(self.size, path=self.path, map_on_start=self.map_on_start)
