@@ -55,7 +55,7 @@ def launch(
     *,
     stdout: Any,
     stderr: Any,
-    on: Callable[[subprocess.Popen[bytes]], None] | None = None,
+    on: Callable[[subprocess.Popen[bytes]], None],
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` as described above; ``on(proc)`` runs before a held-back signal is
     delivered (the place to record the process). OSError when it cannot be started."""
@@ -69,12 +69,11 @@ def launch(
             preexec_fn=_die_with_parent,
             close_fds=True,
         )
-        if on is not None:
-            on(proc)
+        on(proc)
     return proc
 
 
-def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+def kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     """Send ``sig`` to the process group of ``proc`` if it still runs."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
