@@ -111,13 +111,10 @@ class SnapshotStore:
     def _locked(self, key: str) -> Iterator[None]:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(self.root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "w") as lock:
+        with os.fdopen(fd, "w") as lock:  # closing it releases the lock
             # Blocks while another process makes this snapshot (bounded by its boot timeout).
             fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            yield
 
     def get_or_make(self, key: str, make: Callable[[Snapshot, Path], None]) -> Snapshot:
         """The snapshot ``key``; if missing, ``make(snapshot, partial)`` boots a guest, saves
