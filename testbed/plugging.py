@@ -84,12 +84,10 @@ class PluggedDevice:
 
     @property
     def endpoint(self) -> Endpoint:
-        """What QEMU talks to: our Backend, or the Relay in front of a foreign back-end."""
         return self.serving.endpoint
 
     @property
     def backend(self) -> Backend:
-        """Our back-end (map, unmap, faults); ConfigError for a foreign one."""
         return self.serving.backend
 
     @property

@@ -39,5 +39,4 @@ def add_accel_option(parser: argparse.ArgumentParser) -> None:
 
 
 def explicit_qemu(args: argparse.Namespace, arch: str) -> str | None:
-    value: str | None = getattr(args, f"qemu_{arch}", None)
-    return value
+    return getattr(args, f"qemu_{arch}", None)

@@ -97,9 +97,6 @@ class RelaySession:
             if c is not None
         ]
 
-    def is_channel(self, conn: Connection) -> bool:
-        return conn is self.qemu_channel or conn is self.backend_channel
-
     def close_channel(self) -> None:
         """End the back-end channel only: each side sees its end hang up, as it would
         without the relay; the main connection goes on."""
@@ -236,7 +233,7 @@ class Relay(Endpoint):
         and a relay that dropped the main connection then would hang up under QEMU's
         cleanup, which no direct back-end does (QEMU 11.1.3 segfaults on it). Any other
         connection ends the session."""
-        if s.is_channel(conn):
+        if conn is s.qemu_channel or conn is s.backend_channel:
             s.close_channel()
             return
         with self._cond:
