@@ -61,8 +61,6 @@ def test_shared_memory_caps_with_high_halves_sorted_by_shmid() -> None:
         VirtioShmCap(shmid=5, bar=4, offset=1 << 32, length=16 << 30),
         VirtioShmCap(shmid=200, bar=4, offset=8 << 20, length=8 << 20),
     ]
-    assert fn.shm_cap(5) == VirtioShmCap(5, 4, 1 << 32, 16 << 30)
-    assert fn.shm_cap(4) is None
     assert fn.problems == ()
 
 

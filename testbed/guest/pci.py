@@ -121,12 +121,6 @@ class PciFunction:
         ]
         return sorted(caps, key=lambda c: c.shmid)
 
-    def shm_cap(self, shmid: int) -> VirtioShmCap | None:
-        for cap in self.virtio_shm_caps:
-            if cap.shmid == shmid:
-                return cap
-        return None
-
 
 def _u8(data: bytes, at: int) -> int:
     return data[at]
