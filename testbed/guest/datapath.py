@@ -26,7 +26,6 @@ from testbed.guest.inspect import inspect_pci
 from testbed.guest.pci import PciFunction, ResourceTable
 from testbed.guest.ssh import CommandResult
 from testbed.virtio import (
-    DEVICE_STATUS,
     DRIVER_OK_PROGRAM,
     RESET_PROGRAM,
     VIRTIO_PCI_CAP_COMMON_CFG,
@@ -204,12 +203,6 @@ class GuestDevice:
             f"echo 1 > {sysfs}/enable\n"
         )
 
-    @property
-    def driver(self) -> str | None:
-        sysfs = shlex.quote(self.sysfs)
-        out = self._run(f"[ -e {sysfs}/driver ] && basename $(readlink {sysfs}/driver) || true")
-        return out.text.strip() or None
-
     def windows(self) -> DeviceWindows:
         """Where the registers and regions are (read once: BARs do not move while bound)."""
         if self._windows is None:
@@ -219,11 +212,6 @@ class GuestDevice:
                 raise ParseError(f"{self.bdf}: the guest does not list this function")
             self._windows = locate(self.bdf, device.function, device.resources)
         return self._windows
-
-    def status(self) -> int:
-        """device_status as the guest reads it."""
-        out = self._run(f"devmem {self.windows().common_cfg + DEVICE_STATUS:#x} 8")
-        return parse_status_lines(out.text, 1)[0]
 
     def _play(self, program: tuple[Step, ...]) -> None:
         out = self._run(program_script(program, self.windows().common_cfg))

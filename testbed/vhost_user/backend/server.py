@@ -21,7 +21,6 @@ from pathlib import Path
 from testbed.device import ShmemLayout
 from testbed.errors import ConfigError, PeerClosed, ProtocolError, StateError, TestbedError
 from testbed.vhost_user import connection as conn_mod
-from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.channel import ChannelRequests, ModelHost
 from testbed.vhost_user.backend.deferred import Deferred
 from testbed.vhost_user.backend.dispatch import Dispatcher
@@ -143,9 +142,6 @@ class Backend(Endpoint, ChannelRequests):
         if self._failure is not None:
             raise TestbedError(f"back-end thread failed: {self._failure}") from self._failure
 
-    def offered_protocol_features(self) -> int:
-        return self._dispatcher.offered_protocol_features()
-
     def defer(self, what: str, action: Callable[[], None]) -> None:
         """Run ``action`` on the back-end's worker thread (DeviceHost; see deferred.py)."""
         self._deferred.submit(what, action)
@@ -153,9 +149,6 @@ class Backend(Endpoint, ChannelRequests):
     def _wake_waiters(self) -> None:
         with self._cond:
             self._cond.notify_all()
-
-    def shmem_reply_body(self) -> bytes:
-        return offer.shmem_config_body(self.layout, self.faults)
 
     # --- serving thread -----------------------------------------------------------------
 

@@ -131,11 +131,6 @@ class Later:
             deliver = self._deliver
         deliver(self)
 
-    @property
-    def resolved(self) -> bool:
-        with self._lock:
-            return self._finish is not None
-
     def finish(self, memory: GuestMemory) -> Completion:
         """Write the answer into ``memory`` (the back-end's serving thread)."""
         with self._lock:
