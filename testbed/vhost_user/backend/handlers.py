@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from testbed.device import ShmemLayout
 from testbed.errors import ProtocolError
 from testbed.vhost_user.backend import offer
 from testbed.vhost_user.backend.session import Session
@@ -59,10 +58,6 @@ class DeviceHandler:
         self.model = model
         self.faults = faults
 
-    @property
-    def layout(self) -> ShmemLayout:
-        return self.model.layout
-
     # --- requests with a reply of their own ----------------------------------------------
 
     def get_queue_num(self, s: Session, msg: Message, p: None) -> Result:
@@ -78,7 +73,7 @@ class DeviceHandler:
         return u64(s.status)
 
     def get_shmem_config(self, s: Session, msg: Message, p: None) -> Result:
-        body = offer.shmem_config_body(self.layout, self.faults)
+        body = offer.shmem_config_body(self.model.layout, self.faults)
         if self.faults.shmem_truncate is not None:
             body = body[: self.faults.shmem_truncate]
         try:
