@@ -62,16 +62,12 @@ class GuestSession:
         died under it, the error is QemuExited (exit status or signal, stderr and console
         tails), not an SSH error."""
         with phase("guest command"):
-            return self._run(command, check=check, timeout=timeout, stdin=stdin)
+            return self._run(command, check, timeout, stdin)
 
     def _run(
-        self,
-        command: str | Sequence[str],
-        *,
-        check: bool = False,
-        timeout: float = 60.0,
-        stdin: bytes | None = None,
+        self, command: str | Sequence[str], check: bool, timeout: float, stdin: bytes | None
     ) -> CommandResult:
+        """``run`` outside the "guest command" phase (a wait's command is the wait's)."""
         try:
             return self.ssh.run(command, check=check, timeout=timeout, stdin=stdin)
         except Exception as exc:
@@ -109,7 +105,7 @@ class GuestSession:
         is the profile's "wait: ``kind``"."""
         with phase(f"wait: {kind}"):
             script = wait_script(condition, timeout, then=then)
-            result = self._run(script, timeout=timeout + SSH_MARGIN)
+            result = self._run(script, False, timeout + SSH_MARGIN, None)
         if result.returncode == 0:
             return result.text
         seen = ""
