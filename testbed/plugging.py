@@ -179,8 +179,8 @@ class Devices(Closeable):
         )
 
     @phase("plug")
-    def plug(self, device: VhostUserDevice, *, port: str | None = None) -> PluggedDevice:
-        """Serve ``device`` and hot-plug it into a free root port (or ``port``); returns once
+    def plug(self, device: VhostUserDevice) -> PluggedDevice:
+        """Serve ``device`` and hot-plug it into a free root port; returns once
         the guest lists the new function with its driver. A refused device_add raises
         QmpCommandFailed (chardev and back-end cleaned up); QEMU dying raises QemuExited.
         With ``reconnect_ms`` the chardev re-dials a restarted back-end."""
@@ -189,7 +189,7 @@ class Devices(Closeable):
             raise ConfigError("hot-plug needs empty root ports: boot with root_ports=N")
         self._hot_count += 1
         name = f"hp{self._hot_count}"
-        placed = device.placed(name, self.run_dir / f"{name}.sock", port or self.free_port())
+        placed = device.placed(name, self.run_dir / f"{name}.sock", self.free_port())
         serving = self.serve(placed, name)
         before = guest.functions()
         t0 = time.monotonic()

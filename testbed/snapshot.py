@@ -157,13 +157,13 @@ class SnapshotStore:
 # -- QEMU's side: save and load over QMP (QEMU's migration to and from a file) -------------
 
 
-def save(machine: QemuMachine, path: Path, timeout: float = SAVE_TIMEOUT) -> None:
+def save(machine: QemuMachine, path: Path) -> None:
     """Stop the guest and write its whole state (devices and RAM) to ``path``. QEMU stays
     paused; a GuestMachine started with that file as ``incoming`` continues from here."""
     machine.qmp("stop")
     machine.qmp("migrate-set-capabilities", capabilities=STATE_FILE_CAPABILITIES)
     machine.qmp("migrate", uri=f"file:{path}")
-    machine.wait_migration(f"saving the guest to {path}", timeout)
+    machine.wait_migration(f"saving the guest to {path}", SAVE_TIMEOUT)
 
 
 def load(machine: GuestMachine, timeout: float) -> None:

@@ -326,9 +326,9 @@ class GuestVM:
         """Our back-end behind the first device."""
         return self._first().backend
 
-    def plug(self, device: VhostUserDevice, **options: object) -> PluggedDevice:
+    def plug(self, device: VhostUserDevice) -> PluggedDevice:
         """Hot-plug ``device`` (testbed.plugging.Devices.plug)."""
-        return self._devices().plug(device, **options)  # type: ignore[arg-type]
+        return self._devices().plug(device)
 
     def unplug(self, plugged: PluggedDevice, **options: object) -> UnplugResult:
         """Hot-unplug ``plugged`` (testbed.plugging.Devices.unplug)."""

@@ -162,9 +162,9 @@ class GuestSession:
 
     # -- the guest's view of PCI --------------------------------------------------------
 
-    def inspect_pci(self, *, lspci: bool = True, dmesg: bool = True) -> GuestPciView:
+    def inspect_pci(self) -> GuestPciView:
         with phase("guest PCI view"):
-            return inspect_pci(self.ssh, lspci=lspci, dmesg=dmesg)
+            return inspect_pci(self.ssh)
 
     def functions(self) -> set[str]:
         """Every PCI function the guest lists (BDFs), cheaply: the shell's own echo, no

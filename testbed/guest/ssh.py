@@ -249,18 +249,13 @@ class SSHSession(Closeable):
             result.check(text)
         return result
 
-    def interactive(self, command: str | None = None) -> int:
-        """A pty session wired to our terminal (raw mode) until the guest side closes.
-
-        Returns the exit status of the shell (or `command`).
-        """
+    def interactive(self) -> int:
+        """A shell on a pty wired to our terminal (raw mode) until the guest side closes;
+        the shell's exit status."""
         chan = self.transport.open_session()
         size = shutil.get_terminal_size()
         chan.get_pty(term=os.environ.get("TERM", "vt100"), width=size.columns, height=size.lines)
-        if command is None:
-            chan.invoke_shell()
-        else:
-            chan.exec_command(command)
+        chan.invoke_shell()
         fd = sys.stdin.fileno()
         out = sys.stdout.buffer
         is_tty = os.isatty(fd)

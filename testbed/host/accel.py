@@ -98,7 +98,8 @@ def kvm_modules() -> tuple[str, ...]:
         return ()
 
 
-def gather_facts(device: Path = Path("/dev/kvm")) -> HostFacts:
+def gather_facts() -> HostFacts:
+    device = Path("/dev/kvm")
     exists = device.exists()
     usable, error = False, ""
     if exists:

@@ -38,12 +38,12 @@ def parse_package_list(text: str) -> list[HostPackage]:
     return packages
 
 
-def required_packages(path: Path = PACKAGE_LIST) -> list[HostPackage]:
+def required_packages() -> list[HostPackage]:
     try:
-        return parse_package_list(path.read_text())
+        return parse_package_list(PACKAGE_LIST.read_text())
     except OSError as exc:
         raise HostCapabilityError(
-            f"cannot read the host package list {path}: {exc}; run from a testbed checkout"
+            f"cannot read the host package list {PACKAGE_LIST}: {exc}; run from a testbed checkout"
         ) from exc
 
 
@@ -77,8 +77,8 @@ def installed_packages(names: Sequence[str]) -> set[str]:
     return parse_dpkg_query(out.stdout)
 
 
-def missing_packages(packages: Sequence[HostPackage] | None = None) -> list[HostPackage]:
-    wanted = list(required_packages() if packages is None else packages)
+def missing_packages() -> list[HostPackage]:
+    wanted = required_packages()
     have = installed_packages([p.name for p in wanted])
     return [p for p in wanted if p.name not in have]
 

@@ -139,12 +139,12 @@ class ForeignBackend(Closeable):
             alive=alive,
         )
 
-    def stderr_tail(self, lines: int = 10) -> str:
+    def stderr_tail(self) -> str:
         try:
             text = self.stderr_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(text.splitlines()[-10:])
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

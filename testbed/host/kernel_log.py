@@ -17,7 +17,7 @@ LINE_DELAY = 2.0
 """How long the kernel's line may take to land after the signal."""
 
 
-def segfault_site(pid: int | None, timeout: float = LINE_DELAY) -> dict[str, str]:
+def segfault_site(pid: int | None) -> dict[str, str]:
     """The kernel's segfault line for ``pid``, parsed (testbed.bugs.signature.segfault_in_log:
     binary, offset, ip, addr); empty when the log is not readable or has no such line."""
     if pid is None:
@@ -26,13 +26,13 @@ def segfault_site(pid: int | None, timeout: float = LINE_DELAY) -> dict[str, str
     def look() -> dict[str, str] | None:
         try:
             log = subprocess.run(
-                ["dmesg"], capture_output=True, text=True, timeout=timeout, check=False
+                ["dmesg"], capture_output=True, text=True, timeout=LINE_DELAY, check=False
             ).stdout
         except (OSError, subprocess.TimeoutExpired):
             return {}  # no kernel log to read: no site, and no point in looking again
         return segfault_in_log(log, pid) or None
 
     try:
-        return wait_until(look, timeout, f"the kernel's segfault line for pid {pid}")
+        return wait_until(look, LINE_DELAY, f"the kernel's segfault line for pid {pid}")
     except WaitTimeout:
         return {}

@@ -410,7 +410,7 @@ def _write_wrappers_and_stamp(root: Path, arch: str, *, adopted: bool) -> sysroo
 
 
 @contextlib.contextmanager
-def _provision_lock(log: Log, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+def _provision_lock(log: Log) -> Iterator[None]:
     """An exclusive flock beside the tree (not inside: the tree is swapped by rename)."""
     lock_path = cache_dir() / "qemu.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -429,16 +429,13 @@ def _provision_lock(log: Log, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
 
         try:
             # flock has no timeout of its own: polled, bounded by the deadline.
-            wait_until(locked, timeout, f"the provision lock {lock_path}", interval=0.2)
+            wait_until(locked, LOCK_TIMEOUT, f"the provision lock {lock_path}", interval=0.2)
         except WaitTimeout:
             raise ProvisionError(
-                f"another provision held {lock_path} for {timeout:.0f} s; if none is "
+                f"another provision held {lock_path} for {LOCK_TIMEOUT:.0f} s; if none is "
                 "running, remove the lock file and retry"
             ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        yield  # closing the lock file releases the flock
 
 
 def provision(log: Log = print, *, install_missing: bool = False) -> dict[str, Path]:

@@ -106,9 +106,9 @@ def write_cpio(entries: Iterable[CpioEntry]) -> bytes:
     return bytes(out)
 
 
-def gzip_reproducible(data: bytes, level: int = 6) -> bytes:
+def gzip_reproducible(data: bytes) -> bytes:
     """gzip with mtime 0 and no file name, so equal input gives equal output."""
-    return gzip.compress(data, compresslevel=level, mtime=0)
+    return gzip.compress(data, compresslevel=6, mtime=0)
 
 
 def compress_initrd(data: bytes, compression: str) -> bytes:

@@ -363,9 +363,9 @@ def _read_recipe_file(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid JSON: {exc}") from exc
 
 
-def kernel_names(arch: str, recipes_dir: Path | None = None) -> tuple[str, ...]:
+def kernel_names(arch: str) -> tuple[str, ...]:
     """The kernels `arch`'s recipe names, in file order (validated)."""
-    path = recipe_path(arch, recipes_dir)
+    path = recipe_path(arch)
     return tuple(parse_recipes(_read_recipe_file(path), str(path), arch))
 
 

@@ -87,7 +87,7 @@ class Connection(Closeable):
         self.name = name or ("backend-channel" if backend_channel else "frontend")
 
     @classmethod
-    def from_fd(cls, fd: OwnedFd, *, backend_channel: bool = True) -> Connection:
+    def from_fd(cls, fd: OwnedFd) -> Connection:
         """Wrap a received socket fd (SET_BACKEND_REQ_FD); takes ownership of it."""
         raw = fd.take()
         try:
@@ -100,7 +100,7 @@ class Connection(Closeable):
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
             sock.close()
             raise ProtocolError("SET_BACKEND_REQ_FD: the fd is not an AF_UNIX stream socket")
-        return cls(sock, backend_channel=backend_channel)
+        return cls(sock, backend_channel=True)
 
     @property
     def sock(self) -> socket.socket:

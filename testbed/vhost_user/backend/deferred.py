@@ -21,6 +21,7 @@ from testbed.resource import Closeable
 log = logging.getLogger(__name__)
 
 _STOP = None
+STOP_TIMEOUT = 10.0
 
 
 class Deferred(Closeable):
@@ -71,8 +72,8 @@ class Deferred(Closeable):
                     self._pending -= 1
                 self._on_done()
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop after the actions already submitted; wait up to ``timeout`` for them (the
+    def close(self) -> None:
+        """Stop after the actions already submitted; wait up to STOP_TIMEOUT for them (the
         caller first closes what they may be blocked on). Idempotent."""
         with self._lock:
             if self._closed:
@@ -82,6 +83,8 @@ class Deferred(Closeable):
         if thread is None:
             return
         self._queue.put(_STOP)
-        thread.join(timeout)
+        thread.join(STOP_TIMEOUT)
         if thread.is_alive():
-            log.error("%s did not stop within %.0f s (an action is stuck)", self._name, timeout)
+            log.error(
+                "%s did not stop within %.0f s (an action is stuck)", self._name, STOP_TIMEOUT
+            )
