@@ -226,11 +226,7 @@ class Devices(Closeable):
 
     @phase("unplug")
     def unplug(
-        self,
-        plugged: PluggedDevice,
-        *,
-        timeout: float = UNPLUG_TIMEOUT,
-        guest_ejects: bool = True,
+        self, plugged: PluggedDevice, *, timeout: float = UNPLUG_TIMEOUT, guest_ejects: bool = True
     ) -> UnplugResult:
         """device_del -> DEVICE_DELETED -> gone in the guest -> chardev-remove -> the
         back-end sees the disconnect (and is closed). Returns how and how fast. With

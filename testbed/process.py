@@ -51,11 +51,7 @@ def signals_held() -> Iterator[None]:
 
 
 def launch(
-    argv: Sequence[str],
-    *,
-    stdout: Any,
-    stderr: Any,
-    on: Callable[[subprocess.Popen[bytes]], None],
+    argv: Sequence[str], *, stdout: Any, stderr: Any, on: Callable[[subprocess.Popen[bytes]], None]
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` as described above; ``on(proc)`` runs before a held-back signal is
     delivered (the place to record the process). OSError when it cannot be started."""

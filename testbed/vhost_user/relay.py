@@ -50,12 +50,7 @@ from testbed.vhost_user.rules import (
     expects_reply,
     header_violations,
 )
-from testbed.vhost_user.trace import (
-    CHANNEL_FROM_QEMU,
-    CHANNEL_TO_QEMU,
-    FROM_QEMU,
-    TO_QEMU,
-)
+from testbed.vhost_user.trace import CHANNEL_FROM_QEMU, CHANNEL_TO_QEMU, FROM_QEMU, TO_QEMU
 
 log = logging.getLogger(__name__)
 
