@@ -9,7 +9,7 @@ from dataclasses import fields
 from typing import Any
 
 import pytest
-from fuse_guest import IN_HDR, INIT_IN, LINUX_6_1, LINUX_6_12, NO_FH
+from fuse_guest import DIRENT, IN_HDR, INIT_IN, LINUX_6_1, LINUX_6_12, NO_FH
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,7 +26,6 @@ from testbed.fuse.codec import (
     RemovemappingArgs,
     RenameArgs,
     WriteArgs,
-    decode_reply,
     decode_request,
     encode_error,
     encode_reply,
@@ -178,15 +177,17 @@ def test_write_and_rename2_round_trip(data: bytes, fh: int) -> None:
 
 
 @given(u64, u64, u32, names.filter(lambda n: len(n) > 0))
-def test_dirent_round_trip(ino: int, off: int, dtype: int, name: bytes) -> None:
+def test_dirent_layout(ino: int, off: int, dtype: int, name: bytes) -> None:
+    """fuse_dirent as the guest reads it (tests/fuse_guest.py's DIRENT, packed by hand):
+    ino, off, namelen, type, the name, zeros to 8 bytes; fuse_direntplus puts the entry
+    before it."""
     dirent = Dirent(ino, off, dtype, name)
     packed = dirent.pack()
     assert len(packed) % 8 == 0 and len(packed) == Dirent.size_for(name)
-    assert structs.parse_listing(packed + packed, Dirent) == [dirent, dirent]
+    assert packed == (DIRENT.pack(ino, off, len(name), dtype) + name).ljust(len(packed), b"\0")
     entry = EntryOut(ino, 0, 0, 0, 0, 0, Attr(ino, *[0] * 14))
-    plus = Direntplus(entry, dirent)
-    assert len(plus.pack()) == Direntplus.size_for(name)
-    assert structs.parse_listing(plus.pack(), Direntplus) == [plus]
+    plus = Direntplus(entry, dirent).pack()
+    assert plus == entry.pack() + packed and len(plus) == Direntplus.size_for(name)
 
 
 @pytest.mark.parametrize(("namelen", "size"), [(1, 32), (8, 32), (9, 40), (16, 40), (17, 48)])
@@ -279,18 +280,10 @@ def test_malformed_requests(data: bytes, message: str) -> None:
 def test_replies() -> None:
     reply = encode_reply(77, b"abc", b"de")
     assert reply == struct.pack("<IiQ", 21, 0, 77) + b"abcde"
-    assert decode_reply(reply) == (OutHeader(21, 0, 77), b"abcde")
     assert encode_error(5, 2) == struct.pack("<IiQ", 16, -2, 5)
     for bad in (0, 512, -1):
         with pytest.raises(FuseProtocolError):
             encode_error(1, bad)
-    for data in (
-        b"\0" * 15,
-        struct.pack("<IiQ", 17, 0, 1),
-        struct.pack("<IiQ", 20, -2, 1) + b"x" * 4,
-    ):
-        with pytest.raises(FuseProtocolError):
-            decode_reply(data)
 
 
 # --- the decoder fuzzed ----------------------------------------------------------------------
@@ -321,12 +314,3 @@ def test_decoder_fuzzed_past_the_header(opcode: int, body: bytes, extlen: int) -
         # not the bytes or the header's length.
         again = decode_request(request.pack())
         assert request.opcode == opcode and again.opcode == opcode and again.args == request.args
-
-
-@settings(max_examples=300)
-@given(st.binary(max_size=300))
-def test_dirent_parsers_never_raise_anything_else(data: bytes) -> None:
-    with contextlib.suppress(FuseProtocolError):
-        structs.parse_listing(data, Dirent)
-    with contextlib.suppress(FuseProtocolError):
-        structs.parse_listing(data, Direntplus)

@@ -397,18 +397,3 @@ def encode_error(unique: int, errno_: int) -> bytes:
     if not 0 < errno_ <= MAX_ERRNO:
         raise FuseProtocolError(f"reply: errno {errno_} outside 1..{MAX_ERRNO}")
     return OutHeader(OUT_HEADER_SIZE, -errno_, unique).pack()
-
-
-def decode_reply(data: bytes) -> tuple[OutHeader, bytes]:
-    """Split a reply into its out-header and payload; ``len`` must match what is there."""
-    data = bytes(data)
-    if len(data) < OUT_HEADER_SIZE:
-        raise FuseProtocolError("FUSE reply: shorter than the out-header", data)
-    header = OutHeader.unpack(data[:OUT_HEADER_SIZE])
-    if header.len != len(data):
-        raise FuseProtocolError(f"FUSE reply: len {header.len}, got {len(data)} bytes", data)
-    if header.error > 0 or header.error < -MAX_ERRNO:
-        raise FuseProtocolError(f"FUSE reply: error {header.error} out of range", data)
-    if header.error and len(data) != OUT_HEADER_SIZE:
-        raise FuseProtocolError("FUSE reply: an error reply carries a payload", data)
-    return header, data[OUT_HEADER_SIZE:]

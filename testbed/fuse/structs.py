@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, Self, TypeVar
+from typing import ClassVar, Self
 
 from testbed.errors import FuseProtocolError
-from testbed.fuse.wire import INIT_EXT_MINOR, NAME_MAX, InitFlag, Struct, align8
+from testbed.fuse.wire import INIT_EXT_MINOR, InitFlag, Struct, align8
 
 
 @dataclass(frozen=True)
@@ -390,20 +390,6 @@ class Dirent:
         raw = head + self.name
         return raw + b"\0" * (self.size_for(self.name) - len(raw))
 
-    @classmethod
-    def unpack_from(cls, data: bytes, offset: int = 0) -> tuple[Self, int]:
-        """One dirent at ``offset``; returns it and the offset of the next one."""
-        if len(data) - offset < _DIRENT.size:
-            raise FuseProtocolError("fuse_dirent: truncated header", bytes(data[offset:]))
-        ino, off, namelen, dtype = _DIRENT.unpack_from(data, offset)
-        if not 0 < namelen <= NAME_MAX:
-            raise FuseProtocolError(f"fuse_dirent: namelen {namelen}", bytes(data[offset:]))
-        end = offset + align8(_DIRENT.size + namelen)
-        if end > len(data):
-            raise FuseProtocolError("fuse_dirent: truncated name", bytes(data[offset:]))
-        name = bytes(data[offset + _DIRENT.size : offset + _DIRENT.size + namelen])
-        return cls(ino, off, dtype, name), end
-
 
 @dataclass(frozen=True)
 class Direntplus:
@@ -418,24 +404,3 @@ class Direntplus:
 
     def pack(self) -> bytes:
         return self.entry.pack() + self.dirent.pack()
-
-    @classmethod
-    def unpack_from(cls, data: bytes, offset: int = 0) -> tuple[Self, int]:
-        if len(data) - offset < EntryOut.SIZE:
-            raise FuseProtocolError("fuse_direntplus: truncated entry", bytes(data[offset:]))
-        entry = EntryOut.unpack(data[offset : offset + EntryOut.SIZE])
-        dirent, end = Dirent.unpack_from(data, offset + EntryOut.SIZE)
-        return cls(entry, dirent), end
-
-
-E = TypeVar("E", Dirent, Direntplus)
-
-
-def parse_listing(data: bytes, kind: type[E]) -> list[E]:
-    """A READDIR (``Dirent``) or READDIRPLUS (``Direntplus``) reply's payload, entry by entry."""
-    out: list[E] = []
-    offset = 0
-    while offset < len(data):
-        entry, offset = kind.unpack_from(data, offset)
-        out.append(entry)
-    return out

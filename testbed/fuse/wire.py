@@ -43,9 +43,6 @@ NO_FH = (1 << 64) - 1
 DAX_SHIFT = 21
 DAX_RANGE = 1 << DAX_SHIFT
 
-# fs/fuse/readdir.c parse_dirfile(): "dirent->namelen > FUSE_NAME_MAX" is -EIO.
-NAME_MAX = 1024
-
 
 class Opcode(enum.IntEnum):
     """enum fuse_opcode (uapi). Kept whole so traces name what a guest sends."""
