@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.02
 MIGRATION_ENDS = frozenset({"completed", "failed", "cancelled"})
+MIGRATION_EXIT_GRACE = 2.0
+"""Seconds a QEMU whose migration failed is given to exit (an incoming one does)."""
 TAIL_LINES = 20
 
 
@@ -447,10 +449,15 @@ class QemuMachine(Closeable):
         'events' migration capability on (testbed.snapshot does)."""
         event = self.wait_event("MIGRATION", timeout, {"status": MIGRATION_ENDS})
         status = event["data"]["status"]
-        if status != "completed":
-            last = self.qmp("query-migrate")
-            reason = last.get("error-desc") or tail(self.stderr_text()) or "no reason given"
-            raise TestbedError(f"migration {status} while {doing}: {reason}")
+        if status == "completed":
+            return
+        # A failed incoming migration ends QEMU (its stderr says why): that exit, once QEMU
+        # is gone, is the error; the event can arrive just before it.
+        if self.wait_exited(MIGRATION_EXIT_GRACE) is not None:
+            self.check_alive(f"after the migration {status} while {doing}")
+        last = self.qmp("query-migrate")
+        reason = last.get("error-desc") or tail(self.stderr_text()) or "no reason given"
+        raise TestbedError(f"migration {status} while {doing}: {reason}")
 
     # -- teardown --------------------------------------------------------------------------
 
