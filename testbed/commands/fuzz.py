@@ -15,6 +15,7 @@ from testbed.errors import ConfigError
 from testbed.fuzz import corpus
 from testbed.fuzz.grammar import Case
 from testbed.fuzz.run import Campaign, replay, table
+from testbed.host import debugger
 from testbed.host.qemu import resolve_qemu
 from testbed.paths import results_dir
 
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if args.replay is not None:
         case = Case.load(args.replay)
         binary = resolve_qemu(case.arch, args.qemu)
-        found = replay(case, binary.path)
+        # Under a debugger when there is one: a silent crash's site without the kernel log.
+        found = replay(case, binary.path, debug=debugger.available())
         for f in found:
             tag = f"known {f.known}" if f.known else "NEW"
             print(f"[{tag}] {f.signature}  (at {f.where})")

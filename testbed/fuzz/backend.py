@@ -12,6 +12,7 @@ from typing import Any
 
 from testbed.device import ShmemLayout
 from testbed.errors import ProtocolError
+from testbed.fuzz.files import memfd
 from testbed.fuzz.grammar import U64_MASK, Case, ReplyKind, ReplyMutation, ShmemConfig
 from testbed.limits import MAX_SHMEM_REGIONS, PAGE_SIZE
 from testbed.vhost_user.backend import Backend, offer
@@ -21,9 +22,6 @@ from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.connection import Message
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import FLAG_REPLY, VERSION, Header, Request
-
-MEMFD_NAME = "testbed-fuzz"
-"""The name of every memfd the fuzzer makes: /proc/PID/fd shows it as /memfd:testbed-fuzz."""
 
 
 class FuzzDispatcher(Dispatcher):
@@ -129,10 +127,3 @@ class FuzzBackend(Backend):
             return self.fuzz
 
         super().__init__(path, ShmemLayout(), faults=faults, wrap_dispatcher=wrap, **kwargs)
-
-
-def memfd(size: int) -> int:
-    """A memfd of ``size`` bytes (the caller closes it)."""
-    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd

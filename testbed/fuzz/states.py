@@ -11,14 +11,24 @@ stopped answering) or ``Unreached`` (a state could not be entered and QEMU lives
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
+from testbed.bugs.signature import SILENT_EXITS, exit_of
 from testbed.device import VhostUserDevice
 from testbed.errors import QemuExited, TestbedError, WaitTimeout
 from testbed.fuzz.backend import FuzzBackend
-from testbed.fuzz.grammar import REALIZE, Case, ReplyMutation, State, frontend_name
+from testbed.fuzz.grammar import (
+    REALIZE,
+    Case,
+    ReplyMutation,
+    State,
+    coverage_key,
+    frontend_name,
+)
 from testbed.fuzz.result import PlayResult
+from testbed.host.debugger import Catcher
 from testbed.host.kernel_log import segfault_site
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import behind_root_port_options, root_port_id
@@ -51,8 +61,14 @@ class StateDriver:
     """One guest-less QEMU and the back-ends that served it, for one case. ``close()``
     leaves nothing running."""
 
-    def __init__(self, case: Case, qemu: Path, workdir: Path, result: PlayResult) -> None:
+    def __init__(
+        self, case: Case, qemu: Path, workdir: Path, result: PlayResult, *, debug: bool = False
+    ) -> None:
         self.case = case
+        self.debug = debug
+        """Attach a debugger to QEMU once it is up: a silent crash gets its site from it
+        (testbed.host.debugger) instead of the kernel's log."""
+        self.catcher: Catcher | None = None
         self.qemu_path = qemu
         self.workdir = workdir
         self.result = result
@@ -100,6 +116,8 @@ class StateDriver:
             if self.machine is not None:
                 self.machine.close()
         finally:
+            if self.catcher is not None:
+                self.catcher.close()
             for b in self.backends:
                 b.close()
             if self.kept_channel is not None:
@@ -110,7 +128,11 @@ class StateDriver:
     def record_death(self, code: int) -> None:
         self.result.returncode = code
         self.result.died_in = self.result.died_in or self.where
-        if code == -11 and self.machine is not None:
+        if exit_of(code) not in SILENT_EXITS or self.machine is None:
+            return
+        if self.catcher is not None:
+            self.result.segfault = self.catcher.site()
+        if not self.result.segfault and code == -signal.SIGSEGV:
             self.result.segfault = segfault_site(self.machine.pid)
 
     def dead(self) -> Died:
@@ -166,7 +188,9 @@ class StateDriver:
         case = self.case
         self.new_backend(case.replies)
         for m in case.replies:
-            self.result.pairs.append((REALIZE, f"reply:{frontend_name(m.request)}:{m.kind}"))
+            self.result.pairs.append(
+                coverage_key(REALIZE, f"reply:{frontend_name(m.request)}:{m.kind}")
+            )
         device = VhostUserDevice(
             "vu0",
             self.socket,
@@ -197,6 +221,8 @@ class StateDriver:
             if qm.pid is not None and qm.wait_exited(0.5) is None and qm.returncode is None:
                 raise Hung(f"realize did not finish within {START_TIMEOUT:.0f}s: {exc}") from None
             raise Died() from None
+        if self.debug and self.machine.pid is not None:
+            self.catcher = Catcher(self.machine.pid, self.workdir / "gdb.log").start()
         self.where = "realized"
 
     def _last_request(self) -> str:

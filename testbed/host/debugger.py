@@ -1,0 +1,118 @@
+"""A crash's site from a debugger, for a crash that prints nothing (SIGSEGV, SIGBUS): gdb
+attached to QEMU for a replay. Unlike the kernel's segfault line (testbed.host.kernel_log)
+it needs no readable kernel log, is not rate-limited, and sees a SIGBUS too, which the
+kernel does not log.
+
+``Catcher(pid)`` attaches gdb (``gdb -p``: QEMU stays our child, so its exit status is
+still ours to read), lets every signal through but the fatal ones, and on one of those
+prints the faulting pc, the fault address, the backtrace and the mappings, then detaches:
+the signal is delivered as it would have been, and QEMU dies of it. ``site()`` parses what
+gdb printed (testbed.bugs.signature.fault_in_gdb): the same "binary + file offset" the
+kernel logs, so both sources give one signature.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from testbed.bugs.signature import SILENT_EXITS, fault_in_gdb
+from testbed.errors import TestbedError, WaitTimeout
+from testbed.process import launch, stop
+from testbed.resource import Closeable
+from testbed.waiting import wait_until
+
+ATTACH_TIMEOUT = 15.0
+REPORT_TIMEOUT = 10.0
+"""How long gdb may take to print its report once the process died (it unwinds a stripped
+binary: fast, but on a loaded host not instant)."""
+ATTACHED = "TESTBED-ATTACHED"
+FATAL = " ".join(e.removeprefix("signal:") for e in SILENT_EXITS)
+
+
+def gdb_argv(gdb: str, pid: int) -> list[str]:
+    """The batch gdb that attaches to ``pid`` and reports a fatal signal (pure)."""
+    commands = [
+        "set pagination off",
+        "set confirm off",
+        "set print thread-events off",
+        "handle all nostop noprint pass",
+        f"handle {FATAL} stop print pass",
+        f"echo {ATTACHED}\\n",
+        "continue",
+        "echo TESTBED-STOPPED\\n",
+        "p/x $pc",
+        "p $_siginfo.si_signo",
+        "p $_siginfo._sifields._sigfault.si_addr",
+        "bt 12",
+        "info proc mappings",
+        "echo TESTBED-END\\n",
+        "detach",
+    ]
+    argv = [gdb, "-nx", "-q", "-batch", "-iex", "set debuginfod enabled off"]
+    for command in commands:
+        argv += ["-ex", command]
+    return [*argv, "-p", str(pid)]
+
+
+def available() -> bool:
+    return shutil.which("gdb") is not None
+
+
+class Catcher(Closeable):
+    """gdb attached to one process, for its fatal signal's site. ``start()`` returns once
+    the process runs again under gdb; ``close()`` leaves nothing running."""
+
+    def __init__(self, pid: int, log: Path) -> None:
+        self.pid = pid
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Catcher:
+        gdb = shutil.which("gdb")
+        if gdb is None:
+            raise TestbedError("gdb is not installed: no crash site without the kernel log")
+        with self.log.open("wb") as out:
+            self.proc = launch(gdb_argv(gdb, self.pid), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_until(
+                lambda: ATTACHED in self._text(),
+                ATTACH_TIMEOUT,
+                f"gdb attached to {self.pid}",
+                interval=0.02,
+                seen=lambda: self._text()[-300:],
+                alive=self._alive,
+            )
+        except (WaitTimeout, TestbedError):
+            self.close()
+            raise
+        return self
+
+    def _alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None and ATTACHED not in self._text():
+            raise TestbedError(f"gdb could not attach to {self.pid}: {self._text()[-300:]}")
+
+    def _text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def site(self, timeout: float = REPORT_TIMEOUT) -> dict[str, str]:
+        """The fatal signal's site once the process died of it (empty: none, or gdb did not
+        report in time): binary, offset, addr, signal, and caller when the pc is outside
+        the binary (a libc routine QEMU called)."""
+        proc = self.proc
+        if proc is None:
+            return {}
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return {}
+        return fault_in_gdb(self._text())
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            stop(proc, 2.0)
