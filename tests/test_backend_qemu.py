@@ -306,8 +306,8 @@ def test_map_while_device_stopped_is_answered(case: str, arch: str, sockdir: Pat
                 qemu.wait_event("RESET", TIMEOUT)
             else:
                 assert qemu.qtest is not None
-                qemu.qtest.write_int(pci.bars[2] + DEVICE_STATUS, 8, 0)  # common cfg: BAR 2
-                assert qemu.qtest.read_int(pci.bars[2] + DEVICE_STATUS, 8) == 0
+                qemu.qtest.write_int(pci.common_address(DEVICE_STATUS), 8, 0)
+                assert qemu.qtest.read_int(pci.common_address(DEVICE_STATUS), 8) == 0
         mapping = request is BackendRequest.SHMEM_MAP
         payload = MMap(1, 0, 0, M, 1 if mapping else 0)
         verdict = _send_raw(backend, qemu, request, payload, [mem.fileno()] if mapping else [])

@@ -258,7 +258,7 @@ def test_a_reset_drops_the_mappings_and_the_session(rig: Rig) -> None:
     nodeid, _ = rig.mount()
     assert rig.call(rig.requests.setupmapping(nodeid, 0, 0, write=True)).error == 0
     assert rig.fs.held_fds > rig.fs.idle_fds
-    rig.qtest.write_int(rig.pci.bars[2] + 0x14, 8, 0)  # device_status = 0: the guest resets
+    rig.qtest.write_int(rig.pci.common_address(0x14), 8, 0)  # device_status = 0: the guest resets
     rig.backend.wait_until(
         lambda: not rig.fs.running and rig.fs.unsettled() == [], TIMEOUT,
         "the device stopped and settled",

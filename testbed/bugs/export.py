@@ -11,20 +11,21 @@ DIR/vhost-user-trace.jsonl   our back-end's wire trace of that run (payloads dec
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from testbed.artifacts import write_script
-from testbed.bugs import Bug, lookup
-from testbed.bugs import standalone as standalone_module
+from testbed.bugs import Bug, lookup, standalone, standalone_backend, standalone_site
 from testbed.bugs.recipes import RECIPES
 from testbed.bugs.runner import Outcome, run_recipe
 from testbed.errors import ConfigError, TestbedError
 from testbed.machine.cmdline import format_command
 
 PLACEHOLDER_DIR = "/tmp/qemu-repro"
+TEMPLATE_PARTS = (standalone_site, standalone_backend, standalone)
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,24 @@ class Exported:
     files: tuple[Path, ...]
 
 
+INLINED = re.compile(
+    r"^# -- inlined into repro.py: begin.*?^# -- inlined into repro.py: end\n", re.M | re.S
+)
+FUTURE = "from __future__ import annotations\n"
+
+
+def template_text() -> str:
+    """The stand-alone template as one file: standalone_site's text, standalone_backend's,
+    then standalone's, without the imports that join them in the package. Pure (reads
+    the package's own files)."""
+    parts = [Path(m.__file__ or "").read_text() for m in TEMPLATE_PARTS]
+    first, *rest = parts
+    return first + "".join("\n\n" + INLINED.sub("", part.replace(FUTURE, "", 1)) for part in rest)
+
+
 def render_repro(script: dict[str, Any]) -> str:
     """repro.py: the standalone template's text with ``script`` embedded. Pure."""
-    template = Path(standalone_module.__file__).read_text()
+    template = template_text()
     data = json.dumps(script, indent=1, sort_keys=True)
     # A raw triple-quoted string keeps the JSON readable; repr() if it cannot hold it.
     literal = f'r"""{data}"""' if '"""' not in data and not data.endswith('"') else repr(data)

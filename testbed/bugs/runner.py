@@ -15,6 +15,7 @@ from typing import Any
 
 from testbed.bugs import Bug, lookup
 from testbed.bugs.recipes import RECIPES
+from testbed.bugs.recipes_fuzz import RECIPE_ARCHES
 from testbed.bugs.recording import RecipeFailed, Run
 from testbed.bugs.rerun import rerun_scenario
 from testbed.bugs.signature import RUNNING, Evidence
@@ -73,6 +74,8 @@ def run_recipe(bug_id: str, arch: str, qemu: Path, *, trace_path: Path | None = 
     if arch not in bug.arches:
         return Recorded(Outcome(bug.id, arch, DOES_NOT_APPLY, None, 0.0), None)
     recipe = RECIPES.get(bug.id)
+    if arch not in RECIPE_ARCHES.get(bug.id, (arch,)):
+        recipe = None
     if recipe is None and any(CORPUS_TEST in scenario for scenario in bug.scenarios):
         return Recorded(_replay_corpus(bug, arch, qemu, started), None)
     if recipe is None:

@@ -19,11 +19,19 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from testbed.bugs.standalone_site import (
+    SILENT_SIGNALS,
+    fault_in_gdb,
+    format_site,
+    segfault_in_log,
+)
 from testbed.errors import QemuExited
+
+__all__ = ["fault_in_gdb", "segfault_in_log"]
 
 RUNNING = "running"
 """The exit of a QEMU that did not exit (a silent misbehaviour, a hang)."""
-SILENT_EXITS = ("signal:SIGSEGV", "signal:SIGBUS", "signal:SIGILL", "signal:SIGFPE")
+SILENT_EXITS = tuple(f"signal:{name}" for name in SILENT_SIGNALS)
 """Deaths that print nothing: the site (a debugger's report, or the kernel's segfault line)
 is what tells them apart."""
 
@@ -31,12 +39,6 @@ ASSERTION = re.compile(r"(\w+): Assertion `(.+?)' failed")
 """glibc's assert(): "pci_register_bar: Assertion `is_power_of_2(size)' failed"."""
 G_ASSERTION = re.compile(r"(\w+): assertion failed: \((.+?)\)")
 """GLib's g_assert(): "vub_get_features: assertion failed: (backend_features)"."""
-SEGFAULT_LINE = re.compile(
-    r"\[(?P<pid>\d+)\]: segfault at (?P<addr>[0-9a-f]+) ip (?P<ip>[0-9a-f]+) .*? in "
-    r"(?P<binary>[\w.+-]+)\[(?P<offset>[0-9a-f]+)[,+]"
-)
-"""The kernel's line: "qemu-system-x86_64[1234]: segfault at 0 ip ... in
-qemu-system-x86_64[9cadd4,...]"."""
 
 
 def exit_of(returncode: int | None) -> str:
@@ -62,66 +64,6 @@ def assertion(text: str) -> re.Match[str] | None:
     return ASSERTION.search(text) or G_ASSERTION.search(text)
 
 
-def segfault_in_log(log: str, pid: int) -> dict[str, str]:
-    """The last kernel segfault line of process ``pid`` in ``log`` (dmesg's text): binary,
-    offset (in the binary's mapping), ip, addr; empty when there is none."""
-    for line in reversed(log.splitlines()):
-        found = SEGFAULT_LINE.search(line)
-        if found and int(found["pid"]) == pid:
-            return {k: found[k] for k in ("binary", "offset", "ip", "addr")}
-    return {}
-
-
-_GDB_VALUE = re.compile(r"^\$(\d+) = (?:\(void \*\) )?(0x[0-9a-f]+|-?\d+)", re.M)
-_GDB_FRAME = re.compile(r"^#(\d+)\s+(0x[0-9a-f]+)", re.M)
-_GDB_MAPPING = re.compile(
-    r"^\s*(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+0x[0-9a-f]+\s+(0x[0-9a-f]+)\s+(?:[rwxps-]{4}\s+)?(/\S.*)$",
-    re.M,
-)
-
-
-def fault_in_gdb(text: str) -> dict[str, str]:
-    """The fatal signal's site from testbed.host.debugger's gdb report: the faulting pc as
-    the binary it lies in and its offset in that file (what the kernel's segfault line
-    says), the fault address, the signal number, and -- when the pc lies outside QEMU's
-    binary (a libc routine) -- the first frame in a qemu-system-* binary as ``caller``
-    ("qemu-system-x86_64+0x1a2b3c"). Empty when gdb reported no fatal signal."""
-    _, stopped, report = text.partition("TESTBED-STOPPED")
-    if not stopped:
-        return {}
-    values = {int(n): v for n, v in _GDB_VALUE.findall(report)}
-    if 1 not in values:
-        return {}
-    maps = [
-        (int(a, 16), int(b, 16), int(off, 16), path.strip().rsplit("/", 1)[-1])
-        for a, b, off, path in _GDB_MAPPING.findall(report)
-    ]
-
-    def where(address: int) -> tuple[str, int] | None:
-        for start, end, offset, name in maps:
-            if start <= address < end:
-                return name, address - start + offset
-        return None
-
-    pc = int(values[1], 16)
-    site = where(pc)
-    out = {
-        "binary": site[0] if site else "?",
-        "offset": f"{site[1]:x}" if site else f"{pc:x}",
-        "ip": f"{pc:x}",
-        "addr": f"{int(values[3], 16):x}" if values.get(3, "").startswith("0x") else "",
-        "signal": values.get(2, ""),
-    }
-    if site is None or not site[0].startswith("qemu-system"):
-        for _, frame in sorted((int(n), f) for n, f in _GDB_FRAME.findall(report)):
-            found = where(int(frame, 16))
-            if found and found[0].startswith("qemu-system"):
-                # A return address: the call instruction is the byte before it.
-                out["caller"] = f"{found[0]}+0x{found[1] - 1:x}"
-                break
-    return out
-
-
 def crash_site(stderr: str, segfault: dict[str, str]) -> str:
     """What tells crash sites apart: the assertion, else the faulting instruction's offset
     in the binary ("qemu-system-x86_64+0x9cadd4", from the kernel's segfault line or a
@@ -130,11 +72,7 @@ def crash_site(stderr: str, segfault: dict[str, str]) -> str:
     found = assertion(stderr)
     if found:
         return found[0]
-    if segfault:
-        site = f"{segfault['binary']}+0x{segfault['offset']}"
-        caller = segfault.get("caller")
-        return f"{site} from {caller}" if caller else site
-    return ""
+    return format_site(segfault)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ class FuzzDispatcher(Dispatcher):
         # ``wiring``: what the back-end built its own dispatcher with (Dispatcher.build_like).
         super().__init__(*wiring)
         self.case = case
+        # One mutation per reply: of two that name the same one, the last is played.
         self.mutations = {(m.request, m.nth): m for m in mutations}
         self.counts: dict[int, int] = {}
         self.fired: list[ReplyMutation] = []

@@ -156,9 +156,11 @@ def gen_offer(rng: random.Random) -> Offer:
 
 
 def gen_replies(rng: random.Random) -> tuple[ReplyMutation, ...]:
-    out = []
+    out: list[ReplyMutation] = []
     for _ in range(rng.choice((1, 1, 2))):
         request = _pick(rng, MUTABLE_REQUESTS)
+        if any(m.request == request for m in out):
+            continue  # one mutation per reply: the back-end bends each reply one way
         kind = _pick(rng, GENERATED_KINDS)
         value = 0
         if kind is ReplyKind.FLAGS:

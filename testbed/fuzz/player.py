@@ -249,7 +249,11 @@ class Player:
             return
         problems = case.config.problems(False)
         full = SHMEM_CONFIG_SIZE
-        for m in case.replies:
+        # The mutations that bent a reply, not the ones the case lists: one that never fired
+        # (a second mutation of the same reply, which the back-end keeps only one of) bent
+        # nothing QEMU could have refused.
+        fired = [m for b in self.states.backends if b.fuzz for m in b.fuzz.fired]
+        for m in fired:
             if m.request != Request.GET_SHMEM_CONFIG or m.nth != 1:
                 continue
             if m.kind == ReplyKind.BYTES:

@@ -282,7 +282,7 @@ class StateDriver:
     def reset_device(self) -> None:
         """device_status 0, as a guest's driver resets the device."""
         assert self.pci is not None
-        self.qtest().write_int(self.pci.bars[2] + DEVICE_STATUS, 8, 0)
+        self.qtest().write_int(self.pci.common_address(DEVICE_STATUS), 8, 0)
 
     def _driver(self) -> PciFunctionDriver:
         if not self.case.behind_root_port:

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from testbed.bugs.signature import SILENT_EXITS, fault_in_gdb
+from testbed.bugs.standalone_site import GDB_ATTACHED, fault_in_gdb, gdb_argv
 from testbed.errors import TestbedError, WaitTimeout
 from testbed.process import launch, stop
 from testbed.resource import Closeable
@@ -27,33 +27,6 @@ ATTACH_TIMEOUT = 15.0
 REPORT_TIMEOUT = 10.0
 """How long gdb may take to print its report once the process died (it unwinds a stripped
 binary: fast, but on a loaded host not instant)."""
-ATTACHED = "TESTBED-ATTACHED"
-FATAL = " ".join(e.removeprefix("signal:") for e in SILENT_EXITS)
-
-
-def gdb_argv(gdb: str, pid: int) -> list[str]:
-    """The batch gdb that attaches to ``pid`` and reports a fatal signal (pure)."""
-    commands = [
-        "set pagination off",
-        "set confirm off",
-        "set print thread-events off",
-        "handle all nostop noprint pass",
-        f"handle {FATAL} stop print pass",
-        f"echo {ATTACHED}\\n",
-        "continue",
-        "echo TESTBED-STOPPED\\n",
-        "p/x $pc",
-        "p $_siginfo.si_signo",
-        "p $_siginfo._sifields._sigfault.si_addr",
-        "bt 12",
-        "info proc mappings",
-        "echo TESTBED-END\\n",
-        "detach",
-    ]
-    argv = [gdb, "-nx", "-q", "-batch", "-iex", "set debuginfod enabled off"]
-    for command in commands:
-        argv += ["-ex", command]
-    return [*argv, "-p", str(pid)]
 
 
 def available() -> bool:
@@ -77,7 +50,7 @@ class Catcher(Closeable):
             self.proc = launch(gdb_argv(gdb, self.pid), stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_until(
-                lambda: ATTACHED in self._text(),
+                lambda: GDB_ATTACHED in self._text(),
                 ATTACH_TIMEOUT,
                 f"gdb attached to {self.pid}",
                 interval=0.02,
@@ -90,7 +63,11 @@ class Catcher(Closeable):
         return self
 
     def _alive(self) -> None:
-        if self.proc is not None and self.proc.poll() is not None and ATTACHED not in self._text():
+        if (
+            self.proc is not None
+            and self.proc.poll() is not None
+            and GDB_ATTACHED not in self._text()
+        ):
             raise TestbedError(f"gdb could not attach to {self.pid}: {self._text()[-300:]}")
 
     def _text(self) -> str:

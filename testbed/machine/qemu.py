@@ -37,6 +37,7 @@ from typing import IO, Any, Self, TypeVar
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.message import Message
 
+from testbed.bugs.signature import crash_site, exit_of
 from testbed.errors import (
     ConsoleFailure,
     HostCapabilityError,
@@ -46,6 +47,7 @@ from testbed.errors import (
     TestbedError,
     WaitTimeout,
 )
+from testbed.host.kernel_log import segfault_site
 from testbed.machine.cmdline import MachineConfig, build_command, format_command
 from testbed.paths import make_private_dir, remove_tree
 from testbed.process import kill, launch
@@ -398,10 +400,16 @@ class QemuMachine(Closeable):
         code = self.returncode
         if code is None:
             return None
+        stderr = tail(self.stderr_text())
+        if exit_of(code) == "signal:SIGSEGV":
+            # A segfault prints nothing: where it happened (the kernel's line, when the log
+            # can be read) is what tells it from another one.
+            site = crash_site("", segfault_site(self.pid))
+            stderr += f"\ncrash site: {site}" if site else ""
         return QemuExited(
             f"QEMU exited {doing} (logs in {self.logdir})",
             returncode=code,
-            stderr_tail=tail(self.stderr_text()),
+            stderr_tail=stderr,
             console_tail=self._console_tail(),
         )
 
