@@ -30,7 +30,6 @@ DEVICE_TYPE = "vhost-user-test-device-pci"
 DEFAULT_VIRTIO_ID = 26
 
 
-
 @dataclass(frozen=True)
 class BaseDevice:
     """A QEMU device built on vhost-user-base that asks the back-end for shared memory
@@ -60,6 +59,11 @@ VHOST_USER_BASE_DEVICES: dict[str, BaseDevice] = {
 """Every device QEMU 11.1 builds on vhost-user-base with shared-memory support (`--device`
 takes these; vhost-user-scmi, -vsock, -blk, -gpu and -fs are not built on it and never
 ask). Whether a given QEMU binary has each is testbed.machine.probe's question."""
+
+
+def base_devices_in(types: set[str]) -> list[str]:
+    """The vhost-user-base devices with shared memory among QEMU's ``types``, in table order."""
+    return [name for name in VHOST_USER_BASE_DEVICES if name in types]
 
 
 def base_device(device_type: str) -> BaseDevice:

@@ -469,6 +469,7 @@ class Run(Closeable):
                 "observable": self.bug.observable,
             },
             "argv": self.argv,
+            "device": self.base.type,
             "qtest": self.qtest,
             "backend": {
                 "socket": self.socket.name,

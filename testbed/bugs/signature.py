@@ -127,6 +127,7 @@ class Evidence:
         """One line for reports: the most telling stderr/error line and the exit."""
         lines = [ln.strip() for ln in self.text.splitlines() if ln.strip()]
         telling = next((ln for ln in lines if "Assertion" in ln or "assertion" in ln), None)
+        telling = telling or next((ln for ln in lines if ln.startswith("crash site:")), None)
         return f"{telling or (lines[0] if lines else '(no message)')} [{self.exit}]"
 
 

@@ -447,6 +447,19 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
     args = parser.parse_args(argv)
     qemu_path = shutil.which(args.qemu) or args.qemu
     print(f"{script['bug']}: {script['title']}")
+    # A bug that depends on a race gets a few tries, each with a fresh QEMU (and says so).
+    attempts = script.get("attempts", 1)
+    for attempt in range(1, attempts + 1):
+        if attempts > 1:
+            print(f"attempt {attempt} of {attempts}")
+        code = reproduce(script, qemu_path, args.verbose)
+        if code != 1:
+            return code
+    return 1
+
+
+def reproduce(script: dict[str, Any], qemu_path: str, verbose: bool) -> int:
+    """One run: 0 when the bug showed, 1 when it did not, 130 on Ctrl-C."""
     workdir = tempfile.mkdtemp(prefix="qemu-repro-")  # 0700: our sockets live here
     qemu: Qemu | None = None
     gdb: Gdb | None = None
@@ -483,7 +496,7 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
             stderr += (
                 f"\ncrash site: {site}" if site else "\ncrash site: unknown (no gdb, no kernel log)"
             )
-        if args.verbose or code is not None:
+        if verbose or code is not None:
             print("  QEMU's stderr:\n" + "".join(f"    {ln}\n" for ln in stderr.splitlines()))
         reproduced = judge(script["signature"], stderr, exit_kind, runner.observed)
         sig = script["signature"]
@@ -493,7 +506,9 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
         if reproduced:
             pattern = sig.get("stderr") or "$^"
             lines = [ln for ln in stderr.splitlines() if ln.strip() and re.search(pattern, ln)]
-            seen = runner.observed[0] if sig.get("observable") else (lines or [wanted])[-1]
+            shown = [o for o in runner.observed if re.search(sig.get("observable") or "$^", o)]
+            tail = [ln for ln in stderr.splitlines() if ln.strip()][-2:]
+            seen = shown[0] if shown else " / ".join(lines[-1:] or tail or [wanted])
             print(f"REPRODUCED: {seen} [QEMU {exit_kind}]")
             return 0
         print(f"NOT REPRODUCED: wanted {wanted} [{sig.get('exit', 'any')}]; QEMU {exit_kind}")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.device import ShmemLayout
+from testbed.device import ShmemLayout, base_device
 from testbed.errors import ProtocolError
 from testbed.fuzz.files import memfd
 from testbed.fuzz.grammar import U64_MASK, Case, ReplyKind, ReplyMutation, ShmemConfig
@@ -21,7 +21,7 @@ from testbed.vhost_user.backend.handlers import Reply
 from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.connection import Message
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import FLAG_REPLY, VERSION, Header, Request
+from testbed.vhost_user.protocol import FLAG_REPLY, VERSION, Header, ProtocolFeature, Request
 
 
 class FuzzDispatcher(Dispatcher):
@@ -113,12 +113,16 @@ class FuzzBackend(Backend):
         self, path: Path, case: Case, mutations: tuple[ReplyMutation, ...], **kwargs: Any
     ) -> None:
         offer = case.offer
+        base = base_device(case.device)
+        # A device that refuses a back-end without PROTOCOL_F_CONFIG gets it offered.
+        config = int(ProtocolFeature.CONFIG) if base.needs_config else 0
         faults = Faults(
             no_shmem=offer.shmem_bit is None,
             shmem_bit=22 if offer.shmem_bit is None else offer.shmem_bit,
-            extra_features=offer.extra,
+            extra_features=offer.extra | config,
             withhold_features=offer.withhold,
         )
+        kwargs.setdefault("num_queues", base.queues)
         self.fuzz: FuzzDispatcher | None = None
 
         def wrap(base: Dispatcher) -> Dispatcher:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from testbed.device import base_device
 from testbed.errors import PeerClosed, QemuExited, TestbedError, WaitTimeout
 from testbed.fuzz.fdspec import FileOp, Op
 from testbed.fuzz.files import PATTERN, OpenFd, open_fds
@@ -146,8 +147,8 @@ class FilePlay:
         m, pci = states.machine, states.pci
         if m is None or m.qtest is None or pci is None or 4 not in pci.bars:
             return None
-        if not self.model.started:
-            return None
+        if not self.model.started or not base_device(self.model.device).shmem_bar:
+            return None  # stopped, or a device whose regions the guest cannot reach
         offset = self.model.guest_address(action, op.arg(0), WIDTH)
         if offset is None:
             return None

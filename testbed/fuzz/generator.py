@@ -11,6 +11,7 @@ import random
 from collections.abc import Sequence
 from typing import TypeVar
 
+from testbed.device import DEVICE_TYPE
 from testbed.fuzz.fdspec import FILE_KINDS, FdKind, FdSpec, FileOp, Op, SizeClass
 from testbed.fuzz.grammar import (
     CHANNEL_REQUESTS,
@@ -89,7 +90,8 @@ def case_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"testbed-fuzz:{seed}:{index}")
 
 
-def generate(arch: str, seed: int, index: int) -> Case:
+def generate(arch: str, seed: int, index: int, device: str = DEVICE_TYPE) -> Case:
+    """Case ``index`` of ``seed`` for ``arch``; the same draws for every ``device``."""
     rng = case_rng(seed, index)
     states = states_for(arch)
     last = rng.choices(states, [STATE_WEIGHTS[s] for s in states])[0]
@@ -109,7 +111,9 @@ def generate(arch: str, seed: int, index: int) -> Case:
     # Actions follow the path's order.
     order = {s.value: i for i, s in enumerate(path)}
     actions.sort(key=lambda a: order[a.state])
-    return Case(arch, seed, index, offer, config, replies, last.value, tuple(actions), reconnect)
+    return Case(
+        arch, seed, index, offer, config, replies, last.value, tuple(actions), reconnect, device
+    )
 
 
 def gen_config(rng: random.Random, behind_port: bool) -> ShmemConfig:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed import limits
+from testbed.device import DEVICE_TYPE
 from testbed.fuzz.fdspec import fd_kind_of
 from testbed.vhost_user.protocol import (
     SHMEM_CONFIG_SIZE,
@@ -310,6 +311,8 @@ class Case:
     reconnect: str = "live"
     """How after-reconnect is entered (RECONNECT_MODES); "live" is what a case without
     the key meant (version-1 cases and corpus entries)."""
+    device: str = DEVICE_TYPE
+    """The QEMU device (testbed.device.VHOST_USER_BASE_DEVICES): `testbed fuzz --device`."""
 
     @property
     def path(self) -> tuple[State, ...]:
@@ -359,6 +362,7 @@ class Case:
             last_state=data.get("last_state", State.AFTER_DRIVER_OK),
             actions=actions,
             reconnect=data.get("reconnect", "live"),
+            device=data.get("device", DEVICE_TYPE),
         )
 
     def dumps(self) -> str:

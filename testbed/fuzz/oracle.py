@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from testbed import limits
+from testbed.device import DEVICE_TYPE
 from testbed.fuzz.fdspec import FdKind, FdSpec, SizeClass, size_class
 from testbed.fuzz.grammar import Action, BodyKind, ShmemConfig
 from testbed.vhost_user.protocol import BackendRequest, Header, MMap
@@ -69,6 +70,8 @@ class MapModel:
     """False when a realize reply was bent: what QEMU took is not known."""
     uncertain: bool = False
     """A request went without NEED_REPLY: what is mapped is no longer known."""
+    device: str = DEVICE_TYPE
+    """The QEMU device (does the guest see the regions: testbed.device.base_device)."""
 
     @property
     def regions(self) -> dict[int, int]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from testbed.artifacts import write_script
 from testbed.bugs.signature import SILENT_EXITS, exit_of
+from testbed.device import DEVICE_TYPE
 from testbed.fuzz import corpus
 from testbed.fuzz.generator import generate
 from testbed.fuzz.grammar import Case
@@ -46,6 +47,8 @@ class Campaign:
     outdir: Path
     minimise: bool = True
     max_cases: int | None = None
+    device: str = DEVICE_TYPE
+    """The QEMU device every case plugs (`--device`)."""
     cases: int = 0
     errors: int = 0
     replayed_for_site: int = 0
@@ -78,7 +81,7 @@ class Campaign:
             for index in itertools.count():
                 if budget.expired or (self.max_cases is not None and index >= self.max_cases):
                     break
-                case = generate(self.arch, self.seed, index)
+                case = generate(self.arch, self.seed, index, self.device)
                 result = self._with_site(case, play(case, self.qemu))
                 self.cases += 1
                 self._account(case, result, budget)
@@ -188,6 +191,7 @@ class Campaign:
             by_fd.setdefault(state, {}).setdefault(request, {})[fd] = n
         return {
             "arch": self.arch,
+            "device": self.device,
             "qemu": str(self.qemu),
             "version": self.version,
             "seed": self.seed,
@@ -220,7 +224,8 @@ def table(summary: dict[str, Any]) -> str:
     new = sum(1 for s in sigs if s["new"])
     states = sorted(summary["coverage"])
     lines = [
-        f"arch {summary['arch']}  seed {summary['seed']}  QEMU {summary['version']}",
+        f"arch {summary['arch']}  seed {summary['seed']}  QEMU {summary['version']}  "
+        f"device {summary.get('device', DEVICE_TYPE)}",
         f"{'cases':>8} {'minutes':>8} {'cases/min':>10} {'signatures':>11} {'new':>5} "
         f"{'known':>6} {'state x request':>16} {'x fd kind':>10}",
         f"{summary['cases']:>8} {summary['seconds'] / 60:>8.1f} "

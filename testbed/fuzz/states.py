@@ -197,6 +197,7 @@ class StateDriver:
             bus=root_port_id(0) if case.behind_root_port else None,
             addr=0 if case.behind_root_port else None,
             allow_overfull=True,
+            device_type=case.device,
         )
         devices: tuple[VhostUserDevice, ...] = (device,)
         extra: tuple[str, ...] = ()
