@@ -317,3 +317,19 @@ def test_a_file_qemu_grew_is_seen(rig: Rig) -> None:
             fd.close()
     [(kind, judged)] = seen
     assert kind == "file" and judged.text.startswith("QEMU changed the size of a memfd from 0")
+
+
+def test_a_case_names_its_device_and_keeps_its_draws() -> None:
+    import json
+
+    from testbed.fuzz.grammar import Case
+
+    rng = generate("x86_64", 3, 7, "vhost-user-rng-pci")
+    assert rng.device == "vhost-user-rng-pci"
+    assert dataclasses.replace(rng, device=generate("x86_64", 3, 7).device) == generate(
+        "x86_64", 3, 7
+    )
+    assert Case.from_json(json.loads(rng.dumps())) == rng
+    old = json.loads(generate("x86_64", 3, 7).dumps())
+    del old["device"]  # a corpus case from before --device
+    assert Case.from_json(old).device == "vhost-user-test-device-pci"

@@ -4,9 +4,11 @@ QEMU (qtest accel, or tcg -S), QMP and qtest -- and the checks that show a silen
 testbed.bugs.runner runs them; `testbed bugs check` reports the outcome and `testbed bugs
 export` writes the recorded script.
 
-Bugs without a recipe are reproduced otherwise (testbed.bugs.runner): the ones the fuzzer
-found replay their minimised corpus case; the one that needs a guest (device_del on q35
-waits for the guest's ACPI eject) reruns its scenario (testbed.bugs.rerun).
+The recipes of the fd bugs are in testbed.bugs.recipes_fds, those of the bugs the fuzzer
+found in testbed.bugs.recipes_fuzz, their shared parts (the device, `--device`) in
+testbed.bugs.recipe_kit. A bug without a recipe on an arch (unplug-channel-close-hangup-
+segfault on aarch64: virt's hot-unplug needs a guest's pciehp) reruns its scenario
+(testbed.bugs.rerun), or replays its corpus case.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ RECIPE_ARCHES: dict[str, tuple[str, ...]] = {
 }
 """Recipes for some arches only; on the others the bug's scenario is rerun."""
 RECIPE_ATTEMPTS: dict[str, int] = {
-    # A race between QEMU's unrealize and the back-end's hang-up: measured 10 of 12 runs
+    # A race between QEMU's unrealize and the back-end's hang-up: measured 11 of 12 runs
     # on a loaded 2-core host. The reproducer tries a fresh QEMU up to this many times.
     "unplug-channel-close-hangup-segfault": 3,
 }
