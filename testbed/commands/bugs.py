@@ -24,11 +24,17 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from testbed.bugs import lookup, registry, select
+from testbed.bugs.check import check, exit_code, format_table
+from testbed.bugs.export import export, recipe_arch, report
+from testbed.bugs.rerun import rerun_scenario
 from testbed.commands.common import add_arch_option
 from testbed.device import DEVICE_TYPE, VHOST_USER_BASE_DEVICES, base_devices_in
 from testbed.errors import ConfigError
+from testbed.host.qemu import resolve_qemu
 from testbed.machine.probe import device_types
 from testbed.machine.profiles import ARCHES
+from testbed.machine.qemu import quiet_qmp_logs
 
 
 def register(sub: Any) -> None:
@@ -111,7 +117,6 @@ def add_device_option(parser: argparse.ArgumentParser, *, allow_all: bool = Fals
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from testbed.bugs import registry
 
     bugs = list(registry().values())
     if args.json:
@@ -130,7 +135,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from testbed.bugs.rerun import rerun_scenario
 
     if "::" not in args.nodeid:
         raise ConfigError(f"{args.nodeid!r} is not a pytest node id (path::test[params])")
@@ -141,7 +145,6 @@ def run_reproduce(args: argparse.Namespace) -> int:
 
 def _qemus(arches: list[str], explicit: str | None) -> dict[str, tuple[Path, str]]:
     """arch -> (binary, version), resolved as everywhere else (--qemu beats the rest)."""
-    from testbed.host.qemu import resolve_qemu
 
     resolved = {}
     for arch in arches:
@@ -151,9 +154,6 @@ def _qemus(arches: list[str], explicit: str | None) -> dict[str, tuple[Path, str
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from testbed.bugs import select
-    from testbed.bugs.check import check, exit_code, format_table
-    from testbed.machine.qemu import quiet_qmp_logs
 
     quiet_qmp_logs()
     select(args.ids)  # unknown ids fail before any QEMU starts
@@ -173,9 +173,6 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from testbed.bugs import lookup
-    from testbed.bugs.export import export, recipe_arch
-    from testbed.machine.qemu import quiet_qmp_logs
 
     quiet_qmp_logs()
     bug = lookup(args.id)
@@ -191,9 +188,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from testbed.bugs import lookup
-    from testbed.bugs.export import recipe_arch, report
-    from testbed.machine.qemu import quiet_qmp_logs
 
     quiet_qmp_logs()
     bug = lookup(args.id)
