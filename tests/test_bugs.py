@@ -130,12 +130,14 @@ def test_evidence_is_gathered_one_way() -> None:
 
 
 def test_fuzz_where_places_a_shared_signature() -> None:
-    bug = lookup("shmem-map-stopped-device-segfault")
-    site = "qemu-system-x86_64+0x87e9a3"
-    seen = Evidence.gather(
-        [f"signal:SIGSEGV {site} (SHMEM_MAP)", "QEMU exited (signal:SIGSEGV)"], -11
-    )
-    assert bug.matches(seen), "outside the fuzzer no place is known: the signature decides"
+    """An entry with fuzz_where matches a fuzz finding only at those places; outside the
+    fuzzer no place is known and the signature alone decides."""
+    bug = Bug(
+        "some-bug", "t", "c", "f", ("11.1.3",), ("x86_64",), ("s",), "r", "r", False,
+        exit="signal:SIGSEGV", fuzz_where=("SHMEM_MAP@before-driver-ok",),
+    )  # fmt: skip
+    seen = Evidence.gather(["QEMU exited (signal:SIGSEGV)"], -11)
+    assert bug.matches(seen)
     there = Evidence.gather([seen.text], -11, where="SHMEM_MAP@before-driver-ok")
     elsewhere = Evidence.gather([seen.text], -11, where="SHMEM_MAP@after-driver-ok")
     assert bug.matches(there)
