@@ -25,8 +25,6 @@ from testbed.fuzz.backend import FuzzBackend
 from testbed.fuzz.fdspec import FdKind, FdSpec, Op
 from testbed.fuzz.files import OpenFd, open_fd
 from testbed.fuzz.grammar import Case
-from testbed.host import debugger
-from testbed.host.kernel_log import segfault_site
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import GUESTLESS_SLOT, build_qtest_command
 from testbed.machine.probe import pci_bar
@@ -70,8 +68,6 @@ class Run(Closeable):
     disconnect_at: int | None = None
     device_type: str | None = None
     """The QEMU device the recipe's device is (None: the test device; `--device`)."""
-    catcher: debugger.Catcher | None = None
-    """gdb on QEMU, for a bug whose crash prints nothing (its site is the signature)."""
     site: str = ""
     """The site of a crash that printed nothing (from gdb, else the kernel's log)."""
     _raw: list[tuple[str, Header, bytes, int]] = field(default_factory=list)
@@ -165,11 +161,11 @@ class Run(Closeable):
         )
         self.argv = ["{qemu}", *(w.replace(str(self.workdir), "{dir}") for w in template[1:])]
         self.steps.append({"op": "connect"})
-        machine = QtestMachine(config, logdir=self.workdir / "qemu")
+        # A crash that prints nothing is known by its site: gdb on QEMU for that.
+        silent = self.bug.exit in SILENT_EXITS
+        machine = QtestMachine(config, logdir=self.workdir / "qemu", crash_sites=silent)
         self.machine = machine
         machine.start(timeout=30.0)
-        if self.bug.exit in SILENT_EXITS and debugger.available() and machine.pid is not None:
-            self.catcher = debugger.Catcher(machine.pid, self.workdir / "gdb.log").start()
         return machine
 
     def _m(self) -> QtestMachine:
@@ -426,17 +422,9 @@ class Run(Closeable):
             return Evidence.gather(seen or [stderr], code, names=self.bug.id if seen else None)
         # A SIGSEGV prints nothing: the exit itself is the message, and its site.
         exited = [] if code is None else [exited_line(exit_of(code))]
-        if code is not None and exit_of(code) in SILENT_EXITS and machine is not None:
-            self.site = self.site or self._silent_site(machine.pid, code)
-            exited += [f"crash site: {self.site}"] if self.site else []
+        site = crash_site("", machine.silent_site()) if machine is not None else ""
+        exited += [f"crash site: {site}"] if site else []
         return Evidence.gather([stderr, *exited], code)
-
-    def _silent_site(self, pid: int | None, code: int) -> str:
-        """The site of a crash that printed nothing: gdb's report, else the kernel's line."""
-        found = self.catcher.site() if self.catcher is not None else {}
-        if not found and exit_of(code) == "signal:SIGSEGV":
-            found = segfault_site(pid)
-        return crash_site("", found)
 
     def script(self) -> dict[str, Any]:
         """The stand-alone script (see testbed.bugs.standalone): pure data, JSON-ready."""
@@ -486,8 +474,6 @@ class Run(Closeable):
             if self.machine is not None:
                 self.machine.close()
         finally:
-            if self.catcher is not None:
-                self.catcher.close()
             if self.backend is not None:
                 self.backend.close()
             for mem in self._memfds:

@@ -11,7 +11,6 @@ stopped answering) or ``Unreached`` (a state could not be entered and QEMU lives
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from testbed.fuzz.grammar import (
     frontend_name,
 )
 from testbed.fuzz.result import PlayResult
-from testbed.host.debugger import Catcher
-from testbed.host.kernel_log import segfault_site
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import behind_root_port_options, root_port_id
 from testbed.machine.qtest import PciFunctionDriver, QtestClient, acpi_eject, open_root_port
@@ -68,7 +65,6 @@ class StateDriver:
         self.debug = debug
         """Attach a debugger to QEMU once it is up: a silent crash gets its site from it
         (testbed.host.debugger) instead of the kernel's log."""
-        self.catcher: Catcher | None = None
         self.qemu_path = qemu
         self.workdir = workdir
         self.result = result
@@ -116,8 +112,6 @@ class StateDriver:
             if self.machine is not None:
                 self.machine.close()
         finally:
-            if self.catcher is not None:
-                self.catcher.close()
             for b in self.backends:
                 b.close()
             if self.kept_channel is not None:
@@ -128,12 +122,8 @@ class StateDriver:
     def record_death(self, code: int) -> None:
         self.result.returncode = code
         self.result.died_in = self.result.died_in or self.where
-        if exit_of(code) not in SILENT_EXITS or self.machine is None:
-            return
-        if self.catcher is not None:
-            self.result.segfault = self.catcher.site()
-        if not self.result.segfault and code == -signal.SIGSEGV:
-            self.result.segfault = segfault_site(self.machine.pid)
+        if exit_of(code) in SILENT_EXITS and self.machine is not None:
+            self.result.segfault = self.machine.silent_site()
 
     def dead(self) -> Died:
         """Died, with QEMU's exit recorded once it comes (within 2 s): raise it."""
@@ -208,7 +198,9 @@ class StateDriver:
             case.arch, self.qemu_path, devices, qtest=True, listen=case.reconnects,
             extra_args=extra,
         )  # fmt: skip
-        self.machine = QtestMachine(config, logdir=self.workdir / "qemu", qmp_timeout=STEP_TIMEOUT)
+        self.machine = QtestMachine(
+            config, logdir=self.workdir / "qemu", qmp_timeout=STEP_TIMEOUT, crash_sites=self.debug
+        )
         try:
             self.machine.start(timeout=START_TIMEOUT)
         except QemuExited as exc:
@@ -222,8 +214,6 @@ class StateDriver:
             if qm.pid is not None and qm.wait_exited(0.5) is None and qm.returncode is None:
                 raise Hung(f"realize did not finish within {START_TIMEOUT:.0f}s: {exc}") from None
             raise Died() from None
-        if self.debug and self.machine.pid is not None:
-            self.catcher = Catcher(self.machine.pid, self.workdir / "gdb.log").start()
         self.where = "realized"
 
     def _last_request(self) -> str:

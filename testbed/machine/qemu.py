@@ -37,7 +37,7 @@ from typing import IO, Any, Self, TypeVar
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.message import Message
 
-from testbed.bugs.signature import crash_site, exit_of
+from testbed.bugs.signature import SILENT_EXITS, crash_site, exit_of
 from testbed.errors import (
     ConsoleFailure,
     HostCapabilityError,
@@ -47,6 +47,8 @@ from testbed.errors import (
     TestbedError,
     WaitTimeout,
 )
+from testbed.host import debugger
+from testbed.host.debugger import Catcher
 from testbed.host.kernel_log import segfault_site
 from testbed.machine.cmdline import MachineConfig, build_command, format_command
 from testbed.paths import make_private_dir, remove_tree
@@ -207,9 +209,16 @@ class QemuMachine(Closeable):
         *,
         qmp_socket: Path | None = None,
         qmp_timeout: float = 10.0,
+        crash_sites: bool = False,
     ) -> None:
         """``logdir`` / ``qmp_socket`` None: in a private run dir made by start() and
-        removed, logs included, by close()."""
+        removed, logs included, by close(). ``crash_sites``: gdb attached once QEMU is up
+        (when gdb is installed), so that a crash that prints nothing has its site without
+        the kernel's log (``silent_site``)."""
+        self.crash_sites = crash_sites
+        self.catcher: Catcher | None = None
+        self._site: dict[str, str] | None = None
+        self._last_pid: int | None = None
         self._logdir = Path(logdir) if logdir is not None else None
         self._qmp_socket = qmp_socket
         self.qmp_timeout = qmp_timeout
@@ -298,6 +307,8 @@ class QemuMachine(Closeable):
             self._stderr_file = self.stderr_path.open("ab")
             self._launch_and_connect(deadline)
             self.state = MachineState.RUNNING
+            if self.crash_sites and debugger.available() and self.pid is not None:
+                self.catcher = Catcher(self.pid, self.logdir / "gdb.log").start()
             self._post_launch(deadline)
         except BaseException:
             self.close()
@@ -314,6 +325,7 @@ class QemuMachine(Closeable):
 
         def record(proc: subprocess.Popen[bytes]) -> None:
             self._proc = proc
+            self._last_pid = proc.pid
 
         launch(argv, stdout=self._stderr_file, stderr=self._stderr_file, on=record)
         self._ensure_loop()
@@ -395,17 +407,30 @@ class QemuMachine(Closeable):
         if error is not None:
             raise error
 
+    def silent_site(self) -> dict[str, str]:
+        """Where QEMU died of a signal that prints nothing (SIGSEGV, SIGBUS): gdb's report
+        when one is attached (``crash_sites``), else the kernel's segfault line (none for a
+        SIGBUS, nor when the log cannot be read or the line was rate-limited); {} for any
+        other end (testbed.bugs.signature.crash_site spells it)."""
+        code = self.returncode
+        if code is None or exit_of(code) not in SILENT_EXITS:
+            return {}
+        if self._site is None:
+            found = self.catcher.site() if self.catcher is not None else {}
+            if not found and exit_of(code) == "signal:SIGSEGV":
+                found = segfault_site(self._last_pid)
+            self._site = found
+        return self._site
+
     def _exit_error(self, doing: str) -> QemuExited | None:
         """QemuExited (with exit status, stderr and console tails) if QEMU is gone."""
         code = self.returncode
         if code is None:
             return None
         stderr = tail(self.stderr_text())
-        if exit_of(code) == "signal:SIGSEGV":
-            # A segfault prints nothing: where it happened (the kernel's line, when the log
-            # can be read) is what tells it from another one.
-            site = crash_site("", segfault_site(self.pid))
-            stderr += f"\ncrash site: {site}" if site else ""
+        # A segfault prints nothing: where it happened is what tells it from another one.
+        site = crash_site("", self.silent_site())
+        stderr += f"\ncrash site: {site}" if site else ""
         return QemuExited(
             f"QEMU exited {doing} (logs in {self.logdir})",
             returncode=code,
@@ -612,10 +637,15 @@ class QemuMachine(Closeable):
         self._client = None
 
     def _reap(self) -> None:
-        """Kill the process group of QEMU if it is still there and collect its status."""
+        """Kill the process group of QEMU if it is still there and collect its status (and
+        the debugger attached to it, which ends with it)."""
         proc, self._proc = self._proc, None
         if proc is not None:
             self._returncode = kill(proc)
+        if self.catcher is not None:
+            self.silent_site()  # gdb's report, read before gdb goes
+            catcher, self.catcher = self.catcher, None
+            catcher.close()
 
     def close(self) -> None:
         """Idempotent: disconnect QMP, kill -9 what is left, reap, remove the sockets (and

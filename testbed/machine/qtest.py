@@ -346,9 +346,14 @@ class QtestMachine(QemuMachine):
     """
 
     def __init__(
-        self, config: QtestConfig, logdir: Path | None = None, *, qmp_timeout: float = 10.0
+        self,
+        config: QtestConfig,
+        logdir: Path | None = None,
+        *,
+        qmp_timeout: float = 10.0,
+        crash_sites: bool = False,
     ) -> None:
-        super().__init__(logdir, qmp_timeout=qmp_timeout)
+        super().__init__(logdir, qmp_timeout=qmp_timeout, crash_sites=crash_sites)
         self.config = config
         self.qtest: QtestClient | None = None
         self._qtest_listener: socket.socket | None = None
