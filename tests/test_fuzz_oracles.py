@@ -274,6 +274,8 @@ def _played(
     opened = play.open(action)
     states.machine = FakeMachine(FakeQtest(opened[0], 0xE0000000, **qtest))
     expected = opened[0].image()
+    if verdict == 0:
+        play.model.apply(action)  # as the player's _judge does before after_reply
     try:
         play.after_reply(action, verdict, opened, expected, None)
         play.finish()
@@ -302,6 +304,27 @@ def test_a_clean_mapping_shows_nothing(rig: Rig) -> None:
     after = ("write:64", "read:64", "guestwrite:128", "truncate:4096", "extend:8192", "close")
     action = dataclasses.replace(_map(), after=after)
     assert _played(rig, action, 0) == []
+
+
+def test_a_write_through_another_requests_range_lands_in_the_live_mapping(rig: Rig) -> None:
+    """A refused map's guest write at a range an earlier read-only map still holds: the
+    read-only mapping's oracle judges it (found by a campaign: it was taken for QEMU
+    changing the file)."""
+    play, states, seen = rig
+    first = _map(flags=0, length=M)
+    opened = play.open(first)
+    states.machine = FakeMachine(FakeQtest(opened[0], 0xE0000000, writable=True))
+    play.model.apply(first)
+    play.after_reply(first, 0, opened, opened[0].image(), None)
+    refused = dataclasses.replace(_map(shm_offset=M // 2, length=M), after=("guestwrite:64",))
+    play.after_reply(refused, 1, [], None, None)
+    play.finish()
+    assert [kind for kind, _ in seen] == ["readonly"]
+
+
+def test_a_write_across_a_mappings_edge_is_not_made(rig: Rig) -> None:
+    tiny = dataclasses.replace(_map(length=1), after=("guestwrite:0",))  # an unaligned map
+    assert _played(rig, tiny, 0) == []
 
 
 def test_a_file_qemu_grew_is_seen(rig: Rig) -> None:

@@ -27,6 +27,7 @@ from testbed.fuzz.grammar import Action
 from testbed.fuzz.oracle import FileImage, Judged, MapModel, file_change, guest_view_change
 from testbed.fuzz.states import Hung, StateDriver
 from testbed.vhost_user.protocol import BackendRequest
+from testbed.vhost_user.rules import SPEC
 
 Observe = Callable[[str, Judged, Action], None]
 WIDTH = len(PATTERN)
@@ -80,19 +81,21 @@ class FilePlay:
                 if changed is not None:
                     self.observe("refused-view", changed, action)
         accepted = verdict == 0 and action.request == BackendRequest.SHMEM_MAP
+        if accepted and tracked is not None:
+            self.kept.append((tracked, action))  # live from now on: the guest may reach it
+            opened.remove(tracked.fd)
         ops = [Op.parse(text) for text in action.after]
         if action.touch:
             ops.append(Op(FileOp.GUEST_WRITE))
         for op in ops:
             if op.by_guest:
-                self._guest_op(action, op, tracked, accepted)
-            elif opened:
-                self._host_op(opened[0], op, tracked)
-            if tracked is not None:
+                self._guest_op(action, op)
+            elif opened or tracked is not None:
+                self._host_op(tracked.fd if tracked is not None else opened[0], op, tracked)
+            for other, mapped in self.kept:
+                self._check(other, mapped)
+            if tracked is not None and not accepted:
                 self._check(tracked, action)
-        if accepted and tracked is not None:
-            self.kept.append((tracked, action))
-            opened.remove(tracked.fd)
 
     def finish(self) -> None:
         """The end of the case: the files of accepted maps, checked once more."""
@@ -114,31 +117,57 @@ class FilePlay:
             if image is not None:
                 tracked.expected = image
 
-    def _guest_op(self, action: Action, op: Op, tracked: Tracked | None, accepted: bool) -> None:
-        got = self._guest(action, op, str(op.op))
-        if got is None or not accepted or tracked is None:
+    def _live(self) -> list[tuple[int, Tracked, Action]]:
+        """The kept files still mapped (the model's live mappings), each with where its
+        range starts in BAR 4."""
+        out = []
+        for tracked, action in self.kept:
+            f = action.fields
+            span = (f.get("shm_offset", 0), f.get("length", 0))
+            start = self.model.guest_address(action, 0, 0)
+            if start is not None and span in self.model.mapped.get(f.get("shmid", 0), []):
+                out.append((start, tracked, action))
+        return out
+
+    def _guest_op(self, action: Action, op: Op) -> None:
+        """A guest access at ``op.arg(0)`` into the action's range, judged against every
+        live mapping it lands in (a write through another request's range lands in that
+        mapping's file). Skipped where the oracle cannot say what it should do: the mappings
+        are not known (a request without a reply), or the 8 bytes straddle a mapping's
+        edge (an unaligned map: shmem-map-unaligned-accepted)."""
+        at = self.model.guest_address(action, op.arg(0), WIDTH)
+        if at is None or self.model.uncertain:
             return
-        at = action.fields.get("fd_offset", 0) + op.arg(0)
-        if at + WIDTH > tracked.expected.size:
+        live = self._live()
+        hits = [(s, t, a) for s, t, a in live if s <= at and at + WIDTH <= s + _length(a)]
+        edges = [1 for s, _, a in live if s < at + WIDTH and at < s + _length(a)]
+        if len(edges) != len(hits) or len(hits) > 1:
+            return
+        got = self._guest(action, op, str(op.op))
+        if got is None or not hits:
+            return
+        start, tracked, mapped = hits[0]
+        file_at = mapped.fields.get("fd_offset", 0) + at - start
+        if file_at + WIDTH > tracked.expected.size:
             return  # past the file's end: nothing there to compare (QEMU lived)
-        now = tracked.fd.read(at, WIDTH)
-        writable = bool(action.fields.get("flags", 0) & 1)
+        now = tracked.fd.read(file_at, WIDTH)
+        writable = bool(mapped.fields.get("flags", 0) & 1)
         if op.op is FileOp.READ:
             if got != now:
                 text = (
-                    f"the guest reads other bytes than the file holds through a live {action.name}"
+                    f"the guest reads other bytes than the file holds through a live {mapped.name}"
                 )
-                self.observe("view", Judged(text), action)
+                self.observe("view", Judged(text), mapped)
         elif not writable and now == PATTERN:
             text = "write through a read-only mapping reached the memfd"
-            self.observe("readonly", Judged(text, "flags 0: Pages are mapped read-only"), action)
+            self.observe("readonly", Judged(text, SPEC["flags"]), mapped)
             image = tracked.fd.image()
             tracked.expected = image if image is not None else tracked.expected
         elif writable and now != PATTERN:
             text = "write through a read-write mapping did not reach the memfd"
-            self.observe("lost-write", Judged(text), action)
+            self.observe("lost-write", Judged(text, SPEC["flags"]), mapped)
         elif writable:
-            tracked.expected = tracked.expected.written(at, PATTERN)
+            tracked.expected = tracked.expected.written(file_at, PATTERN)
 
     def _guest(self, action: Action, op: Op, doing: str) -> bytes | None:
         """A guest access over qtest at ``op.arg(0)`` into the action's range (a read
@@ -174,3 +203,7 @@ class FilePlay:
         if changed is not None:
             self.observe("file", changed, action)
             tracked.expected = image  # reported once
+
+
+def _length(action: Action) -> int:
+    return action.fields.get("length", 0)

@@ -410,13 +410,14 @@ class Player:
                 )
         if action.request not in (BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP):
             return
-        if State(action.state) is not State.AFTER_DRIVER_OK:
-            return
-        problems = self.model.problems(action, header, body)
-        if sent.verdict == 0 and problems:
-            self._observed("accepted", problems[0], action)
-        elif sent.verdict != 0 and not problems and self.model.judgeable(action):
-            self._observed("refused", refusal(action, sent.verdict), action)
+        # Judged after DRIVER_OK only; tracked wherever QEMU took it (the file oracles
+        # must know what the guest reaches, during device_del or after a reconnect too).
+        if State(action.state) is State.AFTER_DRIVER_OK:
+            problems = self.model.problems(action, header, body)
+            if sent.verdict == 0 and problems:
+                self._observed("accepted", problems[0], action)
+            elif sent.verdict != 0 and not problems and self.model.judgeable(action):
+                self._observed("refused", refusal(action, sent.verdict), action)
         if sent.verdict == 0:
             self.model.apply(action)
 
