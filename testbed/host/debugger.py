@@ -17,8 +17,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from testbed.bugs.signature import SILENT_EXITS, exit_of
 from testbed.bugs.standalone_site import GDB_ATTACHED, fault_in_gdb, gdb_argv
 from testbed.errors import TestbedError, WaitTimeout
+from testbed.host.kernel_log import segfault_site
 from testbed.process import launch, stop
 from testbed.resource import Closeable
 from testbed.waiting import wait_until
@@ -93,3 +95,37 @@ class Catcher(Closeable):
         proc, self.proc = self.proc, None
         if proc is not None:
             stop(proc, 2.0)
+
+
+class CrashSites:
+    """Where one QEMU process died of a signal that prints nothing (QemuMachine's
+    ``silent_site``): gdb's report when one was attached (``wanted`` and gdb installed),
+    else the kernel's segfault line (none for a SIGBUS, nor when the log cannot be read or
+    the line was rate-limited). Read once, kept: gdb goes when QEMU is reaped."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.wanted = wanted
+        self.catcher: Catcher | None = None
+        self._found: dict[str, str] | None = None
+
+    def attach(self, pid: int | None, log: Path) -> None:
+        if self.wanted and pid is not None and available():
+            self.catcher = Catcher(pid, log).start()
+
+    def site(self, returncode: int | None, pid: int | None) -> dict[str, str]:
+        if returncode is None or exit_of(returncode) not in SILENT_EXITS:
+            return {}
+        if self._found is None:
+            found = self.catcher.site() if self.catcher is not None else {}
+            if not found and exit_of(returncode) == "signal:SIGSEGV":
+                found = segfault_site(pid)
+            self._found = found
+        return self._found
+
+    def close(self, returncode: int | None, pid: int | None) -> None:
+        """The process is gone: read gdb's report (if it died of a silent signal), then
+        end gdb."""
+        if self.catcher is not None:
+            self.site(returncode, pid)  # gdb's report, read before gdb goes
+            self.catcher.close()
+            self.catcher = None

@@ -37,7 +37,7 @@ from typing import IO, Any, Self, TypeVar
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.message import Message
 
-from testbed.bugs.signature import SILENT_EXITS, crash_site, exit_of
+from testbed.bugs.signature import crash_site
 from testbed.errors import (
     ConsoleFailure,
     HostCapabilityError,
@@ -47,9 +47,7 @@ from testbed.errors import (
     TestbedError,
     WaitTimeout,
 )
-from testbed.host import debugger
-from testbed.host.debugger import Catcher
-from testbed.host.kernel_log import segfault_site
+from testbed.host.debugger import CrashSites
 from testbed.machine.cmdline import MachineConfig, build_command, format_command
 from testbed.paths import make_private_dir, remove_tree
 from testbed.process import kill, launch
@@ -215,9 +213,7 @@ class QemuMachine(Closeable):
         removed, logs included, by close(). ``crash_sites``: gdb attached once QEMU is up
         (when gdb is installed), so that a crash that prints nothing has its site without
         the kernel's log (``silent_site``)."""
-        self.crash_sites = crash_sites
-        self.catcher: Catcher | None = None
-        self._site: dict[str, str] | None = None
+        self.sites = CrashSites(crash_sites)
         self._last_pid: int | None = None
         self._logdir = Path(logdir) if logdir is not None else None
         self._qmp_socket = qmp_socket
@@ -307,8 +303,7 @@ class QemuMachine(Closeable):
             self._stderr_file = self.stderr_path.open("ab")
             self._launch_and_connect(deadline)
             self.state = MachineState.RUNNING
-            if self.crash_sites and debugger.available() and self.pid is not None:
-                self.catcher = Catcher(self.pid, self.logdir / "gdb.log").start()
+            self.sites.attach(self.pid, self.logdir / "gdb.log")
             self._post_launch(deadline)
         except BaseException:
             self.close()
@@ -408,19 +403,8 @@ class QemuMachine(Closeable):
             raise error
 
     def silent_site(self) -> dict[str, str]:
-        """Where QEMU died of a signal that prints nothing (SIGSEGV, SIGBUS): gdb's report
-        when one is attached (``crash_sites``), else the kernel's segfault line (none for a
-        SIGBUS, nor when the log cannot be read or the line was rate-limited); {} for any
-        other end (testbed.bugs.signature.crash_site spells it)."""
-        code = self.returncode
-        if code is None or exit_of(code) not in SILENT_EXITS:
-            return {}
-        if self._site is None:
-            found = self.catcher.site() if self.catcher is not None else {}
-            if not found and exit_of(code) == "signal:SIGSEGV":
-                found = segfault_site(self._last_pid)
-            self._site = found
-        return self._site
+        """Where QEMU died of a signal that prints nothing ({}: it did not; CrashSites)."""
+        return self.sites.site(self.returncode, self._last_pid)
 
     def _exit_error(self, doing: str) -> QemuExited | None:
         """QemuExited (with exit status, stderr and console tails) if QEMU is gone."""
@@ -637,15 +621,11 @@ class QemuMachine(Closeable):
         self._client = None
 
     def _reap(self) -> None:
-        """Kill the process group of QEMU if it is still there and collect its status (and
-        the debugger attached to it, which ends with it)."""
+        """Kill the process group of QEMU if it is still there and collect its status."""
         proc, self._proc = self._proc, None
         if proc is not None:
             self._returncode = kill(proc)
-        if self.catcher is not None:
-            self.silent_site()  # gdb's report, read before gdb goes
-            catcher, self.catcher = self.catcher, None
-            catcher.close()
+        self.sites.close(self._returncode, self._last_pid)
 
     def close(self) -> None:
         """Idempotent: disconnect QMP, kill -9 what is left, reap, remove the sockets (and
