@@ -356,3 +356,17 @@ def test_a_case_names_its_device_and_keeps_its_draws() -> None:
     old = json.loads(generate("x86_64", 3, 7).dumps())
     del old["device"]  # a corpus case from before --device
     assert Case.from_json(old).device == "vhost-user-test-device-pci"
+
+
+def test_a_channel_closed_on_a_well_formed_request_is_an_oracle() -> None:
+    """QEMU owes a well-formed SHMEM_MAP/UNMAP with NEED_REPLY an answer after DRIVER_OK:
+    closing the channel instead is a finding (tests/data/fuzz-corpus/
+    x86_64-opath-fd-closes-channel.json shows it against QEMU); a malformed one may close
+    it (the spec lets a front-end drop a connection on a protocol error)."""
+    from testbed.fuzz.player import Player
+
+    good = _map("opath")
+    assert Player._well_formed(good)
+    assert not Player._well_formed(dataclasses.replace(good, size_delta=8))
+    assert not Player._well_formed(dataclasses.replace(good, flags=0x1))  # no reply asked
+    assert not Player._well_formed(dataclasses.replace(good, state="before-driver-ok"))
