@@ -83,6 +83,8 @@ class OpenFd:
             self._apply(op)
         except OSError as exc:
             return exc.strerror or str(exc)
+        except (OverflowError, ValueError) as exc:  # a size or offset no off_t holds
+            return str(exc)
         return ""
 
     def _apply(self, op: Op) -> None:

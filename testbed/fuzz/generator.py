@@ -365,7 +365,8 @@ def gen_after(rng: random.Random, fd_offset: int, length: int) -> tuple[str, ...
     def host() -> Op:
         op = rng.choices(HOST_OPS, HOST_WEIGHTS)[0]
         if op is FileOp.TRUNCATE:
-            return Op(op, (_pick(rng, (0, fd_offset, (end // 2) & ~(PAGE_SIZE - 1))),))
+            at = min(fd_offset, MAX_FD_SIZE)  # a huge fd_offset: not a size to truncate to
+            return Op(op, (_pick(rng, (0, at, (end // 2) & ~(PAGE_SIZE - 1))),))
         if op is FileOp.EXTEND:
             return Op(op, (min(MAX_FD_SIZE, end + _pick(rng, (PAGE_SIZE, length))),))
         if op is FileOp.PUNCH:
