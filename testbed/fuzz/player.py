@@ -36,7 +36,7 @@ from testbed.fuzz.oracle import Judged, MapModel, refusal
 from testbed.fuzz.result import Observation, PlayResult, Sent
 from testbed.fuzz.states import STEP_TIMEOUT, Died, Hung, StateDriver, Unreached
 from testbed.machine.probe import pci_bar
-from testbed.paths import make_private_dir, remove_tree
+from testbed.paths import TMP_PREFIX, make_private_dir, remove_tree
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     SHMEM_CONFIG_SIZE,
@@ -84,6 +84,8 @@ def fd_kind(target: str) -> str:
     """What an fd is, without its numbers: "eventfd", "socket", "the back-end's memfd"."""
     if target.startswith(f"/memfd:{MEMFD_NAME}"):
         return "the back-end's memfd"
+    if re.fullmatch(rf".*/{TMP_PREFIX}fuzz-[^/]+/file[^/]*", target.removesuffix(" (deleted)")):
+        return "the back-end's file"  # testbed.fuzz.files puts them in the case's dir
     found = re.fullmatch(r"anon_inode:\[?([\w-]+)\]?", target)
     if found:
         return found[1]
