@@ -191,9 +191,15 @@ class Player:
         )
         if self.case.behind_root_port:
             return  # ejected: the device (and its chardev's fds) are gone, nothing to compare
-        if started and states.pci is not None:
+        # A mapping QEMU took while the device was stopped (after a start that failed, QEMU
+        # 11.1.3 takes them) is live and holds its fd: a reset drops it, as it drops those
+        # of a started device, before the count.
+        live = self.model.uncertain or any(self.model.mapped.values())
+        if (started or live) and states.pci is not None:
             states.where = "settle:device-reset"
             try:
+                if self.result.reached[-1:] == [State.AFTER_SYSTEM_RESET.value]:
+                    states.pci.reprogram()  # the system reset cleared the BARs
                 states.reset_device()
             except QemuExited:
                 raise states.dead() from None

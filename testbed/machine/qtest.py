@@ -195,6 +195,13 @@ class PciFunctionDriver:
         # Memory space + bus master, as a guest's driver would.
         self.write32(0x04, command | 0x6)
 
+    def reprogram(self) -> None:
+        """The BARs back where they were, memory enabled: what a guest's PCI core does
+        again after a system reset cleared them."""
+        for bar, address in list(self.bars.items()):
+            self.assign_bar(bar, address)
+        self.enable_memory()
+
     def start_device(
         self,
         bar4_address: int | None = None,
