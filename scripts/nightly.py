@@ -27,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,23 +82,27 @@ def job_data(arches: list[str], accels: list[str]) -> dict[str, Any]:
 
 
 def bugs_check(out: Path, arches: list[str]) -> None:
-    """`testbed bugs check` per arch: table and JSON into the job's data."""
+    """`testbed bugs check` per arch, on every vhost-user-base device the QEMU has (which
+    bugs reach which device): table and JSON into the job's data."""
     for arch in arches:
         for fmt, name in (([], f"bugs-check-{arch}.txt"), (["--json"], f"bugs-check-{arch}.json")):
             done = subprocess.run(
-                [sys.executable, "-m", "testbed", "bugs", "check", "--arch", arch, *fmt],
+                [sys.executable, "-m", "testbed", "bugs", "check", "--arch", arch,
+                 "--device", "all", *fmt],
                 cwd=ROOT, capture_output=True, text=True, check=False,
             )  # fmt: skip
             (out / name).write_text(done.stdout + done.stderr)
 
 
-def fuzz(out: Path, arches: list[str], minutes: float) -> None:
-    """`testbed fuzz` for a fixed time per arch: its table, summary.json and findings."""
+def fuzz(out: Path, arches: list[str], minutes: float, seed: int) -> None:
+    """`testbed fuzz` for a fixed time per arch, one arch after the other: its table,
+    summary.json and findings. The seed changes every night (the date) unless given: each
+    night plays new cases, and its summary.json says which seed to replay."""
     for arch in arches:
         run_dir = out / f"fuzz-{arch}"
         done = subprocess.run(
             [sys.executable, "-m", "testbed", "fuzz", "--arch", arch, "--time", f"{minutes}m",
-             "--seed", "1", "--output", str(run_dir)],
+             "--seed", str(seed), "--output", str(run_dir)],
             cwd=ROOT, capture_output=True, text=True, check=False,
         )  # fmt: skip
         (out / f"fuzz-{arch}.txt").write_text(done.stdout + done.stderr)
@@ -121,7 +126,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "2")))
     parser.add_argument("--no-bugs-check", dest="bugs_check", action="store_false")
     parser.add_argument(
-        "--fuzz-minutes", type=float, default=10.0, help="testbed fuzz per arch (0: none)"
+        "--fuzz-minutes", type=float, default=60.0, help="testbed fuzz per arch (0: none)"
+    )
+    parser.add_argument(
+        "--fuzz-seed", type=int, default=int(time.strftime("%Y%m%d")), help="default: the date"
     )
     args = parser.parse_args()
 
@@ -172,7 +180,7 @@ def main() -> int:
     if args.bugs_check:
         bugs_check(data_dir, arches)
     if args.fuzz_minutes > 0:
-        fuzz(data_dir, arches, args.fuzz_minutes)
+        fuzz(data_dir, arches, args.fuzz_minutes, args.fuzz_seed)
     annotated = annotate_xunit(job_dir)
     print(f"nightly: avocado results in {job_dir} (results.html, results.xml, "
           f"{annotated} SKIP/WARN reasons added to results.xml; testbed/job.json)")  # fmt: skip

@@ -29,6 +29,51 @@ DEVICE_TYPE = "vhost-user-test-device-pci"
 # unless a scenario loads one.
 DEFAULT_VIRTIO_ID = 26
 
+
+@dataclass(frozen=True)
+class BaseDevice:
+    """A QEMU device built on vhost-user-base that asks the back-end for shared memory
+    (GET_SHMEM_CONFIG): its fixed queue count, whether it refuses a back-end without
+    PROTOCOL_F_CONFIG, and whether the guest sees the regions (only the test device puts
+    them in a BAR; the others keep them inside QEMU). Measured on QEMU 11.1.3."""
+
+    type: str
+    queues: int
+    needs_config: bool = False
+    shmem_bar: bool = False
+
+
+VHOST_USER_BASE_DEVICES: dict[str, BaseDevice] = {
+    d.type: d
+    for d in (
+        BaseDevice(DEVICE_TYPE, 1, shmem_bar=True),
+        BaseDevice("vhost-user-rng-pci", 1),
+        BaseDevice("vhost-user-gpio-pci", 2, needs_config=True),
+        BaseDevice("vhost-user-i2c-pci", 1),
+        BaseDevice("vhost-user-input-pci", 2, needs_config=True),
+        BaseDevice("vhost-user-snd-pci", 4, needs_config=True),
+        BaseDevice("vhost-user-spi-pci", 1, needs_config=True),
+        BaseDevice("vhost-user-rtc-pci", 2),
+    )
+}
+"""Every device QEMU 11.1 builds on vhost-user-base with shared-memory support (`--device`
+takes these; vhost-user-scmi, -vsock, -blk, -gpu and -fs are not built on it and never
+ask). Whether a given QEMU binary has each is testbed.machine.probe's question."""
+
+
+def base_devices_in(types: set[str]) -> list[str]:
+    """The vhost-user-base devices with shared memory among QEMU's ``types``, in table order."""
+    return [name for name in VHOST_USER_BASE_DEVICES if name in types]
+
+
+def base_device(device_type: str) -> BaseDevice:
+    try:
+        return VHOST_USER_BASE_DEVICES[device_type]
+    except KeyError:
+        known = ", ".join(VHOST_USER_BASE_DEVICES)
+        raise ConfigError(f"device {device_type!r}: use one of {known}") from None
+
+
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -251,6 +296,10 @@ class VhostUserDevice:
     backend: BackendChoice = field(default_factory=OurBackend)
     faults: Faults = NO_FAULTS
     """What our back-end bends on purpose (testbed.vhost_user.faults); ours only."""
+    device_type: str = DEVICE_TYPE
+    """The QEMU device: the test device, or another built on vhost-user-base
+    (``vhost-user-rng-pci``, ...: VHOST_USER_BASE_DEVICES), which has no virtio-id, num_vqs,
+    vq_size or config_size properties of its own to set (its type fixes them)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layout", ShmemLayout.of(self.layout))
@@ -337,6 +386,8 @@ class VhostUserDevice:
         return option
 
     def _properties(self) -> dict[str, Any]:
+        if self.device_type != DEVICE_TYPE:
+            return {"id": self.device_id, "chardev": self.id}
         props: dict[str, Any] = {
             "id": self.device_id,
             "chardev": self.id,
@@ -352,7 +403,7 @@ class VhostUserDevice:
     def device_option(self, bus: str, addr: int) -> str:
         """The -device value at ``bus``/``addr`` (the command-line builder places it)."""
         props = {**self._properties(), "bus": bus, "addr": f"{addr:#x}"}
-        return ",".join([DEVICE_TYPE, *(f"{k}={v}" for k, v in props.items())])
+        return ",".join([self.device_type, *(f"{k}={v}" for k, v in props.items())])
 
     # -- QMP -------------------------------------------------------------------------------
 
@@ -371,7 +422,7 @@ class VhostUserDevice:
         if self.bus is None:
             raise ConfigError(f"device {self.id}: hot-plug needs a bus (a root port's id)")
         return {
-            "driver": DEVICE_TYPE,
+            "driver": self.device_type,
             **self._properties(),
             "bus": self.bus,
             "addr": f"{self.addr or 0:#x}",

@@ -28,6 +28,40 @@ def test_every_entry_is_complete() -> None:
         assert bug.stderr or bug.observable or bug.exit.startswith("signal:"), bug.id
 
 
+def _recorded(bug: Bug, judged_by: Bug) -> Evidence:
+    """``bug``'s recorded evidence as ``judged_by`` would see it at its most permissive: in
+    a fuzz case, an oracle's words are checked against every observable entry's pattern
+    (testbed.fuzz.triage.evidence names the entry being tried)."""
+    return Evidence.gather(
+        [bug.evidence],
+        bug.evidence_exit,
+        names=judged_by.id if judged_by.observable else None,
+    )
+
+
+def test_every_signature_matches_its_own_evidence_and_no_other() -> None:
+    bugs = list(registry().values())
+    for bug in bugs:
+        assert bug.evidence.strip(), f"{bug.id}: no recorded evidence"
+        assert bug.matches(_recorded(bug, bug)), f"{bug.id}: its own evidence does not match"
+    clashes = [
+        f"{other.id}'s signature matches {bug.id}'s evidence"
+        for bug in bugs
+        for other in bugs
+        if other is not bug and other.matches(_recorded(bug, other))
+    ]
+    assert clashes == []
+
+
+def test_a_silent_segfault_elsewhere_is_not_the_stopped_device_one() -> None:
+    stopped = lookup("shmem-map-stopped-device-segfault")
+    unplug = lookup("unplug-channel-close-hangup-segfault")
+    anywhere = Evidence.gather(["QEMU exited (signal:SIGSEGV)"], "signal:SIGSEGV")
+    assert not stopped.matches(anywhere) and not unplug.matches(anywhere)
+    site = "QEMU exited (signal:SIGSEGV)\ncrash site: qemu-system-aarch64+0x9ee390"
+    assert stopped.matches(Evidence.gather([site], "signal:SIGSEGV"))
+
+
 def test_every_listed_scenario_exists() -> None:
     for bug in registry().values():
         for scenario in bug.scenarios:
@@ -96,9 +130,14 @@ def test_evidence_is_gathered_one_way() -> None:
 
 
 def test_fuzz_where_places_a_shared_signature() -> None:
-    bug = lookup("shmem-map-stopped-device-segfault")
-    seen = Evidence.gather(["in SHMEM_MAP", "QEMU exited (signal:SIGSEGV)"], -11)
-    assert bug.matches(seen), "outside the fuzzer no place is known: the signature decides"
+    """An entry with fuzz_where matches a fuzz finding only at those places; outside the
+    fuzzer no place is known and the signature alone decides."""
+    bug = Bug(
+        "some-bug", "t", "c", "f", ("11.1.3",), ("x86_64",), ("s",), "r", "r", False,
+        exit="signal:SIGSEGV", fuzz_where=("SHMEM_MAP@before-driver-ok",),
+    )  # fmt: skip
+    seen = Evidence.gather(["QEMU exited (signal:SIGSEGV)"], -11)
+    assert bug.matches(seen)
     there = Evidence.gather([seen.text], -11, where="SHMEM_MAP@before-driver-ok")
     elsewhere = Evidence.gather([seen.text], -11, where="SHMEM_MAP@after-driver-ok")
     assert bug.matches(there)

@@ -59,7 +59,7 @@ def test_read_mapping_as_linux_asks(guest: Guest, server: FuseServer, mapper: Fa
     a = guest.lookup(1, b"a")
     assert guest.setupmapping(a.nodeid, 2 * MiB, 0) == 0
     # A read-only mapping of a file we may write: an O_RDWR fd all the same (QEMU 11.1.3
-    # maps every fd writable, shmem-map-readonly-fd-refused).
+    # maps every fd writable, readonly-map-writable).
     assert mapper.calls == [("map", 0, 2 * MiB, 2 * MiB, False, W, b"A" * 8, 0)]
     assert server.mappings == {0: LiveMapping(0, 2 * MiB, a.nodeid, 2 * MiB, False)}
     b = guest.lookup(1, b"b")

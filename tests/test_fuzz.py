@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -30,6 +31,8 @@ from testbed.bugs import KnownBugSeen
 from testbed.bugs.marks import known_bug
 from testbed.device import ShmemLayout, VhostUserDevice
 from testbed.errors import PeerClosed, TestbedError
+from testbed.fuzz.fdspec import FdKind, FdSpec
+from testbed.fuzz.files import open_fd
 from testbed.host.qemu import resolve_qemu
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.paths import make_private_dir, remove_tree
@@ -222,7 +225,7 @@ def test_backend_wrap_dispatcher_serves_every_request(sockdir: Path) -> None:
 class BadRequest:
     request: BackendRequest
     body: bytes
-    fds: tuple[str, ...]  # "memfd", "socket"
+    fds: tuple[str, ...]  # testbed.fuzz.fdspec kinds: "memfd" is the 1 MiB memfd
     bug: str = ""  # the registry id of the known bug: QEMU 11.1.3 answers 0 (mapped)
     accepted: str = ""  # what QEMU accepted, in the registry's words
 
@@ -232,41 +235,77 @@ def _mmap(shmid: int, fd_offset: int, shm_offset: int, length: int, flags: int =
 
 
 MAP, UNMAP = BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP
-# Layout {0: 2M, 1: 2M}; the memfd is 1 MiB.
+# Every request is the good one below with ONE thing changed (a field, the payload's size,
+# the fds), so that a field QEMU refuses cannot hide another one it takes.
+GOOD = {"shmid": 0, "fd_offset": 0, "shm_offset": 0, "length": M, "flags": 1}
+
+
+def _bad(request: BackendRequest = MAP, fds: tuple[str, ...] = ("memfd",), **field: int) -> bytes:
+    assert len(field) <= 1, "one thing at a time"
+    f = {**GOOD, **({"flags": 0} if request is UNMAP else {}), **field}
+    return _mmap(f["shmid"], f["fd_offset"], f["shm_offset"], f["length"], f["flags"])
+
+
 BAD_REQUESTS = {
-    "map-bad-shmid": BadRequest(MAP, _mmap(200, 0, 0, M), ("memfd",)),
-    "map-zero-length": BadRequest(MAP, _mmap(0, 0, 0, 0), ("memfd",)),
-    "map-shm-offset-overflows": BadRequest(MAP, _mmap(0, 0, U64_MAX - 4095, 8192), ("memfd",)),
-    "map-fd-offset-overflows": BadRequest(MAP, _mmap(0, U64_MAX - 4095, 0, 8192), ("memfd",)),
-    "map-length-huge": BadRequest(MAP, _mmap(0, 0, 0, U64_MAX), ("memfd",)),
-    "map-unaligned": BadRequest(MAP, _mmap(0, 1, 1, 4095), ("memfd",)),
+    "map-bad-shmid": BadRequest(MAP, _bad(shmid=200), ("memfd",)),
+    "map-zero-length": BadRequest(MAP, _bad(length=0), ("memfd",)),
+    "map-shm-offset-overflows": BadRequest(MAP, _bad(shm_offset=U64_MAX - 4095), ("memfd",)),
+    "map-fd-offset-overflows": BadRequest(MAP, _bad(fd_offset=U64_MAX - 4095), ("memfd",)),
+    "map-length-huge": BadRequest(MAP, _bad(length=1 << 63), ("memfd",)),
+    "map-unaligned-fd-offset": BadRequest(MAP, _bad(fd_offset=1), ("memfd",)),
+    "map-unaligned-shm-offset": BadRequest(
+        MAP,
+        _bad(shm_offset=0x800),
+        ("memfd",),
+        "shmem-map-unaligned-accepted",
+        "SHMEM_MAP with shm_offset not a page multiple accepted",
+    ),
+    "map-unaligned-length": BadRequest(
+        MAP,
+        _bad(length=M - 0x800),
+        ("memfd",),
+        "shmem-map-unaligned-accepted",
+        "SHMEM_MAP with length not a page multiple accepted",
+    ),
     "map-unknown-flags": BadRequest(
         MAP,
-        _mmap(0, 0, 0, M, 0xF0),
+        _bad(flags=0xF1),
         ("memfd",),
         "shmem-map-unknown-flags-accepted",
-        "SHMEM_MAP ignores unknown flag bits (0xf0)",
+        "SHMEM_MAP ignores unknown flag bits (0xf1)",
     ),
-    "map-missing-fd": BadRequest(MAP, _mmap(0, 0, 0, M), ()),
-    "map-unmappable-fd": BadRequest(MAP, _mmap(0, 0, 0, M), ("socket",)),
+    "map-missing-fd": BadRequest(MAP, _bad(), ()),
+    "map-socket": BadRequest(MAP, _bad(), ("socket",)),
+    "map-pipe": BadRequest(MAP, _bad(), ("pipe",)),
+    "map-directory": BadRequest(MAP, _bad(), ("dir",)),
+    "map-eventfd": BadRequest(MAP, _bad(), ("eventfd",)),
+    "map-read-write-of-a-read-only-fd": BadRequest(MAP, _bad(), ("rofd",)),
+    "map-opath-fd": BadRequest(
+        MAP,
+        _bad(),
+        ("opath",),
+        "backend-channel-opath-fd-closes-channel",
+        "QEMU closed the back-end channel on SHMEM_MAP with an O_PATH fd",
+    ),
     "map-short-payload": BadRequest(
         MAP,
-        _mmap(0, 0, 0, M)[:-8],
+        _bad()[:-8],
         ("memfd",),
         "shmem-map-payload-size-accepted",
         "SHMEM_MAP with a 32-byte payload is mapped",
     ),
     "map-long-payload": BadRequest(
         MAP,
-        _mmap(0, 0, 0, M) + bytes(8),
+        _bad() + bytes(8),
         ("memfd",),
         "shmem-map-payload-size-accepted",
         "SHMEM_MAP with a 48-byte payload is mapped",
     ),
-    "unmap-zero-length": BadRequest(UNMAP, _mmap(0, 0, 0, 0, 0), ()),
-    "unmap-overflows": BadRequest(UNMAP, _mmap(0, 0, U64_MAX - 4095, 8192, 0), ()),
-    "unmap-bad-shmid": BadRequest(UNMAP, _mmap(9, 0, 0, M, 0), ()),
-    "unmap-with-fd": BadRequest(UNMAP, _mmap(0, 0, 0, M, 0), ("memfd",)),
+    "unmap-zero-length": BadRequest(UNMAP, _bad(UNMAP, length=0), ()),
+    "unmap-overflows": BadRequest(UNMAP, _bad(UNMAP, shm_offset=U64_MAX - 4095), ()),
+    "unmap-bad-shmid": BadRequest(UNMAP, _bad(UNMAP, shmid=9), ()),
+    "unmap-never-mapped": BadRequest(UNMAP, _bad(UNMAP), ()),
+    "unmap-with-fd": BadRequest(UNMAP, _bad(UNMAP), ("memfd",)),
 }
 
 
@@ -284,33 +323,48 @@ def _case(name: str) -> object:
     return pytest.param(name, id=name, marks=marks)
 
 
-@pytest.mark.qemu
-@pytest.mark.parametrize("case", [_case(name) for name in BAD_REQUESTS])
-def test_qemu_refuses_malformed_channel_requests(case: str, qemu_x86: Path, sockdir: Path) -> None:
-    bad = BAD_REQUESTS[case]
-    layout = ShmemLayout({0: 2 * M, 1: 2 * M})
+@contextlib.contextmanager
+def _started(qemu_path: Path, sockdir: Path) -> Iterator[tuple[Backend, QtestMachine, Memfd]]:
+    """Regions {0: 2M, 1: 2M} at DRIVER_OK (qtest plays the driver), and a 1 MiB memfd."""
     with (
-        Backend(sockdir / "vu.sock", layout) as backend,
+        Backend(sockdir / "vu.sock", ShmemLayout({0: 2 * M, 1: 2 * M})) as backend,
         QtestMachine(
-            QtestConfig("x86_64", qemu_x86, (VhostUserDevice("vu0", sockdir / "vu.sock"),))
+            QtestConfig("x86_64", qemu_path, (VhostUserDevice("vu0", sockdir / "vu.sock"),))
         ).start() as qemu,
         Memfd(M) as mem,
     ):
         qemu.pci().start_device()
         backend.wait_driver_ok(TIMEOUT)
-        keep: list[int] = []
+        yield backend, qemu, mem
+
+
+@pytest.mark.qemu
+def test_the_good_request_the_bad_ones_start_from_is_mapped(qemu_x86: Path, sockdir: Path) -> None:
+    with _started(qemu_x86, sockdir) as (backend, _, mem):
+        assert backend.channel_request(MAP, _bad(), [mem.fileno()]) == 0
+        assert backend.channel_request(UNMAP, _bad(UNMAP), []) == 0
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("case", [_case(name) for name in BAD_REQUESTS])
+def test_qemu_refuses_malformed_channel_requests(case: str, qemu_x86: Path, sockdir: Path) -> None:
+    bad = BAD_REQUESTS[case]
+    with _started(qemu_x86, sockdir) as (backend, qemu, mem):
+        opened = [open_fd(FdSpec(FdKind(k), M), sockdir) for k in bad.fds if k != "memfd"]
         try:
-            fds = [mem.fileno() if k == "memfd" else _make_fd(k, keep) for k in bad.fds]
+            fds = [mem.fileno() if k == "memfd" else opened.pop(0).sent for k in bad.fds]
             try:
                 verdict: int | str = backend.channel_request(bad.request, bad.body, fds)
             except PeerClosed as exc:
                 verdict = f"channel closed: {exc}"
         finally:
-            for fd in keep:
-                os.close(fd)
+            for made in opened:
+                made.close()
         alive = qemu.returncode is None
         stderr = qemu.stderr_text()
         assert alive, f"QEMU died ({qemu.returncode}) on {case}:\n{stderr[-2000:]}"
+        if isinstance(verdict, str) and bad.bug == "backend-channel-opath-fd-closes-channel":
+            raise KnownBugSeen(bad.bug, bad.accepted)
         assert isinstance(verdict, int), f"{case}: {verdict}; stderr:\n{stderr}"
         # The channel still works: a good map and unmap succeed afterwards.
         assert backend.map(1, 0, M, mem.fileno()) == 0

@@ -11,6 +11,7 @@ from testbed.vhost_user.protocol import FLAG_REPLY, U64, VERSION, Header, MMap, 
 from testbed.vhost_user.rules import (
     OLD_SHMEM_DETAIL,
     SHMEM,
+    SPEC,
     MapRule,
     check_channel_reply,
     check_channel_request,
@@ -156,7 +157,7 @@ def test_range_past_the_region(request_: int) -> None:
 def test_fd_range_overflow_is_a_map_rule() -> None:
     # The end of the fd range reaching 2**64 wraps around in QEMU's u64 sum.
     assert rules_of(fd_offset=U64_MAX - PAGE + 1) == [MapRule.FD_RANGE]
-    assert rules_of(fd_offset=U64_MAX - PAGE) == []
+    assert rules_of(fd_offset=U64_MAX - 2 * PAGE + 1) == []
     assert rules_of(UNMAP, fd_offset=U64_MAX) == []  # an UNMAP has no file
 
 
@@ -169,6 +170,25 @@ def test_overlap_with_a_live_mapping() -> None:
     assert rules_of(UNMAP, shm_offset=2 * PAGE, length=2 * PAGE, mapped=True) == []
 
 
+@pytest.mark.parametrize(
+    "field, value", [("shm_offset", 1), ("length", PAGE + 0x800), ("fd_offset", PAGE - 1)]
+)
+def test_a_map_is_page_aligned(field: str, value: int) -> None:
+    # SPEC[ALIGN]: the front-end mmap(2)s the fd; mmap's offset and address are page multiples.
+    f = {"shm_offset": 0, "length": PAGE, "fd_offset": 0, field: value}
+    (problem,) = shmem_map_problems(MAP, 0, f["shm_offset"], f["length"], f["fd_offset"], REGIONS)
+    assert problem.rule is MapRule.ALIGN and problem.detail.startswith(field)
+    assert "mmap(2)" in SPEC[MapRule.ALIGN]
+
+
+def test_an_unmap_names_a_whole_live_mapping() -> None:
+    # SPEC[WHOLE]: "the given range shall correspond to the entirety of a valid mapped region"
+    assert rules_of(UNMAP, shm_offset=2 * PAGE, length=PAGE, mapped=True) == [MapRule.WHOLE]
+    assert rules_of(UNMAP, shm_offset=0, length=4 * PAGE, mapped=True) == [MapRule.WHOLE]
+    assert rules_of(UNMAP, shm_offset=2 * PAGE, length=PAGE) == []  # mappings not tracked
+    assert "entirety" in SPEC[MapRule.WHOLE]
+
+
 def test_overlap_is_judged_only_for_a_range_inside_the_region() -> None:
     assert rules_of(shm_offset=3 * PAGE, length=0, mapped=True) == [MapRule.LENGTH]
     assert rules_of(shm_offset=3 * PAGE, length=8 * PAGE, mapped=True) == [MapRule.RANGE]
@@ -176,7 +196,7 @@ def test_overlap_is_judged_only_for_a_range_inside_the_region() -> None:
 
 def test_rules_come_in_order() -> None:
     found = rules_of(shm_offset=7 * PAGE, length=2 * PAGE, fd_offset=U64_MAX)
-    assert found == [MapRule.RANGE, MapRule.FD_RANGE]
+    assert found == [MapRule.RANGE, MapRule.FD_RANGE, MapRule.ALIGN]
 
 
 def test_shmem_map_fds() -> None:

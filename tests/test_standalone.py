@@ -4,6 +4,7 @@ check's verdict: no QEMU."""
 from __future__ import annotations
 
 import ast
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 
 from testbed.bugs import Evidence
 from testbed.bugs import standalone as sa
+from testbed.bugs import standalone_backend as sb
 from testbed.bugs.check import Row, exit_code, format_table
 from testbed.bugs.export import cmdline_text, render_repro
 from testbed.bugs.runner import DOES_NOT_APPLY, NOT_REPRODUCED, REPRODUCED, Outcome
@@ -93,9 +95,9 @@ def sockdir() -> Iterator[Path]:
 def _ask(sock: socket.socket, request: int, flags: int) -> tuple[int, int, bytes]:
     sock.sendall(struct.pack("<III", request, flags, 0))
     sock.settimeout(5.0)
-    head = sa._recv_exact(sock, 12)
+    head = sb._recv_exact(sock, 12)
     req, fl, size = struct.unpack("<III", head)
-    return req, fl, sa._recv_exact(sock, size)
+    return req, fl, sb._recv_exact(sock, size)
 
 
 def test_replay_backend_answers_as_recorded(sockdir: Path) -> None:
@@ -104,10 +106,24 @@ def test_replay_backend_answers_as_recorded(sockdir: Path) -> None:
             [1, {"flags": 5, "size": 8, "body": (7).to_bytes(8, "little").hex()}],
             [1, {"flags": 0xD, "size": 8, "body": (9).to_bytes(8, "little").hex()}],
             [3, None],
+            # Bent as the fuzzer bends them: another request code, two memfds attached,
+            # an extra u64 after the answer; and a request the back-end left unanswered.
+            [
+                44,
+                {
+                    "flags": 5,
+                    "size": 8,
+                    "body": bytes(8).hex(),
+                    "request": 1,
+                    "fds": 2,
+                    "then": [{"flags": 5, "size": 8, "body": (3).to_bytes(8, "little").hex()}],
+                },
+            ],
+            [22, {"silent": True}],
         ],
         "disconnect_at": None,
     }
-    backend = sa.ReplayBackend(str(sockdir / "vu.sock"), spec)
+    backend = sb.ReplayBackend(str(sockdir / "vu.sock"), spec)
     backend.listen()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -117,7 +133,19 @@ def test_replay_backend_answers_as_recorded(sockdir: Path) -> None:
             # The recording has fewer: the last one again.
             assert _ask(sock, 1, 1)[1] == 0xD
             # No recorded reply, but QEMU asks for an ack: u64 0.
-            assert _ask(sock, 3, 1 | sa.FLAG_NEED_REPLY) == (3, 5, bytes(8))
+            assert _ask(sock, 3, 1 | sb.FLAG_NEED_REPLY) == (3, 5, bytes(8))
+            sock.sendall(struct.pack("<III", 44, 1, 0))
+            head, fds, _, _ = socket.recv_fds(sock, 12, 4)
+            assert struct.unpack("<III", head)[0] == 1 and len(fds) == 2
+            for fd in fds:
+                os.close(fd)
+            assert sb._recv_exact(sock, 8) == bytes(8)
+            assert _ask(sock, 2, 1)[0] == 44  # the extra reply came next, as recorded
+            sock.sendall(struct.pack("<III", 22, 1 | sb.FLAG_NEED_REPLY, 0))
+            backend.wait_request(22, 1, 5.0, lambda: None)
+            sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                sock.recv(1)  # left unanswered, as the recorded back-end did
             backend.wait_request(1, 3, 5.0, lambda: None)
     finally:
         backend.close()

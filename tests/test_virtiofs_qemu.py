@@ -258,7 +258,7 @@ def test_a_reset_drops_the_mappings_and_the_session(rig: Rig) -> None:
     nodeid, _ = rig.mount()
     assert rig.call(rig.requests.setupmapping(nodeid, 0, 0, write=True)).error == 0
     assert rig.fs.held_fds > rig.fs.idle_fds
-    rig.qtest.write_int(rig.pci.bars[2] + 0x14, 8, 0)  # device_status = 0: the guest resets
+    rig.qtest.write_int(rig.pci.common_address(0x14), 8, 0)  # device_status = 0: the guest resets
     rig.backend.wait_until(
         lambda: not rig.fs.running and rig.fs.unsettled() == [], TIMEOUT,
         "the device stopped and settled",
@@ -276,7 +276,7 @@ def test_a_read_only_map_is_refused(rig: Rig) -> None:
     host file we may not write (chmod a-w) our FUSE server hands a file opened O_RDONLY to
     that read-only SHMEM_MAP (flags 0). QEMU 11.1.3 refuses it -- "unable to map backing
     store for guest RAM: Permission denied", verdict 1: it maps the fd writable whatever
-    the flags say (shmem-map-readonly-fd-refused, the same root as readonly-map-writable)
+    the flags say (readonly-map-writable: a read-only map of an O_RDONLY fd is refused)
     -- so a DAX read of such a file fails (EIO here). A writable file is mapped from an
     O_RDWR fd even for a read-only range, which QEMU takes."""
     (rig.share / "data").chmod(0o444)

@@ -222,7 +222,7 @@ def test_reset_stops_the_device_and_a_new_start_maps_again(rig: Rig) -> None:
     head = rig.flush()
     assert rig.answered(1) == [Used(head, 4)]
     assert qemu.qtest is not None
-    qemu.qtest.write_int(rig.pci.bars[2] + DEVICE_STATUS, 8, 0)  # the guest resets it
+    qemu.qtest.write_int(rig.pci.common_address(DEVICE_STATUS), 8, 0)  # the guest resets it
     backend.wait_until(lambda: not pmem.running, TIMEOUT, "the device model stopped")
     # GET_VRING_BASE stopped the ring and was told where it stood.
     stop = [e for e in backend.trace.entries() if e.direction == TO_QEMU][-1]

@@ -55,6 +55,13 @@ class Bug:
     fuzz_where: tuple[str, ...] = ()
     """Where in a fuzz case ("<REQUEST>@<state>") this bug's trigger is: for a signature
     others share (a segfault prints nothing), the fuzzer's finding elsewhere is not it."""
+    spec: str = ""
+    """The vhost-user spec's words QEMU breaks (the report quotes them)."""
+    evidence: str = ""
+    """What the bug showed when it was recorded (stderr lines, a check's words): the
+    registry's own test matches every entry's signature against every other's."""
+    evidence_exit: str = "running"
+    """How QEMU ended then ("running" when it did not)."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", self.id):
@@ -66,6 +73,8 @@ class Bug:
             )
         if not _EXITS.match(self.exit):
             raise ConfigError(f"bug {self.id}: exit {self.exit!r}: any, status:N or signal:SIGX")
+        if self.evidence_exit != "running" and not _EXITS.match(self.evidence_exit):
+            raise ConfigError(f"bug {self.id}: evidence_exit {self.evidence_exit!r}")
 
     @property
     def pattern(self) -> re.Pattern[str]:

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from testbed.bugs import lookup, select
+from testbed.bugs.recipes import RECIPES
+from testbed.bugs.recipes_fuzz import RECIPE_ARCHES
 from testbed.bugs.runner import DOES_NOT_APPLY, REPRODUCED, Outcome, run_recipe
+from testbed.device import DEVICE_TYPE
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,13 @@ class Row:
     qemu_version: str
     listed: bool
     """The registry lists this QEMU version for the bug."""
+    device: str = DEVICE_TYPE
+    """The QEMU device the reproducer plugged: the registry's claims are the test
+    device's; on another one an outcome is reported (does the bug reach it?), not judged."""
+
+    @property
+    def judged(self) -> bool:
+        return self.listed and self.device == DEVICE_TYPE
 
     @property
     def verdict(self) -> str:
@@ -32,12 +42,14 @@ class Row:
             return "does not apply"
         if status == REPRODUCED:
             return "reproduces"
+        if self.device != DEVICE_TYPE:
+            return "not seen here"
         return "FIXED?" if self.listed else "not seen"
 
     @property
     def failing(self) -> bool:
-        """Only a listed version that no longer shows the bug fails the check."""
-        return self.listed and self.outcome.status not in (REPRODUCED, DOES_NOT_APPLY)
+        """Only a listed version that no longer shows the bug on the test device fails."""
+        return self.judged and self.outcome.status not in (REPRODUCED, DOES_NOT_APPLY)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +57,7 @@ class Row:
             "verdict": self.verdict,
             "qemu_version": self.qemu_version,
             "version_listed": self.listed,
+            "device": self.device,
             "failing": self.failing,
         }
 
@@ -58,7 +71,11 @@ def format_table(rows: Sequence[Row]) -> str:
     if not rows:
         return "(no bugs selected)\n"
     width = max(len(r.outcome.bug) for r in rows)
-    lines = [f"{'id':<{width}}  {'arch':<7}  {'qemu':<8}  {'verdict':<14}  {'secs':>5}  signature"]
+    devices = {r.device for r in rows}
+    lines = [f"device {', '.join(sorted(devices))}"] if devices != {DEVICE_TYPE} else []
+    lines.append(
+        f"{'id':<{width}}  {'arch':<7}  {'qemu':<8}  {'verdict':<14}  {'secs':>5}  signature"
+    )
     for row in rows:
         o = row.outcome
         seen = o.evidence.headline() if o.evidence is not None else "-"
@@ -82,14 +99,22 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def check(
-    ids: Sequence[str], arches: Sequence[str], qemus: dict[str, tuple[Path, str]]
+    ids: Sequence[str],
+    arches: Sequence[str],
+    qemus: dict[str, tuple[Path, str]],
+    device: str = DEVICE_TYPE,
 ) -> list[Row]:
-    """Run the reproducers of ``ids`` (all when empty) on ``arches``; ``qemus`` maps an
-    arch to (binary, version) -- the caller resolves them."""
+    """Run the reproducers of ``ids`` (all when empty) on ``arches`` with ``device``;
+    ``qemus`` maps an arch to (binary, version) -- the caller resolves them."""
     rows: list[Row] = []
     for bug in select(ids):
         for arch in arches:
             path, version = qemus[arch]
-            outcome = run_recipe(bug.id, arch, path).outcome
-            rows.append(Row(outcome, version, lookup(bug.id).applies(version)))
+            guestless = bug.id in RECIPES and arch in RECIPE_ARCHES.get(bug.id, (arch,))
+            if device != DEVICE_TYPE and not guestless:
+                # Its scenario boots a guest with the test device: no other device there.
+                outcome = Outcome(bug.id, arch, DOES_NOT_APPLY, None, 0.0, "needs a guest")
+            else:
+                outcome = run_recipe(bug.id, arch, path, device_type=device).outcome
+            rows.append(Row(outcome, version, lookup(bug.id).applies(version), device))
     return rows

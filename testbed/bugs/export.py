@@ -11,6 +11,7 @@ DIR/vhost-user-trace.jsonl   our back-end's wire trace of that run (payloads dec
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,16 @@ from typing import Any
 
 from testbed import waiting as waiting_module
 from testbed.artifacts import write_script
-from testbed.bugs import Bug, lookup
-from testbed.bugs import standalone as standalone_module
+from testbed.bugs import Bug, lookup, standalone, standalone_backend, standalone_site
 from testbed.bugs.recipes import RECIPES
+from testbed.bugs.recipes_fuzz import RECIPE_ARCHES
 from testbed.bugs.runner import Outcome, run_recipe
+from testbed.device import DEVICE_TYPE
 from testbed.errors import ConfigError, TestbedError
 from testbed.machine.cmdline import format_command
 
 PLACEHOLDER_DIR = "/tmp/qemu-repro"
+TEMPLATE_PARTS = (standalone_site, standalone_backend, standalone)
 
 
 @dataclass(frozen=True)
@@ -35,19 +38,32 @@ class Exported:
     files: tuple[Path, ...]
 
 
+INLINED = re.compile(
+    r"^# -- inlined into repro.py: begin.*?^# -- inlined into repro.py: end\n", re.M | re.S
+)
+FUTURE = "from __future__ import annotations\n"
 WAITING_IMPORT = (
     "from testbed.waiting import wait_steps, wait_until  # inlined into repro.py by export\n"
 )
+
+
+def template_text() -> str:
+    """The stand-alone template as one file: standalone_site's text, standalone_backend's,
+    then standalone's, without the imports that join them in the package, testbed.waiting
+    inlined. Pure (reads the package's own files)."""
+    parts = [Path(m.__file__ or "").read_text() for m in TEMPLATE_PARTS]
+    first, *rest = parts
+    joined = first + "".join("\n\n" + INLINED.sub("", part.replace(FUTURE, "", 1)) for part in rest)
+    return inline_waiting(joined)
 
 
 def inline_waiting(template: str) -> str:
     """The template with testbed.waiting's text where it imports it: repro.py needs nothing
     of ours. waiting.py's one import of ours, WaitTimeout, becomes TimeoutError (what the
     template catches). Pure."""
-    if WAITING_IMPORT not in template:
-        raise ConfigError("the standalone template no longer imports testbed.waiting as expected")
-    waiting = Path(waiting_module.__file__).read_text()
-    waiting = waiting.replace("from __future__ import annotations\n", "")
+    if template.count(WAITING_IMPORT) != 1:
+        raise ConfigError("the standalone template no longer imports testbed.waiting once")
+    waiting = Path(waiting_module.__file__ or "").read_text().replace(FUTURE, "", 1)
     ours = "from testbed.errors import WaitTimeout\n"
     if ours not in waiting:
         raise ConfigError("testbed.waiting imports more of testbed than repro.py can inline")
@@ -57,7 +73,7 @@ def inline_waiting(template: str) -> str:
 
 def render_repro(script: dict[str, Any]) -> str:
     """repro.py: the standalone template's text with ``script`` embedded. Pure."""
-    template = inline_waiting(Path(standalone_module.__file__).read_text())
+    template = template_text()
     data = json.dumps(script, indent=1, sort_keys=True)
     # A raw triple-quoted string keeps the JSON readable; repr() if it cannot hold it.
     literal = f'r"""{data}"""' if '"""' not in data and not data.endswith('"') else repr(data)
@@ -91,20 +107,54 @@ def cmdline_text(script: dict[str, Any]) -> str:
 
 
 def readme_text(bug: Bug, script: dict[str, Any], outcome: Outcome, qemu_version: str) -> str:
-    """README.md for the report. Pure."""
+    """The upstream-ready report (README.md of an export, `testbed bugs report`): title,
+    the QEMU versions and architectures seen, what happens and what the spec says should,
+    the minimal reproducer inline (command line and steps), the signature, the root cause
+    and the source it points to. Pure."""
     seen = outcome.evidence.headline() if outcome.evidence is not None else "-"
     sources = "\n".join(f"- `{s}`" for s in bug.source) or "- (none recorded)"
     steps = "\n".join(f"{i}. {_describe(step)}" for i, step in enumerate(script["steps"], 1))
+    spec = (
+        f"docs/interop/vhost-user.rst (as merged for 11.1):\n\n> {_para(bug.spec)}"
+        if bug.spec
+        else "The spec has no rule on this; a back-end is less trusted than QEMU."
+    )
+    command = textwrap.indent(cmdline_text(script), "    ")
+    tries = script.get("attempts", 1)
+    race = f" It depends on a race: repro.py tries up to {tries} times." if tries > 1 else ""
     return f"""# {bug.title}
 
-Bug id `{bug.id}` in the vhost-user shared-memory test bed's registry.
-Component `{bug.component}`, function `{bug.function}`.
-Seen on QEMU {", ".join(bug.versions)} ({", ".join(bug.arches)}); this export was recorded
-on QEMU {qemu_version}, {outcome.arch}.
+Seen on QEMU {", ".join(bug.versions)}, {", ".join(bug.arches)}; this report was recorded on
+QEMU {qemu_version} ({outcome.arch}{_device_words(script)}). Component `{bug.component}`,
+function `{bug.function}`; `{bug.id}` in the vhost-user shared-memory test bed's registry.
 
-## Report
+## What happens
 
 {_para(bug.report)}
+
+## What the spec says
+
+{spec}
+
+## Reproducer
+
+A guest-less QEMU (qtest plays the guest's PCI core and virtio driver) and a vhost-user
+back-end that replays the recorded answers.{race}
+
+{command}
+{steps}
+
+`testbed bugs export {bug.id} DIR` writes it as one stand-alone file:
+`python3 DIR/repro.py --qemu /path/to/qemu-system-{outcome.arch}` needs only QEMU and Python 3
+(standard library), prints the signature when it shows and exits 0 if and only if the bug
+reproduced; it kills QEMU and removes its temp dir on every path. The export's
+vhost-user-trace.jsonl is the recorded run's wire trace.
+
+## Signature
+
+`{bug.signature()}`
+
+The recorded run showed: `{seen}`
 
 ## Root cause
 
@@ -113,26 +163,12 @@ on QEMU {qemu_version}, {outcome.arch}.
 ## Source
 
 {sources}
-
-## Signature
-
-`{bug.signature()}`
-
-The recorded run showed: `{seen}`
-
-## Reproduce
-
-    python3 repro.py --qemu /path/to/qemu-system-{outcome.arch}
-
-Needs only QEMU and Python 3 (standard library). repro.py plays the vhost-user back-end by
-replaying what the test bed's back-end answered in the recorded run, starts QEMU without a
-guest (qemu-cmdline.txt; QEMU dials repro.py's QMP and qtest sockets), replays these steps,
-prints the signature when it shows and exits 0 if and only if the bug reproduced. It kills
-QEMU and removes its temp dir on every path. vhost-user-trace.jsonl is the recorded run's
-wire trace.
-
-{steps}
 """
+
+
+def _device_words(script: dict[str, Any]) -> str:
+    device = script.get("device")
+    return f", {device}" if device and device != DEVICE_TYPE else ""
 
 
 def _para(text: str) -> str:
@@ -150,13 +186,20 @@ def _describe(step: dict[str, Any]) -> str:
         return f"qtest: {len(step['lines'])} line(s), first `{step['lines'][0]}`"
     if op == "wait_request":
         return f"wait for vhost-user request {step['request']} (x{step['count']})"
-    if op == "memfd":
-        return f"create memfd {step['name']} of {step['size']} bytes"
+    if op in ("memfd", "fd"):
+        kind = step.get("kind", "memfd")
+        return f"make {step['name']}: a {kind} of {step.get('size', 0)} bytes"
+    if op == "file":
+        return f"the back-end acts on its file {step['name']}: {step['do']}"
+    if op == "dial":
+        return "the back-end connects to QEMU's socket (QEMU listens)"
+    if op == "count_fds":
+        return f"count QEMU's open fds (/proc/PID/fd) as {step['name']}"
     if op == "channel":
         body = len(step["body"]) // 2
         return (
-            f"back-end channel request {step['request']} ({body}-byte payload, fds "
-            f"{step['fds']}): QEMU's u64 answer is {step['result']}"
+            f"back-end channel request {step['request']} ({body}-byte payload "
+            f"{step['body']}, fds {step['fds']}): QEMU's u64 answer is {step['result']}"
         )
     if op == "close_backend":
         return "close the back-end's sockets (the back-end dies)"
@@ -167,25 +210,57 @@ def _describe(step: dict[str, Any]) -> str:
     return op
 
 
-def export(bug_id: str, directory: Path, arch: str | None, qemu: Path, version: str) -> Exported:
-    """Run ``bug_id``'s recipe with a trace and write the report files into ``directory``.
-    TestbedError when the bug did not reproduce (nothing worth attaching)."""
-    bug = lookup(bug_id)
-    arch = arch or bug.arches[0]
+def recipe_arch(bug: Bug, arch: str | None) -> str:
+    """The arch to record ``bug`` on: ``arch``, else the first one its recipe runs on."""
+    arch = arch or next(a for a in bug.arches if a in RECIPE_ARCHES.get(bug.id, bug.arches))
     if arch not in bug.arches:
         raise ConfigError(f"{bug.id} is not a bug on {arch}: it is on {', '.join(bug.arches)}")
-    if bug.id not in RECIPES:
-        raise ConfigError(f"{bug.id} has no guest-less recipe; use `testbed bugs reproduce`")
-    directory.mkdir(parents=True, exist_ok=True)
-    trace = directory / "vhost-user-trace.jsonl"
-    recorded = run_recipe(bug.id, arch, qemu, trace_path=trace)
+    if bug.id not in RECIPES or arch not in RECIPE_ARCHES.get(bug.id, (arch,)):
+        raise ConfigError(
+            f"{bug.id} has no guest-less recipe on {arch}; use `testbed bugs reproduce`"
+        )
+    return arch
+
+
+def record(
+    bug_id: str, arch: str, qemu: Path, trace: Path | None, device_type: str | None
+) -> tuple[Outcome, dict[str, Any]]:
+    """Run the recipe; its outcome and script. TestbedError when the bug did not show."""
+    recorded = run_recipe(bug_id, arch, qemu, trace_path=trace, device_type=device_type)
     outcome = recorded.outcome
     if not outcome.reproduced or recorded.script is None:
         seen = outcome.evidence.headline() if outcome.evidence else "nothing"
-        raise TestbedError(
-            f"{bug.id} did not reproduce on {qemu} ({arch}): saw {seen}; nothing exported"
-        )
-    script = recorded.script
+        raise TestbedError(f"{bug_id} did not reproduce on {qemu} ({arch}): saw {seen}")
+    return outcome, recorded.script
+
+
+def report(
+    bug_id: str, arch: str | None, qemu: Path, version: str, device_type: str | None = None
+) -> str:
+    """`testbed bugs report ID`: the upstream-ready report, from a fresh recorded run."""
+    bug = lookup(bug_id)
+    outcome, script = record(bug.id, recipe_arch(bug, arch), qemu, None, device_type)
+    return readme_text(bug, script, outcome, version)
+
+
+def export(
+    bug_id: str,
+    directory: Path,
+    arch: str | None,
+    qemu: Path,
+    version: str,
+    device_type: str | None = None,
+) -> Exported:
+    """Run ``bug_id``'s recipe with a trace and write the report files into ``directory``.
+    TestbedError when the bug did not reproduce (nothing worth attaching)."""
+    bug = lookup(bug_id)
+    arch = recipe_arch(bug, arch)
+    directory.mkdir(parents=True, exist_ok=True)
+    trace = directory / "vhost-user-trace.jsonl"
+    try:
+        outcome, script = record(bug.id, arch, qemu, trace, device_type)
+    except TestbedError as exc:
+        raise TestbedError(f"{exc}; nothing exported") from None
     readme = directory / "README.md"
     cmdline = directory / "qemu-cmdline.txt"
     readme.write_text(readme_text(bug, script, outcome, version))

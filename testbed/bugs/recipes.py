@@ -4,124 +4,91 @@ QEMU (qtest accel, or tcg -S), QMP and qtest -- and the checks that show a silen
 testbed.bugs.runner runs them; `testbed bugs check` reports the outcome and `testbed bugs
 export` writes the recorded script.
 
-Bugs without a recipe are reproduced otherwise (testbed.bugs.runner): the ones the fuzzer
-found replay their minimised corpus case; the one that needs a guest (device_del on q35
-waits for the guest's ACPI eject) reruns its scenario (testbed.bugs.rerun).
+The recipes of the fd bugs are in testbed.bugs.recipes_fds, those of the bugs the fuzzer
+found in testbed.bugs.recipes_fuzz, their shared parts (the device, `--device`) in
+testbed.bugs.recipe_kit. A bug without a recipe on an arch (unplug-channel-close-hangup-
+segfault on aarch64: virt's hot-unplug needs a guest's pciehp) reruns its scenario
+(testbed.bugs.rerun), or replays its corpus case.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
+from testbed.bugs.recipe_kit import (
+    M,
+    bar4_address,
+    check_config_taken,
+    device,
+    realize_with,
+    started,
+)
+from testbed.bugs.recipes_fds import FD_RECIPES
+from testbed.bugs.recipes_fuzz import FUZZ_RECIPES
 from testbed.bugs.recording import Recipe, RecipeFailed, Run
-from testbed.device import ShmemLayout, VhostUserDevice
-from testbed.errors import PeerClosed, QemuExited
-from testbed.machine import QtestMachine
+from testbed.device import ShmemLayout
+from testbed.errors import PeerClosed
+from testbed.fuzz.fdspec import FdKind
 from testbed.machine.cmdline import behind_root_port_options, root_port_id
-from testbed.machine.probe import pci_bar
 from testbed.machine.qtest import acpi_eject, open_root_port
 from testbed.vhost_user.faults import Faults
 from testbed.vhost_user.protocol import BackendRequest, MMap, Request
 
-M = 1 << 20
-
-
-def _device(run: Run, layout: ShmemLayout, **kwargs: Any) -> VhostUserDevice:
-    return VhostUserDevice("vu0", run.socket, layout, **kwargs)
-
-
-def _realize_with(run: Run, layout: ShmemLayout, faults: Faults, **device: Any) -> None:
-    """Cold-plug one device served with ``faults``: the crash comes in realize."""
-    run.start_backend(ShmemLayout() if faults.shmem_raw_sizes else layout, faults)
-    run.start_qemu([_device(run, layout, **device)], qtest=False)
-    run.wait_request(Request.GET_SHMEM_CONFIG)
-
 
 def vub_get_features_abort(run: Run) -> None:
-    _realize_with(run, ShmemLayout({0: 4 * M}), Faults(shmem_reply_flags=0xD))
+    realize_with(run, ShmemLayout({0: 4 * M}), Faults(shmem_reply_flags=0xD))
 
 
 def bar_not_power_of_two_abort(run: Run) -> None:
-    _realize_with(run, ShmemLayout(), Faults(shmem_raw_sizes={0: 4 * M, 1: 16 * M}))
+    realize_with(run, ShmemLayout(), Faults(shmem_raw_sizes={0: 4 * M, 1: 16 * M}))
 
 
 def shmem_caps_overflow_abort(run: Run) -> None:
     four = ShmemLayout({0: 2 * M, 1: 2 * M, 2: 2 * M, 3: 2 * M})
-    _realize_with(run, four, Faults(), allow_overfull=True)
+    realize_with(run, four, Faults(), allow_overfull=True)
 
 
 def truncated_shmem_config_accepted(run: Run) -> None:
-    _realize_with(run, ShmemLayout({0: 2 * M, 1: 2 * M}), Faults(shmem_truncate=100))
-    run.check_bar4(
-        4 * M, "QEMU accepted a truncated GET_SHMEM_CONFIG reply (100 of 2056 bytes): BAR 4 "
-        "built from it"
-    )  # fmt: skip
+    realize_with(run, ShmemLayout({0: 2 * M, 1: 2 * M}), Faults(shmem_truncate=100))
+    say = "QEMU accepted a truncated GET_SHMEM_CONFIG reply (100 of 2056 bytes)"
+    check_config_taken(run, 4 * M, say)
 
 
 def nregions_mismatch_accepted(run: Run) -> None:
-    _realize_with(run, ShmemLayout({0: 4 * M}), Faults(shmem_nregions=2))
-    run.check_bar4(4 * M, "nregions 2 with one non-zero size accepted: BAR 4 of 4 MiB")
+    realize_with(run, ShmemLayout({0: 4 * M}), Faults(shmem_nregions=2))
+    check_config_taken(run, 4 * M, "nregions 2 with one non-zero size accepted")
 
 
 def queue_num_ignored(run: Run) -> None:
     """A 2-queue device, a back-end that answers GET_QUEUE_NUM with 1: realize goes on and
     QEMU sets up ring 1 (SET_VRING_CALL/ERR at realize)."""
-    _realize_with(run, ShmemLayout(), Faults(queue_num=1), num_vqs=2)
+    realize_with(run, ShmemLayout(), Faults(queue_num=1), num_vqs=2)
     run.check_rings(1, "set up ring 1 after the back-end answered GET_QUEUE_NUM with 1")
 
 
-def _started(run: Run, layout: ShmemLayout) -> QtestMachine:
-    """A device at DRIVER_OK (qtest plays the guest's driver)."""
-    run.start_backend(layout)
-    machine = run.start_qemu([_device(run, layout)])
-    run.start_device()
-    return machine
-
-
 def readonly_map_writable(run: Run) -> None:
-    layout = ShmemLayout({0: 2 * M})
-    machine = _started(run, layout)
+    """Both faces of the one cause (QEMU maps a read-only request writable): a read-only
+    map of a memfd opened read-only is refused; a guest write through a read-only map of
+    a read-write memfd reaches the file (on a device whose regions the guest sees)."""
+    layout = ShmemLayout({0: 2 * M, 1: 2 * M})
+    machine = started(run, layout)
+    ro = run.fd(FdKind.ROFD, M)
+    refused = run.channel(BackendRequest.SHMEM_MAP, MMap(1, 0, 0, M, 0).pack(), [ro])
+    run.check_result(refused, 1, "read-only SHMEM_MAP of a memfd opened read-only refused")
+    if not run.base.shmem_bar:
+        return
     pattern = bytes(range(256)) * 16
     mem = run.memfd(M, pattern)
     result = run.channel(BackendRequest.SHMEM_MAP, MMap(0, 0, 0, M, 0).pack(), [mem])
     if run.results[result] != 0:
         raise RecipeFailed(f"QEMU refused the read-only SHMEM_MAP (u64 {run.results[result]})")
-    run.qtest_write(_bar4_address(machine), b"guest wrote through a read-only map")
+    run.qtest_write(bar4_address(machine), b"guest wrote through a read-only map")
     run.check_memfd(mem, 0, pattern[:64], "write through a read-only mapping reached the memfd")
-
-
-def shmem_map_readonly_fd_refused(run: Run) -> None:
-    """A read-only map (flags 0) of a memfd whose fd travels opened O_RDONLY."""
-    _started(run, ShmemLayout({0: 2 * M}))
-    mem = run.memfd(M, bytes(range(256)) * 16, readonly=True)
-    run.channel(BackendRequest.SHMEM_MAP, MMap(0, 0, 0, M, 0).pack(), [mem])
-
-
-def shmem_map_truncated_file_sigbus(run: Run) -> None:
-    """1 MiB of a memfd mapped read-write, the memfd shrunk to one page, then a read of
-    the mapped range past that page (what a guest's virtio-fs DAX read does)."""
-    machine = _started(run, ShmemLayout({0: 2 * M}))
-    mem = run.memfd(M, bytes(range(256)) * 16)
-    result = run.channel(BackendRequest.SHMEM_MAP, MMap(0, 0, 0, M, 1).pack(), [mem])
-    if run.results[result] != 0:
-        raise RecipeFailed(f"QEMU refused the SHMEM_MAP (u64 {run.results[result]})")
-    run.truncate(mem, 4096)
-    with contextlib.suppress(QemuExited):  # QEMU dies instead of answering
-        run.qtest_read(_bar4_address(machine) + M // 2, 4)
-    run.wait_exit()
-
-
-def _bar4_address(machine: QtestMachine) -> int:
-    bar = pci_bar(machine.pci_device(), 4)
-    if bar is None:
-        raise RecipeFailed("the device has no BAR 4")
-    return int(bar["address"])
 
 
 def _channel_accepts(run: Run, body: bytes, say: str) -> None:
     layout = ShmemLayout({0: 2 * M, 1: 2 * M})
-    _started(run, layout)
+    started(run, layout)
     mem = run.memfd(M)
     result = run.channel(BackendRequest.SHMEM_MAP, body, [mem])
     run.check_result(result, 0, say)
@@ -142,7 +109,7 @@ def reconnect_realize_no_wait(run: Run) -> None:
     does not wait for it (QEMU exits 1 with "Failed to set msg fds")."""
     layout = ShmemLayout({0: 4 * M})
     run.start_backend(layout)
-    run.start_qemu([_device(run, layout, reconnect_ms=200)], qtest=False)
+    run.start_qemu([device(run, layout, reconnect_ms=200)], qtest=False)
 
 
 def backend_hangup_del_eventfd_abort(run: Run) -> None:
@@ -151,7 +118,7 @@ def backend_hangup_del_eventfd_abort(run: Run) -> None:
     is survived ("Unexpected end-of-file"); the abort is the realized-not-started path."""
     layout = ShmemLayout({0: 4 * M})
     run.start_backend(layout)
-    run.start_qemu([_device(run, layout)], qtest=False)
+    run.start_qemu([device(run, layout)], qtest=False)
     run.wait_request(Request.GET_SHMEM_CONFIG)
     run.close_backend()
     run.wait_exit()
@@ -162,8 +129,8 @@ def unplug_live_mapping_del_subregion_abort(run: Run) -> None:
     and mapped; then device_del and the eject a guest's ACPI _EJ0 would write, over qtest."""
     layout = ShmemLayout({0: 4 * M})
     run.start_backend(layout)
-    device = VhostUserDevice("vu0", run.socket, layout, bus=root_port_id(0), addr=0)
-    run.start_qemu([], extra_args=behind_root_port_options(run.arch, device))
+    behind = device(run, layout, bus=root_port_id(0), addr=0)
+    run.start_qemu([], extra_args=behind_root_port_options(run.arch, behind))
     with run.recording_qtest() as client:
         function = open_root_port(client, run.arch)
     run.start_device(function)
@@ -171,7 +138,7 @@ def unplug_live_mapping_del_subregion_abort(run: Run) -> None:
     result = run.channel(BackendRequest.SHMEM_MAP, MMap(0, 0, M, 64 * 1024, 1).pack(), [mem])
     if run.results[result] != 0:
         raise RecipeFailed(f"QEMU refused the SHMEM_MAP (u64 {run.results[result]})")
-    run.qmp("device_del", {"id": device.device_id})
+    run.qmp("device_del", {"id": behind.device_id})
     with run.recording_qtest() as client:
         acpi_eject(client)
     run.wait_exit()
@@ -181,7 +148,7 @@ def shmem_map_stopped_device_segfault(run: Run) -> None:
     """SHMEM_MAP on the channel of a realized device nobody started (no DRIVER_OK)."""
     layout = ShmemLayout({0: 2 * M, 1: 2 * M})
     run.start_backend(layout)
-    run.start_qemu([_device(run, layout)], qtest=False)
+    run.start_qemu([device(run, layout)], qtest=False)
     run.wait_request(Request.GET_SHMEM_CONFIG)
     mem = run.memfd(64 * 1024)
     body = MMap(1, 0, M, 64 * 1024, 1).pack()
@@ -197,8 +164,6 @@ RECIPES: dict[str, Recipe] = {
     "truncated-shmem-config-accepted": truncated_shmem_config_accepted,
     "nregions-mismatch-accepted": nregions_mismatch_accepted,
     "readonly-map-writable": readonly_map_writable,
-    "shmem-map-readonly-fd-refused": shmem_map_readonly_fd_refused,
-    "shmem-map-truncated-file-sigbus": shmem_map_truncated_file_sigbus,
     "reconnect-realize-no-wait": reconnect_realize_no_wait,
     "backend-hangup-del-eventfd-abort": backend_hangup_del_eventfd_abort,
     "shmem-map-unknown-flags-accepted": shmem_map_unknown_flags_accepted,
@@ -206,5 +171,7 @@ RECIPES: dict[str, Recipe] = {
     "unplug-live-mapping-del-subregion-abort": unplug_live_mapping_del_subregion_abort,
     "shmem-map-stopped-device-segfault": shmem_map_stopped_device_segfault,
     "queue-num-ignored": queue_num_ignored,
+    **FD_RECIPES,
+    **FUZZ_RECIPES,
 }
 """Bugs without an entry here are rerun through their scenario (needs_guest ones)."""

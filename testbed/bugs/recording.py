@@ -10,6 +10,7 @@ a silent bug. Its ``evidence()`` is what the registry's Bug.matches judges.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,9 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from testbed.bugs import Bug
-from testbed.bugs.signature import Evidence, exit_of, exited_line
-from testbed.device import ShmemLayout, VhostUserDevice
-from testbed.errors import TestbedError
+from testbed.bugs.signature import SILENT_EXITS, Evidence, crash_site, exit_of, exited_line
+from testbed.device import DEVICE_TYPE, BaseDevice, ShmemLayout, VhostUserDevice, base_device
+from testbed.errors import PeerClosed, TestbedError, WaitTimeout
+from testbed.fuzz.backend import FuzzBackend
+from testbed.fuzz.fdspec import FdKind, FdSpec, Op
+from testbed.fuzz.files import OpenFd, open_fd
+from testbed.fuzz.grammar import Case
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import GUESTLESS_SLOT, build_qtest_command
 from testbed.machine.probe import pci_bar
@@ -27,12 +32,17 @@ from testbed.machine.qtest import PciFunctionDriver, QtestClient
 from testbed.resource import Closeable
 from testbed.vhost_user.backend import Backend
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import BackendRequest, Header, Request
+from testbed.vhost_user.protocol import BackendRequest, Header, ProtocolFeature, Request
 from testbed.vhost_user.shmem import Memfd
 from testbed.vhost_user.trace import FROM_QEMU, TO_QEMU
+from testbed.waiting import wait_until
 
 TIMEOUT = 10.0
 EXIT_TIMEOUT = 5.0
+CLOSED = -1
+"""A channel request's result when QEMU closed the channel instead of answering."""
+NO_ANSWER = -2
+"""... when QEMU did not answer within the step's timeout."""
 """How long a crash may take to land once its trigger was answered."""
 
 
@@ -56,13 +66,20 @@ class Run(Closeable):
     qtest: bool = False
     observed: list[str] = field(default_factory=list)
     disconnect_at: int | None = None
-    _raw: list[tuple[str, Header, bytes]] = field(default_factory=list)
+    device_type: str | None = None
+    """The QEMU device the recipe's device is (None: the test device; `--device`)."""
+    site: str = ""
+    """The site of a crash that printed nothing (from gdb, else the kernel's log)."""
+    _raw: list[tuple[str, Header, bytes, int]] = field(default_factory=list)
     _memfds: list[Memfd] = field(default_factory=list)
     _memfd_names: dict[int, str] = field(default_factory=dict)
-    _sent_fd: dict[int, int] = field(default_factory=dict)
-    """A memfd's fd -> the read-only fd of it that travels instead (memfd(readonly=))."""
+    _fds: list[OpenFd] = field(default_factory=list)
     results: dict[str, int] = field(default_factory=dict)
     _results: int = 0
+    dials: bool = False
+    """The back-end connects to QEMU (which listens) instead of listening."""
+    hang_up_on_channel_close: bool = False
+    _counts: dict[str, int] = field(default_factory=dict)
 
     # -- the stack -------------------------------------------------------------------------
 
@@ -70,12 +87,45 @@ class Run(Closeable):
     def socket(self) -> Path:
         return self.workdir / "vu.sock"
 
+    @property
+    def base(self) -> BaseDevice:
+        """The device type's facts (queues, CONFIG, a shared-memory BAR)."""
+        return base_device(self.device_type or DEVICE_TYPE)
+
+    def _faults(self, faults: Faults) -> Faults:
+        """The run's faults, plus PROTOCOL_F_CONFIG for a device that refuses a back-end
+        without it (vhost-user-gpio, -input, -snd, -spi)."""
+        if not self.base.needs_config:
+            return faults
+        extra = faults.extra_features | int(ProtocolFeature.CONFIG)
+        return dataclasses.replace(faults, extra_features=extra)
+
     def start_backend(self, layout: ShmemLayout, faults: Faults | None = None) -> Backend:
-        faults = faults or Faults()
-        backend = Backend(self.socket, layout, faults=faults, trace_path=self.trace_path)
+        faults = self._faults(faults or Faults())
+        backend = Backend(
+            self.socket, layout, faults=faults, trace_path=self.trace_path,
+            num_queues=self.base.queues,
+        )  # fmt: skip
         self._keep_raw(backend)
         self.backend = backend.start()
         self.disconnect_at = int(faults.disconnect_at) if faults.disconnect_at else None
+        self.hang_up_on_channel_close = faults.hang_up_on_channel_close
+        return backend
+
+    def start_bent_backend(self, case: Case, *, dial: bool = False) -> Backend:
+        """The fuzzer's back-end for ``case``: its offer, its GET_SHMEM_CONFIG reply and its
+        bent replies, recorded byte for byte. ``dial``: it connects to QEMU (QEMU
+        listens, QtestConfig(listen=True)) instead of listening."""
+        case = self._offered(case)
+        backend = FuzzBackend(
+            self.socket, case, case.replies, trace_path=self.trace_path, connect=dial,
+            connect_timeout=TIMEOUT, num_queues=self.base.queues,
+        )  # fmt: skip
+        self._keep_raw(backend)
+        if dial:
+            self.steps.append({"op": "dial"})
+        self.backend = backend.start()
+        self.dials = dial
         return backend
 
     def _keep_raw(self, backend: Backend) -> None:
@@ -86,7 +136,7 @@ class Run(Closeable):
 
         def keeping(direction: str, header: Header, body: bytes, nfds: int, *rest: Any) -> Any:
             if direction in (FROM_QEMU, TO_QEMU):
-                self._raw.append((direction, header, bytes(body)))
+                self._raw.append((direction, header, bytes(body), nfds))
             return record(direction, header, body, nfds, *rest)
 
         setattr(backend.trace, "record", keeping)  # noqa: B010 (an instance override)
@@ -97,18 +147,23 @@ class Run(Closeable):
         *,
         qtest: bool = True,
         extra_args: Sequence[str] = (),
+        listen: bool = False,
     ) -> QtestMachine:
-        """Start the guest-less QEMU; QemuExited if it dies on the way (a realize crash)."""
+        """Start the guest-less QEMU; QemuExited if it dies on the way (a realize crash).
+        A bug whose crash prints nothing gets gdb attached (its site is the signature)."""
         config = QtestConfig(
-            self.arch, self.qemu, tuple(devices), qtest, extra_args=tuple(extra_args)
-        )
+            self.arch, self.qemu, tuple(devices), qtest, listen=listen,
+            extra_args=tuple(extra_args),
+        )  # fmt: skip
         self.qtest = qtest
         template = build_qtest_command(
             config, self.workdir / "qmp.sock", self.workdir / "qtest.sock"
         )
         self.argv = ["{qemu}", *(w.replace(str(self.workdir), "{dir}") for w in template[1:])]
         self.steps.append({"op": "connect"})
-        machine = QtestMachine(config, logdir=self.workdir / "qemu")
+        # A crash that prints nothing is known by its site: gdb on QEMU for that.
+        silent = self.bug.exit in SILENT_EXITS
+        machine = QtestMachine(config, logdir=self.workdir / "qemu", crash_sites=silent)
         self.machine = machine
         machine.start(timeout=30.0)
         return machine
@@ -170,54 +225,57 @@ class Run(Closeable):
                 {"op": "wait_request", "request": int(seen[-1]), "count": seen.count(seen[-1])}
             )
 
-    def memfd(self, size: int, fill: bytes = b"", *, readonly: bool = False) -> Memfd:
-        """A memfd of ``size`` bytes starting with ``fill``; ``readonly``: what travels
-        on the channel for it is an fd of it opened O_RDONLY (a file the back-end may
-        only read), as the replay does too."""
+    def memfd(self, size: int, fill: bytes = b"") -> Memfd:
         mem = Memfd(size)
         self._memfds.append(mem)
         if fill:
             mem.write(0, fill)
         name = f"m{len(self._memfds) - 1}"
         self._memfd_names[mem.fileno()] = name
-        if readonly:
-            self._sent_fd[mem.fileno()] = os.open(f"/proc/self/fd/{mem.fileno()}", os.O_RDONLY)
-        self.steps.append({"op": "memfd", "name": name, "size": size, "fill": fill.hex(),
-                           "readonly": readonly})  # fmt: skip
+        self.steps.append({"op": "memfd", "name": name, "size": size, "fill": fill.hex()})
         return mem
-
-    def truncate(self, mem: Memfd, size: int) -> None:
-        """Another host process shrinks (or grows) the file under QEMU's mapping."""
-        self.steps.append({"op": "truncate", "memfd": self._memfd_names[mem.fileno()],
-                           "size": size})  # fmt: skip
-        os.ftruncate(mem.fileno(), size)
 
     def channel(
         self,
         request: BackendRequest,
         body: bytes,
-        fds: Sequence[Memfd] = (),
+        fds: Sequence[Memfd | OpenFd] = (),
         *,
         unguarded: bool = False,
+        may_fail: bool = False,
+        timeout: float = TIMEOUT,
     ) -> str:
         """Send a back-end channel request; returns the name of its recorded result, whose
         value (QEMU's u64) is in self.results. ``unguarded``: even to a device that is not
-        started, which Backend otherwise refuses (a bug needs exactly that)."""
+        started, which Backend otherwise refuses (a bug needs exactly that). ``may_fail``:
+        QEMU closing the channel (CLOSED) or not answering within ``timeout`` (NO_ANSWER)
+        is the result, not an error."""
         name = f"r{self._results}"
         self._results += 1
+        fd_list = [m.fileno() if isinstance(m, Memfd) else m.sent for m in fds]
         self.steps.append(
             {
                 "op": "channel",
                 "request": int(request),
                 "body": body.hex(),
-                "fds": [self._memfd_names[m.fileno()] for m in fds],
+                "fds": [self._memfd_names[fd] for fd in fd_list],
                 "result": name,
+                "may_fail": may_fail,
+                "timeout": timeout,
             }
         )
-        fd_list = [self._sent_fd.get(m.fileno(), m.fileno()) for m in fds]
-        value = self._b().channel_request(
-            request, body, fd_list, timeout=TIMEOUT, unguarded=unguarded
-        )
+        try:
+            value = self._b().channel_request(
+                request, body, fd_list, timeout=timeout, unguarded=unguarded
+            )
+        except PeerClosed:
+            if not may_fail:
+                raise
+            value = CLOSED
+        except WaitTimeout:
+            if not may_fail:
+                raise
+            value = NO_ANSWER
         self.results[name] = value
         return name
 
@@ -225,14 +283,55 @@ class Run(Closeable):
         with self.recording_qtest() as client:
             client.write(addr, data)
 
-    def qtest_read(self, addr: int, length: int) -> bytes:
-        """What the guest reads at ``addr`` (a guest-physical address)."""
-        with self.recording_qtest() as client:
-            return client.read(addr, length)
-
     def close_backend(self) -> None:
         self.steps.append({"op": "close_backend"})
         self._b().close()
+
+    def _offered(self, case: Case) -> Case:
+        if not self.base.needs_config:
+            return case
+        offer = dataclasses.replace(case.offer, extra=case.offer.extra | ProtocolFeature.CONFIG)
+        return dataclasses.replace(case, offer=offer)
+
+    def redial(self, case: Case) -> Backend:
+        """A new back-end connection to a QEMU that listens (after close_backend)."""
+        self.steps.append({"op": "dial"})
+        backend = FuzzBackend(
+            self.socket, self._offered(case), (), connect=True, connect_timeout=TIMEOUT,
+            num_queues=self.base.queues,
+        )  # fmt: skip
+        self.backend = backend.start()
+        return backend
+
+    def fd(self, kind: FdKind, size: int = 0, fill: bytes = b"") -> OpenFd:
+        """An fd of ``kind`` (testbed.fuzz.fdspec): a memfd, one reopened read-only, an
+        O_PATH fd, ...; ``fill`` written at its start."""
+        made = open_fd(FdSpec(kind, size), self.workdir)
+        self._fds.append(made)
+        if fill:
+            os.pwrite(made.handle if made.handle is not None else made.sent, fill, 0)
+        name = f"f{len(self._fds) - 1}"
+        self._memfd_names[made.sent] = name
+        self.steps.append({"op": "fd", "name": name, "kind": str(kind), "size": size,
+                           "fill": fill.hex()})  # fmt: skip
+        return made
+
+    def file_op(self, fd: OpenFd, op: Op) -> None:
+        """The back-end acts on its file (truncate, extend, ...; testbed.fuzz.fdspec)."""
+        self.steps.append({"op": "file", "name": self._memfd_names[fd.sent], "do": op.format()})
+        fd.apply(op)
+
+    def qtest_read(self, addr: int, length: int) -> bytes:
+        with self.recording_qtest() as client:
+            return client.read(addr, length)
+
+    def count_fds(self, name: str) -> int:
+        """QEMU's open fds now (/proc/PID/fd), kept as ``name`` for check_fds_grew."""
+        self.steps.append({"op": "count_fds", "name": name})
+        pid = self._m().pid
+        count = len(os.listdir(f"/proc/{pid}/fd")) if pid is not None else -1
+        self._counts[name] = count
+        return count
 
     def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int | None:
         self.steps.append({"op": "wait_exit", "timeout": timeout})
@@ -246,6 +345,15 @@ class Run(Closeable):
         if bar is not None and bar["size"] == size:
             self.observed.append(say)
 
+    def check_device(self, say: str) -> None:
+        """Observed when the device is there (query-pci): it realized."""
+        self.steps.append({"op": "check_device", "slot": GUESTLESS_SLOT, "say": say})
+        try:
+            self._m().pci_device()
+        except TestbedError:
+            return
+        self.observed.append(say)
+
     def check_result(self, result: str, equals: int, say: str) -> None:
         self.steps.append({"op": "check_result", "result": result, "equals": equals, "say": say})
         if self.results.get(result) == equals:
@@ -257,6 +365,39 @@ class Run(Closeable):
         self.steps.append({"op": "check_rings", "queues": queues, "say": say})
         if any(v.rule == "queue-count" for v in self._b().violations):
             self.observed.append(say)
+
+    def check_file_size(self, fd: OpenFd, size: int, say: str) -> None:
+        """Observed when the file's size is no longer ``size``."""
+        name = self._memfd_names[fd.sent]
+        self.steps.append({"op": "check_file_size", "name": name, "size": size, "say": say})
+        image = fd.image()
+        if image is not None and image.size != size:
+            self.observed.append(say)
+
+    def check_fds_grew(self, since: str, say: str) -> None:
+        """Observed when QEMU holds more fds than counted as ``since``."""
+        self.steps.append({"op": "check_fds_grew", "since": since, "say": say})
+        before = self._counts[since]
+        pid = self._m().pid
+        # A close in flight may take a moment: what stays above the count is growth.
+        try:
+            wait_until(
+                lambda: len(os.listdir(f"/proc/{pid}/fd")) <= before,
+                0.3,
+                "QEMU's fds settling",
+                interval=0.02,
+            )
+        except WaitTimeout:
+            self.observed.append(say)
+
+    def check_qmp_silent(self, timeout: float, say: str) -> None:
+        """Observed when QEMU does not answer QMP within ``timeout`` (its main loop hangs)."""
+        self.steps.append({"op": "check_qmp_silent", "timeout": timeout, "say": say})
+        try:
+            self._m().qmp("query-status", timeout=timeout)
+        except (WaitTimeout, TestbedError):
+            if self._m().wait_exited(0.0) is None:
+                self.observed.append(say)
 
     def check_memfd(self, mem: Memfd, offset: int, was: bytes, say: str) -> None:
         name = self._memfd_names[mem.fileno()]
@@ -279,19 +420,33 @@ class Run(Closeable):
         if self.bug.observable:
             seen = self.observed
             return Evidence.gather(seen or [stderr], code, names=self.bug.id if seen else None)
-        # A SIGSEGV prints nothing: the exit itself is the message.
+        # A SIGSEGV prints nothing: the exit itself is the message, and its site.
         exited = [] if code is None else [exited_line(exit_of(code))]
+        site = crash_site("", machine.silent_site()) if machine is not None else ""
+        exited += [f"crash site: {site}"] if site else []
         return Evidence.gather([stderr, *exited], code)
 
     def script(self) -> dict[str, Any]:
         """The stand-alone script (see testbed.bugs.standalone): pure data, JSON-ready."""
         exchanges: list[list[Any]] = []
-        for direction, header, body in self._raw:
+        for direction, header, body, nfds in self._raw:
             if direction == FROM_QEMU:
-                exchanges.append([header.request, None])
-            elif exchanges and exchanges[-1][1] is None:
-                reply = {"flags": header.flags, "size": header.size, "body": body.hex()}
+                # No answer recorded (yet): the back-end stayed silent, on purpose.
+                exchanges.append([header.request, {"silent": True}])
+                continue
+            if not exchanges:
+                continue
+            reply: dict[str, Any] = {"flags": header.flags, "size": header.size,
+                                     "body": body.hex()}  # fmt: skip
+            if header.request != exchanges[-1][0]:
+                reply["request"] = header.request
+            if nfds:
+                reply["fds"] = nfds
+            answered = exchanges[-1][1]
+            if answered.get("silent"):
                 exchanges[-1][1] = reply
+            else:  # a further message after the answer (an unsolicited extra REPLY_ACK)
+                answered.setdefault("then", []).append(reply)
         return {
             "bug": self.bug.id,
             "title": self.bug.title,
@@ -302,11 +457,14 @@ class Run(Closeable):
                 "observable": self.bug.observable,
             },
             "argv": self.argv,
+            "device": self.base.type,
             "qtest": self.qtest,
             "backend": {
                 "socket": self.socket.name,
                 "exchanges": exchanges,
                 "disconnect_at": self.disconnect_at,
+                "listen": not self.dials,
+                "hang_up_on_channel_close": self.hang_up_on_channel_close,
             },
             "steps": self.steps,
         }
@@ -320,9 +478,8 @@ class Run(Closeable):
                 self.backend.close()
             for mem in self._memfds:
                 mem.close()
-            for fd in self._sent_fd.values():
-                os.close(fd)
-            self._sent_fd.clear()
+            for made in self._fds:
+                made.close()
 
 
 Recipe = Callable[[Run], None]

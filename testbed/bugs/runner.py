@@ -15,7 +15,8 @@ from typing import Any
 
 from testbed.bugs import Bug, lookup
 from testbed.bugs.recipes import RECIPES
-from testbed.bugs.recording import RecipeFailed, Run
+from testbed.bugs.recipes_fuzz import RECIPE_ARCHES, RECIPE_ATTEMPTS
+from testbed.bugs.recording import Recipe, RecipeFailed, Run
 from testbed.bugs.rerun import rerun_scenario
 from testbed.bugs.signature import RUNNING, Evidence
 from testbed.errors import PeerClosed, QemuExited, QmpCommandFailed, WaitTimeout
@@ -66,19 +67,50 @@ class Recorded:
     """The stand-alone script; None for a scenario rerun."""
 
 
-def run_recipe(bug_id: str, arch: str, qemu: Path, *, trace_path: Path | None = None) -> Recorded:
-    """Run ``bug_id``'s reproducer on ``arch`` against ``qemu``; nothing is left running."""
+def run_recipe(
+    bug_id: str,
+    arch: str,
+    qemu: Path,
+    *,
+    trace_path: Path | None = None,
+    device_type: str | None = None,
+) -> Recorded:
+    """Run ``bug_id``'s reproducer on ``arch`` against ``qemu`` (with ``device_type``: on
+    that device instead of the test device); nothing is left running."""
     bug = lookup(bug_id)
     started = time.monotonic()
     if arch not in bug.arches:
         return Recorded(Outcome(bug.id, arch, DOES_NOT_APPLY, None, 0.0), None)
     recipe = RECIPES.get(bug.id)
+    if arch not in RECIPE_ARCHES.get(bug.id, (arch,)):
+        recipe = None
     if recipe is None and any(CORPUS_TEST in scenario for scenario in bug.scenarios):
         return Recorded(_replay_corpus(bug, arch, qemu, started), None)
     if recipe is None:
         return Recorded(_rerun(bug, arch, started), None)
+    attempts = RECIPE_ATTEMPTS.get(bug.id, 1)
+    recorded = _attempt(bug, recipe, arch, qemu, trace_path, device_type, started)
+    for _ in range(attempts - 1):
+        if recorded.outcome.reproduced:
+            break
+        recorded = _attempt(bug, recipe, arch, qemu, trace_path, device_type, started)
+    if recorded.script is not None:
+        recorded.script["attempts"] = attempts  # repro.py tries as often
+    return recorded
+
+
+def _attempt(
+    bug: Bug,
+    recipe: Recipe,
+    arch: str,
+    qemu: Path,
+    trace_path: Path | None,
+    device_type: str | None,
+    started: float,
+) -> Recorded:
+    """One run of ``recipe`` with a fresh QEMU and back-end."""
     workdir = make_private_dir("bug")
-    run = Run(bug, arch, qemu, workdir, trace_path)
+    run = Run(bug, arch, qemu, workdir, trace_path, device_type=device_type)
     detail = ""
     try:
         with run:

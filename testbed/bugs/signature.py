@@ -19,21 +19,26 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from testbed.bugs.standalone_site import (
+    SILENT_SIGNALS,
+    fault_in_gdb,
+    format_site,
+    segfault_in_log,
+)
 from testbed.errors import QemuExited
+
+__all__ = ["fault_in_gdb", "segfault_in_log"]
 
 RUNNING = "running"
 """The exit of a QEMU that did not exit (a silent misbehaviour, a hang)."""
+SILENT_EXITS = tuple(f"signal:{name}" for name in SILENT_SIGNALS)
+"""Deaths that print nothing: the site (a debugger's report, or the kernel's segfault line)
+is what tells them apart."""
 
 ASSERTION = re.compile(r"(\w+): Assertion `(.+?)' failed")
 """glibc's assert(): "pci_register_bar: Assertion `is_power_of_2(size)' failed"."""
 G_ASSERTION = re.compile(r"(\w+): assertion failed: \((.+?)\)")
 """GLib's g_assert(): "vub_get_features: assertion failed: (backend_features)"."""
-SEGFAULT_LINE = re.compile(
-    r"\[(?P<pid>\d+)\]: segfault at (?P<addr>[0-9a-f]+) ip (?P<ip>[0-9a-f]+) .*? in "
-    r"(?P<binary>[\w.+-]+)\[(?P<offset>[0-9a-f]+)[,+]"
-)
-"""The kernel's line: "qemu-system-x86_64[1234]: segfault at 0 ip ... in
-qemu-system-x86_64[9cadd4,...]"."""
 
 
 def exit_of(returncode: int | None) -> str:
@@ -59,25 +64,15 @@ def assertion(text: str) -> re.Match[str] | None:
     return ASSERTION.search(text) or G_ASSERTION.search(text)
 
 
-def segfault_in_log(log: str, pid: int) -> dict[str, str]:
-    """The last kernel segfault line of process ``pid`` in ``log`` (dmesg's text): binary,
-    offset (in the binary's mapping), ip, addr; empty when there is none."""
-    for line in reversed(log.splitlines()):
-        found = SEGFAULT_LINE.search(line)
-        if found and int(found["pid"]) == pid:
-            return {k: found[k] for k in ("binary", "offset", "ip", "addr")}
-    return {}
-
-
 def crash_site(stderr: str, segfault: dict[str, str]) -> str:
     """What tells crash sites apart: the assertion, else the faulting instruction's offset
-    in the binary ("qemu-system-x86_64+0x9cadd4", from ``segfault_in_log``), else ""."""
+    in the binary ("qemu-system-x86_64+0x9cadd4", from the kernel's segfault line or a
+    debugger's report), and where QEMU called the routine that faulted, if that lies in
+    a library ("libc.so.6+0x1717c0 from qemu-system-x86_64+0x5c2ab1"), else ""."""
     found = assertion(stderr)
     if found:
         return found[0]
-    if segfault:
-        return f"{segfault['binary']}+0x{segfault['offset']}"
-    return ""
+    return format_site(segfault)
 
 
 @dataclass(frozen=True)
@@ -132,6 +127,7 @@ class Evidence:
         """One line for reports: the most telling stderr/error line and the exit."""
         lines = [ln.strip() for ln in self.text.splitlines() if ln.strip()]
         telling = next((ln for ln in lines if "Assertion" in ln or "assertion" in ln), None)
+        telling = telling or next((ln for ln in lines if ln.startswith("crash site:")), None)
         return f"{telling or (lines[0] if lines else '(no message)')} [{self.exit}]"
 
 

@@ -1,21 +1,26 @@
-"""The template of an exported repro.py: a stand-alone reproducer of one known QEMU bug.
+"""The template of an exported repro.py: a stand-alone reproducer of one known QEMU bug
+(the last of its three parts: testbed.bugs.standalone_site, where a silent crash happened;
+testbed.bugs.standalone_backend, the replayed back-end; this, the steps and the verdict).
 
-STANDARD LIBRARY ONLY: `testbed bugs export` copies this file's text into repro.py with the
-recorded script appended as JSON, for a QEMU developer who has QEMU and Python 3 and
-nothing of ours. It plays the vhost-user back-end by replaying what our back-end answered
-in the recorded run (reply per request, in order), starts QEMU without a guest (QEMU dials
-our listening QMP and qtest sockets), replays the recorded QMP/qtest steps and back-end
-channel requests, prints the signature when it shows and exits 0 if and only if the bug
-reproduced. QEMU is killed and the temp dir removed on every path (Ctrl-C included).
+STANDARD LIBRARY ONLY: `testbed bugs export` copies the three files' text into repro.py
+with the recorded script appended as JSON, for a QEMU developer who has QEMU and Python 3
+and nothing of ours. It plays the vhost-user back-end by replaying what our back-end
+answered in the recorded run (reply per request, in order), starts QEMU without a guest
+(QEMU dials our listening QMP and qtest sockets), replays the recorded QMP/qtest steps,
+the back-end's channel requests and what it did to its files, prints the signature when it
+shows and exits 0 if and only if the bug reproduced. A crash that prints nothing is told
+apart by its site: gdb attached to QEMU when gdb is installed, else the kernel's log. QEMU
+is killed and the temp dir removed on every path (Ctrl-C included).
 
 The script (JSON) has: bug, title, arch, signature {stderr, exit, observable}, argv (with
 "{qemu}" and "{dir}" placeholders), qtest (bool), backend {socket, exchanges
 [[request, reply or null], ...], disconnect_at}, steps [{op: ...}, ...].
 
-Standard library only but for one module: its waits go through testbed.waiting, the test
-bed's one waiting helper, whose text `testbed bugs export` puts in repro.py where this file
-imports it (``inline_waiting``: that module imports nothing of ours but WaitTimeout, which
-becomes TimeoutError there). The generator of repro.py is testbed.bugs.export.
+Standard library only but for one module: the waits (here and in standalone_backend) go
+through testbed.waiting, the test bed's one waiting helper, whose text `testbed bugs
+export` puts in repro.py where standalone_backend imports it (``inline_waiting``: that
+module imports nothing of ours but WaitTimeout, which becomes TimeoutError there). The
+generator of repro.py is testbed.bugs.export.
 """
 
 from __future__ import annotations
@@ -29,144 +34,31 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 from typing import Any
 
+# -- inlined into repro.py: begin (render_repro puts the two files' text here instead)
+from testbed.bugs.standalone_backend import (
+    POLL,
+    START_TIMEOUT,
+    STEP_TIMEOUT,
+    QemuGone,
+    ReplayBackend,
+    make_memfd,
+)
+from testbed.bugs.standalone_site import (
+    GDB_ATTACHED,
+    SILENT_SIGNALS,
+    fault_in_gdb,
+    format_site,
+    gdb_argv,
+    segfault_in_log,
+)
 from testbed.waiting import wait_steps, wait_until  # inlined into repro.py by export
 
-HEADER = struct.Struct("<III")
-FLAG_REPLY = 0x4
-FLAG_NEED_REPLY = 0x8
-VERSION = 0x1
-SET_BACKEND_REQ_FD = 21
-# The per-ring front-end requests (their payload starts with the ring index, a u32).
-RING_REQUESTS = {8, 9, 10, 11, 12, 13, 14, 18}
-POLL = 0.02
-START_TIMEOUT = 20.0
-STEP_TIMEOUT = 10.0
-
-
-class QemuGone(Exception):
-    """QEMU exited (or closed a socket) while a step waited on it: time to judge."""
-
-
-def _recv_exact(sock: socket.socket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise EOFError("peer closed")
-        data += chunk
-    return data
-
-
-class ReplayBackend:
-    """The vhost-user back-end, replayed: for the n-th request of a kind, the n-th reply
-    our back-end sent to that kind (the last one again when the recording has fewer; a bare
-    REPLY_ACK u64 0 when QEMU asks for an ack the recording has none for)."""
-
-    def __init__(self, path: str, spec: dict[str, Any]) -> None:
-        self.path = path
-        self.replies: dict[int, list[dict[str, Any] | None]] = {}
-        for request, reply in spec["exchanges"]:
-            self.replies.setdefault(request, []).append(reply)
-        self.disconnect_at: int | None = spec.get("disconnect_at")
-        self.counts: dict[int, int] = {}
-        self.rings: set[int] = set()  # ring indexes QEMU named in per-ring requests
-        self.channel: socket.socket | None = None
-        self.cond = threading.Condition()
-        self.listener: socket.socket | None = None
-        self.conn: socket.socket | None = None
-        self.stopped = False
-        self.thread: threading.Thread | None = None
-
-    def listen(self) -> None:
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.path)
-        self.listener.listen(1)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        assert self.listener is not None
-        try:
-            while not self.stopped:
-                if not select.select([self.listener], [], [], POLL)[0]:
-                    continue
-                self.conn, _ = self.listener.accept()
-                self._serve_conn(self.conn)
-        except (OSError, EOFError, ValueError):
-            pass  # closed under us (close_backend, teardown) or QEMU went away
-
-    def _serve_conn(self, conn: socket.socket) -> None:
-        while not self.stopped:
-            if not select.select([conn], [], [], POLL)[0]:
-                continue
-            data, fds, _, _ = socket.recv_fds(conn, HEADER.size, 16)
-            if not data:
-                return
-            data += _recv_exact(conn, HEADER.size - len(data))
-            request, flags, size = HEADER.unpack(data)
-            body = _recv_exact(conn, size) if size else b""
-            if request in RING_REQUESTS and len(body) >= 4:
-                self.rings.add(struct.unpack_from("<I", body)[0] & 0xFF)
-            if request == SET_BACKEND_REQ_FD and fds:
-                self.channel = socket.socket(fileno=fds.pop(0))
-            for fd in fds:
-                os.close(fd)  # memory table and vring fds: a replay does not use them
-            with self.cond:
-                seen = self.counts.get(request, 0)
-                self.counts[request] = seen + 1
-                self.cond.notify_all()
-            if request == self.disconnect_at and seen == 0:
-                conn.close()  # the recorded back-end closed here instead of answering
-                return
-            recorded = self.replies.get(request, [])
-            reply = recorded[min(seen, len(recorded) - 1)] if recorded else None
-            if reply is not None:
-                body = bytes.fromhex(reply["body"])
-                conn.sendall(HEADER.pack(request, reply["flags"], reply["size"]) + body)
-            elif flags & FLAG_NEED_REPLY:
-                conn.sendall(HEADER.pack(request, VERSION | FLAG_REPLY, 8) + bytes(8))
-
-    def wait_request(self, request: int, count: int, timeout: float, alive: Any) -> None:
-        # Woken at least every POLL s: QEMU's death must end the wait (``alive``).
-        def arrived(remaining: float) -> bool:
-            with self.cond:
-                if self.counts.get(request, 0) < count:
-                    self.cond.wait(min(remaining, POLL))
-                return self.counts.get(request, 0) >= count
-
-        wait_steps(arrived, timeout, f"vhost-user request {request} x{count}", alive=alive)
-
-    def channel_request(self, request: int, body: bytes, fds: list[int], timeout: float) -> int:
-        if self.channel is None:
-            raise QemuGone("no back-end channel (SET_BACKEND_REQ_FD never came)")
-        header = HEADER.pack(request, VERSION | FLAG_NEED_REPLY, len(body))
-        self.channel.settimeout(timeout)
-        try:
-            socket.send_fds(self.channel, [header + body], fds)
-            reply = _recv_exact(self.channel, HEADER.size)
-            _, _, size = HEADER.unpack(reply)
-            value = _recv_exact(self.channel, size)
-        except (OSError, EOFError) as exc:
-            raise QemuGone(f"back-end channel broke: {exc}") from exc
-        return int(struct.unpack("<Q", value[:8])[0]) if len(value) >= 8 else -1
-
-    def close(self) -> None:
-        self.stopped = True
-        for sock in (self.conn, self.channel, self.listener):
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
-        if self.thread is not None:
-            self.thread.join(2.0)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+# -- inlined into repro.py: end
 
 
 class Qemu:
@@ -310,15 +202,17 @@ def judge(signature: dict[str, str], stderr: str, exit_kind: str, observed: list
     return signature.get("exit", "any") in ("any", exit_kind)
 
 
-def _memfd(spec: dict[str, Any]) -> tuple[int, int]:
-    """(the memfd, the fd of it that travels: itself, or one opened O_RDONLY)."""
-    fd = os.memfd_create(spec.get("name", "repro"), os.MFD_CLOEXEC)
-    os.ftruncate(fd, spec["size"])
-    if spec.get("fill"):
-        os.pwrite(fd, bytes.fromhex(spec["fill"]), 0)
-    if spec.get("readonly"):
-        return fd, os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
-    return fd, fd
+def _fd(spec: dict[str, Any], workdir: str) -> tuple[int, int]:
+    """The fd a step names (sent to QEMU) and a read-write handle on its file (-1: none):
+    a memfd, one reopened read-only, or an O_PATH fd."""
+    fill = bytes.fromhex(spec.get("fill", ""))
+    kind = spec.get("kind", "memfd")
+    if kind == "opath":
+        return os.open(workdir, os.O_PATH | os.O_CLOEXEC), -1
+    handle = make_memfd(spec["size"], fill)
+    if kind == "rofd":
+        return os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC), handle
+    return handle, os.dup(handle)
 
 
 def _bar4_size(qemu: Qemu, slot: int, timeout: float) -> int | None:
@@ -332,6 +226,10 @@ def _bar4_size(qemu: Qemu, slot: int, timeout: float) -> int | None:
     return None
 
 
+NO_ANSWER = -2
+CLOSED = -1
+
+
 class Runner:
     """Plays the recorded steps against one QEMU."""
 
@@ -340,8 +238,8 @@ class Runner:
         self.qemu = qemu
         self.backend = backend
         self.results: dict[str, int] = {}
-        self.memfds: dict[str, int] = {}
-        self.sent: dict[str, int] = {}  # the fd that travels for each memfd
+        self.fds: dict[str, tuple[int, int]] = {}  # name -> (sent, handle)
+        self.counts: dict[str, int] = {}
         self.observed: list[str] = []
 
     def run(self) -> None:
@@ -350,6 +248,9 @@ class Runner:
 
     def op_connect(self, step: dict[str, Any]) -> None:
         self.qemu.connect(step.get("timeout", START_TIMEOUT))
+
+    def op_dial(self, step: dict[str, Any]) -> None:
+        self.backend.dial(step.get("timeout", START_TIMEOUT), self.qemu.alive)
 
     def op_qmp(self, step: dict[str, Any]) -> None:
         reply = self.qemu.execute(step["cmd"], step.get("args", {}), STEP_TIMEOUT)
@@ -367,21 +268,39 @@ class Runner:
         )
 
     def op_memfd(self, step: dict[str, Any]) -> None:
-        self.memfds[step["name"]], self.sent[step["name"]] = _memfd(step)
+        self.op_fd(step)
 
-    def op_truncate(self, step: dict[str, Any]) -> None:
-        os.ftruncate(self.memfds[step["memfd"]], step["size"])
+    def op_fd(self, step: dict[str, Any]) -> None:
+        self.fds[step["name"]] = _fd(step, self.qemu.workdir)
+
+    def op_file(self, step: dict[str, Any]) -> None:
+        """The back-end acts on its file: "truncate:N" / "extend:N"."""
+        what, _, size = step["do"].partition(":")
+        if what in ("truncate", "extend"):
+            os.ftruncate(self.fds[step["name"]][1], int(size))
+        print(f"  the back-end's file {step['name']}: {step['do']}")
 
     def op_channel(self, step: dict[str, Any]) -> None:
-        fds = [self.sent[name] for name in step["fds"]]
-        value = self.backend.channel_request(
-            step["request"], bytes.fromhex(step["body"]), fds, STEP_TIMEOUT
-        )
-        print(f"  back-end channel request {step['request']}: QEMU answered u64 {value}")
+        fds = [self.fds[name][0] for name in step["fds"]]
+        body = bytes.fromhex(step["body"])
+        timeout = step.get("timeout", STEP_TIMEOUT)
+        try:
+            value = self.backend.channel_request(step["request"], body, fds, timeout)
+        except TimeoutError:
+            if not step.get("may_fail"):
+                raise
+            value = NO_ANSWER
+        except QemuGone:
+            if not step.get("may_fail") or self.qemu.proc.poll() is not None:
+                raise
+            value = CLOSED
+        words = {NO_ANSWER: "no answer", CLOSED: "QEMU closed the channel"}
+        said = words.get(value, f"QEMU answered u64 {value}")
+        print(f"  back-end channel request {step['request']}: {said}")
         self.results[step["result"]] = value
 
     def op_close_backend(self, step: dict[str, Any]) -> None:
-        self.backend.close()
+        self.backend.hang_up()
 
     def op_wait_exit(self, step: dict[str, Any]) -> None:
         self.qemu.wait_exit(step.get("timeout", STEP_TIMEOUT))
@@ -395,10 +314,22 @@ class Runner:
             alive=self.qemu.alive,
         )
 
+    def op_count_fds(self, step: dict[str, Any]) -> None:
+        self.counts[step["name"]] = len(os.listdir(f"/proc/{self.qemu.proc.pid}/fd"))
+
     def op_check_bar4(self, step: dict[str, Any]) -> None:
         size = _bar4_size(self.qemu, step["slot"], STEP_TIMEOUT)
         print(f"  query-pci: BAR 4 of 00:{step['slot']:02x}.0 is {size} bytes")
         if size == step["size"]:
+            self.observed.append(step["say"])
+
+    def op_check_device(self, step: dict[str, Any]) -> None:
+        reply = self.qemu.execute("query-pci", {}, STEP_TIMEOUT)
+        slots = [d["slot"] for bus in reply.get("return", []) for d in bus["devices"]]
+        print(
+            f"  query-pci: {'a' if step['slot'] in slots else 'no'} device at slot {step['slot']}"
+        )
+        if step["slot"] in slots:
             self.observed.append(step["say"])
 
     def op_check_result(self, step: dict[str, Any]) -> None:
@@ -411,15 +342,105 @@ class Runner:
             self.observed.append(step["say"])
 
     def op_check_memfd(self, step: dict[str, Any]) -> None:
-        now = os.pread(self.memfds[step["memfd"]], len(step["was"]) // 2, step["offset"])
+        handle = self.fds[step["memfd"]][1]
+        now = os.pread(handle, len(step["was"]) // 2, step["offset"])
         if now != bytes.fromhex(step["was"]):
             self.observed.append(step["say"])
 
+    def op_check_file_size(self, step: dict[str, Any]) -> None:
+        size = os.fstat(self.fds[step["name"]][1]).st_size
+        print(f"  the back-end's file {step['name']} is {size} bytes (was {step['size']})")
+        if size != step["size"]:
+            self.observed.append(step["say"])
+
+    def op_check_fds_grew(self, step: dict[str, Any]) -> None:
+        before = self.counts[step["since"]]
+
+        def count() -> int:
+            return len(os.listdir(f"/proc/{self.qemu.proc.pid}/fd"))
+
+        try:  # a close in flight may take a moment
+            wait_until(lambda: count() <= before, 0.3, "QEMU's fds settling", interval=POLL)
+        except TimeoutError:
+            print(f"  QEMU's fds: {before} -> {count()}")
+            self.observed.append(step["say"])
+
+    def op_check_qmp_silent(self, step: dict[str, Any]) -> None:
+        try:
+            self.qemu.execute("query-status", {}, step["timeout"])
+        except TimeoutError:
+            if self.qemu.proc.poll() is None:
+                print(f"  QMP silent for {step['timeout']} s")
+                self.observed.append(step["say"])
+
     def close(self) -> None:
-        for fd in {*self.memfds.values(), *self.sent.values()}:
-            os.close(fd)
-        self.memfds.clear()
-        self.sent.clear()
+        for sent, handle in self.fds.values():
+            for fd in (sent, handle):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        self.fds.clear()
+
+
+class Gdb:
+    """gdb attached to QEMU: where a crash that prints nothing happened (the same "binary +
+    offset" the kernel logs). Optional: without gdb, the kernel's log is read instead."""
+
+    def __init__(self, pid: int, workdir: str) -> None:
+        self.log = os.path.join(workdir, "gdb.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        gdb = shutil.which("gdb")
+        if gdb is None:
+            return
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                gdb_argv(gdb, pid), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        proc = self.proc
+        try:
+            wait_until(lambda: GDB_ATTACHED in self.text() or proc.poll() is not None, 15.0,
+                       "gdb attaching", interval=POLL)  # fmt: skip
+        except TimeoutError:
+            self.close()
+            return
+        if proc.poll() is not None:
+            self.close()
+
+    def text(self) -> str:
+        with open(self.log, errors="replace") as fh:
+            return fh.read()
+
+    def site(self) -> dict[str, str]:
+        if self.proc is None:
+            return {}
+        try:
+            self.proc.wait(10.0)
+        except subprocess.TimeoutExpired:
+            return {}
+        return fault_in_gdb(self.text())
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            proc.wait()
+
+
+def silent_site(pid: int, gdb: Gdb | None) -> str:
+    """The site of a crash that printed nothing: gdb's report, else the kernel's line."""
+    found = gdb.site() if gdb is not None else {}
+    if not found:
+        try:
+            log = subprocess.run(
+                ["dmesg"], capture_output=True, text=True, timeout=5.0, check=False
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            log = ""
+        found = segfault_in_log(log, pid)
+    return format_site(found)
 
 
 def main(argv: list[str], script: dict[str, Any]) -> int:
@@ -429,8 +450,22 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
     args = parser.parse_args(argv)
     qemu_path = shutil.which(args.qemu) or args.qemu
     print(f"{script['bug']}: {script['title']}")
+    # A bug that depends on a race gets a few tries, each with a fresh QEMU (and says so).
+    attempts = script.get("attempts", 1)
+    for attempt in range(1, attempts + 1):
+        if attempts > 1:
+            print(f"attempt {attempt} of {attempts}")
+        code = reproduce(script, qemu_path, args.verbose)
+        if code != 1:
+            return code
+    return 1
+
+
+def reproduce(script: dict[str, Any], qemu_path: str, verbose: bool) -> int:
+    """One run: 0 when the bug showed, 1 when it did not, 130 on Ctrl-C."""
     workdir = tempfile.mkdtemp(prefix="qemu-repro-")  # 0700: our sockets live here
     qemu: Qemu | None = None
+    gdb: Gdb | None = None
     backend = ReplayBackend(os.path.join(workdir, script["backend"]["socket"]), script["backend"])
     runner: Runner | None = None
     # SIGTERM as an exception, so the `finally` below kills QEMU and removes the dir.
@@ -442,6 +477,8 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
         print("  $ " + " ".join(words))
         qemu = Qemu(words, workdir, script["qtest"])
         runner = Runner(script, qemu, backend)
+        silent = script["signature"].get("exit", "").removeprefix("signal:") in SILENT_SIGNALS
+        gdb = Gdb(qemu.proc.pid, workdir) if silent else None
         try:
             runner.run()
         except QemuGone as exc:
@@ -454,9 +491,15 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
         crash = not script["signature"].get("observable")
         code = qemu.wait_exit(2.0) if crash else qemu.proc.poll()
         exit_kind = exit_text(code)
-        # A SIGSEGV prints nothing: the exit itself is the message (the registry's words).
+        # A SIGSEGV prints nothing: the exit itself is the message (the registry's words),
+        # and where it happened.
         stderr = qemu.stderr_text() + ("" if code is None else f"\nQEMU exited ({exit_kind})")
-        if args.verbose or code is not None:
+        if code is not None and exit_kind.removeprefix("signal:") in SILENT_SIGNALS:
+            site = silent_site(qemu.proc.pid, gdb)
+            stderr += (
+                f"\ncrash site: {site}" if site else "\ncrash site: unknown (no gdb, no kernel log)"
+            )
+        if verbose or code is not None:
             print("  QEMU's stderr:\n" + "".join(f"    {ln}\n" for ln in stderr.splitlines()))
         reproduced = judge(script["signature"], stderr, exit_kind, runner.observed)
         sig = script["signature"]
@@ -466,7 +509,9 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
         if reproduced:
             pattern = sig.get("stderr") or "$^"
             lines = [ln for ln in stderr.splitlines() if ln.strip() and re.search(pattern, ln)]
-            seen = runner.observed[0] if sig.get("observable") else (lines or [wanted])[-1]
+            shown = [o for o in runner.observed if re.search(sig.get("observable") or "$^", o)]
+            tail = [ln for ln in stderr.splitlines() if ln.strip()][-2:]
+            seen = shown[0] if shown else " / ".join(lines[-1:] or tail or [wanted])
             print(f"REPRODUCED: {seen} [QEMU {exit_kind}]")
             return 0
         print(f"NOT REPRODUCED: wanted {wanted} [{sig.get('exit', 'any')}]; QEMU {exit_kind}")
@@ -479,5 +524,7 @@ def main(argv: list[str], script: dict[str, Any]) -> int:
             runner.close()
         if qemu is not None:
             qemu.close()
+        if gdb is not None:
+            gdb.close()
         backend.close()
         shutil.rmtree(workdir, ignore_errors=True)

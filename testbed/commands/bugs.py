@@ -2,10 +2,17 @@
 
 testbed bugs [--json]                 list the registry (every field with --json)
 testbed bugs reproduce NODEID         rerun one scenario; exit 0 iff it shows its bug
-testbed bugs check [ID...] [--arch A|all] [--qemu PATH] [--json]
+testbed bugs check [ID...] [--arch A|all] [--qemu PATH] [--device TYPE|all] [--json]
                                       run the guest-less reproducers against a QEMU
-testbed bugs export ID DIR [--arch A] [--qemu PATH]
+testbed bugs export ID DIR [--arch A] [--qemu PATH] [--device TYPE]
                                       write README.md, qemu-cmdline.txt, repro.py to DIR
+testbed bugs report ID [--arch A] [--qemu PATH] [--device TYPE]
+                                      print the upstream-ready report (a fresh run)
+
+--device is the QEMU device type the reproducer plugs (vhost-user-test-device-pci, the
+default, vhost-user-rng-pci, ...: every device QEMU builds on vhost-user-base with shared
+memory). Not to be confused with pytest's and `testbed exec`'s --backend-device, which
+describes the shape (virtio_id=..,num_vqs=..) of the test device a back-end serves.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ from typing import Any
 
 from testbed.bugs import lookup, registry, select
 from testbed.bugs.check import check, exit_code, format_table
-from testbed.bugs.export import export
+from testbed.bugs.export import export, recipe_arch, report
 from testbed.bugs.rerun import rerun_scenario
 from testbed.commands.common import add_arch_option
+from testbed.device import DEVICE_TYPE, VHOST_USER_BASE_DEVICES, base_devices_in
 from testbed.errors import ConfigError
 from testbed.host.qemu import resolve_qemu
+from testbed.machine.probe import device_types
 from testbed.machine.profiles import ARCHES
 from testbed.machine.qemu import quiet_qmp_logs
 
@@ -59,6 +68,7 @@ def register(sub: Any) -> None:
     chk.add_argument("ids", nargs="*", metavar="ID", help="bug ids (default: all)")
     add_arch_option(chk, allow_all=True)
     chk.add_argument("--qemu", metavar="PATH", help="the QEMU binary (needs one --arch)")
+    add_device_option(chk, allow_all=True)
     chk.add_argument("--json", action="store_true", help="one JSON object per check")
     chk.set_defaults(func=run_check)
 
@@ -73,7 +83,37 @@ def register(sub: Any) -> None:
     exp.add_argument("dir", type=Path, metavar="DIR", help="where to write (created)")
     exp.add_argument("--arch", choices=list(ARCHES), help="default: the bug's first arch")
     exp.add_argument("--qemu", metavar="PATH", help="the QEMU binary to record against")
+    add_device_option(exp)
     exp.set_defaults(func=run_export)
+
+    rpt = verbs.add_parser(
+        "report",
+        help="print an upstream-ready report: what happens, the spec, the reproducer inline",
+        description="Run the bug's reproducer and print its report: title, QEMU versions and "
+        "architectures seen, what happens and what the spec says should, the minimal "
+        "reproducer (command line and steps), the signature, the root cause and its source.",
+    )
+    rpt.add_argument("id", metavar="ID", help="bug id")
+    rpt.add_argument("--arch", choices=list(ARCHES), help="default: the bug's first arch")
+    rpt.add_argument("--qemu", metavar="PATH", help="the QEMU binary to record against")
+    add_device_option(rpt)
+    rpt.set_defaults(func=run_report)
+
+
+def add_device_option(parser: argparse.ArgumentParser, *, allow_all: bool = False) -> None:
+    """--device TYPE: the QEMU device the reproducer plugs (not --backend-device)."""
+    choices = [*VHOST_USER_BASE_DEVICES, *(["all"] if allow_all else [])]
+    parser.add_argument(
+        "--device",
+        choices=choices,
+        default=DEVICE_TYPE,
+        metavar="TYPE",
+        help="the QEMU device type (default %(default)s; "
+        + ("'all': every one this QEMU has; " if allow_all else "")
+        + "one of: "
+        + ", ".join(VHOST_USER_BASE_DEVICES)
+        + "). Not pytest's --backend-device (the test device's shape).",
+    )
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -116,7 +156,11 @@ def run_check(args: argparse.Namespace) -> int:
     arches = list(ARCHES) if args.arch == "all" else [args.arch]
     if args.qemu and len(arches) > 1:
         raise ConfigError("--qemu names one binary: give its --arch too")
-    rows = check(args.ids, arches, _qemus(arches, args.qemu))
+    qemus = _qemus(arches, args.qemu)
+    devices = [args.device]
+    if args.device == "all":
+        devices = base_devices_in(device_types(qemus[arches[0]][0]))
+    rows = [row for device in devices for row in check(args.ids, arches, qemus, device)]
     if args.json:
         print(json.dumps([row.to_json() for row in rows], indent=2))
     else:
@@ -127,12 +171,22 @@ def run_check(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     quiet_qmp_logs()
     bug = lookup(args.id)
-    arch = args.arch or bug.arches[0]
+    arch = recipe_arch(bug, args.arch)
     path, version = _qemus([arch], args.qemu)[arch]
-    done = export(bug.id, args.dir, arch, path, version)
+    done = export(bug.id, args.dir, arch, path, version, args.device)
     seen = done.outcome.evidence.headline() if done.outcome.evidence else ""
     print(f"{bug.id} reproduced on QEMU {version} ({arch}): {seen}")
     for file in done.files:
         print(f"  wrote {file}")
     print(f"run: python3 {done.directory / 'repro.py'} --qemu {path}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+
+    quiet_qmp_logs()
+    bug = lookup(args.id)
+    arch = recipe_arch(bug, args.arch)
+    path, version = _qemus([arch], args.qemu)[arch]
+    print(report(bug.id, arch, path, version, args.device), end="")
     return 0

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from testbed.commands.common import add_arch_option
+from testbed.device import DEVICE_TYPE, VHOST_USER_BASE_DEVICES
 from testbed.errors import ConfigError
 from testbed.fuzz import corpus
 from testbed.fuzz.grammar import Case
 from testbed.fuzz.run import Campaign, replay, table
+from testbed.host import debugger
 from testbed.host.qemu import resolve_qemu
 from testbed.paths import results_dir
 
@@ -42,6 +44,15 @@ def register(sub: Any) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cases", type=int, help="stop after this many cases")
     parser.add_argument("--qemu", metavar="PATH", help="the QEMU binary for --arch")
+    parser.add_argument(
+        "--device",
+        choices=list(VHOST_USER_BASE_DEVICES),
+        default=DEVICE_TYPE,
+        metavar="TYPE",
+        help="the QEMU device every case plugs (default %(default)s; one of: "
+        + ", ".join(VHOST_USER_BASE_DEVICES)
+        + "). Not pytest's --backend-device (the test device's shape).",
+    )
     parser.add_argument("--output", type=Path, help="run directory (default results/fuzz/...)")
     parser.add_argument("--no-minimise", action="store_true", help="save new cases as found")
     parser.add_argument(
@@ -64,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if args.replay is not None:
         case = Case.load(args.replay)
         binary = resolve_qemu(case.arch, args.qemu)
-        found = replay(case, binary.path)
+        # Under a debugger when there is one: a silent crash's site without the kernel log.
+        found = replay(case, binary.path, debug=debugger.available())
         for f in found:
             tag = f"known {f.known}" if f.known else "NEW"
             print(f"[{tag}] {f.signature}  (at {f.where})")
@@ -77,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     binary = resolve_qemu(args.arch, args.qemu)
     version = ".".join(str(v) for v in binary.version)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    outdir = args.output or results_dir() / "fuzz" / f"{stamp}-{args.arch}-seed{args.seed}"
+    short = args.device.removeprefix("vhost-user-").removesuffix("-pci")
+    outdir = args.output or results_dir() / "fuzz" / f"{stamp}-{args.arch}-{short}-seed{args.seed}"
     if args.time <= 0:
         raise ConfigError("--time must be positive")
     campaign = Campaign(
@@ -89,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         outdir,
         minimise=not args.no_minimise,
         max_cases=args.cases,
+        device=args.device,
     )
     summary = campaign.run()
     print(table(summary))

@@ -130,7 +130,7 @@ class DaxOps:
         """The node's file opened O_RDWR whenever it is writable to us, also for a
         read-only mapping; O_RDONLY only for a read-only mapping of a file we may not
         write. Why: QEMU 11.1.3 maps every SHMEM_MAP's fd PROT_READ|PROT_WRITE whatever
-        its flags say (known bug shmem-map-readonly-fd-refused), so a read-only map of an
+        its flags say (known bug readonly-map-writable), so a read-only map of an
         O_RDONLY fd is refused, and Linux maps every range read-only first: each DAX read
         would fail. A shared cache's server choosing a read-write fd is what virtiofsd-style
         servers do. "Writable to us": a write bit in the file's mode (a server running as

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testbed.device import ShmemLayout
+from testbed.device import ShmemLayout, base_device
 from testbed.errors import ProtocolError
+from testbed.fuzz.files import memfd
 from testbed.fuzz.grammar import U64_MASK, Case, ReplyKind, ReplyMutation, ShmemConfig
 from testbed.limits import MAX_SHMEM_REGIONS, PAGE_SIZE
 from testbed.vhost_user.backend import Backend, offer
@@ -20,10 +21,7 @@ from testbed.vhost_user.backend.handlers import Reply
 from testbed.vhost_user.backend.session import Session
 from testbed.vhost_user.connection import Message
 from testbed.vhost_user.faults import Faults
-from testbed.vhost_user.protocol import FLAG_REPLY, VERSION, Header, Request
-
-MEMFD_NAME = "testbed-fuzz"
-"""The name of every memfd the fuzzer makes: /proc/PID/fd shows it as /memfd:testbed-fuzz."""
+from testbed.vhost_user.protocol import FLAG_REPLY, VERSION, Header, ProtocolFeature, Request
 
 
 class FuzzDispatcher(Dispatcher):
@@ -34,6 +32,7 @@ class FuzzDispatcher(Dispatcher):
         # ``wiring``: what the back-end built its own dispatcher with (Dispatcher.build_like).
         super().__init__(*wiring)
         self.case = case
+        # One mutation per reply: of two that name the same one, the last is played.
         self.mutations = {(m.request, m.nth): m for m in mutations}
         self.counts: dict[int, int] = {}
         self.fired: list[ReplyMutation] = []
@@ -114,12 +113,16 @@ class FuzzBackend(Backend):
         self, path: Path, case: Case, mutations: tuple[ReplyMutation, ...], **kwargs: Any
     ) -> None:
         offer = case.offer
+        base = base_device(case.device)
+        # A device that refuses a back-end without PROTOCOL_F_CONFIG gets it offered.
+        config = int(ProtocolFeature.CONFIG) if base.needs_config else 0
         faults = Faults(
             no_shmem=offer.shmem_bit is None,
             shmem_bit=22 if offer.shmem_bit is None else offer.shmem_bit,
-            extra_features=offer.extra,
+            extra_features=offer.extra | config,
             withhold_features=offer.withhold,
         )
+        kwargs.setdefault("num_queues", base.queues)
         self.fuzz: FuzzDispatcher | None = None
 
         def wrap(base: Dispatcher) -> Dispatcher:
@@ -129,10 +132,3 @@ class FuzzBackend(Backend):
             return self.fuzz
 
         super().__init__(path, ShmemLayout(), faults=faults, wrap_dispatcher=wrap, **kwargs)
-
-
-def memfd(size: int) -> int:
-    """A memfd of ``size`` bytes (the caller closes it)."""
-    fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    return fd

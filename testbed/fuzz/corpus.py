@@ -1,8 +1,8 @@
 """The corpus: interesting cases with the signatures they showed (pure apart from files).
 
 An entry is ``{"case": {...}, "signatures": [...], "known": {signature: registry id}}``.
-Replaying an entry must show the same signatures again; a segfault's site (the faulting
-offset from the kernel log) is compared loosely, since the kernel rate-limits those lines.
+Replaying an entry must show the same signatures again; a silent crash's site (the
+faulting offset, from the kernel's log or a debugger) is compared loosely.
 """
 
 from __future__ import annotations
@@ -16,11 +16,16 @@ from typing import Any
 from testbed.fuzz.grammar import Case
 from testbed.fuzz.triage import Finding
 
-_SEGV_SITE = re.compile(r"^signal:SIGSEGV (?:in \S+|\S+\+0x[0-9a-f]+)")
+_SILENT_SITE = re.compile(
+    r"^signal:(SIGSEGV|SIGBUS|SIGILL|SIGFPE) (?:in \S+|\S+\+0x[0-9a-f]+(?: from \S+)?)"
+)
 
 
 def normalise(signature: str) -> str:
-    return _SEGV_SITE.sub("signal:SIGSEGV *", signature)
+    """A silent crash's signature with its site left out: a replay without a debugger
+    gets the site from the kernel's log, which may have none (rate-limited, unreadable,
+    or a SIGBUS, which the kernel does not log)."""
+    return _SILENT_SITE.sub(r"signal:\1 *", signature)
 
 
 def entry(case: Case, found: Iterable[Finding]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import random
 from collections.abc import Sequence
 from typing import TypeVar
 
+from testbed.device import DEVICE_TYPE
+from testbed.fuzz.fdspec import FILE_KINDS, FdKind, FdSpec, FileOp, Op, SizeClass
 from testbed.fuzz.grammar import (
     CHANNEL_REQUESTS,
     MUTABLE_REQUESTS,
@@ -88,7 +90,8 @@ def case_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"testbed-fuzz:{seed}:{index}")
 
 
-def generate(arch: str, seed: int, index: int) -> Case:
+def generate(arch: str, seed: int, index: int, device: str = DEVICE_TYPE) -> Case:
+    """Case ``index`` of ``seed`` for ``arch``; the same draws for every ``device``."""
     rng = case_rng(seed, index)
     states = states_for(arch)
     last = rng.choices(states, [STATE_WEIGHTS[s] for s in states])[0]
@@ -108,7 +111,9 @@ def generate(arch: str, seed: int, index: int) -> Case:
     # Actions follow the path's order.
     order = {s.value: i for i, s in enumerate(path)}
     actions.sort(key=lambda a: order[a.state])
-    return Case(arch, seed, index, offer, config, replies, last.value, tuple(actions), reconnect)
+    return Case(
+        arch, seed, index, offer, config, replies, last.value, tuple(actions), reconnect, device
+    )
 
 
 def gen_config(rng: random.Random, behind_port: bool) -> ShmemConfig:
@@ -155,9 +160,11 @@ def gen_offer(rng: random.Random) -> Offer:
 
 
 def gen_replies(rng: random.Random) -> tuple[ReplyMutation, ...]:
-    out = []
+    out: list[ReplyMutation] = []
     for _ in range(rng.choice((1, 1, 2))):
         request = _pick(rng, MUTABLE_REQUESTS)
+        if any(m.request == request for m in out):
+            continue  # one mutation per reply: the back-end bends each reply one way
         kind = _pick(rng, GENERATED_KINDS)
         value = 0
         if kind is ReplyKind.FLAGS:
@@ -211,10 +218,10 @@ def gen_action(rng: random.Random, state: State, config: ShmemConfig) -> Action:
         region = regions.get(shmid, 2 * M)
         shm_offset, length = _offsets(rng, region)
         mapping = request == BackendRequest.SHMEM_MAP
-        fd_size = max(length, PAGE_SIZE) if length < 1 << 30 else M
         fd_offset = 0
         if rng.random() < 0.15:
-            fd_offset = _pick(rng, (PAGE_SIZE, 1, fd_size, U64_MAX - PAGE_SIZE + 1))
+            fd_offset = _pick(rng, (PAGE_SIZE, 1, 2 * M, U64_MAX - PAGE_SIZE + 1))
+        shm_offset, length, fd_offset = _misalign(rng, shm_offset, length, fd_offset)
         mflags = (1 if rng.random() < 0.8 else 0) if mapping else 0
         if rng.random() < 0.08:
             mflags = _pick(rng, (2, 0xF0, 0x3, 1 << 63))
@@ -227,18 +234,15 @@ def gen_action(rng: random.Random, state: State, config: ShmemConfig) -> Action:
         }
         if rng.random() < 0.03:
             fields["pad"] = 1
-        fds: tuple[str, ...] = (f"memfd:{min(fd_size, 64 * M)}",) if mapping else ()
-        if rng.random() < 0.12:
-            odd_fds = ("socket",), ("pipe",), (f"rofd:{min(fd_size, 64 * M)}",)
-            fds = _pick(rng, ((), *odd_fds, (f"memfd:{PAGE_SIZE}",)))
-            if not mapping and rng.random() < 0.5:
-                fds = (f"memfd:{PAGE_SIZE}",)
+        fds: tuple[str, ...] = (gen_fd(rng, fd_offset, length),) if mapping else ()
+        if rng.random() < 0.06:
+            fds = _pick(rng, ((), (gen_fd(rng, 0, PAGE_SIZE),)))
         if rng.random() < 0.04:
-            fds = (f"memfd:{PAGE_SIZE}",) * rng.randrange(2, 5)
-        touch = mapping and rng.random() < 0.5
+            fds = tuple(gen_fd(rng, fd_offset, length) for _ in range(rng.randrange(2, 5)))
+        after = gen_after(rng, fd_offset, length) if mapping and rng.random() < 0.45 else ()
         return Action(
             state.value, int(request), BodyKind.MMAP.value, fields, "", size_delta, flags, fds,
-            touch,
+            False, after,
         )  # fmt: skip
     body, fields, raw, fds = _other_body(rng, int(request))
     return Action(state.value, int(request), body, fields, raw, size_delta, flags, fds)
@@ -253,7 +257,10 @@ def _other_body(
             "size": _pick(rng, (0, PAGE_SIZE, 2 * PAGE_SIZE, U64_MAX)),
             "offset": _pick(rng, (0, PAGE_SIZE, U64_MAX - PAGE_SIZE + 1)),
         }
-        fds = () if fields["u64"] & 0x100 else (f"memfd:{PAGE_SIZE}",)
+        # The host notifier is mapped from the fd at offset, size bytes: the fd's kind and
+        # size against them, as for SHMEM_MAP.
+        area = fields["size"] if fields["size"] < 1 << 30 else PAGE_SIZE
+        fds = () if fields["u64"] & 0x100 else (gen_fd(rng, fields["offset"], area),)
         return BodyKind.AREA.value, fields, "", fds
     if request == BackendRequest.IOTLB_MSG:
         fields = {
@@ -270,7 +277,7 @@ def _other_body(
         BackendRequest.SHARED_OBJECT_LOOKUP,
     ):
         raw = bytes(rng.randrange(256) for _ in range(16)).hex()
-        fds = (f"memfd:{PAGE_SIZE}",) if rng.random() < 0.3 else ()
+        fds = (gen_fd(rng, 0, PAGE_SIZE),) if rng.random() < 0.3 else ()
         return BodyKind.UUID.value, {}, raw, fds
     if request in (BackendRequest.VRING_CALL, BackendRequest.VRING_ERR):
         return BodyKind.U64.value, {"value": _pick(rng, INTERESTING_U64)}, "", ()
@@ -278,3 +285,105 @@ def _other_body(
         return BodyKind.EMPTY.value, {}, "", ()
     raw = bytes(rng.randrange(256) for _ in range(rng.choice((0, 8, 40)))).hex()
     return BodyKind.RAW.value, {}, raw, ()
+
+
+# -- the fds and what the back-end does to their files ---------------------------------------
+
+# Mostly the memfd a back-end maps; every other kind often enough to meet every state.
+FD_WEIGHTS: dict[FdKind, int] = {
+    FdKind.MEMFD: 46,
+    FdKind.FILE: 10,
+    FdKind.SEALED: 5,
+    FdKind.ROFD: 6,
+    FdKind.ROFILE: 5,
+    FdKind.DIR: 3,
+    FdKind.OPATH: 3,
+    FdKind.PIPE: 4,
+    FdKind.SOCKET: 4,
+    FdKind.EVENTFD: 3,
+    FdKind.CHARDEV: 3,
+}
+SIZE_WEIGHTS: dict[SizeClass, int] = {
+    SizeClass.EQUAL: 60,
+    SizeClass.LONGER: 14,
+    SizeClass.SHORTER: 10,
+    SizeClass.EMPTY: 6,
+    SizeClass.ODD: 10,
+}
+MAX_FD_SIZE = 16 * M
+"""Files are at most this large (a huge range is backed by 1 MiB): the oracle reads them."""
+
+
+def gen_fd(rng: random.Random, fd_offset: int, length: int) -> str:
+    """An fd for a request asking for ``length`` bytes at ``fd_offset``: its kind, and
+    (for a file) its size against that range."""
+    kind = rng.choices(list(FD_WEIGHTS), list(FD_WEIGHTS.values()))[0]
+    if kind not in FILE_KINDS:
+        return FdSpec(kind).format()
+    return FdSpec(kind, _fd_size(rng, fd_offset, length)).format()
+
+
+def _fd_size(rng: random.Random, fd_offset: int, length: int) -> int:
+    end = fd_offset + length
+    if end > MAX_FD_SIZE or end == 0:
+        end = max(M, PAGE_SIZE)
+    sized = rng.choices(list(SIZE_WEIGHTS), list(SIZE_WEIGHTS.values()))[0]
+    if sized is SizeClass.EMPTY:
+        return 0
+    if sized is SizeClass.SHORTER:
+        return max(PAGE_SIZE, end - PAGE_SIZE * rng.randrange(1, max(2, end // PAGE_SIZE)))
+    if sized is SizeClass.LONGER:
+        return min(MAX_FD_SIZE, end + PAGE_SIZE * _pick(rng, (1, 16, 256)))
+    if sized is SizeClass.ODD:
+        return max(1, end + _pick(rng, (1, 100, PAGE_SIZE - 1, -100, -1)))
+    return end
+
+
+def _misalign(
+    rng: random.Random, shm_offset: int, length: int, fd_offset: int
+) -> tuple[int, int, int]:
+    """Now and then one of the three off a page boundary (the others left as drawn), so
+    that one refused field cannot hide another QEMU takes."""
+    if rng.random() >= 0.1:
+        return shm_offset, length, fd_offset
+    by = _pick(rng, (1, 8, 0x800, PAGE_SIZE - 1))
+    which = rng.randrange(3)
+    if which == 0:
+        return (shm_offset + by) & U64_MAX, length, fd_offset
+    if which == 1:
+        return shm_offset, max(1, length - by) if length > by else length + by, fd_offset
+    return shm_offset, length, (fd_offset + by) & U64_MAX
+
+
+def gen_after(rng: random.Random, fd_offset: int, length: int) -> tuple[str, ...]:
+    """What the back-end does to its file while the mapping is live, and what the guest
+    does through it: often a change of the file followed by a guest access."""
+    length = min(length, MAX_FD_SIZE) if length else PAGE_SIZE
+    inside = (0, max(0, length - 8) & ~7, (length // 2) & ~7)
+    end = fd_offset + length if fd_offset < MAX_FD_SIZE else length
+
+    def host() -> Op:
+        op = rng.choices(HOST_OPS, HOST_WEIGHTS)[0]
+        if op is FileOp.TRUNCATE:
+            at = min(fd_offset, MAX_FD_SIZE)  # a huge fd_offset: not a size to truncate to
+            return Op(op, (_pick(rng, (0, at, (end // 2) & ~(PAGE_SIZE - 1))),))
+        if op is FileOp.EXTEND:
+            return Op(op, (min(MAX_FD_SIZE, end + _pick(rng, (PAGE_SIZE, length))),))
+        if op is FileOp.PUNCH:
+            return Op(op, (fd_offset if fd_offset < MAX_FD_SIZE else 0, PAGE_SIZE))
+        if op is FileOp.WRITE:
+            return Op(op, ((fd_offset if fd_offset < MAX_FD_SIZE else 0) + _pick(rng, inside),))
+        return Op(op)
+
+    def guest() -> Op:
+        return Op(_pick(rng, (FileOp.READ, FileOp.READ, FileOp.GUEST_WRITE)), (_pick(rng, inside),))
+
+    if rng.random() < 0.5:
+        ops = [host(), guest()]
+    else:
+        ops = [host() if rng.random() < 0.5 else guest() for _ in range(rng.randrange(1, 4))]
+    return tuple(op.format() for op in ops)
+
+
+HOST_OPS = (FileOp.TRUNCATE, FileOp.EXTEND, FileOp.PUNCH, FileOp.WRITE, FileOp.CLOSE, FileOp.SEAL)
+HOST_WEIGHTS = (4, 2, 2, 2, 1, 1)

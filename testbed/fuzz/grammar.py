@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from testbed import limits
+from testbed.device import DEVICE_TYPE
+from testbed.fuzz.fdspec import fd_kind_of
 from testbed.vhost_user.protocol import (
     SHMEM_CONFIG_SIZE,
     U64,
@@ -284,9 +286,12 @@ class Action:
     flags: int = 0x9
     """VERSION | NEED_REPLY by default."""
     fds: tuple[str, ...] = ()
-    """Kinds: "memfd:<size>", "rofd:<size>" (read-only), "socket", "pipe"."""
+    """What the request carries: "<kind>[:<size>]" each (testbed.fuzz.fdspec)."""
     touch: bool = False
-    """After an accepted SHMEM_MAP: write through the mapping over qtest (read-only oracle)."""
+    """After the reply: the guest writes through the mapping over qtest ("guestwrite:0")."""
+    after: tuple[str, ...] = ()
+    """After the reply, while the mapping is live: what the back-end does to the first
+    fd's file and what the guest does through BAR 4, in order (testbed.fuzz.fdspec)."""
 
     @property
     def name(self) -> str:
@@ -306,6 +311,8 @@ class Case:
     reconnect: str = "live"
     """How after-reconnect is entered (RECONNECT_MODES); "live" is what a case without
     the key meant (version-1 cases and corpus entries)."""
+    device: str = DEVICE_TYPE
+    """The QEMU device (testbed.device.VHOST_USER_BASE_DEVICES): `testbed fuzz --device`."""
 
     @property
     def path(self) -> tuple[State, ...]:
@@ -321,11 +328,14 @@ class Case:
     def reconnects(self) -> bool:
         return self.last_state == State.AFTER_RECONNECT
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """The (state, request) pairs this case exercises; reply mutations count as
-        ("realize", "reply:<REQUEST>:<kind>")."""
-        out = [(REALIZE, f"reply:{frontend_name(m.request)}:{m.kind}") for m in self.replies]
-        out += [(a.state, a.name) for a in self.actions]
+    def pairs(self) -> list[tuple[str, str, str]]:
+        """The (state, request, fd kind) triples this case exercises ("-": no fd); reply
+        mutations count as ("realize", "reply:<REQUEST>:<kind>", "-")."""
+        out = [
+            coverage_key(REALIZE, f"reply:{frontend_name(m.request)}:{m.kind}")
+            for m in self.replies
+        ]
+        out += [coverage_key(a.state, a.name, a.fds) for a in self.actions]
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -339,7 +349,8 @@ class Case:
         config = dict(data.get("config", {}))
         config["sizes"] = {int(k): int(v) for k, v in config.get("sizes", {}).items()}
         actions = tuple(
-            Action(**{**a, "fds": tuple(a.get("fds", ()))}) for a in data.get("actions", [])
+            Action(**{**a, "fds": tuple(a.get("fds", ())), "after": tuple(a.get("after", ()))})
+            for a in data.get("actions", [])
         )
         return cls(
             arch=data["arch"],
@@ -351,6 +362,7 @@ class Case:
             last_state=data.get("last_state", State.AFTER_DRIVER_OK),
             actions=actions,
             reconnect=data.get("reconnect", "live"),
+            device=data.get("device", DEVICE_TYPE),
         )
 
     def dumps(self) -> str:
@@ -422,7 +434,6 @@ def encode(action: Action) -> tuple[Header, bytes]:
     return Header(action.request & 0xFFFFFFFF, action.flags & 0xFFFFFFFF, size), body
 
 
-def fd_size(kind: str) -> int:
-    """The size of a memfd kind ("memfd:<size>", "rofd:<size>"), else 0."""
-    _, _, size = kind.partition(":")
-    return int(size) if size else 0
+def coverage_key(state: str, request: str, fds: tuple[str, ...] = ()) -> tuple[str, str, str]:
+    """What coverage counts: the state, the request and the kind of its first fd."""
+    return (state, request, fd_kind_of(fds[0]) if fds else "-")

@@ -14,27 +14,29 @@ import contextlib
 import logging
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
-from testbed.errors import PeerClosed, ProtocolError, QemuExited, TestbedError, WaitTimeout
-from testbed.fuzz.backend import MEMFD_NAME, memfd
+from testbed.device import base_device
+from testbed.errors import PeerClosed, ProtocolError, QemuExited, WaitTimeout
+from testbed.fuzz.fileplay import FilePlay
+from testbed.fuzz.files import MEMFD_NAME, OpenFd
 from testbed.fuzz.grammar import (
     REALIZE,
     Action,
+    BodyKind,
     Case,
     ReplyKind,
     State,
-    fd_size,
+    coverage_key,
     frontend_name,
 )
 from testbed.fuzz.grammar import encode as encode_action
-from testbed.fuzz.oracle import MapModel
+from testbed.fuzz.oracle import Judged, MapModel, refusal
 from testbed.fuzz.result import Observation, PlayResult, Sent
 from testbed.fuzz.states import STEP_TIMEOUT, Died, Hung, StateDriver, Unreached
 from testbed.machine.probe import pci_bar
-from testbed.paths import make_private_dir, remove_tree
+from testbed.paths import TMP_PREFIX, make_private_dir, remove_tree
 from testbed.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     SHMEM_CONFIG_SIZE,
@@ -42,6 +44,7 @@ from testbed.vhost_user.protocol import (
     Header,
     Request,
 )
+from testbed.vhost_user.rules import SPEC
 from testbed.waiting import wait_until
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ def fd_kind(target: str) -> str:
     """What an fd is, without its numbers: "eventfd", "socket", "the back-end's memfd"."""
     if target.startswith(f"/memfd:{MEMFD_NAME}"):
         return "the back-end's memfd"
+    if re.fullmatch(rf".*/{TMP_PREFIX}fuzz-[^/]+/file[^/]*", target.removesuffix(" (deleted)")):
+        return "the back-end's file"  # testbed.fuzz.files puts them in the case's dir
     found = re.fullmatch(r"anon_inode:\[?([\w-]+)\]?", target)
     if found:
         return found[1]
@@ -93,10 +98,10 @@ def fd_kind(target: str) -> str:
 class Player:
     """One case against one QEMU. Use play(); nothing is left running on any path."""
 
-    def __init__(self, case: Case, qemu: Path, workdir: Path) -> None:
+    def __init__(self, case: Case, qemu: Path, workdir: Path, *, debug: bool = False) -> None:
         self.case = case
         self.result = PlayResult(case)
-        self.states = StateDriver(case, qemu, workdir, self.result)
+        self.states = StateDriver(case, qemu, workdir, self.result, debug=debug)
         bent = {m.request for m in case.replies} & {
             Request.GET_FEATURES,
             Request.GET_PROTOCOL_FEATURES,
@@ -108,12 +113,18 @@ class Player:
             case.behind_root_port,
             negotiated=case.offer.shmem_negotiable,
             trusted=not bent,
+            device=case.device,
         )
-        self.mems: dict[int, int] = {}
         self.links_before: dict[str, str] = {}
+        self.dirty: set[int] = set()
+        """Channels (by id) that were sent a malformed request or lost at a hang-up."""
+        self.files = FilePlay(self.states, self.model, self._observed)
 
     def close(self) -> None:
-        self.states.close()
+        try:
+            self.states.close()
+        finally:
+            self.files.close()
 
     # -- the steps --------------------------------------------------------------------------
 
@@ -133,6 +144,7 @@ class Player:
                         self._send(action)
                 states.leave(state)
             states.ping("the end of the case")
+            self.files.finish()
             self._count_fds()
             self._collect_violations()
         except Died:
@@ -179,9 +191,15 @@ class Player:
         )
         if self.case.behind_root_port:
             return  # ejected: the device (and its chardev's fds) are gone, nothing to compare
-        if started and states.pci is not None:
+        # A mapping QEMU took while the device was stopped (after a start that failed, QEMU
+        # 11.1.3 takes them) is live and holds its fd: a reset drops it, as it drops those
+        # of a started device, before the count.
+        live = self.model.uncertain or any(self.model.mapped.values())
+        if (started or live) and states.pci is not None:
             states.where = "settle:device-reset"
             try:
+                if self.result.reached[-1:] == [State.AFTER_SYSTEM_RESET.value]:
+                    states.pci.reprogram()  # the system reset cleared the BARs
                 states.reset_device()
             except QemuExited:
                 raise states.dead() from None
@@ -224,8 +242,8 @@ class Player:
     def _check_config(self) -> None:
         """Oracle: BAR 4 as query-pci shows it, against the config we served."""
         case = self.case
-        if case.behind_root_port:
-            return
+        if case.behind_root_port or not base_device(case.device).shmem_bar:
+            return  # no BAR 4 of regions to compare (behind a port: not in query-pci's bus 0)
         bar = pci_bar(self.states.qemu().pci_device(), 4)
         size = None if bar is None else int(bar["size"])
         bent = {m.request for m in case.replies} & {
@@ -241,7 +259,11 @@ class Player:
             return
         problems = case.config.problems(False)
         full = SHMEM_CONFIG_SIZE
-        for m in case.replies:
+        # The mutations that bent a reply, not the ones the case lists: one that never fired
+        # (a second mutation of the same reply, which the back-end keeps only one of) bent
+        # nothing QEMU could have refused.
+        fired = [m for b in self.states.backends if b.fuzz for m in b.fuzz.fired]
+        for m in fired:
             if m.request != Request.GET_SHMEM_CONFIG or m.nth != 1:
                 continue
             if m.kind == ReplyKind.BYTES:
@@ -264,30 +286,13 @@ class Player:
                     "bar4", f"device realized with BAR 4 size {size}, the config says {want}"
                 )
 
-    def _observe(self, kind: str, text: str, state: str = REALIZE, request: str = "") -> None:
-        self.result.observations.append(Observation(kind, text, state, request))
+    def _observe(
+        self, kind: str, text: str, state: str = REALIZE, request: str = "", spec: str = ""
+    ) -> None:
+        self.result.observations.append(Observation(kind, text, state, request, spec))
 
-    def _fds(self, kinds: tuple[str, ...], keep: list[int]) -> list[int]:
-        out = []
-        for kind in kinds:
-            if kind.startswith("memfd:"):
-                fd = memfd(max(1, fd_size(kind)))
-                self.mems[fd] = fd_size(kind)
-            elif kind.startswith("rofd:"):
-                rw = memfd(max(1, fd_size(kind)))
-                fd = os.open(f"/proc/self/fd/{rw}", os.O_RDONLY | os.O_CLOEXEC)
-                os.close(rw)
-            elif kind == "socket":
-                a, b = socket.socketpair()
-                keep.append(b.detach())
-                fd = a.detach()
-            else:
-                r, w = os.pipe()
-                keep.append(r)
-                fd = w
-            keep.append(fd)
-            out.append(fd)
-        return out
+    def _observed(self, kind: str, judged: Judged, action: Action) -> None:
+        self._observe(kind, judged.text, action.state, action.name, judged.spec)
 
     def _send(self, action: Action) -> None:
         states = self.states
@@ -296,13 +301,21 @@ class Player:
         if channel is None:
             return  # no (usable) back-end channel in this case: the pair is not exercised
         states.where = f"{action.name}@{action.state}"
-        self.result.pairs.append((action.state, action.name))
+        self.result.pairs.append(coverage_key(action.state, action.name, action.fds))
         header, body = encode_action(action)
         sent = Sent(action.state, action.name)
         self.result.sent.append(sent)
-        keep: list[int] = []
+        if not self._well_formed(action) or channel is states.kept_channel:
+            # QEMU may close a channel on a malformed message (or at a hang-up), unseen
+            # when no reply is asked: a later close on it is not this request's doing.
+            self.dirty.add(id(channel))
+        opened: list[OpenFd] = []
         try:
-            fds = self._fds(action.fds, keep)
+            opened = self.files.open(action)
+            fds = [o.sent for o in opened]
+            expected = opened[0].image() if opened else None
+            view = self.files.view(action)
+            states.where = f"{action.name}@{action.state}"
             before = qemu_fds(m.pid) if fds else -1
             try:
                 channel.settimeout(STEP_TIMEOUT)
@@ -327,6 +340,7 @@ class Player:
                     f"{action.name} with NEED_REPLY not answered",
                     action.state,
                     action.name,
+                    SPEC["reply"],
                 )
                 return
             except (OSError, PeerClosed, ProtocolError) as exc:
@@ -338,15 +352,37 @@ class Player:
                 if m.wait_exited(grace) is not None:
                     raise states.dead() from None
                 states.alive_or_raise(f"after {action.name} closed the channel ({exc})")
+                if self._well_formed(action) and id(channel) not in self.dirty:
+                    # A request the spec says is answered (zero or not) lost QEMU's
+                    # channel for good: every later request of the back-end fails.
+                    self._observe(
+                        "channel-closed",
+                        f"QEMU closed the back-end channel on {action.name} with "
+                        f"{', '.join(sorted({o.spec.describe() for o in opened})) or 'no fd'}",
+                        action.state,
+                        action.name,
+                        SPEC["reply"],
+                    )
                 return
             if m.wait_exited(0.0) is not None:
                 raise states.dead()
             self._judge(action, sent, header, body, fds, before)
+            self.files.after_reply(action, sent.verdict, opened, expected, view)
         finally:
-            for fd in keep:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self.mems.clear()
+            for o in opened:
+                o.close()
+
+    @staticmethod
+    def _well_formed(action: Action) -> bool:
+        """A SHMEM_MAP/UNMAP sent after DRIVER_OK whose header and payload are right, with
+        NEED_REPLY: QEMU owes it an answer, whatever its fields and fds."""
+        return (
+            action.state == State.AFTER_DRIVER_OK
+            and action.request in (BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP)
+            and action.body == BodyKind.MMAP
+            and action.flags == 0x9
+            and not action.size_delta
+        )
 
     def _judge(
         self,
@@ -382,64 +418,16 @@ class Player:
                 )
         if action.request not in (BackendRequest.SHMEM_MAP, BackendRequest.SHMEM_UNMAP):
             return
-        if State(action.state) is not State.AFTER_DRIVER_OK:
-            return
-        problems = self.model.problems(action, header, body)
-        if sent.verdict == 0 and problems:
-            self._observe("accepted", problems[0], action.state, action.name)
-        elif sent.verdict != 0 and not problems and self.model.judgeable(action):
-            self._observe(
-                "refused",
-                f"valid {action.name} refused (u64 {sent.verdict})",
-                action.state,
-                action.name,
-            )
+        # Judged after DRIVER_OK only; tracked wherever QEMU took it (the file oracles
+        # must know what the guest reaches, during device_del or after a reconnect too).
+        if State(action.state) is State.AFTER_DRIVER_OK:
+            problems = self.model.problems(action, header, body)
+            if sent.verdict == 0 and problems:
+                self._observed("accepted", problems[0], action)
+            elif sent.verdict != 0 and not problems and self.model.judgeable(action):
+                self._observed("refused", refusal(action, sent.verdict), action)
         if sent.verdict == 0:
             self.model.apply(action)
-            if action.touch and action.request == BackendRequest.SHMEM_MAP:
-                self._touch(action, fds)
-
-    def _touch(self, action: Action, fds: list[int]) -> None:
-        """Write through an accepted mapping over qtest; read-only must keep it out."""
-        states = self.states
-        m, pci = states.machine, states.pci
-        if m is None or m.qtest is None or pci is None or 4 not in pci.bars:
-            return
-        if not fds or fds[0] not in self.mems or self.model.offset_of(action) is None:
-            return
-        f = action.fields
-        length = f.get("length", 0)
-        fd_offset = f.get("fd_offset", 0)
-        if length < 8 or fd_offset + 8 > self.mems[fds[0]]:
-            return
-        offset = self.model.offset_of(action)
-        assert offset is not None
-        addr = pci.bars[4] + offset + f.get("shm_offset", 0)
-        pattern = b"FUZZ\xa5\x5a\xc3\x3c"
-        states.where = f"touch:{action.name}@{action.state}"
-        try:
-            m.qtest.write(addr, pattern)
-        except (QemuExited, PeerClosed):
-            raise states.dead() from None
-        except (WaitTimeout, TestbedError):
-            hung = Hung("qtest write through a mapping got no answer")
-            raise states.died_or(hung, 0.5) from None
-        data = os.pread(fds[0], 8, fd_offset)
-        writable = bool(f.get("flags", 0) & 1)
-        if not writable and data == pattern:
-            self._observe(
-                "readonly",
-                "write through a read-only mapping reached the memfd",
-                action.state,
-                action.name,
-            )
-        elif writable and data != pattern:
-            self._observe(
-                "lost-write",
-                "write through a read-write mapping did not reach the memfd",
-                action.state,
-                action.name,
-            )
 
     def _collect_violations(self) -> None:
         bent = {m.request for m in self.case.replies}
@@ -450,15 +438,20 @@ class Player:
                 self._observe("violation", f"QEMU sent {v.request}: {v.rule}", REALIZE, v.request)
 
 
-def play(case: Case, qemu: Path) -> PlayResult:
-    """Play ``case`` against the QEMU binary ``qemu``; nothing is left running."""
+def play(case: Case, qemu: Path, *, debug: bool = False) -> PlayResult:
+    """Play ``case`` against the QEMU binary ``qemu``; nothing is left running. ``debug``:
+    under a debugger, so that a crash that prints nothing gets its site from it
+    (testbed.host.debugger) rather than from the kernel's log."""
     started = time.monotonic()
     workdir = make_private_dir("fuzz")
-    player = Player(case, qemu, workdir)
+    player = Player(case, qemu, workdir, debug=debug)
     try:
         try:
             player.run()
-        except (TestbedError, OSError) as exc:  # ours, not QEMU's: keep the campaign going
+        # Ours, not QEMU's (a failure of the test bed, or a bug in it): recorded as the case's
+        # error, counted in the campaign's summary, and the campaign goes on -- an hour's
+        # run must not end on one case (an OverflowError from a generated size once did).
+        except Exception as exc:
             m = player.states.machine
             code = m.wait_exited(0.5) if m is not None else None
             if code is not None:

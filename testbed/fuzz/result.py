@@ -25,10 +25,14 @@ class Sent:
 class Observation:
     """A silent misbehaviour an oracle saw (QEMU kept running)."""
 
-    kind: str  # "accepted", "refused", "bar4", "readonly", "leak", "violation", "no-reply"
+    kind: str
+    """"accepted", "refused", "bar4", "readonly", "lost-write", "view", "file",
+    "refused-view", "channel-closed", "leak", "violation", "no-reply"."""
     text: str
     state: str = REALIZE
     request: str = ""
+    spec: str = ""
+    """The spec's words the oracle rests on (not part of the signature)."""
 
 
 @dataclass
@@ -46,8 +50,9 @@ class PlayResult:
     observations: list[Observation] = field(default_factory=list)
     reached: list[str] = field(default_factory=list)
     """States reached, in order."""
-    pairs: list[tuple[str, str]] = field(default_factory=list)
-    """(state, request) pairs exercised (reply mutations as ("realize", "reply:..."))."""
+    pairs: list[tuple[str, str, str]] = field(default_factory=list)
+    """(state, request, fd kind) exercised (reply mutations as ("realize", "reply:...",
+    "-")): testbed.fuzz.grammar.coverage_key."""
     error: str = ""
     """A failure of ours (not QEMU's), if any."""
     fds_before: int = -1

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from testbed.artifacts import write_script
+from testbed.bugs.signature import SILENT_EXITS, exit_of
+from testbed.device import DEVICE_TYPE
 from testbed.fuzz import corpus
 from testbed.fuzz.generator import generate
 from testbed.fuzz.grammar import Case
 from testbed.fuzz.player import play
 from testbed.fuzz.result import PlayResult
 from testbed.fuzz.triage import Finding, draft_entry, findings, minimise, slug
+from testbed.host import debugger
 from testbed.waiting import Deadline
 
 
@@ -44,11 +47,16 @@ class Campaign:
     outdir: Path
     minimise: bool = True
     max_cases: int | None = None
+    device: str = DEVICE_TYPE
+    """The QEMU device every case plugs (`--device`)."""
     cases: int = 0
     errors: int = 0
+    replayed_for_site: int = 0
+    """Silent crashes replayed under a debugger for their site (no kernel log line)."""
     elapsed: float = 0.0
     seen: dict[str, Seen] = field(default_factory=dict)
-    pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
+    pairs: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    """(state, request, fd kind) -> cases (testbed.fuzz.grammar.coverage_key)."""
     fds: dict[str, int] = field(
         default_factory=lambda: {
             "cases_counted": 0,
@@ -61,7 +69,7 @@ class Campaign:
     )
 
     def replay_signatures(self, case: Case) -> set[str]:
-        return {f.signature for f in findings(play(case, self.qemu))}
+        return {f.signature for f in findings(self._with_site(case, play(case, self.qemu)))}
 
     def run(self, progress: bool = True) -> dict[str, Any]:
         self.outdir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +81,8 @@ class Campaign:
             for index in itertools.count():
                 if budget.expired or (self.max_cases is not None and index >= self.max_cases):
                     break
-                case = generate(self.arch, self.seed, index)
-                result = play(case, self.qemu)
+                case = generate(self.arch, self.seed, index, self.device)
+                result = self._with_site(case, play(case, self.qemu))
                 self.cases += 1
                 self._account(case, result, budget)
                 if progress and self.cases % 50 == 0:
@@ -91,6 +99,20 @@ class Campaign:
             summary = self.summary()
             (self.outdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
+
+    def _with_site(self, case: Case, result: PlayResult) -> PlayResult:
+        """A crash that printed nothing and has no site from the kernel's log (unreadable,
+        rate-limited, or a SIGBUS, which it does not log) is replayed under a debugger for
+        its site, so that two such crashes are told apart on any host."""
+        if exit_of(result.returncode) not in SILENT_EXITS or result.segfault:
+            return result
+        if not debugger.available():
+            return result
+        again = play(case, self.qemu, debug=True)
+        self.replayed_for_site += 1
+        if again.returncode == result.returncode and again.died_in == result.died_in:
+            result.segfault = again.segfault
+        return result
 
     def _account(self, case: Case, result: PlayResult, budget: Deadline) -> None:
         if result.error:
@@ -162,10 +184,14 @@ class Campaign:
     def summary(self) -> dict[str, Any]:
         minutes = self.elapsed / 60
         coverage: dict[str, dict[str, int]] = {}
-        for (state, request), n in sorted(self.pairs.items()):
-            coverage.setdefault(state, {})[request] = n
+        by_fd: dict[str, dict[str, dict[str, int]]] = {}
+        for (state, request, fd), n in sorted(self.pairs.items()):
+            row = coverage.setdefault(state, {})
+            row[request] = row.get(request, 0) + n
+            by_fd.setdefault(state, {}).setdefault(request, {})[fd] = n
         return {
             "arch": self.arch,
+            "device": self.device,
             "qemu": str(self.qemu),
             "version": self.version,
             "seed": self.seed,
@@ -173,6 +199,7 @@ class Campaign:
             "seconds": round(self.elapsed, 1),
             "cases_per_minute": round(self.cases / minutes, 1) if minutes else 0.0,
             "errors": self.errors,
+            "replayed_for_site": self.replayed_for_site,
             "signatures": [
                 {
                     **dataclasses.asdict(s.finding),
@@ -185,7 +212,9 @@ class Campaign:
                 for s in self.seen.values()
             ],
             "coverage": coverage,
-            "pairs_exercised": len(self.pairs),
+            "coverage_fds": by_fd,
+            "pairs_exercised": sum(len(row) for row in coverage.values()),
+            "triples_exercised": len(self.pairs),
             "fds": dict(self.fds),
         }
 
@@ -194,14 +223,14 @@ def table(summary: dict[str, Any]) -> str:
     sigs = summary["signatures"]
     new = sum(1 for s in sigs if s["new"])
     states = sorted(summary["coverage"])
-    requests = sorted({r for v in summary["coverage"].values() for r in v})
     lines = [
-        f"arch {summary['arch']}  seed {summary['seed']}  QEMU {summary['version']}",
+        f"arch {summary['arch']}  seed {summary['seed']}  QEMU {summary['version']}  "
+        f"device {summary.get('device', DEVICE_TYPE)}",
         f"{'cases':>8} {'minutes':>8} {'cases/min':>10} {'signatures':>11} {'new':>5} "
-        f"{'known':>6} {'state x request':>16}",
+        f"{'known':>6} {'state x request':>16} {'x fd kind':>10}",
         f"{summary['cases']:>8} {summary['seconds'] / 60:>8.1f} "
         f"{summary['cases_per_minute']:>10.1f} {len(sigs):>11} {new:>5} {len(sigs) - new:>6} "
-        f"{summary['pairs_exercised']:>16}",
+        f"{summary['pairs_exercised']:>16} {summary.get('triples_exercised', 0):>10}",
     ]
     fds = summary.get("fds")
     if fds:
@@ -218,9 +247,16 @@ def table(summary: dict[str, Any]) -> str:
     for state in states:
         row = ", ".join(f"{r} {n}" for r, n in sorted(summary["coverage"][state].items()))
         lines.append(f"  {state}: {row}")
-    del requests
+    by_fd = summary.get("coverage_fds", {})
+    lines += ["", "fd kinds (state: request: kind x count):"]
+    for state in sorted(by_fd):
+        for request, kinds in sorted(by_fd[state].items()):
+            if set(kinds) != {"-"}:
+                row = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+                lines.append(f"  {state}: {request}: {row}")
     return "\n".join(lines)
 
 
-def replay(case: Case, qemu: Path) -> list[Finding]:
-    return findings(play(case, qemu))
+def replay(case: Case, qemu: Path, *, debug: bool = False) -> list[Finding]:
+    """The findings of one case; ``debug``: under a debugger (a silent crash's site)."""
+    return findings(play(case, qemu, debug=debug))

@@ -14,12 +14,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from testbed.bugs.signature import SILENT_EXITS, exit_of
 from testbed.device import VhostUserDevice
 from testbed.errors import QemuExited, TestbedError, WaitTimeout
 from testbed.fuzz.backend import FuzzBackend
-from testbed.fuzz.grammar import REALIZE, Case, ReplyMutation, State, frontend_name
+from testbed.fuzz.grammar import (
+    REALIZE,
+    Case,
+    ReplyMutation,
+    State,
+    coverage_key,
+    frontend_name,
+)
 from testbed.fuzz.result import PlayResult
-from testbed.host.kernel_log import segfault_site
 from testbed.machine import QtestConfig, QtestMachine
 from testbed.machine.cmdline import behind_root_port_options, root_port_id
 from testbed.machine.qtest import PciFunctionDriver, QtestClient, acpi_eject, open_root_port
@@ -51,8 +58,13 @@ class StateDriver:
     """One guest-less QEMU and the back-ends that served it, for one case. ``close()``
     leaves nothing running."""
 
-    def __init__(self, case: Case, qemu: Path, workdir: Path, result: PlayResult) -> None:
+    def __init__(
+        self, case: Case, qemu: Path, workdir: Path, result: PlayResult, *, debug: bool = False
+    ) -> None:
         self.case = case
+        self.debug = debug
+        """Attach a debugger to QEMU once it is up: a silent crash gets its site from it
+        (testbed.host.debugger) instead of the kernel's log."""
         self.qemu_path = qemu
         self.workdir = workdir
         self.result = result
@@ -110,8 +122,8 @@ class StateDriver:
     def record_death(self, code: int) -> None:
         self.result.returncode = code
         self.result.died_in = self.result.died_in or self.where
-        if code == -11 and self.machine is not None:
-            self.result.segfault = segfault_site(self.machine.pid)
+        if exit_of(code) in SILENT_EXITS and self.machine is not None:
+            self.result.segfault = self.machine.silent_site()
 
     def dead(self) -> Died:
         """Died, with QEMU's exit recorded once it comes (within 2 s): raise it."""
@@ -166,13 +178,16 @@ class StateDriver:
         case = self.case
         self.new_backend(case.replies)
         for m in case.replies:
-            self.result.pairs.append((REALIZE, f"reply:{frontend_name(m.request)}:{m.kind}"))
+            self.result.pairs.append(
+                coverage_key(REALIZE, f"reply:{frontend_name(m.request)}:{m.kind}")
+            )
         device = VhostUserDevice(
             "vu0",
             self.socket,
             bus=root_port_id(0) if case.behind_root_port else None,
             addr=0 if case.behind_root_port else None,
             allow_overfull=True,
+            device_type=case.device,
         )
         devices: tuple[VhostUserDevice, ...] = (device,)
         extra: tuple[str, ...] = ()
@@ -183,7 +198,9 @@ class StateDriver:
             case.arch, self.qemu_path, devices, qtest=True, listen=case.reconnects,
             extra_args=extra,
         )  # fmt: skip
-        self.machine = QtestMachine(config, logdir=self.workdir / "qemu", qmp_timeout=STEP_TIMEOUT)
+        self.machine = QtestMachine(
+            config, logdir=self.workdir / "qemu", qmp_timeout=STEP_TIMEOUT, crash_sites=self.debug
+        )
         try:
             self.machine.start(timeout=START_TIMEOUT)
         except QemuExited as exc:
@@ -256,7 +273,7 @@ class StateDriver:
     def reset_device(self) -> None:
         """device_status 0, as a guest's driver resets the device."""
         assert self.pci is not None
-        self.qtest().write_int(self.pci.bars[2] + DEVICE_STATUS, 8, 0)
+        self.qtest().write_int(self.pci.common_address(DEVICE_STATUS), 8, 0)
 
     def _driver(self) -> PciFunctionDriver:
         if not self.case.behind_root_port:

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from testbed.bugs import Bug, registry
-from testbed.bugs.signature import RUNNING, Evidence, assertion, crash_site, exit_of, exited_line
+from testbed.bugs.signature import (
+    RUNNING,
+    SILENT_EXITS,
+    Evidence,
+    assertion,
+    crash_site,
+    exit_of,
+    exited_line,
+)
 from testbed.fuzz.grammar import Action, Case, Offer, ShmemConfig
 from testbed.fuzz.result import PlayResult
 from testbed.limits import PAGE_SIZE
@@ -38,6 +46,8 @@ class Finding:
     exit: str = RUNNING
     known: str | None = None
     """The registry id this matches, if any."""
+    spec: str = ""
+    """The spec's words the oracle that saw it rests on (observations only)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -57,7 +67,7 @@ def findings(result: PlayResult) -> list[Finding]:
         if not site:
             site = f"in {_request_of(where)}"
         sig = f"{exit_kind} {site}"
-        if exit_kind == "signal:SIGSEGV" and "@" in where:
+        if exit_kind in SILENT_EXITS and "@" in where:
             sig += f" ({_request_of(where)})"
         # The evidence is the crash site (not the whole stderr, whose earlier lines can
         # name another bug's message): a registry entry matches on what killed QEMU.
@@ -75,7 +85,9 @@ def findings(result: PlayResult) -> list[Finding]:
     for obs in result.observations:
         kind = "leak" if obs.kind == "leak" else "silent"
         sig = f"{obs.kind}: {_NUMBER.sub('N', obs.text)}"
-        out.append(Finding(kind, sig, f"{obs.request}@{obs.state}", obs.text, RUNNING))
+        out.append(
+            Finding(kind, sig, f"{obs.request}@{obs.state}", obs.text, RUNNING, spec=obs.spec)
+        )
     return [dataclasses.replace(f, known=known_bug(f)) for f in out]
 
 
@@ -241,6 +253,7 @@ def describe(case: Case) -> str:
         parts.append(
             f"{a.name} in {a.state}: flags 0x{a.flags:x}, {a.body} {a.fields}"
             f"{' raw ' + a.raw if a.raw else ''}, size_delta {a.size_delta}, fds {list(a.fds)}"
+            f"{', then ' + ', '.join(a.after) if a.after else ''}"
         )
     return "; ".join(parts)
 
@@ -259,6 +272,7 @@ def draft_entry(finding: Finding, case: Case, version: str, corpus_name: str) ->
     else:
         observable = re.escape(re.sub(r"\(.*", "", finding.text).strip()).replace("\\ ", " ")
     title = f"fuzz: {finding.signature}"
+    spec = f' The spec: "{finding.spec}"' if finding.spec else ""
     lines = [
         "[[bug]]",
         f"id = {_toml_str(slug(finding.signature))}",
@@ -280,6 +294,6 @@ def draft_entry(finding: Finding, case: Case, version: str, corpus_name: str) ->
         'source = ["hw/virtio/vhost-user.c"]',
         f'report = """Found by `testbed fuzz` (seed {case.seed}, case {case.index}), '
         f"minimised: {describe(case)}. QEMU 11.1.3 shows: {finding.signature} "
-        f'(at {finding.where})."""',
+        f"(at {finding.where}).{spec}" + '"""',
     ]
     return "\n".join(lines) + "\n"

@@ -60,6 +60,12 @@ def query_qmp(qemu: Path, commands: Sequence[str], timeout: float) -> list[Any]:
     return replies
 
 
+def device_types(qemu: Path, timeout: float = 20.0) -> set[str]:
+    """Every QOM type ``qemu`` has (qom-list-types): which devices it can make."""
+    (types,) = query_qmp(qemu, ("qom-list-types",), timeout)
+    return {t.get("name") for t in types} if isinstance(types, list) else set()
+
+
 # -- the KVM functional probe -----------------------------------------------------------------
 
 # x86: isa-debug-exit turns a guest write of v to its port into QEMU exit status (v << 1) | 1.

@@ -35,6 +35,7 @@ from typing import IO, Any, Self
 
 from qemu.qmp import ExecuteError
 
+from testbed.bugs.signature import crash_site
 from testbed.errors import (
     HostCapabilityError,
     QemuExited,
@@ -43,6 +44,7 @@ from testbed.errors import (
     TestbedError,
     WaitTimeout,
 )
+from testbed.host.debugger import CrashSites
 from testbed.machine.cmdline import format_command
 from testbed.machine.qmp import QmpLink
 from testbed.paths import make_private_dir, remove_tree
@@ -165,9 +167,14 @@ class QemuMachine(Closeable):
         *,
         qmp_socket: Path | None = None,
         qmp_timeout: float = 10.0,
+        crash_sites: bool = False,
     ) -> None:
         """``logdir`` / ``qmp_socket`` None: in a private run dir made by start() and
-        removed, logs included, by close()."""
+        removed, logs included, by close(). ``crash_sites``: gdb attached once QEMU is up
+        (when gdb is installed), so that a crash that prints nothing has its site without
+        the kernel's log (``silent_site``)."""
+        self.sites = CrashSites(crash_sites)
+        self._last_pid: int | None = None
         self._logdir = Path(logdir) if logdir is not None else None
         self._qmp_socket = qmp_socket
         self.qmp_timeout = qmp_timeout
@@ -249,6 +256,7 @@ class QemuMachine(Closeable):
             self._stderr_file = self.stderr_path.open("ab")
             self._launch_and_connect(deadline)
             self.state = MachineState.RUNNING
+            self.sites.attach(self.pid, self.logdir / "gdb.log")
             self._post_launch(deadline)
         except BaseException:
             self.close()
@@ -265,6 +273,7 @@ class QemuMachine(Closeable):
 
         def record(proc: subprocess.Popen[bytes]) -> None:
             self._proc = proc
+            self._last_pid = proc.pid
 
         launch(argv, stdout=self._stderr_file, stderr=self._stderr_file, on=record)
         conn = self._accept(qmp_listener, "QMP", deadline)
@@ -322,15 +331,23 @@ class QemuMachine(Closeable):
         if error is not None:
             raise error
 
+    def silent_site(self) -> dict[str, str]:
+        """Where QEMU died of a signal that prints nothing ({}: it did not; CrashSites)."""
+        return self.sites.site(self.returncode, self._last_pid)
+
     def _exit_error(self, doing: str) -> QemuExited | None:
         """QemuExited (with exit status, stderr and console tails) if QEMU is gone."""
         code = self.returncode
         if code is None:
             return None
+        stderr = tail(self.stderr_text())
+        # A segfault prints nothing: where it happened is what tells it from another one.
+        site = crash_site("", self.silent_site())
+        stderr += f"\ncrash site: {site}" if site else ""
         return QemuExited(
             f"QEMU exited {doing} (logs in {self.logdir})",
             returncode=code,
-            stderr_tail=tail(self.stderr_text()),
+            stderr_tail=stderr,
             console_tail=self._console_tail(),
         )
 
@@ -495,6 +512,7 @@ class QemuMachine(Closeable):
         proc, self._proc = self._proc, None
         if proc is not None:
             self._returncode = kill(proc)
+        self.sites.close(self._returncode, self._last_pid)
 
     def close(self) -> None:
         """Idempotent: disconnect QMP, kill -9 what is left, reap, remove the sockets (and

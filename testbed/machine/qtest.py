@@ -39,6 +39,7 @@ from testbed.virtio import (
     NOTIFY_OFF_MULTIPLIER,
     QUEUE_NOTIFY_OFF,
     QUEUE_SELECT,
+    VIRTIO_PCI_CAP_COMMON_CFG,
     VIRTIO_PCI_CAP_DEVICE_CFG,
     VIRTIO_PCI_CAP_ISR_CFG,
     VIRTIO_PCI_CAP_NOTIFY_CFG,
@@ -135,7 +136,7 @@ _VIRTIO_VENDOR = 0x1AF4
 # Where we place the BARs. q35: inside the 32-bit PCI hole; virt: inside its 32-bit
 # PCI MMIO window (0x10000000-0x3efeffff). 64-bit BARs get their high half 0.
 _BAR_PLACES = {"x86_64": (0xE0000000, 0xC0000000), "aarch64": (0x3E000000, 0x20000000)}
-_COMMON_CFG_BAR = 2  # measured: the modern virtio registers sit at BAR 2 offset 0
+_COMMON_CFG_BAR = 2  # measured: the test device's modern virtio registers, BAR 2 offset 0
 
 
 @dataclass
@@ -148,6 +149,8 @@ class PciFunctionDriver:
     bars: dict[int, int] = field(default_factory=dict)
 
     ecam: int | None = None
+    common: int | None = None
+    """Where the common config is (the virtio capability's BAR and offset), once known."""
 
     def __post_init__(self) -> None:
         if self.arch not in _BAR_PLACES:
@@ -192,6 +195,13 @@ class PciFunctionDriver:
         # Memory space + bus master, as a guest's driver would.
         self.write32(0x04, command | 0x6)
 
+    def reprogram(self) -> None:
+        """The BARs back where they were, memory enabled: what a guest's PCI core does
+        again after a system reset cleared them."""
+        for bar, address in list(self.bars.items()):
+            self.assign_bar(bar, address)
+        self.enable_memory()
+
     def start_device(
         self,
         bar4_address: int | None = None,
@@ -210,6 +220,10 @@ class PciFunctionDriver:
         self.assign_bar(_COMMON_CFG_BAR, bar2)
         self.assign_bar(4, bar4 if bar4_address is None else bar4_address)
         self.enable_memory()
+        # The test device moves the modern registers to BAR 2 (BAR 4 holds the shared
+        # memory); other devices keep them in BAR 4: the capability says where.
+        cap = self._virtio_cap(VIRTIO_PCI_CAP_COMMON_CFG)
+        self.common = self.bars[cap.bar] + cap.offset
         if features is None and not queues:
             self._play(DRIVER_OK_PROGRAM)
             return F_VERSION_1
@@ -224,10 +238,15 @@ class PciFunctionDriver:
         return accepted
 
     def _common(self, offset: int) -> int:
-        """The address of ``offset`` in the common config (BAR 2, offset 0: measured)."""
-        if _COMMON_CFG_BAR not in self.bars:
-            raise StateError("BAR 2 unassigned", "start_device() first", "virtio common config")
-        return self.bars[_COMMON_CFG_BAR] + offset
+        """The address of ``offset`` in the common config."""
+        return self.common_address(offset)
+
+    def common_address(self, offset: int) -> int:
+        """The guest-physical address of ``offset`` in the common config (device_status is
+        at DEVICE_STATUS): where a guest's driver writes to reset the device."""
+        if self.common is None:
+            raise StateError("BARs unassigned", "start_device() first", "virtio common config")
+        return self.common + offset
 
     def _play(self, program: tuple[Step, ...]) -> None:
         def write(step: Write) -> None:
@@ -334,9 +353,14 @@ class QtestMachine(QemuMachine):
     """
 
     def __init__(
-        self, config: QtestConfig, logdir: Path | None = None, *, qmp_timeout: float = 10.0
+        self,
+        config: QtestConfig,
+        logdir: Path | None = None,
+        *,
+        qmp_timeout: float = 10.0,
+        crash_sites: bool = False,
     ) -> None:
-        super().__init__(logdir, qmp_timeout=qmp_timeout)
+        super().__init__(logdir, qmp_timeout=qmp_timeout, crash_sites=crash_sites)
         self.config = config
         self.qtest: QtestClient | None = None
         self._qtest_listener: socket.socket | None = None

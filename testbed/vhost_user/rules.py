@@ -8,8 +8,9 @@ Who asks, and about what:
   ``check_reply``, ``check_channel_request``, ``check_channel_reply``): the relay asks, for
   a back-end we did not write.
 - SHMEM_MAP / SHMEM_UNMAP against the served config (``shmem_map_problems``: shmid, length,
-  range, fd range, overlap with a live mapping; ``shmem_map_fds``): the relay and the
-  fuzzer's oracle (testbed.fuzz.oracle) ask, each wording the answer its own way.
+  range, fd range, page alignment, overlap with a live mapping, an UNMAP of a whole
+  mapping; ``shmem_map_fds``): the relay and the fuzzer's oracle (testbed.fuzz.oracle) ask,
+  each wording the answer its own way; ``SPEC`` holds the spec's words each rule rests on.
 
 A violation is only flagged (trace, ``violations``); the message is still answered or
 passed on as if nothing were wrong, so flagging never changes what either side sees.
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from testbed.errors import ProtocolError
+from testbed.limits import PAGE_SIZE
 from testbed.vhost_user.codes import (
     F_SHMEM,
     BackendRequest,
@@ -377,7 +379,46 @@ class MapRule(enum.StrEnum):
     LENGTH = "length"  # the length is not 0
     RANGE = "range"  # shm_offset + length stays inside the region
     FD_RANGE = "fd-range"  # (MAP) fd_offset + length fits a u64
+    ALIGN = "align"  # (MAP) shm_offset, length and fd_offset are page multiples
     OVERLAP = "overlap"  # (MAP) no overlap with a live mapping of the region
+    WHOLE = "whole"  # (UNMAP) exactly one live mapping, when the mappings are known
+
+
+# The vhost-user spec's words (docs/interop/vhost-user.rst as merged for QEMU 11.1: the
+# MMAP request, VHOST_USER_BACKEND_SHMEM_MAP / _UNMAP, VIRTIO Shared Memory Region
+# configuration) each rule and oracle rests on; reports and findings quote them.
+SPEC_MAP = (
+    "Upon receiving the message, the front-end will mmap the given fd into the VIRTIO "
+    "Shared Memory Region with the requested shmid."
+)
+SPEC_FREE = (
+    "Mapping over an already existing map is not allowed and requests shall fail. "
+    "Therefore, the memory range in the request must correspond with a valid, free region "
+    "of the VIRTIO Shared Memory Region."
+)
+SPEC: dict[str, str] = {
+    MapRule.SHMID: ("shmid: a 8-bit shared memory region identifier. " + SPEC_MAP),
+    MapRule.LENGTH: "len: a 64-bit size of the memory to map. " + SPEC_FREE.split(". ", 1)[1],
+    MapRule.RANGE: SPEC_FREE.split(". ", 1)[1],
+    MapRule.FD_RANGE: "fd_offset: a 64-bit offset of this area from the start of the "
+    "supplied file descriptor",
+    MapRule.ALIGN: (
+        "The Shared Memory Region size must be a multiple of the page size supported by "
+        "mmap(2). " + SPEC_MAP + " (mmap(2): the offset and a MAP_FIXED address must be "
+        "multiples of the page size)"
+    ),
+    MapRule.OVERLAP: SPEC_FREE,
+    MapRule.WHOLE: "Note that the given range shall correspond to the entirety of a valid "
+    "mapped region.",
+    "flags": "flags: a 64-bit value: 0: Pages are mapped read-only, 1: Pages are mapped read-write",
+    "payload": "request payload: fd and struct VhostUserMMap",
+    "feature": "When the VHOST_USER_PROTOCOL_F_SHMEM protocol feature has been successfully "
+    "negotiated, this message can be submitted by the backends",
+    "reply": "If VHOST_USER_PROTOCOL_F_REPLY_ACK is negotiated, and back-end set the "
+    "VHOST_USER_NEED_REPLY flag, the front-end must respond with zero when operation is "
+    "successfully completed, or non-zero otherwise.",
+    "map": SPEC_MAP + " (mmap(2) maps a file without changing it, and maps a range past its end)",
+}
 
 
 @dataclass(frozen=True)
@@ -402,10 +443,12 @@ def shmem_map_problems(
 ) -> list[MapProblem]:
     """Every range rule a SHMEM_MAP/UNMAP breaks, given the config QEMU was served
     (``regions``: shmid -> size, the non-zero sizes) and, when known, the live mappings
-    (``mapped``: shmid -> [(shm_offset, length)]; None: not tracked, no overlap rule).
+    (``mapped``: shmid -> [(shm_offset, length)]; None: not tracked, no overlap or
+    whole-mapping rule).
 
     In this order: the shmid (without a region nothing else is judged), the length or the
-    range, then, for a MAP, the fd range and (when the range is sound) the overlap."""
+    range, then, for a MAP, the fd range, the page alignment and (when the range is sound)
+    the overlap; for an UNMAP (range sound, mappings known) that it names a whole one."""
     found: list[MapProblem] = []
     region = regions.get(shmid)
     if region is None:
@@ -416,15 +459,20 @@ def shmem_map_problems(
     elif shm_offset + length > region:
         detail = f"range 0x{shm_offset:x}+0x{length:x} beyond region {shmid} of 0x{region:x} bytes"
         found.append(MapProblem(MapRule.RANGE, detail))
+    inside = length != 0 and shm_offset + length <= region
+    live = mapped.get(shmid, ()) if mapped is not None else ()
     if request != BackendRequest.SHMEM_MAP:
+        if inside and mapped is not None and (shm_offset, length) not in live:
+            detail = f"range 0x{shm_offset:x}+0x{length:x} is not a live mapping of region {shmid}"
+            found.append(MapProblem(MapRule.WHOLE, detail))
         return found
     if fd_offset + length >= U64_END:
         detail = f"fd range 0x{fd_offset:x}+0x{length:x} overflows a u64"
         found.append(MapProblem(MapRule.FD_RANGE, detail))
-    inside = length != 0 and shm_offset + length <= region
-    if not inside or mapped is None:
-        return found
-    for start, size in mapped.get(shmid, ()):
+    unaligned = unaligned_field(shm_offset, length, fd_offset)
+    if unaligned:
+        found.append(MapProblem(MapRule.ALIGN, f"{unaligned} not a multiple of {PAGE_SIZE}"))
+    for start, size in live if inside else ():
         if shm_offset < start + size and start < shm_offset + length:
             detail = (
                 f"range 0x{shm_offset:x}+0x{length:x} overlaps the live mapping "
@@ -433,3 +481,11 @@ def shmem_map_problems(
             found.append(MapProblem(MapRule.OVERLAP, detail))
             break
     return found
+
+
+def unaligned_field(shm_offset: int, length: int, fd_offset: int) -> str:
+    """The first of a MAP's offsets and length that is not a page multiple ("" if none)."""
+    for name, value in (("shm_offset", shm_offset), ("length", length), ("fd_offset", fd_offset)):
+        if value % PAGE_SIZE:
+            return name
+    return ""
