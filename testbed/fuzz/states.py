@@ -40,6 +40,8 @@ START_TIMEOUT = 10.0
 DRIVER_OK_TIMEOUT = 1.0
 BACKEND_SLICE = 0.05
 """A back-end wait is taken in slices this long, so that QEMU dying ends it at once."""
+VHOST_USER_CHARDEV = "vu0"
+"""The chardev of the device every case plugs (its id is vu0-dev)."""
 
 
 class Died(Exception):
@@ -182,7 +184,7 @@ class StateDriver:
                 coverage_key(REALIZE, f"reply:{frontend_name(m.request)}:{m.kind}")
             )
         device = VhostUserDevice(
-            "vu0",
+            VHOST_USER_CHARDEV,
             self.socket,
             bus=root_port_id(0) if case.behind_root_port else None,
             addr=0 if case.behind_root_port else None,
@@ -297,6 +299,11 @@ class StateDriver:
             self.kept_channel, session.channel = session.channel, None
         self.old_backends.append(b)
         b.close()
+        # QEMU takes the hang-up in from its main loop. A reset written before then stops
+        # the device first, and the hang-up then meets a stopped device: QEMU aborts
+        # (backend-hangup-del-eventfd-abort) by timing alone, which made a case's outcome
+        # depend on the host's load. The reconnect modes' order is kept by waiting.
+        self.qemu().wait_chardev(VHOST_USER_CHARDEV, connected=False, timeout=STEP_TIMEOUT)
         if mode in ("reset", "restart") and self.pci is not None:
             self.where = "enter:after-reconnect:reset"
             self.reset_device()
